@@ -1,0 +1,39 @@
+"""gpu_phase_router: deterministic capacity-proportional routing on the GPU (CuPy) and CPU (Numba).
+
+``import gpu_phase_router`` imports neither CuPy, torch nor Numba; backends load on first use.
+See SPEC.md for the exact definition every backend follows bit for bit.
+"""
+
+from .api import (
+    auto_permutation,
+    available_methods,
+    left_aligned_bits,
+    pack_bits,
+    phase_router,
+    phase_router_auto,
+    popcount_rows,
+    register_method,
+    route,
+    route_bits,
+    route_counts,
+)
+from .backends import available_backends, get_backend, register_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "auto_permutation",
+    "available_backends",
+    "available_methods",
+    "get_backend",
+    "left_aligned_bits",
+    "pack_bits",
+    "phase_router",
+    "phase_router_auto",
+    "popcount_rows",
+    "register_backend",
+    "register_method",
+    "route",
+    "route_bits",
+    "route_counts",
+]

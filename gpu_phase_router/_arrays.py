@@ -1,0 +1,118 @@
+"""Array-library interop: NumPy, CuPy and torch in, the same library and device out.
+
+Libraries are recognised by the module of the array's type (as ``array-api-compat`` does),
+so nothing here imports CuPy or torch unless the caller already passed one of their arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+NUMPY, CUPY, TORCH = "numpy", "cupy", "torch"
+
+
+def library_of(x: Any) -> str | None:
+    """Return ``"numpy"``, ``"cupy"``, ``"torch"`` for arrays of those libraries, else ``None``."""
+    if isinstance(x, np.ndarray):
+        return NUMPY
+    root = type(x).__module__.split(".", 1)[0]
+    if root == CUPY and "cupy" in sys.modules:
+        return CUPY
+    if root == TORCH and "torch" in sys.modules:
+        return TORCH
+    return None
+
+
+def is_device_array(x: Any) -> bool:
+    """True for a CuPy array or a CUDA torch tensor."""
+    lib = library_of(x)
+    return lib == CUPY or (lib == TORCH and x.device.type == "cuda")
+
+
+def device_id(x: Any) -> tuple[str, int]:
+    """``("cpu", -1)`` for host data, ``("cuda", ordinal)`` for device data."""
+    lib = library_of(x)
+    if lib == CUPY:
+        return ("cuda", int(x.device.id))
+    if lib == TORCH and x.device.type == "cuda":
+        return ("cuda", int(x.device.index or 0))
+    if lib == TORCH and x.device.type != "cpu":
+        raise TypeError(f"torch tensors on device {x.device} are not supported; use a CPU or CUDA tensor")
+    return ("cpu", -1)
+
+
+def common_library(named: dict[str, Any]) -> tuple[str, tuple[str, int]]:
+    """The one array library and device of all given arrays (``None`` values are skipped).
+
+    Python sequences count as NumPy. Mixing libraries or devices raises ``TypeError`` naming
+    the arguments, since a silent transfer would hide a copy the caller did not ask for.
+    """
+    seen: dict[tuple[str, tuple[str, int]], str] = {}
+    for name, x in named.items():
+        if x is None:
+            continue
+        lib = library_of(x) or NUMPY
+        dev = device_id(x) if lib != NUMPY else ("cpu", -1)
+        seen.setdefault((lib, dev), name)
+    if not seen:
+        return NUMPY, ("cpu", -1)
+    if len(seen) > 1:
+        desc = ", ".join(f"{name}: {lib} on {dev[0]}{'' if dev[1] < 0 else ':' + str(dev[1])}"
+                         for (lib, dev), name in seen.items())
+        raise TypeError(
+            f"all array arguments must come from one array library on one device; got {desc}. "
+            "Move them to one place first (e.g. cupy.asarray(x) or tensor.to(device))."
+        )
+    ((lib, dev),) = seen
+    return lib, dev
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Host NumPy view (or copy, for device data) of an array or sequence."""
+    lib = library_of(x)
+    if lib == CUPY:
+        return x.get()
+    if lib == TORCH:
+        t = x.detach()
+        return t.cpu().numpy() if t.device.type != "cpu" else t.numpy()
+    return np.asarray(x)
+
+
+def to_backend_array(x: Any, xp: Any) -> Any:
+    """``x`` as an array of the backend's module ``xp`` (NumPy or CuPy), without copying when
+    the data already lives where the backend computes (torch shares memory through DLPack)."""
+    if x is None:
+        return None
+    lib = library_of(x)
+    if xp is np:
+        return to_numpy(x)
+    # CuPy backend
+    if lib == CUPY:
+        return x
+    if lib == TORCH and x.device.type == "cuda":
+        return xp.from_dlpack(x.detach())
+    return xp.asarray(to_numpy(x))
+
+
+def from_backend_array(out: Any, lib: str, dev: tuple[str, int]) -> Any:
+    """Return the backend's result ``out`` in the caller's library ``lib`` and device ``dev``."""
+    out_is_numpy = isinstance(out, np.ndarray)
+    if lib == NUMPY:
+        return out if out_is_numpy else out.get()
+    if lib == CUPY:
+        if out_is_numpy:
+            import cupy
+
+            with cupy.cuda.Device(dev[1]):
+                return cupy.asarray(out)
+        return out
+    import torch
+
+    if dev[0] == "cpu":
+        return torch.from_numpy(out if out_is_numpy else out.get())
+    if out_is_numpy:
+        return torch.from_numpy(out).to(f"cuda:{dev[1]}")
+    return torch.from_dlpack(out)

@@ -1,0 +1,126 @@
+"""Preparation shared by every backend: the O(n) arrays of SPEC §3, §7 and §11.
+
+Written once against an array module ``xp`` (NumPy or CuPy) so the CPU and CUDA paths run the
+same code on their own device; only elementwise IEEE operations and integer scans are used,
+so both give the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._keys import STREAM_PERM_S, STREAM_PERM_T, STREAM_SELECT, STREAM_SYSTEMATIC, at, stream
+
+
+def tree_sum(xp: Any, values: Any) -> float:
+    """Float64 sum in a fixed pairwise order, identical on every array library.
+
+    SPEC §7 and §11 divide by ``mean``/``sum`` of a float vector but leave the summation order
+    open; library reductions (NumPy's pairwise blocks, CuPy's tree) round differently. The
+    vector is padded with zeros to a power of two and repeatedly halved by adding its second
+    half to its first, which every library rounds the same way.
+    """
+    v = xp.asarray(values, dtype=xp.float64)
+    size = 1 << max(0, int(v.shape[0] - 1).bit_length())
+    if size != v.shape[0]:
+        v = xp.concatenate([v, xp.zeros(size - v.shape[0], dtype=xp.float64)])
+    while v.shape[0] > 1:
+        half = v.shape[0] // 2
+        v = v[:half] + v[half:]
+    return float(v[0])
+
+
+def weights_to_counts(xp: Any, weights: Any, density: float, n_other: int, mean: float | None = None) -> Any:
+    """SPEC §7: int64 counts ``clip(rint(w / mean(w) * density * n_other), 1, n_other)``, 0 for 0.
+
+    ``mean`` may be passed in when ``weights`` is one block of a longer vector.
+    """
+    w = xp.asarray(weights, dtype=xp.float64)
+    if mean is None:
+        mean = tree_sum(xp, w) / w.shape[0]
+    scaled = xp.rint(w / mean * density * n_other)
+    counts = xp.clip(scaled, 1, n_other).astype(xp.int64)
+    return xp.where(w == 0, 0, counts)
+
+
+def capacity_cum(xp: Any, caps: Any) -> Any:
+    """SPEC §11: uint64 ``cum`` (length ``n_tgt + 1``) of the capacity units ``u[t]``."""
+    c = xp.asarray(caps, dtype=xp.float64)
+    total = tree_sum(xp, c)
+    units = xp.maximum(1, xp.rint(c / total * 2.0**31)).astype(xp.uint64)
+    units = xp.where(c == 0, xp.uint64(0), units)
+    cum = xp.zeros(c.shape[0] + 1, dtype=xp.uint64)
+    cum[1:] = xp.cumsum(units, dtype=xp.uint64)
+    return cum
+
+
+def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:
+    """int64 ``(start + v[0] + ... + v[i-1]) mod m`` for every ``i`` (64-bit accumulation)."""
+    out = xp.empty(v.shape[0], dtype=xp.int64)
+    if v.shape[0]:
+        out[0] = start % m
+        out[1:] = (start + xp.cumsum(v[:-1], dtype=xp.int64)) % m
+    return out
+
+
+def inverse_permutation(xp: Any, perm: Any) -> Any:
+    """int64 inverse of a (validated) permutation."""
+    inv = xp.empty(perm.shape[0], dtype=xp.int64)
+    inv[perm] = xp.arange(perm.shape[0], dtype=xp.int64)
+    return inv
+
+
+def ring_layout(backend: Any, c: Any, n_src: int, seed: int, perm_s: Any = None) -> tuple[Any, Any, Any]:
+    """Target intervals laid out in target-ring position order (SPEC §3–§4).
+
+    Returns int64 ``(ring_start, ring_len, ring_col)`` of length ``n_tgt``: position ``p`` of
+    the target ring holds column ``inv_s[p]``, whose interval on the source ring starts at
+    ``off_t[inv_s[p]]`` and has length ``c[inv_s[p]]``. A row's scan then reads contiguously.
+    """
+    xp = backend.xp
+    n_tgt = c.shape[0]
+    if perm_s is None:
+        inv_s = backend.feistel(0, n_tgt, n_tgt, stream(seed, STREAM_PERM_S), inverse=True)
+    else:
+        inv_s = inverse_permutation(xp, perm_s)
+    off_t = exclusive_cumsum_mod(xp, c, n_src)
+    return off_t[inv_s], c[inv_s].astype(xp.int64), inv_s
+
+
+def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm_t: Any = None) -> Any:
+    """int64 ``perm_t[row0 : row0 + rows]``, derived (SPEC §6) when ``perm_t`` is ``None``.
+
+    A caller-given ``perm_t`` is the block's own slice already."""
+    if perm_t is not None:
+        return perm_t.astype(backend.xp.int64, copy=False)
+    return backend.feistel(row0, rows, n_src, stream(seed, STREAM_PERM_T))
+
+
+def phase_block(backend: Any, d: Any, ring: tuple[Any, Any, Any], *, n_src: int, k: int, seed: int,
+                row0: int = 0, degree_prefix: int = 0, perm_t: Any = None) -> Any:
+    """Rows ``row0 .. row0 + len(d) - 1`` of the phase router (SPEC §3–§5) → int32 ``(rows, k)``.
+
+    ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all degrees before
+    ``row0``; ``ring`` comes from :func:`ring_layout` on the full target vector.
+    """
+    xp = backend.xp
+    n_tgt = ring[2].shape[0]
+    d = d.astype(xp.int64, copy=False)
+    off_s = exclusive_cumsum_mod(xp, d, n_tgt, degree_prefix)
+    phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
+    return backend.phase_rows(phase, off_s, d, *ring, n_src=n_src, k=k, row0=row0,
+                              select_key=stream(seed, STREAM_SELECT))
+
+
+def systematic_phi(seed: int, n_src: int, k: int) -> int:
+    """SPEC §11: the common offset ``phi`` in ``[0, n_src * k)``."""
+    return at(stream(seed, STREAM_SYSTEMATIC), 0) % (n_src * k)
+
+
+def systematic_block(backend: Any, cum: Any, *, n_src: int, k: int, seed: int, row0: int = 0,
+                     rows: int | None = None, perm_t: Any = None) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the systematic router (SPEC §11) → int32 ``(rows, k)``."""
+    if rows is None:
+        rows = n_src - row0 if perm_t is None else perm_t.shape[0]
+    phase = block_phases(backend, n_src, row0, rows, seed, perm_t)
+    return backend.systematic_rows(phase, cum, n_src=n_src, k=k, phi=systematic_phi(seed, n_src, k))

@@ -1,0 +1,109 @@
+"""Backend registry: one small interface, implemented by the Numba CPU and the CuPy CUDA kernels.
+
+A backend owns an array module (``xp``: NumPy or CuPy) and the few row-parallel kernels of
+SPEC.md. Everything else (validation, weights → counts, prefix sums, ring layout) is written
+once, against ``xp``, in :mod:`gpu_phase_router._prep`. Backends are imported lazily: asking
+for ``"cpu"`` imports Numba, asking for ``"cuda"`` imports CuPy; ``import gpu_phase_router``
+imports neither.
+
+Kernel inputs (all arrays of the backend's ``xp``, C-contiguous):
+
+* ``popcount_rows(words, nbits)``: ``words`` uint64 ``(rows, nbw)`` → int64 ``(rows,)`` popcounts
+  and the number of rows with a set padding bit (SPEC §2).
+* ``feistel(start, count, n, key, inverse)``: int64 ``(count,)`` values
+  ``feistel(start + i, n, key)`` (or its inverse) for ``i`` in ``[0, count)`` (SPEC §6).
+* ``phase_rows(...)``: the phase router for a block of rows (SPEC §4–§5), see :class:`Backend`.
+* ``systematic_rows(...)``: the systematic router for a block of rows (SPEC §11).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal, Protocol
+
+BackendName = Literal["auto", "cpu", "cuda"]
+
+
+class Backend(Protocol):
+    """What a backend provides. All integers named ``key`` are Python ints in ``[0, 2^64)``."""
+
+    name: str
+    xp: Any  # numpy or cupy
+
+    def popcount_rows(self, words: Any, nbits: int) -> tuple[Any, int]:
+        """Row popcounts of uint64 ``(rows, nbw)`` words and the count of rows whose padding
+        bits (positions ``>= nbits``) are set."""
+
+    def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> Any:
+        """int64 ``(count,)``: ``feistel(start + i, n, key)`` or its inverse (SPEC §6)."""
+
+    def phase_rows(
+        self,
+        phase: Any,
+        off_s: Any,
+        deg: Any,
+        ring_start: Any,
+        ring_len: Any,
+        ring_col: Any,
+        *,
+        n_src: int,
+        k: int,
+        row0: int,
+        select_key: int,
+    ) -> Any:
+        """Phase router rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)``.
+
+        Per row ``i`` (global source ``j = row0 + i``): ``phase[i] = perm_t[j]``,
+        ``off_s[i]`` its start on the target ring, ``deg[i] = d[j]`` (all int64 ``(rows,)``).
+        Per target-ring position ``p`` (int64 ``(n_tgt,)``): ``ring_col[p] = inv_s[p]``,
+        ``ring_start[p] = off_t[inv_s[p]]``, ``ring_len[p] = c[inv_s[p]]``. Candidates are the
+        positions ``p = (off_s[i] + q) mod n_tgt``, ``q < deg[i]``, with
+        ``(phase[i] - ring_start[p]) mod n_src < ring_len[p]``; the row holds the ``k``
+        smallest ``(at(at(select_key, j), col), col)`` in ascending order, then ``-1``.
+        """
+
+    def systematic_rows(self, phase: Any, cum: Any, *, n_src: int, k: int, phi: int) -> Any:
+        """Systematic router rows (SPEC §11) → int32 ``(rows, k)``: ``phase`` int64 ``(rows,)``
+        holds ``perm_t[j]``; ``cum`` uint64 ``(n_tgt + 1,)`` the cumulative capacity units."""
+
+
+_REGISTRY: dict[str, str] = {
+    "cpu": "gpu_phase_router.backends.cpu",
+    "cuda": "gpu_phase_router.backends.cuda",
+}
+_INSTANCES: dict[str, Backend] = {}
+
+CUDA_INSTALL_HINT = (
+    "install CuPy for your CUDA version with pip install 'gpu_phase_router[cuda12]' "
+    "(CUDA 12) or pip install 'gpu_phase_router[cuda13]' (CUDA 13)"
+)
+
+
+def register_backend(name: str, module: str) -> None:
+    """Register a backend module (it must define ``load() -> Backend``) under ``name``."""
+    _REGISTRY[name] = module
+    _INSTANCES.pop(name, None)
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``backend=`` (``"auto"`` plus every registered backend)."""
+    return ["auto", *_REGISTRY]
+
+
+def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
+    """Resolve a ``backend=`` argument to a loaded backend.
+
+    ``"auto"`` follows the data: device arrays (CuPy, CUDA torch) → ``"cuda"``, else ``"cpu"``.
+    Raises ``ValueError`` for unknown names, and ``ValueError`` with the install command when
+    ``"cuda"`` cannot be used (no CuPy, or no usable device).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {available_backends()}; got {type(name).__name__}")
+    if name == "auto":
+        name = "cuda" if data_on_device else "cpu"
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
+    if name not in _INSTANCES:
+        module = importlib.import_module(_REGISTRY[name])
+        _INSTANCES[name] = module.load()
+    return _INSTANCES[name]

@@ -1,0 +1,224 @@
+"""Numba CPU backend: row-parallel kernels, integer arithmetic only, bit-identical to SPEC.md.
+
+Rows are split into fixed chunks handled by ``numba.prange``; each row is computed by one
+thread from its own inputs, so the output does not depend on the number of threads. All key
+arithmetic is uint64 (constants are ``np.uint64`` so Numba never promotes to float64).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+
+_G = np.uint64(GOLDEN)
+_M1 = np.uint64(MIX_M1)
+_M2 = np.uint64(MIX_M2)
+_S27 = np.uint64(27)
+_S30 = np.uint64(30)
+_S31 = np.uint64(31)
+_S32 = np.uint64(32)
+_ONE = np.uint64(1)
+
+ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
+SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+
+
+@nb.njit(inline="always", cache=True)
+def _mix64(z):
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@nb.njit(inline="always", cache=True)
+def _at(base, i):
+    return _mix64(base + _G * (np.uint64(i) + _ONE))
+
+
+@nb.njit(cache=True)
+def _feistel_one(x, n, key, h, mask, inverse):
+    if n == 1:
+        return np.int64(0)
+    hh = np.uint64(h)
+    m = np.uint64(mask)
+    y = np.uint64(x)
+    nn = np.uint64(n)
+    while True:
+        left = y >> hh
+        right = y & m
+        if inverse:
+            for rr in range(FEISTEL_ROUNDS):
+                r = np.uint64(FEISTEL_ROUNDS - 1 - rr)
+                left, right = right ^ (_at(key, (r << _S32) + left) & m), left
+        else:
+            for rr in range(FEISTEL_ROUNDS):
+                r = np.uint64(rr)
+                left, right = right, left ^ (_at(key, (r << _S32) + right) & m)
+        y = (left << hh) | right
+        if y < nn:
+            return np.int64(y)
+
+
+@nb.njit(parallel=True, cache=True)
+def _feistel_range(start, count, n, key, h, mask, inverse):
+    out = np.empty(count, dtype=np.int64)
+    for i in nb.prange(count):
+        out[i] = _feistel_one(start + i, n, key, h, mask, inverse)
+    return out
+
+
+@nb.njit(inline="always", cache=True)
+def _less(ka, ca, kb, cb):
+    return ka < kb or (ka == kb and ca < cb)
+
+
+@nb.njit(inline="always", cache=True)
+def _sift_down(keys, cols, size, i):
+    """Restore the max-heap property of ``(keys, cols)[:size]`` below index ``i``."""
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            return
+        big = left
+        right = left + 1
+        if right < size and _less(keys[left], cols[left], keys[right], cols[right]):
+            big = right
+        if not _less(keys[i], cols[i], keys[big], cols[big]):
+            return
+        keys[i], keys[big] = keys[big], keys[i]
+        cols[i], cols[big] = cols[big], cols[i]
+        i = big
+
+
+@nb.njit(inline="always", cache=True)
+def _offer(keys, cols, size, k, key, col):
+    """Offer ``(key, col)`` to the bottom-k max-heap holding ``size`` entries; return new size."""
+    if size < k:
+        i = size
+        keys[i] = key
+        cols[i] = col
+        while i > 0:  # sift up
+            parent = (i - 1) // 2
+            if not _less(keys[parent], cols[parent], keys[i], cols[i]):
+                break
+            keys[i], keys[parent] = keys[parent], keys[i]
+            cols[i], cols[parent] = cols[parent], cols[i]
+            i = parent
+        return size + 1
+    if _less(key, col, keys[0], cols[0]):
+        keys[0] = key
+        cols[0] = col
+        _sift_down(keys, cols, size, 0)
+    return size
+
+
+@nb.njit(inline="always", cache=True)
+def _emit_sorted(keys, cols, size, out_row):
+    """Heap-sort the bottom-k heap ascending into ``out_row`` and pad with -1."""
+    for end in range(size - 1, 0, -1):
+        keys[0], keys[end] = keys[end], keys[0]
+        cols[0], cols[end] = cols[end], cols[0]
+        _sift_down(keys, cols, end, 0)
+    for q in range(size):
+        out_row[q] = cols[q]
+    for q in range(size, out_row.shape[0]):
+        out_row[q] = -1
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, buf, keys, cols, size, k):
+    """Offer every candidate among ring positions ``[lo, hi)`` to the heap; return its size."""
+    p0 = lo
+    while p0 < hi:
+        p1 = min(hi, p0 + buf.shape[0])
+        cnt = 0
+        for p in range(p0, p1):  # branch-free interval test and compaction
+            diff = x - ring_start[p]
+            diff += (diff >> 63) & n_src
+            buf[cnt] = p
+            cnt += diff < ring_len[p]
+        for q in range(cnt):
+            col = ring_col[buf[q]]
+            size = _offer(keys, cols, size, k, _at(row_base, col), col)
+        p0 = p1
+    return size
+
+
+@nb.njit(parallel=True, cache=True)
+def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
+    rows = phase.shape[0]
+    n_tgt = ring_col.shape[0]
+    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in nb.prange(n_tasks):
+        keys = np.empty(k, dtype=np.uint64)
+        cols = np.empty(k, dtype=np.int64)
+        buf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            row_base = _at(row_key, row0 + i)
+            x = phase[i]
+            lo = off_s[i]
+            hi = lo + deg[i]
+            size = _scan_segment(lo, min(hi, n_tgt), x, n_src, ring_start, ring_len, ring_col,
+                                 row_base, buf, keys, cols, 0, k)
+            if hi > n_tgt:
+                size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
+                                     row_base, buf, keys, cols, size, k)
+            _emit_sorted(keys, cols, size, out[i])
+
+
+@nb.njit(parallel=True, cache=True)
+def _systematic_rows(phase, cum, n_src, k, phi, out):
+    rows = phase.shape[0]
+    n_tgt = cum.shape[0] - 1
+    big_u = cum[n_tgt]
+    m = np.uint64(n_src) * np.uint64(k)
+    nsrc = np.uint64(n_src)
+    for i in nb.prange(rows):
+        listed = 0
+        last = -1
+        for s in range(k):
+            x = ((np.uint64(s) * nsrc + np.uint64(phase[i])) * big_u + phi) // m
+            t = np.searchsorted(cum, x, side="right") - 1
+            if t != last:
+                out[i, listed] = t
+                listed += 1
+                last = t
+        for q in range(listed, k):
+            out[i, q] = -1
+
+
+class CpuBackend:
+    """Numba kernels on NumPy arrays."""
+
+    name = "cpu"
+    xp = np
+
+    def popcount_rows(self, words: np.ndarray, nbits: int) -> tuple[np.ndarray, int]:
+        counts = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
+        tail = nbits % 64
+        bad = 0
+        if tail and words.shape[0]:
+            bad = int(np.count_nonzero(words[:, -1] >> np.uint64(tail)))
+        return counts, bad
+
+    def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> np.ndarray:
+        h, mask = feistel_params(n)
+        return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
+
+    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key):
+        out = np.empty((phase.shape[0], k), dtype=np.int32)
+        _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
+                    np.int64(row0), np.uint64(select_key), out)
+        return out
+
+    def systematic_rows(self, phase, cum, *, n_src, k, phi):
+        out = np.empty((phase.shape[0], k), dtype=np.int32)
+        _systematic_rows(phase, cum, np.int64(n_src), np.int64(k), np.uint64(phi), out)
+        return out
+
+
+def load() -> CpuBackend:
+    """Entry point used by the backend registry."""
+    return CpuBackend()
