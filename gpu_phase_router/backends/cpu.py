@@ -22,7 +22,8 @@ _S32 = np.uint64(32)
 _ONE = np.uint64(1)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
-SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+SCAN_CHUNK = 512
+SMALL_K = 32  # up to this k the bottom-k is a sorted array, above it a binary max-heap  # ring positions tested before their candidates are keyed
 
 
 @nb.njit(inline="always", cache=True)
@@ -115,6 +116,25 @@ def _offer(keys, cols, size, k, key, col):
 
 
 @nb.njit(inline="always", cache=True)
+def _offer_sorted(keys, cols, size, k, key, col):
+    """Offer ``(key, col)`` to a bottom-k kept as an ascending array (fast for small ``k``)."""
+    if size < k:
+        pos = size
+        size += 1
+    elif _less(key, col, keys[k - 1], cols[k - 1]):
+        pos = k - 1
+    else:
+        return size
+    while pos > 0 and _less(key, col, keys[pos - 1], cols[pos - 1]):
+        keys[pos] = keys[pos - 1]
+        cols[pos] = cols[pos - 1]
+        pos -= 1
+    keys[pos] = key
+    cols[pos] = col
+    return size
+
+
+@nb.njit(inline="always", cache=True)
 def _emit_sorted(keys, cols, size, out_row):
     """Heap-sort the bottom-k heap ascending into ``out_row`` and pad with -1."""
     for end in range(size - 1, 0, -1):
@@ -128,20 +148,38 @@ def _emit_sorted(keys, cols, size, out_row):
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, buf, keys, cols, size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` to the heap; return its size."""
+def _emit_ascending(cols, size, out_row):
+    for q in range(size):
+        out_row[q] = cols[q]
+    for q in range(size, out_row.shape[0]):
+        out_row[q] = -1
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, keys, cols, size, k):
+    """Offer every candidate among ring positions ``[lo, hi)`` to the heap; return its size.
+
+    Chunks of positions are tested branch-free and compacted into ``cbuf`` (columns), their
+    keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
+    reach the (branchy) heap update.
+    """
     p0 = lo
     while p0 < hi:
-        p1 = min(hi, p0 + buf.shape[0])
+        p1 = min(hi, p0 + cbuf.shape[0])
         cnt = 0
-        for p in range(p0, p1):  # branch-free interval test and compaction
+        for p in range(p0, p1):
             diff = x - ring_start[p]
             diff += (diff >> 63) & n_src
-            buf[cnt] = p
+            cbuf[cnt] = ring_col[p]
             cnt += diff < ring_len[p]
         for q in range(cnt):
-            col = ring_col[buf[q]]
-            size = _offer(keys, cols, size, k, _at(row_base, col), col)
+            kbuf[q] = _at(row_base, cbuf[q])
+        for q in range(cnt):
+            if k <= SMALL_K:
+                if size < k or kbuf[q] <= keys[k - 1]:
+                    size = _offer_sorted(keys, cols, size, k, kbuf[q], cbuf[q])
+            elif size < k or kbuf[q] <= keys[0]:
+                size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
         p0 = p1
     return size
 
@@ -154,18 +192,22 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
         cols = np.empty(k, dtype=np.int64)
-        buf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             row_base = _at(row_key, row0 + i)
             x = phase[i]
             lo = off_s[i]
             hi = lo + deg[i]
             size = _scan_segment(lo, min(hi, n_tgt), x, n_src, ring_start, ring_len, ring_col,
-                                 row_base, buf, keys, cols, 0, k)
+                                 row_base, cbuf, kbuf, keys, cols, 0, k)
             if hi > n_tgt:
                 size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
-                                     row_base, buf, keys, cols, size, k)
-            _emit_sorted(keys, cols, size, out[i])
+                                     row_base, cbuf, kbuf, keys, cols, size, k)
+            if k <= SMALL_K:
+                _emit_ascending(cols, size, out[i])
+            else:
+                _emit_sorted(keys, cols, size, out[i])
 
 
 @nb.njit(parallel=True, cache=True)
