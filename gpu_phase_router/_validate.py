@@ -46,7 +46,7 @@ def check_density(density: Any) -> float:
     return density
 
 
-def _as_vector(xp: Any, name: str, x: Any) -> Any:
+def as_vector(xp: Any, name: str, x: Any) -> Any:
     if isinstance(x, (str, bytes)) or not hasattr(x, "__len__") and not hasattr(x, "shape"):
         raise TypeError(f"{name} must be a 1-D array or sequence of numbers; got {type(x).__name__}")
     if xp is np and not isinstance(x, np.ndarray):
@@ -54,6 +54,8 @@ def _as_vector(xp: Any, name: str, x: Any) -> Any:
             x = np.asarray(x)
         except (ValueError, TypeError) as exc:
             raise TypeError(f"{name} must be a 1-D array or sequence of numbers: {exc}") from None
+    if x.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be a 1-D array of numbers; got dtype {x.dtype}")
     if x.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(x.shape)}")
     return x
@@ -61,7 +63,7 @@ def _as_vector(xp: Any, name: str, x: Any) -> Any:
 
 def check_weights(xp: Any, name: str, x: Any) -> Any:
     """Finite, non-negative real weights with at least one positive entry → float64 vector."""
-    x = _as_vector(xp, name, x)
+    x = as_vector(xp, name, x)
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
     if x.shape[0] < 1:
@@ -79,7 +81,7 @@ def check_weights(xp: Any, name: str, x: Any) -> Any:
 def check_int_vector(xp: Any, name: str, x: Any, *, length: int | None = None, lo: int = 0,
                      hi: int | None = None) -> Any:
     """Integer vector (any integer dtype) with values in ``[lo, hi]`` → int64 vector."""
-    x = _as_vector(xp, name, x)
+    x = as_vector(xp, name, x)
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype; got {x.dtype}")
     if length is not None and x.shape[0] != length:

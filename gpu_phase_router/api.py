@@ -8,7 +8,8 @@ and returns an int32 ``(n_src, k)`` array in the caller's array library and devi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from . import _prep
 from ._arrays import common_library, from_backend_array, to_backend_array
 from ._keys import stream as _stream
 from ._validate import (
+    as_vector,
     check_bits,
     check_density,
     check_int,
@@ -89,12 +91,11 @@ def route_counts(
     named = {"source_degrees": source_degrees, "target_counts": target_counts, "perm_s": perm_s, "perm_t": perm_t}
     be, lib, dev = _resolve(backend, named)
     xp = be.xp
-    d = to_backend_array(source_degrees, xp)
-    c = to_backend_array(target_counts, xp)
-    if d is None or c is None:
+    if source_degrees is None or target_counts is None:
         raise TypeError("source_degrees and target_counts are required")
-    n_src = int(len(d)) if hasattr(d, "__len__") else 0
-    n_tgt = int(len(c)) if hasattr(c, "__len__") else 0
+    d = as_vector(xp, "source_degrees", to_backend_array(source_degrees, xp))
+    c = as_vector(xp, "target_counts", to_backend_array(target_counts, xp))
+    n_src, n_tgt = int(d.shape[0]), int(c.shape[0])
     if n_src < 1:
         raise ValueError("source_degrees must not be empty (n_src >= 1)")
     if n_tgt < 1:

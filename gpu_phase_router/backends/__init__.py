@@ -104,6 +104,10 @@ def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
     if name not in _INSTANCES:
-        module = importlib.import_module(_REGISTRY[name])
+        try:
+            module = importlib.import_module(_REGISTRY[name])
+        except ImportError as exc:
+            hint = f"; {CUDA_INSTALL_HINT}" if name == "cuda" else ""
+            raise ValueError(f"backend {name!r} is not available ({exc}){hint}") from exc
         _INSTANCES[name] = module.load()
     return _INSTANCES[name]

@@ -22,8 +22,8 @@ _S32 = np.uint64(32)
 _ONE = np.uint64(1)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
-SCAN_CHUNK = 512
-SMALL_K = 32  # up to this k the bottom-k is a sorted array, above it a binary max-heap  # ring positions tested before their candidates are keyed
+SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
 
 
 @nb.njit(inline="always", cache=True)
