@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
@@ -86,9 +87,9 @@ def main() -> None:
         bits = gpr.left_aligned_bits(ones, n).ravel()
         for k in args.ks:
             repeats = max(5, min(200, int(2e7 / (n * n))))
-            t_low = median_ms(lambda: gpr.phase_router_auto(bits, bits, n, k, 42), repeats)
-            t_route = median_ms(lambda: gpr.route(None, None, n, k, 42, 0.3), repeats)
-            t_hash = median_ms(lambda: seed_hash_route(n, k, 42), repeats)
+            t_low = median_ms(partial(gpr.phase_router_auto, bits, bits, n, k, 42), repeats)
+            t_route = median_ms(partial(gpr.route, None, None, n, k, 42, 0.3), repeats)
+            t_hash = median_ms(partial(seed_hash_route, n, k, 42), repeats)
             seed_ms = SEED_RUST_MS.get(n)
             rows.append(dict(n=n, k=k, phase_router_auto_ms=t_low, route_ms=t_route, hash_ms=t_hash,
                              seed_rust_ms=seed_ms, goal_ms=None if seed_ms is None else seed_ms * GOAL_FRACTION,
@@ -97,8 +98,8 @@ def main() -> None:
                 python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
                 gpu_phase_router=gpr.__version__)
     print(f"# {meta['processor']}, {meta['cores']} cores, Numba {meta['numba']} with {threads} threads")
-    print(f"# import {first['import_s_cold']:.3f} s; first route(): cold cache {first['first_route_s_cold_cache']:.2f} s,"
-          f" warm cache {first['first_route_s_warm_cache']:.2f} s")
+    print(f"# import {first['import_s_cold']:.3f} s; first route(): "
+          f"cold cache {first['first_route_s_cold_cache']:.2f} s, warm cache {first['first_route_s_warm_cache']:.2f} s")
     print(f"{'N':>6} {'k':>2} {'phase_router_auto':>18} {'route()':>10} {'hash':>9} {'seed Rust':>10} "
           f"{'goal':>8} {'seed/ours':>9}")
     for r in rows:

@@ -163,3 +163,31 @@ def test_large_rows_match_reference_on_sampled_rows():
         sets = _reference.candidate_sets(d.tolist(), c.tolist(), *_reference.derived_permutations(n, n, 77))
         for j in range(0, n, 97):
             assert got[j].tolist() == _reference.select(sets[j], j, k, 77)
+
+
+def _np_mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def test_full_candidate_rows_against_vectorised_keys():
+    """Every column is a candidate (full rows, saturated counts), so row j holds the k smallest
+    (key, col) over all columns. Many rows of 13 candidates with k=1 also exercise the CPU
+    kernel's fallback when its provisional key bound admits fewer than k keys."""
+    from gpu_phase_router import _keys
+
+    n_src, n_tgt, seed = 60000, 13, 2024
+    g = np.uint64(_keys.GOLDEN)
+    with np.errstate(over="ignore"):
+        row_base = _np_mix64(np.uint64(_keys.stream(seed, 3)) + g * (np.arange(n_src, dtype=np.uint64) + np.uint64(1)))
+        keys = _np_mix64(row_base[:, None] + g * (np.arange(n_tgt, dtype=np.uint64)[None, :] + np.uint64(1)))
+    order = np.argsort(keys, axis=1, kind="stable")  # keys are distinct within a row here
+    assert (np.diff(np.sort(keys, axis=1), axis=1) > 0).all()
+    d = np.full(n_src, n_tgt)
+    c = np.full(n_tgt, n_src)
+    for k in (1, 5, 13):
+        np.testing.assert_array_equal(gpr.route_counts(d, c, k=k, seed=seed), order[:, :k])
+    # rows where no key lies below 6/13 of the key range: the bound admits fewer than k=1
+    tau = (2**64 - 1) // 13 * 6
+    assert ((keys <= np.uint64(tau)).sum(axis=1) == 0).sum() > 0

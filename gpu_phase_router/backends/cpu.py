@@ -20,6 +20,7 @@ _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 _ONE = np.uint64(1)
+_KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
@@ -156,12 +157,29 @@ def _emit_ascending(cols, size, out_row):
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, keys, cols, size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` to the heap; return its size.
+def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
+    """Offer the candidates ``qs[:n_q]`` (indices into ``kbuf``/``cbuf``) to the bottom-k."""
+    for i in range(n_q):
+        q = qs[i]
+        if k <= SMALL_K:
+            if size < k or kbuf[q] <= keys[k - 1]:
+                size = _offer_sorted(keys, cols, size, k, kbuf[q], cbuf[q])
+        elif size < k or kbuf[q] <= keys[0]:
+            size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
+    return size
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
+                  size, k):
+    """Offer every candidate among ring positions ``[lo, hi)`` to the bottom-k; return its size.
 
     Chunks of positions are tested branch-free and compacted into ``cbuf`` (columns), their
     keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
-    reach the (branchy) heap update.
+    reach the (branchy) update. For the first chunk of a row, when it holds many more
+    candidates than ``k``, a provisional bound ``tau`` (about ``2k + 4`` expected keys below it)
+    pre-selects candidates branch-free; if fewer than ``k`` keys fall below it, every
+    candidate is offered instead, so the result is exact either way.
     """
     p0 = lo
     while p0 < hi:
@@ -174,12 +192,18 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
             cnt += diff < ring_len[p]
         for q in range(cnt):
             kbuf[q] = _at(row_base, cbuf[q])
-        for q in range(cnt):
-            if k <= SMALL_K:
-                if size < k or kbuf[q] <= keys[k - 1]:
-                    size = _offer_sorted(keys, cols, size, k, kbuf[q], cbuf[q])
-            elif size < k or kbuf[q] <= keys[0]:
-                size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
+        n_q = 0
+        want = 2 * k + 4
+        if size == 0 and cnt > 2 * want:
+            tau = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+            for q in range(cnt):
+                qbuf[n_q] = q
+                n_q += kbuf[q] <= tau
+        if n_q < k:
+            n_q = cnt
+            for q in range(cnt):
+                qbuf[q] = q
+        size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
         p0 = p1
     return size
 
@@ -194,16 +218,17 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
         cols = np.empty(k, dtype=np.int64)
         cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
+        qbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             row_base = _at(row_key, row0 + i)
             x = phase[i]
             lo = off_s[i]
             hi = lo + deg[i]
             size = _scan_segment(lo, min(hi, n_tgt), x, n_src, ring_start, ring_len, ring_col,
-                                 row_base, cbuf, kbuf, keys, cols, 0, k)
+                                 row_base, cbuf, kbuf, qbuf, keys, cols, 0, k)
             if hi > n_tgt:
                 size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
-                                     row_base, cbuf, kbuf, keys, cols, size, k)
+                                     row_base, cbuf, kbuf, qbuf, keys, cols, size, k)
             if k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:
