@@ -7,6 +7,7 @@ so both give the same bits.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ._keys import STREAM_PERM_S, STREAM_PERM_T, STREAM_SELECT, STREAM_SYSTEMATIC, at, stream
@@ -30,14 +31,18 @@ def tree_sum(xp: Any, values: Any) -> float:
     return float(v[0])
 
 
-def weights_to_counts(xp: Any, weights: Any, density: float, n_other: int, mean: float | None = None) -> Any:
+def weights_to_counts(xp: Any, weights: Any, density: float, n_other: int, mean: float | None = None,
+                      name: str = "weights") -> Any:
     """SPEC §7: int64 counts ``clip(rint(w / mean(w) * density * n_other), 1, n_other)``, 0 for 0.
 
-    ``mean`` may be passed in when ``weights`` is one block of a longer vector.
+    ``mean`` may be passed in when ``weights`` is one block of a longer vector. Raises
+    ``ValueError`` naming ``name`` when the sum of the weights overflows float64.
     """
     w = xp.asarray(weights, dtype=xp.float64)
     if mean is None:
         mean = tree_sum(xp, w) / w.shape[0]
+    if not math.isfinite(mean) or mean <= 0:
+        raise ValueError(f"{name}: the mean weight must be finite and positive; got {mean} (rescale the values)")
     scaled = xp.rint(w / mean * density * n_other)
     counts = xp.clip(scaled, 1, n_other).astype(xp.int64)
     return xp.where(w == 0, 0, counts)
@@ -47,6 +52,8 @@ def capacity_cum(xp: Any, caps: Any) -> Any:
     """SPEC §11: uint64 ``cum`` (length ``n_tgt + 1``) of the capacity units ``u[t]``."""
     c = xp.asarray(caps, dtype=xp.float64)
     total = tree_sum(xp, c)
+    if not math.isfinite(total):
+        raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
     units = xp.maximum(1, xp.rint(c / total * 2.0**31)).astype(xp.uint64)
     units = xp.where(c == 0, xp.uint64(0), units)
     cum = xp.zeros(c.shape[0] + 1, dtype=xp.uint64)

@@ -112,8 +112,8 @@ def route_counts(
 
 def _route_phase(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
     xp = be.xp
-    d = _prep.weights_to_counts(xp, w, density, caps.shape[0])
-    c = _prep.weights_to_counts(xp, caps, density, w.shape[0])
+    d = _prep.weights_to_counts(xp, w, density, caps.shape[0], name="source_weights")
+    c = _prep.weights_to_counts(xp, caps, density, w.shape[0], name="target_capacities")
     return _phase_all_rows(be, d, c, k=k, seed=seed, perm_s=None, perm_t=None, block_rows=block_rows)
 
 

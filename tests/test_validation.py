@@ -77,6 +77,8 @@ def test_route_counts_rejects(kwargs, exc, match):
         (dict(source_weights=[1.0, 2.0], target_capacities=[1.0, 1.0], method="systematic"), ValueError,
          "source_weights must be\\s+uniform"),
         (dict(seed=2**64), ValueError, "seed"),
+        (dict(target_capacities=[1e308, 1e308]), ValueError, "target_capacities: the mean weight must be finite"),
+        (dict(target_capacities=[1e308, 1e308], method="systematic"), ValueError, "target_capacities: the sum"),
         (dict(backend="tpu"), ValueError, "backend must be one of"),
     ],
 )
