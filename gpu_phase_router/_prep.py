@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ._keys import STREAM_PERM_S, STREAM_PERM_T, STREAM_SELECT, STREAM_SYSTEMATIC, at, stream
 
 
@@ -25,9 +27,10 @@ def tree_sum(xp: Any, values: Any) -> float:
     size = 1 << max(0, int(v.shape[0] - 1).bit_length())
     if size != v.shape[0]:
         v = xp.concatenate([v, xp.zeros(size - v.shape[0], dtype=xp.float64)])
-    while v.shape[0] > 1:
-        half = v.shape[0] // 2
-        v = v[:half] + v[half:]
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by the callers
+        while v.shape[0] > 1:
+            half = v.shape[0] // 2
+            v = v[:half] + v[half:]
     return float(v[0])
 
 
