@@ -18,7 +18,8 @@ Run from the repository root::
 
 Outputs (``--out``, default ``benchmarks/results``): ``moe_survival.json``, ``moe_survival.csv``,
 ``moe_table.md``, ``survival_vs_headroom.png``, ``survival_vs_k.png``, ``survival_vs_n.png``,
-``survival_vs_heterogeneity.png`` and ``moe_panel.png``.
+``survival_vs_heterogeneity.png``, ``moe_panel.png`` (those four as a 2×2 panel) and, beyond
+the seed's experiments, ``survival_vs_density.png`` (the phase router's density, extreme profile).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ LABELS = {"phase": "phase router", "systematic": "systematic", "hash": "hash (ca
           "weighted_hash": "weighted hash"}
 STYLES = {"phase": ("o", "C0"), "systematic": ("D", "C2"), "hash": ("s", "C3"), "weighted_hash": ("^", "C1")}
 
-# Defaults of the seed's experiments: strong profile, N = 1024, k = 2, headroom 1.2.
-BASE = {"profile": "strong", "n": 1024, "k": 2, "headroom": 1.2}
+# Defaults of the seed's experiments: strong profile, N = 1024, k = 2, headroom 1.2, density 0.3.
+BASE = {"profile": "strong", "n": 1024, "k": 2, "headroom": 1.2, "density": 0.3}
 EXPERIMENTS = {
     "headroom": {"param": "headroom", "values": [1.0, 1.1, 1.2, 1.5, 2.0],
                  "xlabel": "headroom (hard cap / fair share)"},
@@ -51,7 +52,11 @@ EXPERIMENTS = {
     "n": {"param": "n", "values": [256, 512, 1024, 2048, 4096], "xlabel": "N (tokens = experts)"},
     "heterogeneity": {"param": "profile", "values": ["uniform", "mild", "strong", "extreme"],
                       "xlabel": "capacity profile"},
+    # Not in the seed: the phase router's density (the other methods ignore it), extreme profile.
+    "density": {"param": "density", "values": [0.05, 0.1, 0.2, 0.3, 0.5], "fixed": {"profile": "extreme"},
+                "xlabel": "density (phase router only)"},
 }
+SEED_EXPERIMENTS = ["headroom", "k", "n", "heterogeneity"]
 
 # The seed's published survival (%) for its phase router and capacity-blind hash.
 SEED_PUBLISHED = {
@@ -62,11 +67,17 @@ SEED_PUBLISHED = {
 }
 
 
-def run_point(method: str, profile: str, n: int, k: int, headroom: float, seed: int) -> dict:
+def config(name: str, value) -> dict:
+    """The full setting of one point of experiment ``name``."""
+    exp = EXPERIMENTS[name]
+    return dict(BASE, **exp.get("fixed", {}), **{exp["param"]: value})
+
+
+def run_point(method: str, profile: str, n: int, k: int, headroom: float, seed: int, density: float = 0.3) -> dict:
     """One routing + enforcement; returns survival, pre-enforcement fill, load terms, time."""
     caps = CAPACITY_PROFILES[profile](n, seed=seed)
     t0 = time.perf_counter()
-    routes = gpr.route(target_capacities=caps, k=k, seed=seed, method=method, backend="cpu")
+    routes = gpr.route(target_capacities=caps, k=k, seed=seed, density=density, method=method, backend="cpu")
     elapsed = time.perf_counter() - t0
     hard = gpr.make_hard_caps(caps, n, k, headroom)
     enforced = gpr.enforce_capacity(routes, hard)
@@ -91,8 +102,8 @@ def run(seeds: list[int], progress: bool = True) -> dict:
     raw: dict = {}
     t_start = time.perf_counter()
     for name, value, method, seed in tqdm(jobs, desc="bench_moe", unit="run", disable=not progress):
-        cfg = dict(BASE, **{EXPERIMENTS[name]["param"]: value})
-        res = run_point(method, cfg["profile"], cfg["n"], cfg["k"], cfg["headroom"], seed)
+        cfg = config(name, value)
+        res = run_point(method, cfg["profile"], cfg["n"], cfg["k"], cfg["headroom"], seed, cfg["density"])
         res = {key: None if val != val else round(val, 7) for key, val in res.items()}  # small JSON, no NaN
         raw.setdefault(name, {}).setdefault(str(value), {}).setdefault(method, []).append(res)
     total_s = time.perf_counter() - t_start
@@ -161,7 +172,7 @@ def markdown_table(result: dict) -> str:
         exp = result["meta"]["experiments"][name]
         pub = result["seed_published"].get(name, {})
         header = ["method"] + [str(v) for v in exp["values"]]
-        lines.append(f"**vs {exp['param']}** ({_fixed(exp['param'])})")
+        lines.append(f"**vs {exp['param']}** ({_fixed(name)})")
         lines.append("")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
@@ -177,11 +188,14 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _fixed(param: str) -> str:
+def _fixed(name: str) -> str:
+    exp = EXPERIMENTS[name]
+    cfg = dict(BASE, **exp.get("fixed", {}))
     parts = []
-    for key, label in (("profile", "profile"), ("n", "N"), ("k", "k"), ("headroom", "headroom")):
-        if key != param:
-            parts.append(f"{label} = {BASE[key]}")
+    for key, label in (("profile", "profile"), ("n", "N"), ("k", "k"), ("headroom", "headroom"),
+                       ("density", "density")):
+        if key != exp["param"]:
+            parts.append(f"{label} = {cfg[key]}")
     return ", ".join(parts)
 
 
@@ -194,7 +208,8 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
     def draw(ax, name):
         exp = result["meta"]["experiments"][name]
         values = [str(v) for v in exp["values"]]
-        x = np.arange(len(values)) if exp["param"] in ("profile", "n", "k") else np.array(exp["values"], float)
+        categorical = exp["param"] in ("profile", "n", "k", "density")
+        x = np.arange(len(values)) if categorical else np.array(exp["values"], float)
         for method in result["meta"]["methods"]:
             mean = np.array([result["summary"][name][v][method]["survival"]["mean"] for v in values]) * 100
             std = np.array([result["summary"][name][v][method]["survival"]["std"] for v in values]) * 100
@@ -204,11 +219,11 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
             if pub is not None:
                 ax.plot(x, pub, ls=":", marker=marker, mfc="none", color=color, alpha=0.8,
                         label=f"seed's {LABELS[method]} (published)")
-        if exp["param"] in ("profile", "n", "k"):
+        if categorical:
             ax.set_xticks(x, values)
         ax.set_xlabel(exp["xlabel"])
         ax.set_ylabel("token survival after enforcement (%)")
-        ax.set_title(f"survival vs {exp['param']} ({_fixed(exp['param'])})", fontsize=9)
+        ax.set_title(f"survival vs {exp['param']} ({_fixed(name)})", fontsize=9)
         ax.grid(alpha=0.3)
 
     paths = []
@@ -222,7 +237,7 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
-    for ax, name in zip(axes.ravel(), EXPERIMENTS, strict=True):
+    for ax, name in zip(axes.ravel(), SEED_EXPERIMENTS, strict=True):
         draw(ax, name)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
