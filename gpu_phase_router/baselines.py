@@ -74,18 +74,21 @@ def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) 
 def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int) -> Any:
     """Rows of the capacity-weighted hash → int32 ``[rows, k]`` (see the module docstring).
 
+    ``k * (k + 1) / 2`` vectorised passes over the rows (a ``k``-wide sort per slot): cheap for
+    the small ``k`` of MoE routing, slow for ``k`` in the hundreds.
+
     Args:
         cum: uint64 ``[n_tgt + 1]`` cumulative capacity units (``_prep.capacity_cum``).
     """
     keys = slot_keys(xp, seed, STREAM_WEIGHTED_HASH, row0, rows, k)
     units = cum[1:] - cum[:-1]
-    total = cum[-1]
+    total = int(cum[-1])
     n_pos = int(xp.count_nonzero(units))
     out = xp.full((rows, k), -1, dtype=xp.int32)
     # ``taken`` holds the targets drawn so far in ascending order (padding n_tgt sorts last).
     n_tgt = int(units.shape[0])
     taken = xp.full((rows, k), n_tgt, dtype=xp.int64)
-    left = xp.full(rows, total, dtype=xp.uint64)  # units not yet drawn, per row
+    left = xp.full(rows, xp.uint64(total), dtype=xp.uint64)  # units not yet drawn, per row
     for s in range(min(k, n_pos)):
         x = keys[:, s] % left
         for q in range(s):  # cut the drawn intervals out, in ascending order

@@ -107,6 +107,19 @@ def test_enforce_capacity_large_random(xp):
     np.testing.assert_array_equal(to_host(got), ref.enforce_capacity(routes, hard.tolist()))
 
 
+@pytest.mark.parametrize("xp", XP_PARAMS)
+def test_caps_loads_survival_on_each_library(xp):
+    caps = gpr.extreme_hetero_capacities(300, seed=1)
+    caps[5] = 0.0
+    hard = gpr.make_hard_caps(xp.asarray(caps), 2000, 3, 1.3)
+    assert type(hard) is type(xp.asarray(caps))
+    assert to_host(hard).tolist() == ref.hard_caps(caps.tolist(), 2000, 3, 1.3)
+    routes = np.random.default_rng(0).integers(-1, 300, size=(2000, 3)).astype(np.int32)
+    loads = gpr.compute_loads(xp.asarray(routes), 300)
+    np.testing.assert_array_equal(to_host(loads), np.bincount(routes[routes >= 0], minlength=300))
+    assert gpr.survival_rate(xp.asarray(routes)) == float((routes >= 0).mean())
+
+
 def test_enforce_capacity_by_hand_and_no_mutation():
     routes = np.array([[0, 1], [0, -1], [0, 1], [2, 0]], dtype=np.int32)
     before = routes.copy()
