@@ -18,6 +18,18 @@ from .api import (
     route_counts,
 )
 from .backends import available_backends, get_backend, register_backend
+from .baselines import hash_route  # also registers route(method="hash" | "weighted_hash")
+from .capacity import (
+    compute_loads,
+    enforce_capacity,
+    extreme_hetero_capacities,
+    load_stats,
+    make_hard_caps,
+    mild_hetero_capacities,
+    strong_hetero_capacities,
+    survival_rate,
+    uniform_capacities,
+)
 
 __version__ = "0.1.0"
 
@@ -25,8 +37,15 @@ __all__ = [
     "auto_permutation",
     "available_backends",
     "available_methods",
+    "compute_loads",
+    "enforce_capacity",
+    "extreme_hetero_capacities",
     "get_backend",
+    "hash_route",
     "left_aligned_bits",
+    "load_stats",
+    "make_hard_caps",
+    "mild_hetero_capacities",
     "pack_bits",
     "phase_router",
     "phase_router_auto",
@@ -36,4 +55,7 @@ __all__ = [
     "route",
     "route_bits",
     "route_counts",
+    "strong_hetero_capacities",
+    "survival_rate",
+    "uniform_capacities",
 ]

@@ -1,0 +1,148 @@
+"""Hash-routing baselines for evaluation: ``route(..., method="hash" | "weighted_hash")``.
+
+Both are counter-based: the slot ``s`` of source ``j`` draws the 64-bit key
+
+    key(j, s) = at(at(stream(seed, STREAM), j), s)        # SplitMix64, as SPEC §5
+
+so a row depends only on ``(seed, j)`` — no global RNG state, any split of the rows into
+blocks (or GPU threads) gives the same table, and NumPy and CuPy compute the same integers
+(the code below is written once against the array module ``xp``, in uint64 arithmetic).
+
+* ``method="hash"`` (stream 5) — the seed's capacity-blind baseline: ``k`` independent uniform
+  targets ``key(j, s) mod n_tgt`` per source, **with replacement** like the seed's
+  ``rng.integers(0, n, (n, k))``, so a row may name a target twice (probability about
+  ``k^2 / (2 n_tgt)`` per row); each occurrence is a separate slot for enforcement and
+  survival. Capacities are ignored entirely, zero ones included (enforcement then drops those
+  slots, since their hard cap is 0).
+* ``method="weighted_hash"`` (stream 6) — capacity-aware: ``k`` **distinct** targets per
+  source, drawn one after another with probability proportional to capacity among the targets
+  not yet drawn (successive sampling without replacement — the same distribution as the
+  Efraimidis–Spirakis keys ``u^(1/w)``, but integer only). Capacities are turned into the
+  integer units ``u[t]`` of SPEC §11 (``rint(cap / sum(cap) * 2^31)``, at least 1, 0 for a zero
+  capacity); slot ``s`` takes ``x = key(j, s) mod R`` with ``R`` the units not yet drawn in
+  that row, and maps ``x`` to the target whose interval holds it once the drawn intervals are
+  cut out. Zero-capacity targets have no units and are never chosen; if fewer than ``k``
+  targets have positive capacity the row ends in ``-1``.
+
+For both, a source with weight 0 never routes (its row is all ``-1``); every other source gets
+``k`` slots whatever its weight (``density`` is not used).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _prep
+from ._keys import GOLDEN, MIX_M1, MIX_M2, stream
+from .api import register_method
+
+STREAM_HASH = 5
+STREAM_WEIGHTED_HASH = 6
+
+
+def mix64(xp: Any, z: Any) -> Any:
+    """SplitMix64 finaliser on a uint64 array of ``xp`` (wrap-around arithmetic)."""
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX_M1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX_M2)
+    return z ^ (z >> xp.uint64(31))
+
+
+def at(xp: Any, base: Any, i: Any) -> Any:
+    """``mix64(base + G * (i + 1))`` elementwise; ``base`` and ``i`` uint64 arrays or ints."""
+    base = xp.asarray(base, dtype=xp.uint64)
+    i = xp.asarray(i, dtype=xp.uint64)
+    return mix64(xp, base + xp.uint64(GOLDEN) * (i + xp.uint64(1)))
+
+
+def slot_keys(xp: Any, seed: int, stream_id: int, row0: int, rows: int, k: int) -> Any:
+    """uint64 ``[rows, k]``: ``key(j, s) = at(at(stream(seed, stream_id), j), s)`` for
+    ``j = row0 .. row0 + rows - 1`` and ``s = 0 .. k - 1``."""
+    with np.errstate(over="ignore"):
+        rows_idx = xp.arange(row0, row0 + rows, dtype=xp.uint64)
+        row_base = at(xp, xp.uint64(stream(seed, stream_id)), rows_idx)
+        return at(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
+
+
+def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the uniform hash → int32 ``[rows, k]``."""
+    keys = slot_keys(xp, seed, STREAM_HASH, row0, rows, k)
+    return (keys % xp.uint64(n_tgt)).astype(xp.int32)
+
+
+def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int) -> Any:
+    """Rows of the capacity-weighted hash → int32 ``[rows, k]`` (see the module docstring).
+
+    ``k * (k + 1) / 2`` vectorised passes over the rows (a ``k``-wide sort per slot): cheap for
+    the small ``k`` of MoE routing, slow for ``k`` in the hundreds.
+
+    Args:
+        cum: uint64 ``[n_tgt + 1]`` cumulative capacity units (``_prep.capacity_cum``).
+    """
+    keys = slot_keys(xp, seed, STREAM_WEIGHTED_HASH, row0, rows, k)
+    units = cum[1:] - cum[:-1]
+    total = int(cum[-1])
+    n_pos = int(xp.count_nonzero(units))
+    out = xp.full((rows, k), -1, dtype=xp.int32)
+    # ``taken`` holds the targets drawn so far in ascending order (padding n_tgt sorts last).
+    n_tgt = int(units.shape[0])
+    taken = xp.full((rows, k), n_tgt, dtype=xp.int64)
+    left = xp.full(rows, xp.uint64(total), dtype=xp.uint64)  # units not yet drawn, per row
+    for s in range(min(k, n_pos)):
+        x = keys[:, s] % left
+        for q in range(s):  # cut the drawn intervals out, in ascending order
+            t = taken[:, q]
+            x = xp.where(x >= cum[t], x + units[t], x)
+        t_new = xp.searchsorted(cum, x, side="right") - 1
+        out[:, s] = t_new.astype(xp.int32)
+        left = left - units[t_new]
+        taken[:, s] = t_new
+        taken = xp.sort(taken, axis=1)
+    return out
+
+
+def _blocks(n_src: int, block_rows: int):
+    for a in range(0, n_src, block_rows):
+        yield a, min(n_src, a + block_rows)
+
+
+def _route_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
+    xp = be.xp
+    n_src, n_tgt = int(w.shape[0]), int(caps.shape[0])
+    out = xp.empty((n_src, k), dtype=xp.int32)
+    for a, b in _blocks(n_src, block_rows):
+        out[a:b] = hash_block(xp, n_tgt, k=k, seed=seed, row0=a, rows=b - a)
+    out[w == 0] = -1
+    return out
+
+
+def _route_weighted_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float,
+                         block_rows: int) -> Any:
+    xp = be.xp
+    n_src = int(w.shape[0])
+    cum = _prep.capacity_cum(xp, caps)
+    out = xp.empty((n_src, k), dtype=xp.int32)
+    for a, b in _blocks(n_src, block_rows):
+        out[a:b] = weighted_hash_block(xp, cum, k=k, seed=seed, row0=a, rows=b - a)
+    out[w == 0] = -1
+    return out
+
+
+register_method("hash", _route_hash)
+register_method("weighted_hash", _route_weighted_hash)
+
+
+def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The seed's helper: ``n`` sources to ``n`` targets by the uniform hash → int32 ``[n, k]``.
+
+    Same as ``route(n=n, k=k, seed=seed, method="hash")`` (``k`` independent uniform targets
+    per source, duplicates possible; the values differ from the seed's NumPy generator).
+    """
+    from .api import route
+
+    return route(n=n, k=k, seed=seed, method="hash", backend="cpu")
+
+
+__all__ = ["STREAM_HASH", "STREAM_WEIGHTED_HASH", "at", "hash_block", "hash_route", "mix64", "slot_keys",
+           "weighted_hash_block"]

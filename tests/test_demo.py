@@ -1,0 +1,103 @@
+"""The command-line demo: runs end to end in a subprocess, writes both plots, degrades without
+matplotlib, explains its options."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _xp_grid import CUPY
+
+import gpu_phase_router as gpr
+from gpu_phase_router.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["demo", "--experts", "64", "--tokens", "256", "-k", "2", "--repeat", "1"]
+
+
+def run_cli(args, *, block_matplotlib=False, cwd=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["MPLBACKEND"] = "Agg"
+    if block_matplotlib:
+        code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+                f"sys.argv = ['gpu-phase-router', *{list(args)!r}]; "
+                "runpy.run_module('gpu_phase_router', run_name='__main__')")
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, "-m", "gpu_phase_router", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def table_rows(stdout):
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] in gpr.available_methods() and len(parts) == 8:
+            rows[parts[0]] = parts
+    return rows
+
+
+def test_demo_writes_both_plots(tmp_path):
+    out = tmp_path / "plots"
+    proc = run_cli([*SMALL, "--out", str(out), "--backend", "cpu"])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("capacity_vs_load.png", "load_capacity_ratio.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert str(out.resolve()) in proc.stdout
+    rows = table_rows(proc.stdout)
+    assert set(rows) == set(gpr.available_methods())
+    # SPEC §11/§12: with no expert above 1/k of the capacity, the systematic router fills every
+    # slot and survives headroom >= 1 completely
+    assert rows["systematic"][5] == "100.0%" and rows["systematic"][6] == "100.0%"
+    survival = {m: float(r[6].rstrip("%")) for m, r in rows.items()}
+    assert survival["hash"] < survival["weighted_hash"]
+
+
+def test_demo_default_out_dir_is_relative(tmp_path):
+    proc = run_cli([*SMALL], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "phase_router_demo" / "capacity_vs_load.png").is_file()
+    assert (tmp_path / "phase_router_demo" / "load_capacity_ratio.png").is_file()
+
+
+def test_demo_without_matplotlib_prints_table_and_hint(tmp_path):
+    out = tmp_path / "none"
+    proc = run_cli([*SMALL, "--out", str(out)], block_matplotlib=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'gpu_phase_router[plot]'" in proc.stdout
+    assert set(table_rows(proc.stdout)) == set(gpr.available_methods())
+    assert not out.exists()
+
+
+def test_demo_help_explains_options():
+    proc = run_cli(["demo", "--help"])
+    assert proc.returncode == 0
+    for opt in ("--experts", "--tokens", "--k", "--seed", "--headroom", "--out", "--backend"):
+        assert opt in proc.stdout
+    assert "%%" not in proc.stdout
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--k", "65"], ["--experts", "0"]])
+def test_demo_rejects_bad_sizes(bad):
+    proc = run_cli(["demo", "--experts", "64", "--tokens", "64", *bad])
+    assert proc.returncode != 0
+    assert re.search(r"--k|--experts", proc.stderr + proc.stdout)
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a usable GPU is present")
+def test_demo_cuda_without_gpu_says_how_to_install():
+    proc = run_cli([*SMALL, "--backend", "cuda"])
+    assert proc.returncode != 0
+    assert "gpu_phase_router[cuda12]" in proc.stderr
