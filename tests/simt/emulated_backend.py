@@ -45,10 +45,12 @@ class EmulatedLauncher:
         schedule: 0 runs threads in ascending order between collectives, 1 descending, 2 random.
         seed: seed of the random schedule.
         workers: OS threads running blocks (default: ``$GPR_SIMT_WORKERS`` or the CPU count).
+        lib: an emulator library from :func:`simt.build.load` (default: the package's kernels).
     """
 
-    def __init__(self, schedule: int = 0, seed: int = 0, workers: int | None = None) -> None:
-        self.lib = library()
+    def __init__(self, schedule: int = 0, seed: int = 0, workers: int | None = None,
+                 lib: ctypes.CDLL | None = None) -> None:
+        self.lib = library() if lib is None else lib
         self.schedule = schedule
         self.seed = seed
         self.workers = workers or int(os.environ.get("GPR_SIMT_WORKERS", "0")) or (os.cpu_count() or 1)
