@@ -226,8 +226,9 @@ def test_phase_block_direct(kind, cpu, row0):
 
 
 def test_phase_default_multiwarp_heuristic(kind):
-    """n_tgt >= 2048 takes several warps per row with the default launch shape."""
-    assert phase_shape(2100) == (2, 2) and phase_shape(20000) == (8, 1) and phase_shape(300) == (1, 4)
+    """Few rows on a long ring take several warps per row with the default launch shape."""
+    assert phase_shape(16384, 256) == (1, 4) and phase_shape(16384, 16384) == (2, 2)
+    assert phase_shape(65536, 65536) == (8, 1) and phase_shape(12, 2100) == (4, 1) and phase_shape(12, 300) == (1, 4)
     rng = np.random.default_rng(8)
     n_src, n_tgt, k = 12, 2100, 12
     d, c = make_counts(n_src, n_tgt, "mixed", rng)

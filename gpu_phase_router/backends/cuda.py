@@ -52,14 +52,18 @@ def phase_width(k: int, max_width: int = PHASE_WIDTHS[-1]) -> int:
     return widths[-1]
 
 
-def phase_shape(n_tgt: int) -> tuple[int, int]:
-    """``(warps_per_row, rows_per_block)`` for a target ring of ``n_tgt`` positions.
+def phase_shape(rows: int, n_tgt: int) -> tuple[int, int]:
+    """``(warps_per_row, rows_per_block)`` for ``rows`` rows on a target ring of ``n_tgt`` positions.
 
-    One warp per row up to 2047 targets (four such rows per block, so 128-thread blocks keep the
-    SM occupied despite the per-SM block limit), then 2, 4, 8 warps per row as rows get longer.
+    Throughput favours few warps per row (each warp merges its lanes once per row), latency favours
+    many; degrees are not known on the host without a synchronisation, so ``n_tgt`` stands in for
+    them: one more warp per row for each doubling of ``n_tgt`` beyond 8192, and more warps while
+    fewer than 8192 warps would be in flight on a ring of at least 1024 positions per warp. Rows of
+    one warp go four to a block (128 threads) so the per-SM block limit does not cap occupancy.
+    Untuned: measure with benchmarks/bench_cuda.py.
     """
     warps = 1
-    while warps < MAX_WARPS_PER_BLOCK and n_tgt >= 2048 * warps:
+    while warps < MAX_WARPS_PER_BLOCK and (n_tgt > 8192 * warps or (rows * warps < 8192 and n_tgt >= 1024 * warps)):
         warps *= 2
     return warps, max(1, 4 // warps)
 
@@ -149,7 +153,7 @@ class CudaBackend:
         """The phase router kernel alone, on packed ring arrays (see :meth:`pack_ring`)."""
         rows = int(phase.shape[0])
         n_tgt = int(ring_col32.shape[0])
-        warps, per_block = phase_shape(n_tgt)
+        warps, per_block = phase_shape(rows, n_tgt)
         if self.warps_per_row is not None:
             warps, per_block = self.warps_per_row, max(1, 4 // self.warps_per_row)
         if self.rows_per_block is not None:
