@@ -241,7 +241,7 @@ def test_phase_kernel_choice():
     assert phase_width(7, max_width=2) == 2
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_phase_hypothesis(data):
     _emulator_or_skip()
