@@ -6,12 +6,16 @@ so nothing here imports CuPy or torch unless the caller already passed one of th
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 NUMPY, CUPY, TORCH = "numpy", "cupy", "torch"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def library_of(x: Any) -> str | None:
@@ -116,3 +120,30 @@ def from_backend_array(out: Any, lib: str, dev: tuple[str, int]) -> Any:
     if out_is_numpy:
         return torch.from_numpy(out).to(f"cuda:{dev[1]}")
     return torch.from_dlpack(out)
+
+
+def on_caller_stream(fn: F) -> F:
+    """Run ``fn`` on torch's current CUDA stream and device when an argument is a CUDA tensor.
+
+    CuPy launches on its own current stream; entering ``cupy.cuda.ExternalStream`` on torch's
+    stream orders our kernels after the caller's pending torch work and before whatever the caller
+    queues next, without a synchronisation. Other inputs (and a missing CuPy) run ``fn`` unchanged.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensor = next((x for x in itertools.chain(args, kwargs.values())
+                       if library_of(x) == TORCH and x.device.type == "cuda"), None)
+        if tensor is None:
+            return fn(*args, **kwargs)
+        try:
+            import cupy
+        except Exception:  # no CuPy: the cuda backend reports it, the cpu backend does not need it
+            return fn(*args, **kwargs)
+        import torch
+
+        index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _prep
-from ._arrays import common_library, from_backend_array, to_backend_array
+from ._arrays import common_library, from_backend_array, on_caller_stream, to_backend_array
 from ._keys import stream as _stream
 from ._validate import (
     as_vector,
@@ -58,6 +58,7 @@ def _phase_all_rows(be: Backend, d: Any, c: Any, *, k: int, seed: int, perm_s: A
     return out
 
 
+@on_caller_stream
 def route_counts(
     source_degrees: Any,
     target_counts: Any,
@@ -154,6 +155,7 @@ def available_methods() -> list[str]:
     return list(_METHODS)
 
 
+@on_caller_stream
 def route(
     source_weights: Any = None,
     target_capacities: Any = None,
@@ -215,6 +217,7 @@ def route(
     return from_backend_array(out, lib, dev)
 
 
+@on_caller_stream
 def route_bits(
     s_bits: Any,
     t_bits: Any,
@@ -259,6 +262,7 @@ def _popcounts(be: Backend, name: str, words: Any, rows: int, nbits: int, nb_wor
     return counts
 
 
+@on_caller_stream
 def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_perm_s: Any, col_perm_t: Any,
                  seed: int, *, backend: BackendName = "auto") -> Any:
     """The seed's low-level square router with caller-given permutations.
@@ -310,6 +314,7 @@ def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "
     return be.feistel(0, n, n, _stream(seed, stream))
 
 
+@on_caller_stream
 def popcount_rows(words: Any, nbits: int, *, backend: BackendName = "auto") -> Any:
     """Set bits per row of bit-packed ``words`` (uint64 ``[rows, ceil(nbits/64)]``) → int64 ``[rows]``.
 

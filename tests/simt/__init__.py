@@ -1,0 +1,1 @@
+"""CPU SIMT emulation of the CUDA kernels (see simt.h) and a backend that runs them."""
