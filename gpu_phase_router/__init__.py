@@ -18,6 +18,7 @@ from .api import (
     route_counts,
 )
 from .backends import available_backends, get_backend, register_backend
+from .blocks import route_block, route_counts_block
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,7 @@ __all__ = [
     "register_method",
     "route",
     "route_bits",
+    "route_block",
     "route_counts",
+    "route_counts_block",
 ]
