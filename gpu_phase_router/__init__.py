@@ -19,6 +19,7 @@ from .api import (
 )
 from .backends import available_backends, get_backend, register_backend
 from .baselines import hash_route  # also registers route(method="hash" | "weighted_hash")
+from .blocks import route_block, route_counts_block
 from .capacity import (
     compute_loads,
     enforce_capacity,
@@ -54,8 +55,10 @@ __all__ = [
     "register_method",
     "route",
     "route_bits",
+    "route_block",
     "route_counts",
     "strong_hetero_capacities",
     "survival_rate",
     "uniform_capacities",
+    "route_counts_block",
 ]

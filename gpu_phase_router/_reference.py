@@ -39,10 +39,10 @@ def popcount_rows(words: list[list[int]], nbits: int) -> list[int]:
 
 
 def tree_sum(values: list[float]) -> float:
-    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``counts.tree_sum``).
+    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``_prep.tree_sum``).
 
-    The vector is padded with zeros to a power of two and halved by adding element ``i`` of
-    the first half to element ``i`` of the second half until one value is left.
+    The vector is padded with zeros to a power of two and element ``2i`` is added to element
+    ``2i + 1`` (adjacent pairs), level by level, until one value is left.
     """
     vals = [float(v) for v in values]
     size = 1
@@ -50,8 +50,7 @@ def tree_sum(values: list[float]) -> float:
         size *= 2
     vals += [0.0] * (size - len(vals))
     while len(vals) > 1:
-        half = len(vals) // 2
-        vals = [vals[i] + vals[i + half] for i in range(half)]
+        vals = [vals[2 * i] + vals[2 * i + 1] for i in range(len(vals) // 2)]
     return vals[0]
 
 

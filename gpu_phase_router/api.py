@@ -44,17 +44,23 @@ def _check_block_rows(block_rows: Any) -> int:
 
 
 def _phase_all_rows(be: Backend, d: Any, c: Any, *, k: int, seed: int, perm_s: Any, perm_t: Any,
-                    block_rows: int) -> Any:
-    """Every row of the phase router, computed block by block into one output array."""
-    n_src = d.shape[0]
+                    block_rows: int, n_src: int | None = None) -> Any:
+    """Every row of the phase router, computed block by block into one output array.
+
+    ``d`` is the int64 degree vector, or a function ``d(a, b)`` returning ``d[a:b]`` (then
+    ``n_src`` is required), so degrees derived from weights never exist for all rows at once.
+    """
+    degrees = d if callable(d) else (lambda a, b: d[a:b])
+    n_src = d.shape[0] if n_src is None else n_src
     ring = _prep.ring_layout(be, c, n_src, seed, perm_s)
     out = be.xp.empty((n_src, k), dtype=be.xp.int32)
     prefix = 0
     for a in range(0, n_src, block_rows):
         b = min(n_src, a + block_rows)
-        out[a:b] = _prep.phase_block(be, d[a:b], ring, n_src=n_src, k=k, seed=seed, row0=a,
+        db = degrees(a, b)
+        out[a:b] = _prep.phase_block(be, db, ring, n_src=n_src, k=k, seed=seed, row0=a,
                                      degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
-        prefix += int(d[a:b].sum())
+        prefix += int(db.sum())
     return out
 
 
@@ -113,9 +119,14 @@ def route_counts(
 
 def _route_phase(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
     xp = be.xp
-    d = _prep.weights_to_counts(xp, w, density, caps.shape[0], name="source_weights")
-    c = _prep.weights_to_counts(xp, caps, density, w.shape[0], name="target_capacities")
-    return _phase_all_rows(be, d, c, k=k, seed=seed, perm_s=None, perm_t=None, block_rows=block_rows)
+    n_src, n_tgt = w.shape[0], caps.shape[0]
+    c = _prep.weights_to_counts(xp, caps, density, n_src, name="target_capacities")
+    mean = _prep.tree_sum(xp, w) / n_src  # once, over all weights; degrees are then made block by block
+
+    def d(a: int, b: int) -> Any:
+        return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean, name="source_weights")
+
+    return _phase_all_rows(be, d, c, k=k, seed=seed, perm_s=None, perm_t=None, block_rows=block_rows, n_src=n_src)
 
 
 def _route_systematic(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float,

@@ -53,8 +53,9 @@ def test_selection_is_uniform():
 
 
 def test_tree_sum_order():
-    vals = [1e16, 1.0, -1e16, 1.0]
-    # pairs (1e16 + -1e16) and (1.0 + 1.0) are added first
-    assert _reference.tree_sum(vals) == 2.0
+    # adjacent pairs are added first: (1e16 + 1.0) + (-1e16 + 1.0) rounds to 0.0 ...
+    assert _reference.tree_sum([1e16, 1.0, -1e16, 1.0]) == 0.0
+    # ... while (1e16 + -1e16) + (1.0 + 1.0) is exact
+    assert _reference.tree_sum([1e16, -1e16, 1.0, 1.0]) == 2.0
     assert _reference.tree_sum([3.0]) == 3.0
     assert _reference.tree_sum([1.0, 2.0, 3.0]) == 6.0

@@ -1,0 +1,312 @@
+"""Dask integration: route sources held in a chunked ``dask.array``, lazily, chunk by chunk.
+
+Needs the ``dask`` extra (``pip install 'gpu_phase_router[dask]'``); ``import gpu_phase_router``
+does not import Dask. The result equals the single-process :func:`gpu_phase_router.route` /
+:func:`gpu_phase_router.route_counts` on the gathered inputs bit for bit, for any chunking,
+scheduler and backend, because every chunk is routed by :mod:`gpu_phase_router.blocks` with the
+global quantities computed once in the graph:
+
+* ``method="phase"`` from weights: the weight mean (each chunk contributes the node sums of the
+  package's fixed summation tree, :func:`~gpu_phase_router.blocks.sum_partials`, combined by
+  :func:`~gpu_phase_router.blocks.sum_from_partials` into the very float ``route`` uses), then
+  each chunk's degree sum and their exclusive prefix;
+* ``method="systematic"``: only a global check that the weights are uniform;
+* :func:`route_counts`: each chunk's degree sum and their exclusive prefix.
+
+The graph has three passes over the source chunks (reductions, degree sums, routing); the
+small reductions are single tasks. Chunks may be NumPy or CuPy arrays (``backend="auto"`` then
+routes each chunk where it lives); the small target vector is copied to each chunk's device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:
+    import dask
+    import dask.array as da
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "gpu_phase_router.dask needs Dask: pip install 'gpu_phase_router[dask]' (dask[array] and distributed)"
+    ) from exc
+
+from . import _prep, blocks
+from ._arrays import CUPY, library_of, to_numpy
+from ._validate import (
+    as_vector,
+    check_density,
+    check_int,
+    check_int_vector,
+    check_k,
+    check_permutation,
+    check_seed,
+    check_weights,
+)
+from .backends import BackendName
+
+
+def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
+    """A 1-D dask array chunked along its only axis, with known chunk sizes → (n, chunks)."""
+    if not isinstance(x, da.Array):
+        raise TypeError(f"{name} must be a dask.array.Array (e.g. dask.array.from_array(x, chunks=...)); "
+                        f"got {type(x).__name__}. For in-memory arrays use gpu_phase_router.route directly.")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D dask array with one entry per source, chunked along that axis "
+                         f"only; got shape {x.shape} with chunks {x.chunks}")
+    chunks = x.chunks[0]
+    if any(isinstance(c, float) and math.isnan(c) for c in chunks):
+        raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first")
+    n = int(sum(chunks))
+    if n < 1:
+        raise ValueError(f"{name} must not be empty (n_src >= 1)")
+    meta_lib = library_of(x._meta) or "numpy"
+    if meta_lib not in ("numpy", CUPY):
+        raise TypeError(f"{name} chunks must be NumPy or CuPy arrays; got {type(x._meta).__name__}")
+    return n, tuple(int(c) for c in chunks)
+
+
+def _check_target(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, da.Array):
+        raise TypeError(f"{name} must be a NumPy or CuPy array (it is small and goes to every chunk); got a "
+                        f"dask array: pass {name}.compute()")
+    if x is None:
+        raise TypeError(f"{name} is required")
+    return to_numpy(x)
+
+
+def _meta(chunk_meta: Any) -> Any:
+    if library_of(chunk_meta) == CUPY:
+        import cupy
+
+        return cupy.empty((0, 0), dtype=cupy.int32)
+    return np.empty((0, 0), dtype=np.int32)
+
+
+def _like(chunk: Any, host: np.ndarray) -> Any:
+    """The small host vector ``host`` in the array library (and on the device) of ``chunk``."""
+    if library_of(chunk) == CUPY:
+        import cupy
+
+        with chunk.device:
+            return cupy.asarray(host)
+    return host
+
+
+def _xp(chunk: Any) -> Any:
+    if library_of(chunk) == CUPY:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _rows(a: int, b: int) -> str:
+    return f" (in source rows [{a}, {b}))"
+
+
+# --- tasks ---------------------------------------------------------------------------------------
+
+
+def _weight_stats(w: Any, a: int, want_partials: bool) -> tuple[list, bool, float, float]:
+    """Validate one chunk of weights; its tree partials, any-positive, min and max."""
+    xp = _xp(w)
+    try:
+        v = blocks._block_weights(xp, "source_weights", w)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc}{_rows(a, a + w.shape[0])}") from None
+    if v.shape[0] == 0:
+        return [], False, math.inf, -math.inf
+    parts = _prep.tree_partials(xp, v, a) if want_partials else []
+    return parts, bool((v > 0).any()), float(v.min()), float(v.max())
+
+
+def _weight_mean(stats: list, n_src: int, method: str) -> float | None:
+    if not any(s[1] for s in stats):
+        raise ValueError("source_weights must have at least one positive entry; got all zeros")
+    if method == "systematic":
+        lo, hi = min(s[2] for s in stats), max(s[3] for s in stats)
+        if lo != hi:
+            raise ValueError(
+                "method='systematic' gives every source exactly k slots, so source_weights must be uniform; "
+                f"got values from {lo} to {hi}; use method='phase' for weighted sources")
+        return None
+    return _prep.tree_combine([p for s in stats for p in s[0]], n_src) / n_src
+
+
+def _weight_degree_sum(w: Any, mean: float, density: float, n_tgt: int) -> int:
+    xp = _xp(w)
+    return int(_prep.weights_to_counts(xp, w.astype(xp.float64, copy=False), density, n_tgt, mean=mean).sum())
+
+
+def _count_degree_sum(d: Any, a: int, n_tgt: int) -> int:
+    xp = _xp(d)
+    try:
+        d = check_int_vector(xp, "source_degrees", d, lo=0, hi=n_tgt)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc}{_rows(a, a + d.shape[0])}") from None
+    return int(d.sum())
+
+
+def _exclusive_prefix(sums: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sums:
+        out.append(total)
+        total += s
+    return out
+
+
+def _route_weights_chunk(w: Any, *, caps: np.ndarray, mean: float | None, prefixes: list[int] | None, n_src: int,
+                         k: int, seed: int, density: float, method: str, backend: BackendName,
+                         block_rows: int | None, block_info: Any = None) -> Any:
+    loc = block_info[None]
+    i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
+    return blocks.route_block(w, _like(w, caps), n_src=n_src, row0=row0, k=k, seed=seed, density=density,
+                              method=method, weight_mean=mean, degree_prefix=None if prefixes is None else prefixes[i],
+                              backend=backend, block_rows=block_rows)
+
+
+def _route_counts_chunk(d: Any, *, c: np.ndarray, prefixes: list[int], n_src: int, k: int, seed: int,
+                        perm_s: np.ndarray | None, backend: BackendName, block_rows: int | None,
+                        block_info: Any = None) -> Any:
+    loc = block_info[None]
+    i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
+    return blocks.route_counts_block(d, _like(d, c), n_src=n_src, row0=row0, degree_prefix=prefixes[i], k=k,
+                                     seed=seed, perm_s=None if perm_s is None else _like(d, perm_s),
+                                     backend=backend, block_rows=block_rows)
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def _weight_reductions(w: Any, n_src: int, chunks: tuple[int, ...], method: str) -> tuple[list, Any]:
+    """The weights' chunks as delayed objects, and one task that validates all chunks and returns
+    the global mean (``"phase"``) or checks uniformity (``"systematic"``, returns ``None``)."""
+    starts = _exclusive_prefix(list(chunks))
+    parts = w.to_delayed().ravel().tolist()
+    want = method == "phase"
+    stats = [dask.delayed(_weight_stats, pure=True)(p, a, want) for p, a in zip(parts, starts, strict=True)]
+    return parts, dask.delayed(_weight_mean, pure=True)(stats, n_src, method)
+
+
+def weight_mean(source_weights: Any) -> Any:
+    """Lazy mean of a chunked 1-D ``dask.array`` of source weights → ``dask.delayed`` float.
+
+    Computed from per-chunk partial sums of the package's summation tree, so ``.compute()`` is
+    exactly :func:`gpu_phase_router.blocks.weight_mean` of the gathered weights (the mean that
+    ``route`` uses), whatever the chunking.
+    """
+    n_src, chunks = _check_rows_array("source_weights", source_weights)
+    if source_weights.dtype.kind not in "biuf":
+        raise TypeError(f"source_weights must hold real numbers; got dtype {source_weights.dtype}")
+    return _weight_reductions(source_weights, n_src, chunks, "phase")[1]
+
+
+def route(
+    source_weights: Any,
+    target_capacities: Any,
+    *,
+    k: int = 4,
+    seed: int = 42,
+    density: float = 0.3,
+    method: str = "phase",
+    backend: BackendName = "auto",
+    block_rows: int | None = None,
+) -> Any:
+    """Lazy :func:`gpu_phase_router.route` of a chunked ``dask.array`` of source weights.
+
+    Args:
+        source_weights: 1-D ``dask.array`` ``[n_src]`` of finite weights ``>= 0`` (NumPy or CuPy
+            chunks, any chunk sizes, known). Value errors (negative, NaN, all zero, non-uniform
+            for ``"systematic"``) are raised when the result is computed.
+        target_capacities: ``[n_tgt]`` NumPy/CuPy array or sequence (validated now).
+        k, seed, density: as in :func:`gpu_phase_router.route`.
+        method: ``"phase"`` or ``"systematic"``.
+        backend: per chunk; ``"auto"`` follows the chunk's array library.
+        block_rows: rows per kernel call inside a chunk.
+
+    Returns:
+        routes: lazy int32 ``dask.array`` ``[n_src, k]`` with chunks ``(source_weights.chunks[0], (k,))``
+        and chunks of the weights' array library; ``.compute()`` equals ``gpu_phase_router.route(
+        source_weights.compute(), target_capacities, ...)`` bit for bit.
+    """
+    if not isinstance(method, str) or method not in blocks.BLOCK_METHODS:
+        raise ValueError(f"method must be one of {list(blocks.BLOCK_METHODS)}; got {method!r}")
+    n_src, chunks = _check_rows_array("source_weights", source_weights)
+    if source_weights.dtype.kind not in "biuf":
+        raise TypeError(f"source_weights must hold real numbers; got dtype {source_weights.dtype}")
+    caps = check_weights(np, "target_capacities", _check_target("target_capacities", target_capacities))
+    n_tgt = int(caps.shape[0])
+    k = check_k(k, n_tgt)
+    seed = check_seed(seed)
+    density = check_density(density)
+    if block_rows is not None:
+        check_int("block_rows", block_rows, lo=1)
+    if method == "systematic" and n_src * k > 1 << 31:
+        raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {n_src * k}")
+
+    parts, mean = _weight_reductions(source_weights, n_src, chunks, method)
+    prefixes = None
+    if method == "phase":
+        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, density, n_tgt) for p in parts]
+        prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
+    return da.map_blocks(
+        _route_weights_chunk, source_weights, caps=caps, mean=mean, prefixes=prefixes, n_src=n_src, k=k, seed=seed,
+        density=density, method=method, backend=backend, block_rows=block_rows,
+        dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_weights._meta),
+        token="gpu-phase-route",
+    )
+
+
+def route_counts(
+    source_degrees: Any,
+    target_counts: Any,
+    *,
+    k: int,
+    seed: int,
+    perm_s: Any = None,
+    backend: BackendName = "auto",
+    block_rows: int | None = None,
+) -> Any:
+    """Lazy :func:`gpu_phase_router.route_counts` of a chunked ``dask.array`` of source degrees.
+
+    Args:
+        source_degrees: 1-D integer ``dask.array`` ``[n_src]``, values in ``[0, n_tgt]`` (checked
+            when computed).
+        target_counts: integer ``[n_tgt]`` NumPy/CuPy array or sequence, values in ``[0, n_src]``.
+        k, seed, perm_s, backend, block_rows: as in :func:`gpu_phase_router.route_counts`
+            (``perm_t`` is derived from the seed).
+
+    Returns:
+        routes: lazy int32 ``dask.array`` ``[n_src, k]``, chunks ``(source_degrees.chunks[0], (k,))``.
+    """
+    n_src, chunks = _check_rows_array("source_degrees", source_degrees)
+    if source_degrees.dtype.kind not in "iu":
+        raise TypeError(f"source_degrees must have an integer dtype; got {source_degrees.dtype}")
+    c = _check_target("target_counts", target_counts)
+    c = as_vector(np, "target_counts", c)
+    if c.shape[0] < 1:
+        raise ValueError("target_counts must not be empty (n_tgt >= 1)")
+    c = check_int_vector(np, "target_counts", c, lo=0, hi=n_src)
+    n_tgt = int(c.shape[0])
+    k = check_k(k, n_tgt)
+    seed = check_seed(seed)
+    if perm_s is not None:
+        perm_s = check_permutation(np, "perm_s", _check_target("perm_s", perm_s), n_tgt)
+    if block_rows is not None:
+        check_int("block_rows", block_rows, lo=1)
+    starts = _exclusive_prefix(list(chunks))
+    parts = source_degrees.to_delayed().ravel().tolist()
+    sums = [dask.delayed(_count_degree_sum, pure=True)(p, a, n_tgt) for p, a in zip(parts, starts, strict=True)]
+    prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
+    return da.map_blocks(
+        _route_counts_chunk, source_degrees, c=c, prefixes=prefixes, n_src=n_src, k=k, seed=seed, perm_s=perm_s,
+        backend=backend, block_rows=block_rows,
+        dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_degrees._meta),
+        token="gpu-phase-route-counts",
+    )
+
+
+__all__ = ["route", "route_counts", "weight_mean"]
