@@ -190,3 +190,29 @@ def systematic_block(backend: Any, cum: Any, *, n_src: int, k: int, seed: int, r
         rows = n_src - row0 if perm_t is None else perm_t.shape[0]
     phase = block_phases(backend, n_src, row0, rows, seed, perm_t)
     return backend.systematic_rows(phase, cum, n_src=n_src, k=k, phi=systematic_phi(seed, n_src, k))
+
+
+def check_systematic_slots(n_src: int, k: int, units_total: int | None = None) -> None:
+    """SPEC §11 needs ``M = n_src * k <= 2^31``, and ``M <= U`` so that every slot point
+    ``x < U`` lands on a target (``U``, the total capacity units, can fall a little below 2^31
+    through rounding; with ``M > U`` the last point could reach ``U``)."""
+    m = n_src * k
+    if m > 1 << 31:
+        raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {m}")
+    if units_total is not None and m > units_total:
+        raise ValueError(f"method='systematic' needs n_src * k <= U = {units_total} (the total capacity units); "
+                         f"got {n_src} * {k} = {m}")
+
+
+def systematic_rows_blocked(backend: Any, caps: Any, *, n_src: int, k: int, seed: int, row0: int, rows: int,
+                            block_rows: int) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the systematic router, ``block_rows`` per kernel call."""
+    xp = backend.xp
+    check_systematic_slots(n_src, k)
+    cum = capacity_cum(xp, caps)
+    check_systematic_slots(n_src, k, int(cum[-1]))
+    out = xp.empty((rows, k), dtype=xp.int32)
+    for a in range(0, rows, block_rows):
+        b = min(rows, a + block_rows)
+        out[a:b] = systematic_block(backend, cum, n_src=n_src, k=k, seed=seed, row0=row0 + a, rows=b - a)
+    return out

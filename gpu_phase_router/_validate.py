@@ -123,3 +123,10 @@ def check_bits(xp: Any, name: str, words: Any, rows: int, nbits: int, nb_words: 
     else:
         raise ValueError(f"{name} must be 1-D or 2-D; got {words.ndim}-D")
     return xp.ascontiguousarray(words)
+
+
+def check_uniform_weights(xp: Any, w: Any) -> None:
+    """``method="systematic"`` gives every source ``k`` slots: its weights must be equal and positive."""
+    if w.shape[0] and (bool((w != w[0]).any()) or float(w[0]) == 0.0):
+        raise ValueError("method='systematic' gives every source exactly k slots, so source_weights must be "
+                         "uniform and positive (or None in route); use method='phase' for weighted sources")

@@ -25,6 +25,7 @@ from ._validate import (
     check_k,
     check_permutation,
     check_seed,
+    check_uniform_weights,
     check_weights,
 )
 from .backends import Backend, BackendName, get_backend
@@ -131,21 +132,10 @@ def _route_phase(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: 
 
 def _route_systematic(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float,
                       block_rows: int) -> Any:
-    xp = be.xp
-    n_src = w.shape[0]
-    if n_src * k > 1 << 31:
-        raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {n_src * k}")
-    if bool((w != w[0]).any()):
-        raise ValueError(
-            "method='systematic' gives every source exactly k slots, so source_weights must be "
-            "uniform (or None); use method='phase' for weighted sources"
-        )
-    cum = _prep.capacity_cum(xp, caps)
-    out = xp.empty((n_src, k), dtype=xp.int32)
-    for a in range(0, n_src, block_rows):
-        b = min(n_src, a + block_rows)
-        out[a:b] = _prep.systematic_block(be, cum, n_src=n_src, k=k, seed=seed, row0=a, rows=b - a)
-    return out
+    check_uniform_weights(be.xp, w)
+    n_src = int(w.shape[0])
+    return _prep.systematic_rows_blocked(be, caps, n_src=n_src, k=k, seed=seed, row0=0, rows=n_src,
+                                         block_rows=block_rows)
 
 
 RouteMethod = Callable[..., Any]

@@ -45,6 +45,7 @@ from ._validate import (
     check_k,
     check_permutation,
     check_seed,
+    check_uniform_weights,
     check_weights,
 )
 from .api import DEFAULT_BLOCK_ROWS
@@ -254,16 +255,9 @@ def route_block(
     density = check_density(density)
     br = _block_rows(block_rows)
     if method == "systematic":
-        if n_src * k > 1 << 31:
-            raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {n_src * k}")
-        if rows and (bool((w != w[0]).any()) or float(w[0]) == 0.0):
-            raise ValueError("method='systematic' gives every source exactly k slots, so source_weights must be "
-                             "uniform and positive (or None in route); use method='phase' for weighted sources")
-        cum = _prep.capacity_cum(xp, caps)
-        out = xp.empty((rows, k), dtype=xp.int32)
-        for a in range(0, rows, br):
-            b = min(rows, a + br)
-            out[a:b] = _prep.systematic_block(be, cum, n_src=n_src, k=k, seed=seed, row0=row0 + a, rows=b - a)
+        check_uniform_weights(xp, w)
+        out = _prep.systematic_rows_blocked(be, caps, n_src=n_src, k=k, seed=seed, row0=row0, rows=rows,
+                                            block_rows=br)
         return from_backend_array(out, lib, dev)
     mean = _mean(weight_mean)
     prefix = _degree_prefix(degree_prefix, row0, n_tgt)

@@ -244,8 +244,8 @@ def route(
     density = check_density(density)
     if block_rows is not None:
         check_int("block_rows", block_rows, lo=1)
-    if method == "systematic" and n_src * k > 1 << 31:
-        raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {n_src * k}")
+    if method == "systematic":
+        _prep.check_systematic_slots(n_src, k)
 
     parts, mean = _weight_reductions(source_weights, n_src, chunks, method)
     prefixes = None

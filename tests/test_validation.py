@@ -125,3 +125,14 @@ def test_cuda_backend_without_cupy_names_the_install_command():
         pass
     with pytest.raises(ValueError, match=r"pip install 'gpu_phase_router\[cuda12\]'"):
         gpr.route(target_capacities=[1.0, 2.0], k=1, backend="cuda")
+
+
+def test_systematic_needs_slot_points_within_the_capacity_units():
+    """SPEC §11 with M = n_src * k > U would put the last slot point at x >= U, past every
+    target; six equal capacities round to U = 6 * 357913941 = 2^31 - 2 units."""
+    caps = np.ones(6)
+    with pytest.raises(ValueError, match=r"n_src \* k <= U = 2147483646"):
+        gpr.route_block(np.ones(4), caps, n_src=2**29, row0=0, k=4, method="systematic")
+    with pytest.raises(ValueError, match=r"n_src \* k <= 2\^31"):
+        gpr.route_block(np.ones(4), caps, n_src=2**29 + 1, row0=0, k=4, method="systematic")
+    assert gpr.route_block(np.ones(4), caps, n_src=2**29 - 1, row0=0, k=4, method="systematic").shape == (4, 4)
