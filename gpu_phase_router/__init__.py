@@ -17,7 +17,7 @@ from .api import (
     route_bits,
     route_counts,
 )
-from .backends import available_backends, get_backend, register_backend
+from .backends import available_backends, cuda_available, get_backend, register_backend
 from .baselines import hash_route  # also registers route(method="hash" | "weighted_hash")
 from .blocks import route_block, route_counts_block
 from .capacity import (
@@ -39,6 +39,7 @@ __all__ = [
     "available_backends",
     "available_methods",
     "compute_loads",
+    "cuda_available",
     "enforce_capacity",
     "extreme_hetero_capacities",
     "get_backend",

@@ -21,14 +21,9 @@ PLOT_HINT = "pip install 'gpu_phase_router[plot]'"
 
 def _usable_cupy() -> Any:
     """CuPy if it imports and sees a working CUDA device, else ``None``."""
-    try:
-        cupy = importlib.import_module("cupy")
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-        cupy.zeros(1).sum()
-        return cupy
-    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
-        return None
+    from .backends import cuda_available
+
+    return importlib.import_module("cupy") if cuda_available() else None
 
 
 def _array_module(backend: str) -> tuple[Any, str]:

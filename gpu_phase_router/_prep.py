@@ -178,6 +178,29 @@ def phase_block(backend: Any, d: Any, ring: tuple[Any, Any, Any], *, n_src: int,
                               select_key=stream(seed, STREAM_SELECT))
 
 
+def phase_rows_blocked(backend: Any, degrees: Any, c: Any, *, n_src: int, row0: int, rows: int,
+                       degree_prefix: int, k: int, seed: int, perm_s: Any, perm_t: Any, block_rows: int) -> Any:
+    """Phase-router rows ``row0 .. row0 + rows - 1``, ``block_rows`` per kernel call.
+
+    ``degrees(a, b)`` returns the int64 degrees of local rows ``[a, b)`` (so degrees derived
+    from weights never exist for all rows at once); ``degree_prefix`` is the sum of all degrees
+    before ``row0``; ``perm_t``, if given, holds these rows' phases. Memory beyond the output
+    is O(block_rows + n_tgt).
+    """
+    xp = backend.xp
+    n_tgt = c.shape[0]
+    ring = ring_layout(backend, c, n_src, seed, perm_s)
+    out = xp.empty((rows, k), dtype=xp.int32)
+    prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
+    for a in range(0, rows, block_rows):
+        b = min(rows, a + block_rows)
+        db = degrees(a, b)
+        out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
+                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
+        prefix = (prefix + int(db.sum())) % n_tgt
+    return out
+
+
 def systematic_phi(seed: int, n_src: int, k: int) -> int:
     """SPEC §11: the common offset ``phi`` in ``[0, n_src * k)``."""
     return at(stream(seed, STREAM_SYSTEMATIC), 0) % (n_src * k)

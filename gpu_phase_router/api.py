@@ -44,27 +44,6 @@ def _check_block_rows(block_rows: Any) -> int:
     return DEFAULT_BLOCK_ROWS if block_rows is None else check_int("block_rows", block_rows, lo=1)
 
 
-def _phase_all_rows(be: Backend, d: Any, c: Any, *, k: int, seed: int, perm_s: Any, perm_t: Any,
-                    block_rows: int, n_src: int | None = None) -> Any:
-    """Every row of the phase router, computed block by block into one output array.
-
-    ``d`` is the int64 degree vector, or a function ``d(a, b)`` returning ``d[a:b]`` (then
-    ``n_src`` is required), so degrees derived from weights never exist for all rows at once.
-    """
-    degrees = d if callable(d) else (lambda a, b: d[a:b])
-    n_src = d.shape[0] if n_src is None else n_src
-    ring = _prep.ring_layout(be, c, n_src, seed, perm_s)
-    out = be.xp.empty((n_src, k), dtype=be.xp.int32)
-    prefix = 0
-    for a in range(0, n_src, block_rows):
-        b = min(n_src, a + block_rows)
-        db = degrees(a, b)
-        out[a:b] = _prep.phase_block(be, db, ring, n_src=n_src, k=k, seed=seed, row0=a,
-                                     degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
-        prefix += int(db.sum())
-    return out
-
-
 @on_caller_stream
 def route_counts(
     source_degrees: Any,
@@ -114,7 +93,8 @@ def route_counts(
     seed = check_seed(seed)
     ps = None if perm_s is None else check_permutation(xp, "perm_s", to_backend_array(perm_s, xp), n_tgt)
     pt = None if perm_t is None else check_permutation(xp, "perm_t", to_backend_array(perm_t, xp), n_src)
-    out = _phase_all_rows(be, d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, block_rows=_check_block_rows(block_rows))
+    out = _prep.phase_rows_blocked(be, lambda a, b: d[a:b], c, n_src=n_src, row0=0, rows=n_src, degree_prefix=0,
+                                   k=k, seed=seed, perm_s=ps, perm_t=pt, block_rows=_check_block_rows(block_rows))
     return from_backend_array(out, lib, dev)
 
 
@@ -127,7 +107,8 @@ def _route_phase(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: 
     def d(a: int, b: int) -> Any:
         return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean, name="source_weights")
 
-    return _phase_all_rows(be, d, c, k=k, seed=seed, perm_s=None, perm_t=None, block_rows=block_rows, n_src=n_src)
+    return _prep.phase_rows_blocked(be, d, c, n_src=n_src, row0=0, rows=n_src, degree_prefix=0, k=k, seed=seed,
+                                    perm_s=None, perm_t=None, block_rows=block_rows)
 
 
 def _route_systematic(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float,

@@ -116,24 +116,6 @@ def _block_perm_t(xp: Any, perm_t: Any, rows: int, n_src: int) -> Any:
     return pt
 
 
-def _phase_rows(be: Backend, degrees: Any, c: Any, *, rows: int, n_src: int, row0: int, degree_prefix: int,
-                k: int, seed: int, perm_s: Any, perm_t: Any, block_rows: int) -> Any:
-    """Phase-router rows ``[row0, row0 + rows)``; ``degrees(a, b)`` gives the degrees of local rows
-    ``[a, b)``. Memory beyond the output is O(block_rows + n_tgt)."""
-    xp = be.xp
-    n_tgt = c.shape[0]
-    ring = _prep.ring_layout(be, c, n_src, seed, perm_s)
-    out = xp.empty((rows, k), dtype=xp.int32)
-    prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
-    for a in range(0, rows, block_rows):
-        b = min(rows, a + block_rows)
-        db = degrees(a, b)
-        out[a:b] = _prep.phase_block(be, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
-                                     degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
-        prefix = (prefix + int(db.sum())) % n_tgt
-    return out
-
-
 def route_counts_block(
     source_degrees: Any,
     target_counts: Any,
@@ -189,8 +171,9 @@ def route_counts_block(
     seed = check_seed(seed)
     ps = None if perm_s is None else check_permutation(xp, "perm_s", to_backend_array(perm_s, xp), n_tgt)
     pt = None if perm_t is None else _block_perm_t(xp, perm_t, rows, n_src)
-    out = _phase_rows(be, lambda a, b: d[a:b], c, rows=rows, n_src=n_src, row0=row0, degree_prefix=prefix,
-                      k=k, seed=seed, perm_s=ps, perm_t=pt, block_rows=_block_rows(block_rows))
+    out = _prep.phase_rows_blocked(be, lambda a, b: d[a:b], c, rows=rows, n_src=n_src, row0=row0,
+                                   degree_prefix=prefix, k=k, seed=seed, perm_s=ps, perm_t=pt,
+                                   block_rows=_block_rows(block_rows))
     return from_backend_array(out, lib, dev)
 
 
@@ -266,8 +249,8 @@ def route_block(
     def degrees(a: int, b: int) -> Any:
         return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean)
 
-    out = _phase_rows(be, degrees, c, rows=rows, n_src=n_src, row0=row0, degree_prefix=prefix, k=k, seed=seed,
-                      perm_s=None, perm_t=None, block_rows=br)
+    out = _prep.phase_rows_blocked(be, degrees, c, rows=rows, n_src=n_src, row0=row0, degree_prefix=prefix,
+                                   k=k, seed=seed, perm_s=None, perm_t=None, block_rows=br)
     return from_backend_array(out, lib, dev)
 
 

@@ -11,19 +11,9 @@ import importlib
 import numpy as np
 import pytest
 
+from gpu_phase_router import cuda_available
 
-def _usable_cupy():
-    try:
-        cupy = importlib.import_module("cupy")
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-        cupy.zeros(1).sum()
-        return cupy
-    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
-        return None
-
-
-CUPY = _usable_cupy()
+CUPY = importlib.import_module("cupy") if cuda_available() else None
 
 XP_PARAMS = [
     pytest.param(np, id="numpy"),

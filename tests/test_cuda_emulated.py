@@ -83,14 +83,16 @@ def host(x) -> np.ndarray:
 
 
 def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, block_rows=1 << 18) -> np.ndarray:
-    """All rows of the phase router on backend object ``be`` (api's block loop, _prep's kernels)."""
+    """All rows of the phase router on backend object ``be`` (the shared block loop and preparation)."""
     xp = be.xp
 
     def to(a):
         return None if a is None else xp.asarray(np.asarray(a, dtype=np.int64))
 
-    return host(api._phase_all_rows(be, to(d), to(c), k=k, seed=seed, perm_s=to(perm_s), perm_t=to(perm_t),
-                                    block_rows=block_rows))
+    dd = to(d)
+    return host(_prep.phase_rows_blocked(be, lambda a, b: dd[a:b], to(c), n_src=len(d), row0=0, rows=len(d),
+                                         degree_prefix=0, k=k, seed=seed, perm_s=to(perm_s), perm_t=to(perm_t),
+                                         block_rows=block_rows))
 
 
 # -- inputs ------------------------------------------------------------------------------------

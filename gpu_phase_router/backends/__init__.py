@@ -111,3 +111,12 @@ def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
             raise ValueError(f"backend {name!r} is not available ({exc}){hint}") from exc
         _INSTANCES[name] = module.load()
     return _INSTANCES[name]
+
+
+def cuda_available() -> bool:
+    """True when ``backend="cuda"`` can run here: CuPy imports and sees a CUDA device."""
+    try:
+        get_backend("cuda")
+    except ValueError:
+        return False
+    return True
