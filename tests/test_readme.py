@@ -1,0 +1,23 @@
+"""The README's Python examples run as written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_its_examples():
+    assert len(BLOCKS) == 2
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=["use", "dask"][: len(BLOCKS)])
+def test_readme_example_runs(index, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(BLOCKS[index])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
