@@ -256,6 +256,18 @@ def _systematic_rows(phase, cum, n_src, k, phi, out):
             out[i, q] = -1
 
 
+@nb.njit(cache=True)
+def _row_sums(counts):
+    """int64 row sums of a small-integer matrix (NumPy's axis-1 sum is slow for few columns)."""
+    out = np.zeros(counts.shape[0], dtype=np.int64)
+    for i in range(counts.shape[0]):
+        total = 0
+        for j in range(counts.shape[1]):
+            total += counts[i, j]
+        out[i] = total
+    return out
+
+
 class CpuBackend:
     """Numba kernels on NumPy arrays."""
 
@@ -263,7 +275,7 @@ class CpuBackend:
     xp = np
 
     def popcount_rows(self, words: np.ndarray, nbits: int) -> tuple[np.ndarray, int]:
-        counts = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
+        counts = _row_sums(np.bitwise_count(words))
         tail = nbits % 64
         bad = 0
         if tail and words.shape[0]:
