@@ -86,7 +86,7 @@ def main() -> None:
         ones = np.full(n, round(0.3 * n))
         bits = gpr.left_aligned_bits(ones, n).ravel()
         for k in args.ks:
-            repeats = max(5, min(200, int(2e7 / (n * n))))
+            repeats = max(10, min(1000, int(2e8 / (n * n))))
             t_low = median_ms(partial(gpr.phase_router_auto, bits, bits, n, k, 42), repeats)
             t_route = median_ms(partial(gpr.route, None, None, n, k, 42, 0.3), repeats)
             t_hash = median_ms(partial(seed_hash_route, n, k, 42), repeats)
