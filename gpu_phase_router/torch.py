@@ -226,12 +226,25 @@ def _check_factor(capacity_factor: Any) -> float:
     return value
 
 
+try:  # the one front door of the routing methods (host-validated capacities, no device read-back)
+    from .methods import route_uniform as _route_uniform
+except ImportError:  # pragma: no cover - older tree: route on the host
+    def _route_uniform(method: str, backend: str, n_src: int, caps: Any, **options: Any) -> Any:
+        return route(np.ones(n_src), caps, backend="cpu", method=method, **options)
+
+
 @on_caller_stream
-def _routes_on_stream(anchor: torch.Tensor, method: str, backend: str, n_tok: int, caps: np.ndarray,
+def _routes_on_stream(anchor: torch.Tensor, method: str, n_tok: int, caps: np.ndarray,
                       options: dict[str, Any]) -> torch.Tensor:
-    """Routes as a torch tensor on ``anchor``'s device (CUDA work on torch's current stream)."""
-    out = route(np.ones(n_tok), caps, backend="cpu", **options, method=method)
-    return torch.from_numpy(out).to(anchor.device)
+    """int32 ``[T, k]`` routes on ``anchor``'s device: NumPy/Numba for CPU tensors (shared with
+    ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on torch's current stream
+    (``on_caller_stream``) and shared through DLPack."""
+    if anchor.device.type == "cpu":
+        return torch.from_numpy(_route_uniform(method, "cpu", n_tok, caps, **options))
+    out = _route_uniform(method, "cuda", n_tok, caps, **options)
+    if isinstance(out, np.ndarray):  # a backend that computed on the host
+        return torch.from_numpy(out).to(anchor.device)
+    return torch.from_dlpack(out)
 
 
 class MoERouter(nn.Module):
@@ -347,8 +360,7 @@ class MoERouter(nn.Module):
         if self.density is not None:
             options["density"] = self.density
         anchor = torch.empty(0, device=device)
-        out = _routes_on_stream(anchor, self.method, "cpu", n_tok, self.capacities, options)
-        return out.to(torch.int64)
+        return _routes_on_stream(anchor, self.method, n_tok, self.capacities, options).to(torch.int64)
 
     def forward(self, logits: torch.Tensor | None = None, *, num_tokens: int | None = None,
                 device: torch.device | str | None = None, weight_dtype: torch.dtype | None = None) -> RoutingPlan:

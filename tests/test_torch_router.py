@@ -365,3 +365,58 @@ def test_missing_torch_says_how_to_install():
             "try:\n    import gpu_phase_router.torch\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "pip install 'gpu_phase_router[torch]'" in out
+
+
+# --- no host read-back in forward ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["phase", "topk"])
+def test_forward_reads_nothing_back(monkeypatch, method):
+    """After the first call for a batch size (which caches its hard caps), forward, dispatch and
+    combine call none of the Python-level tensor methods that copy device data to the host."""
+    router = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, method=method)
+    logits = torch.randn(64, 8, requires_grad=True)
+    router(logits)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read-back in forward")
+
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    monkeypatch.setattr(torch, "masked_select", forbidden)
+    plan = router(logits)
+    out = plan.combine(plan.dispatch(torch.randn(64, 4)).mul(2))
+    out.sum().backward()
+    monkeypatch.undo()
+    assert plan.experts.shape == (64, 2) and logits.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS + ["topk"])
+def test_cuda_plan_equals_cpu_plan_without_sync(method):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("cupy", reason="the CUDA backend needs CuPy")
+    caps = [1.0] * 8 + [0.5] * 8
+    cpu_router = MoERouter(16, 2, caps, method=method, seed=4)
+    gpu_router = MoERouter(16, 2, caps, method=method, seed=4)
+    logits = torch.randn(4096, 16, dtype=torch.float64)
+    expected = cpu_router(logits)
+    dev_logits = logits.cuda().to(torch.bfloat16).requires_grad_()
+    gpu_router(dev_logits)  # first call for this batch size: caches the hard caps on the device
+    gpu_router.step = 0
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = gpu_router(dev_logits)
+        x = torch.randn(4096, 32, device="cuda", dtype=torch.bfloat16)
+        out = plan.combine(plan.dispatch(x))
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if method != "topk":  # topk of bfloat16 logits may order near-ties differently
+        assert torch.equal(plan.experts.cpu(), expected.experts)
+        assert torch.equal(plan.slot.cpu(), expected.slot)
+        assert torch.equal(plan.tokens_per_expert.cpu(), expected.tokens_per_expert)
+    assert plan.weights.dtype == torch.bfloat16 and dev_logits.grad is not None
