@@ -175,17 +175,14 @@ def _plan(experts: torch.Tensor, capacity: torch.Tensor, buffer_size: int, logit
     dev = experts.device
     flat = experts.reshape(-1)
     n = flat.shape[0]
-    routed = flat >= 0
-    key = torch.where(routed, flat, n_exp)  # "no expert" sorts last, as group E
+    key = torch.where(flat >= 0, flat, n_exp)  # "no expert" (-1) sorts last, as group E
     sorted_key, order = torch.sort(key, stable=True)  # stable: row-major order inside each expert
     start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=key.dtype))
     rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_key]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    cap_of = torch.cat([capacity, capacity.new_zeros(1)])[key]
-    kept = routed & (rank < cap_of)
+    kept = rank < torch.cat([capacity, capacity.new_zeros(1)])[key]  # group E has capacity 0
     slot = torch.where(kept, rank, -1)
-    routed_per_expert = start[1:] - start[:-1]
-    tokens_per_expert = torch.minimum(routed_per_expert, capacity)
+    tokens_per_expert = torch.minimum(start[1:] - start[:-1], capacity)
     position = torch.where(kept, key * buffer_size + rank, n_exp * buffer_size)
     kept2 = kept.view(n_tok, k)
     if logits is None:
@@ -200,17 +197,16 @@ def _plan(experts: torch.Tensor, capacity: torch.Tensor, buffer_size: int, logit
 def _gate_weights(logits: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """softmax(logits) at the chosen experts, renormalised over the kept slots (0 where none kept).
 
-    The softmax denominator cancels in the renormalisation, so only the ``k`` chosen logits are
-    exponentiated (shifted by their kept maximum): O(T k), not O(T E).
+    The softmax denominator over all ``E`` experts cancels in the renormalisation, so this is the
+    softmax over the kept chosen logits only: O(T k), not O(T E).
     """
     work = logits if logits.dtype == torch.float64 else logits.float()
     chosen = work.gather(1, experts.clamp(min=0))
     masked = chosen.masked_fill(~kept, float("-inf"))
-    top = masked.detach().amax(dim=1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    top = masked.detach().amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)  # 0 for a row with no kept slot
     expo = torch.exp(masked - top)
     total = expo.sum(dim=1, keepdim=True)
-    weights = expo / torch.where(total > 0, total, torch.ones_like(total))
+    weights = expo / torch.where(total > 0, total, 1.0)  # a row with no kept slot: 0 / 1, no NaN
     return weights.to(logits.dtype)
 
 
