@@ -21,7 +21,7 @@ from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feiste
 from gpu_phase_router.backends.cuda import CudaBackend, phase_shape, phase_width
 
 EMULATED = "cuda-emulated"
-KINDS = [EMULATED, "cuda"]
+KINDS = [EMULATED, pytest.param("cuda", marks=pytest.mark.gpu)]
 TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
@@ -425,7 +425,8 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
 def test_systematic_rows_per_call(kind):
     caps = np.arange(1.0, 12.0)
     want = _reference.route_systematic(caps.tolist(), 50, 5, 9)
-    assert np.array_equal(route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, rows_per_call=7), want)
+    got = route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, rows_per_call=7)
+    assert np.array_equal(got, want)
 
 
 # -- launch bookkeeping ------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def client():
         yield c
 
 
+@pytest.mark.subprocess
 def test_import_does_not_import_dask():
     code = "import sys, gpu_phase_router; assert not any(m == 'dask' or m.startswith('dask.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
