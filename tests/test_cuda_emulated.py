@@ -242,6 +242,7 @@ def test_phase_kernel_choice():
     assert phase_width(7, max_width=2) == 2
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_phase_hypothesis(data):
@@ -374,6 +375,7 @@ def test_feistel_spec_vectors(kind):
     assert host(be.feistel(123456, 1, 1000000, stream(42, 2))).tolist() == [417975]
 
 
+@pytest.mark.slow
 def test_feistel_many_blocks(kind, cpu):
     """More values than one launch of 2^16 blocks covers in one pass of its grid-stride loop."""
     be = make_backend(kind)

@@ -47,7 +47,7 @@ def test_import_does_not_import_dask():
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
-@pytest.mark.parametrize("method", ["phase", "systematic"])
+@pytest.mark.parametrize("method", gpr.available_methods())
 def test_threaded_equals_single_process(method, chunks):
     w, caps = _weights(1)
     if method == "systematic":
