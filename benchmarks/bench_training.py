@@ -55,8 +55,14 @@ import gpu_phase_router as gpr  # noqa: E402
 from gpu_phase_router.torch import MoERouter  # noqa: E402
 
 ROUTERS = ["phase", "systematic", "weighted_hash", "hash", "topk", "topk_aux"]
-LABELS = {"phase": "phase", "systematic": "systematic", "weighted_hash": "weighted hash",
-          "hash": "hash (capacity-blind)", "topk": "learned top-k", "topk_aux": "learned top-k + aux loss"}
+LABELS = {
+    "phase": "phase",
+    "systematic": "systematic",
+    "weighted_hash": "weighted hash",
+    "hash": "hash (capacity-blind)",
+    "topk": "learned top-k",
+    "topk_aux": "learned top-k + aux loss",
+}
 COLORS = {"phase": "C0", "systematic": "C2", "weighted_hash": "C1", "hash": "C3", "topk": "C4", "topk_aux": "C5"}
 AUX_COEF = 0.01
 
@@ -100,7 +106,7 @@ class Task:
     def __init__(self, cfg: Config, seed: int) -> None:
         g = torch.Generator().manual_seed(10_000 + seed)
         self.centres = 2.0 * torch.randn(cfg.clusters, cfg.d_in, generator=g)
-        self.maps = torch.randn(cfg.clusters, cfg.d_in, cfg.d_out, generator=g) / cfg.d_in ** 0.5
+        self.maps = torch.randn(cfg.clusters, cfg.d_in, cfg.d_out, generator=g) / cfg.d_in**0.5
         self.cfg = cfg
         self.gen = torch.Generator().manual_seed(20_000 + seed)
 
@@ -118,9 +124,9 @@ class MoEModel(nn.Module):
         e, d, h = cfg.num_experts, cfg.d_model, cfg.hidden
         self.embed = nn.Linear(cfg.d_in, d)
         self.gate = nn.Linear(d, e, bias=False)
-        self.w1 = nn.Parameter(torch.randn(e, d, h) / d ** 0.5)
+        self.w1 = nn.Parameter(torch.randn(e, d, h) / d**0.5)
         self.b1 = nn.Parameter(torch.zeros(e, 1, h))
-        self.w2 = nn.Parameter(torch.randn(e, h, d) / h ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(e, h, d) / h**0.5)
         self.b2 = nn.Parameter(torch.zeros(e, 1, d))
         self.head = nn.Linear(d, cfg.d_out)
         self.router = router
@@ -129,7 +135,7 @@ class MoEModel(nn.Module):
         h = self.embed(x)
         logits = self.gate(h)
         plan = self.router(logits)
-        buf = plan.dispatch(h)                                   # [E, C, d]
+        buf = plan.dispatch(h)  # [E, C, d]
         out = torch.relu(buf @ self.w1 + self.b1) @ self.w2 + self.b2
         return self.head(h + plan.combine(out)), plan, logits
 
@@ -179,11 +185,17 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
         eval_drop = float(plan.drop_rate())
     tail = max(1, cfg.steps // 10)
     return {
-        "loss": losses, "drop": drops, "no_expert": no_expert,
-        "routed_per_step": (routed / cfg.steps).tolist(), "kept_per_step": (kept / cfg.steps).tolist(),
+        "loss": losses,
+        "drop": drops,
+        "no_expert": no_expert,
+        "routed_per_step": (routed / cfg.steps).tolist(),
+        "kept_per_step": (kept / cfg.steps).tolist(),
         "capacity": router.hard_caps(cfg.tokens).tolist(),
-        "final_loss": float(np.mean(losses[-tail:])), "eval_loss": eval_loss, "eval_drop": eval_drop,
-        "mean_drop": float(np.mean(drops)), "mean_no_expert": float(np.mean(no_expert)),
+        "final_loss": float(np.mean(losses[-tail:])),
+        "eval_loss": eval_loss,
+        "eval_drop": eval_drop,
+        "mean_drop": float(np.mean(drops)),
+        "mean_no_expert": float(np.mean(no_expert)),
         "ms_per_step": 1e3 * seconds / cfg.steps,
     }
 
@@ -213,10 +225,12 @@ def _run(cfg: Config, log: Any) -> dict[str, Any]:
         runs = [train_one(cfg, name, s) for s in cfg.seeds]
         out["runs"][name] = runs
         if log:
-            log(f"{name:<14} drop {100 * np.mean([r['mean_drop'] for r in runs]):5.1f} %  "
+            log(
+                f"{name:<14} drop {100 * np.mean([r['mean_drop'] for r in runs]):5.1f} %  "
                 f"final loss {np.mean([r['final_loss'] for r in runs]):.4f}  "
                 f"eval loss {np.mean([r['eval_loss'] for r in runs]):.4f}  "
-                f"{np.mean([r['ms_per_step'] for r in runs]):.1f} ms/step")
+                f"{np.mean([r['ms_per_step'] for r in runs]):.1f} ms/step"
+            )
     return out
 
 
@@ -233,25 +247,34 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         def share(v: np.ndarray, m: np.ndarray, cap: np.ndarray = cap) -> float:
             return float(v[m].sum() / cap[m].sum()) if m.any() else float("nan")
 
-        rows.append({
-            "router": name,
-            "drop_pct": 100 * float(np.mean([r["mean_drop"] for r in runs])),
-            "no_expert_pct": 100 * float(np.mean([r["mean_no_expert"] for r in runs])),
-            "routed_over_cap_big": share(routed, big), "routed_over_cap_small": share(routed, small),
-            "kept_over_cap_big": share(kept, big), "kept_over_cap_small": share(kept, small),
-            "final_loss": float(np.mean([r["final_loss"] for r in runs])),
-            "final_loss_sd": float(np.std([r["final_loss"] for r in runs])),
-            "eval_loss": float(np.mean([r["eval_loss"] for r in runs])),
-            "ms_per_step": float(np.mean([r["ms_per_step"] for r in runs])),
-        })
+        rows.append(
+            {
+                "router": name,
+                "drop_pct": 100 * float(np.mean([r["mean_drop"] for r in runs])),
+                "no_expert_pct": 100 * float(np.mean([r["mean_no_expert"] for r in runs])),
+                "routed_over_cap_big": share(routed, big),
+                "routed_over_cap_small": share(routed, small),
+                "kept_over_cap_big": share(kept, big),
+                "kept_over_cap_small": share(kept, small),
+                "final_loss": float(np.mean([r["final_loss"] for r in runs])),
+                "final_loss_sd": float(np.std([r["final_loss"] for r in runs])),
+                "eval_loss": float(np.mean([r["eval_loss"] for r in runs])),
+                "ms_per_step": float(np.mean([r["ms_per_step"] for r in runs])),
+            }
+        )
     return rows
 
 
 # --- router forward timing --------------------------------------------------------------------------------
 
 
-def timing(tokens: int = 16384, experts: int = 64, k: int = 2, repeats: int = 40,
-           methods: tuple[str, ...] = ("phase", "systematic", "weighted_hash", "hash")) -> list[dict[str, Any]]:
+def timing(
+    tokens: int = 16384,
+    experts: int = 64,
+    k: int = 2,
+    repeats: int = 40,
+    methods: tuple[str, ...] = ("phase", "systematic", "weighted_hash", "hash"),
+) -> list[dict[str, Any]]:
     """CPU ``MoERouter`` forward (with logits) vs the bare routing call, min and median ms.
 
     The two are measured alternately, call by call, so load from other processes hits both alike.
@@ -279,10 +302,20 @@ def timing(tokens: int = 16384, experts: int = 64, k: int = 2, repeats: int = 40
             t = time.perf_counter()
             fwd()
             tf.append(time.perf_counter() - t)
-        rows.append({"method": m, "tokens": tokens, "experts": experts, "k": k,
-                     "route_ms_min": 1e3 * min(tb), "route_ms_median": 1e3 * float(np.median(tb)),
-                     "forward_ms_min": 1e3 * min(tf), "forward_ms_median": 1e3 * float(np.median(tf)),
-                     "ratio_min": min(tf) / min(tb), "ratio_median": float(np.median(tf) / np.median(tb))})
+        rows.append(
+            {
+                "method": m,
+                "tokens": tokens,
+                "experts": experts,
+                "k": k,
+                "route_ms_min": 1e3 * min(tb),
+                "route_ms_median": 1e3 * float(np.median(tb)),
+                "forward_ms_min": 1e3 * min(tf),
+                "forward_ms_median": 1e3 * float(np.median(tf)),
+                "ratio_min": min(tf) / min(tb),
+                "ratio_median": float(np.median(tf) / np.median(tb)),
+            }
+        )
     return rows
 
 
@@ -299,7 +332,7 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     for name, runs in results["runs"].items():
         loss = np.mean([r["loss"] for r in runs], axis=0)
         drop = 100 * np.mean([r["drop"] for r in runs], axis=0)
-        steps = np.arange(len(loss))[win - 1:]
+        steps = np.arange(len(loss))[win - 1 :]
         axes[0].plot(steps, np.convolve(loss, kernel, "valid"), color=COLORS.get(name), label=LABELS.get(name, name))
         axes[1].plot(steps, np.convolve(drop, kernel, "valid"), color=COLORS.get(name), label=LABELS.get(name, name))
     axes[0].set_yscale("log")
@@ -311,18 +344,29 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         routed = np.mean([r["routed_per_step"] for r in results["runs"][name]], axis=0)
-        axes[2].bar(np.arange(n_exp) + (i - len(names) / 2 + 0.5) * width, routed / caps, width,
-                    color=COLORS.get(name), label=LABELS.get(name, name))
+        axes[2].bar(
+            np.arange(n_exp) + (i - len(names) / 2 + 0.5) * width,
+            routed / caps,
+            width,
+            color=COLORS.get(name),
+            label=LABELS.get(name, name),
+        )
     axes[2].axhline(1.0, color="k", ls="--", lw=1)
     rel = results["capacities"]
     axes[2].set_xticks(range(n_exp), [f"{e}\n({c:g})" for e, c in enumerate(rel)])
-    axes[2].set(xlabel="expert (relative capacity)", ylabel="routed slots / hard cap (mean per step)",
-                title="load vs capacity (above 1: drops)")
+    axes[2].set(
+        xlabel="expert (relative capacity)",
+        ylabel="routed slots / hard cap (mean per step)",
+        title="load vs capacity (above 1: drops)",
+    )
     axes[0].legend(fontsize=8)
     cfg = results["config"]
-    fig.suptitle(f"MoE training, {cfg['num_experts']} experts (half at half capacity), k={cfg['k']}, "
-                 f"{cfg['tokens']} tokens/step, capacity factor {cfg['capacity_factor']}, "
-                 f"{len(cfg['seeds'])} seed(s)", fontsize=10)
+    fig.suptitle(
+        f"MoE training, {cfg['num_experts']} experts (half at half capacity), k={cfg['k']}, "
+        f"{cfg['tokens']} tokens/step, capacity factor {cfg['capacity_factor']}, "
+        f"{len(cfg['seeds'])} seed(s)",
+        fontsize=10,
+    )
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -331,24 +375,33 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown table of :func:`summary`."""
-    lines = ["| router | slots not served | tokens with no expert | routed / cap, 1x experts | "
-             "routed / cap, 0.5x experts | final train loss | eval loss | ms / step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| router | slots not served | tokens with no expert | routed / cap, 1x experts | "
+        "routed / cap, 0.5x experts | final train loss | eval loss | ms / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in summary(results):
-        lines.append(f"| {LABELS.get(r['router'], r['router'])} | {r['drop_pct']:.1f} % | {r['no_expert_pct']:.1f} % | "
-                     f"{r['routed_over_cap_big']:.2f} | {r['routed_over_cap_small']:.2f} | "
-                     f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['eval_loss']:.4f} | "
-                     f"{r['ms_per_step']:.1f} |")
+        lines.append(
+            f"| {LABELS.get(r['router'], r['router'])} | {r['drop_pct']:.1f} % | {r['no_expert_pct']:.1f} % | "
+            f"{r['routed_over_cap_big']:.2f} | {r['routed_over_cap_small']:.2f} | "
+            f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['eval_loss']:.4f} | "
+            f"{r['ms_per_step']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def timing_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | bare routing, ms (min / median) | MoERouter forward, ms (min / median) | "
-             "forward / routing (min / median) |", "|---|---:|---:|---:|"]
+    lines = [
+        "| method | bare routing, ms (min / median) | MoERouter forward, ms (min / median) | "
+        "forward / routing (min / median) |",
+        "|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['route_ms_min']:.2f} / {r['route_ms_median']:.2f} | "
-                     f"{r['forward_ms_min']:.2f} / {r['forward_ms_median']:.2f} | "
-                     f"{r['ratio_min']:.2f} / {r['ratio_median']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['route_ms_min']:.2f} / {r['route_ms_median']:.2f} | "
+            f"{r['forward_ms_min']:.2f} / {r['forward_ms_median']:.2f} | "
+            f"{r['ratio_min']:.2f} / {r['ratio_median']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -359,8 +412,14 @@ def machine() -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def compact(results: dict[str, Any]) -> dict[str, Any]:
@@ -427,8 +486,12 @@ def write_md(results: dict[str, Any], path: Path) -> None:
         table(results),
     ]
     if results.get("timing"):
-        parts += ["", "CPU router forward at 16384 tokens x 64 experts, k = 2 (same capacities profile):", "",
-                  timing_table(results["timing"])]
+        parts += [
+            "",
+            "CPU router forward at 16384 tokens x 64 experts, k = 2 (same capacities profile):",
+            "",
+            timing_table(results["timing"]),
+        ]
     block = "\n".join(parts)
     start, end = "<!-- tables:start -->", "<!-- tables:end -->"
     text = path.read_text() if path.exists() else f"# MoE training comparison\n\n{start}\n{end}\n"

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 from . import _prep
 from ._arrays import on_caller_stream, to_numpy
 from ._validate import SEED_LIMIT, check_density, check_int, check_k, check_seed, check_weights
-from .api import available_methods, route
+from .methods import available_methods, route_uniform
 
 LEARNED_METHOD = "topk"
 _CAP_CACHE_SIZE = 8
@@ -108,8 +108,10 @@ class RoutingPlan:
         """
         n_tok, k, n_exp, cap = self.num_tokens, self.k, self.num_experts, self.buffer_size
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != n_tok:
-            raise ValueError(f"x must be a [T, d] tensor with T = {n_tok}; got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"x must be a [T, d] tensor with T = {n_tok}; got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         d = x.shape[1]
         rows = x.unsqueeze(1).expand(n_tok, k, d).reshape(n_tok * k, d)
         buf = x.new_zeros(n_exp * cap + 1, d)  # the last row collects the slots that are not kept
@@ -128,16 +130,25 @@ class RoutingPlan:
         """
         n_tok, k, n_exp, cap = self.num_tokens, self.k, self.num_experts, self.buffer_size
         if not isinstance(y, torch.Tensor) or y.ndim != 3 or tuple(y.shape[:2]) != (n_exp, cap):
-            raise ValueError(f"y must be an [E, C, d] tensor with E = {n_exp}, C = {cap}; got "
-                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+            raise ValueError(
+                f"y must be an [E, C, d] tensor with E = {n_exp}, C = {cap}; got "
+                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+            )
         d = y.shape[2]
         flat = torch.cat([y.reshape(n_exp * cap, d), y.new_zeros(1, d)])
         gathered = flat.index_select(0, self._position).view(n_tok, k, d)
         return torch.bmm(self.weights.to(y.dtype).unsqueeze(1), gathered).squeeze(1)
 
     @classmethod
-    def from_experts(cls, experts: torch.Tensor, capacity: Any, logits: torch.Tensor | None = None, *,
-                     buffer_size: int | None = None, weight_dtype: torch.dtype | None = None) -> RoutingPlan:
+    def from_experts(
+        cls,
+        experts: torch.Tensor,
+        capacity: Any,
+        logits: torch.Tensor | None = None,
+        *,
+        buffer_size: int | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ) -> RoutingPlan:
         """The plan of SPEC §15 for given routes and hard caps (e.g. a custom router's choice).
 
         Args:
@@ -162,13 +173,19 @@ class RoutingPlan:
             buffer_size = max(1, int(capacity.max()))
         buffer_size = check_int("buffer_size", buffer_size, lo=1)
         if logits is not None and (logits.ndim != 2 or tuple(logits.shape) != (experts.shape[0], capacity.shape[0])):
-            raise ValueError(f"logits must have shape [T, E] = [{experts.shape[0]}, {capacity.shape[0]}]; "
-                             f"got {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must have shape [T, E] = [{experts.shape[0]}, {capacity.shape[0]}]; got {tuple(logits.shape)}"
+            )
         return _plan(experts.to(torch.int64), capacity, buffer_size, logits, weight_dtype)
 
 
-def _plan(experts: torch.Tensor, capacity: torch.Tensor, buffer_size: int, logits: torch.Tensor | None,
-          weight_dtype: torch.dtype | None) -> RoutingPlan:
+def _plan(
+    experts: torch.Tensor,
+    capacity: torch.Tensor,
+    buffer_size: int,
+    logits: torch.Tensor | None,
+    weight_dtype: torch.dtype | None,
+) -> RoutingPlan:
     """SPEC §15 slots, loads, weights and buffer positions: fixed shapes, no host synchronisation."""
     n_tok, k = experts.shape
     n_exp = int(capacity.shape[0])
@@ -190,8 +207,15 @@ def _plan(experts: torch.Tensor, capacity: torch.Tensor, buffer_size: int, logit
         weights = kept2.to(dtype) / k
     else:
         weights = _gate_weights(logits, experts, kept2)
-    return RoutingPlan(experts=experts, weights=weights, slot=slot.view(n_tok, k), capacity=capacity,
-                       tokens_per_expert=tokens_per_expert, buffer_size=buffer_size, _position=position)
+    return RoutingPlan(
+        experts=experts,
+        weights=weights,
+        slot=slot.view(n_tok, k),
+        capacity=capacity,
+        tokens_per_expert=tokens_per_expert,
+        buffer_size=buffer_size,
+        _position=position,
+    )
 
 
 def _gate_weights(logits: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -222,22 +246,16 @@ def _check_factor(capacity_factor: Any) -> float:
     return value
 
 
-try:  # the one front door of the routing methods (host-validated capacities, no device read-back)
-    from .methods import route_uniform as _route_uniform
-except ImportError:  # pragma: no cover - older tree: route on the host
-    def _route_uniform(method: str, backend: str, n_src: int, caps: Any, **options: Any) -> Any:
-        return route(np.ones(n_src), caps, backend="cpu", method=method, **options)
-
-
 @on_caller_stream
-def _routes_on_stream(anchor: torch.Tensor, method: str, n_tok: int, caps: np.ndarray,
-                      options: dict[str, Any]) -> torch.Tensor:
+def _routes_on_stream(
+    anchor: torch.Tensor, method: str, n_tok: int, caps: np.ndarray, options: dict[str, Any]
+) -> torch.Tensor:
     """int32 ``[T, k]`` routes on ``anchor``'s device: NumPy/Numba for CPU tensors (shared with
     ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on torch's current stream
     (``on_caller_stream``) and shared through DLPack."""
     if anchor.device.type == "cpu":
-        return torch.from_numpy(_route_uniform(method, "cpu", n_tok, caps, **options))
-    out = _route_uniform(method, "cuda", n_tok, caps, **options)
+        return torch.from_numpy(route_uniform(method, "cpu", n_tok, caps, **options))
+    out = route_uniform(method, "cuda", n_tok, caps, **options)
     if isinstance(out, np.ndarray):  # a backend that computed on the host
         return torch.from_numpy(out).to(anchor.device)
     return torch.from_dlpack(out)
@@ -264,9 +282,18 @@ class MoERouter(nn.Module):
             on CUDA).
     """
 
-    def __init__(self, num_experts: int, k: int, capacities: Any = None, *, method: str = "phase",
-                 capacity_factor: float = 1.25, seed: int = 0, density: float | None = None,
-                 validate: bool = False) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        k: int,
+        capacities: Any = None,
+        *,
+        method: str = "phase",
+        capacity_factor: float = 1.25,
+        seed: int = 0,
+        density: float | None = None,
+        validate: bool = False,
+    ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts, lo=1)
         self.k = check_k(k, self.num_experts)
@@ -277,8 +304,10 @@ class MoERouter(nn.Module):
             caps = np.ones(self.num_experts, dtype=np.float64)
         else:
             if isinstance(capacities, torch.Tensor) and capacities.device.type != "cpu":
-                raise TypeError("capacities must be host values (a sequence, NumPy array or CPU tensor); "
-                                f"got a tensor on {capacities.device}")
+                raise TypeError(
+                    "capacities must be host values (a sequence, NumPy array or CPU tensor); "
+                    f"got a tensor on {capacities.device}"
+                )
             caps = check_weights(np, "capacities", to_numpy(capacities))
             if caps.shape[0] != self.num_experts:
                 raise ValueError(f"capacities must have length num_experts={self.num_experts}; got {caps.shape[0]}")
@@ -307,8 +336,10 @@ class MoERouter(nn.Module):
         self.step = state["step"]
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, k={self.k}, method={self.method!r}, "
-                f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self._step}")
+        return (
+            f"num_experts={self.num_experts}, k={self.k}, method={self.method!r}, "
+            f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self._step}"
+        )
 
     def hard_caps(self, num_tokens: int) -> np.ndarray:
         """int64 ``[E]`` hard caps for a batch of ``num_tokens`` tokens (SPEC §15, host)."""
@@ -335,8 +366,9 @@ class MoERouter(nn.Module):
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D [T, E]; got shape {tuple(logits.shape)}")
         if logits.shape[1] != self.num_experts:
-            raise ValueError(f"logits must have E = num_experts = {self.num_experts} columns; "
-                             f"got shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must have E = num_experts = {self.num_experts} columns; got shape {tuple(logits.shape)}"
+            )
         if logits.shape[0] < 1:
             raise ValueError("logits must have at least one row (T >= 1)")
         if self.validate and not bool(torch.isfinite(logits.detach()).all()):
@@ -358,8 +390,14 @@ class MoERouter(nn.Module):
         anchor = torch.empty(0, device=device)
         return _routes_on_stream(anchor, self.method, n_tok, self.capacities, options).to(torch.int64)
 
-    def forward(self, logits: torch.Tensor | None = None, *, num_tokens: int | None = None,
-                device: torch.device | str | None = None, weight_dtype: torch.dtype | None = None) -> RoutingPlan:
+    def forward(
+        self,
+        logits: torch.Tensor | None = None,
+        *,
+        num_tokens: int | None = None,
+        device: torch.device | str | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ) -> RoutingPlan:
         """Route one batch and advance ``step``.
 
         Args:

@@ -298,23 +298,26 @@ def test_no_parameters_and_module_behaviour():
 # --- errors ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,exc,word", [
-    ({"num_experts": 0, "k": 1}, ValueError, "num_experts"),
-    ({"num_experts": 4.0, "k": 1}, TypeError, "num_experts"),
-    ({"num_experts": 4, "k": 5}, ValueError, "k"),
-    ({"num_experts": 4, "k": 0}, ValueError, "k"),
-    ({"num_experts": 4, "k": 2, "capacity_factor": 0}, ValueError, "capacity_factor"),
-    ({"num_experts": 4, "k": 2, "capacity_factor": -1.0}, ValueError, "capacity_factor"),
-    ({"num_experts": 4, "k": 2, "capacity_factor": float("nan")}, ValueError, "capacity_factor"),
-    ({"num_experts": 4, "k": 2, "capacity_factor": "1"}, TypeError, "capacity_factor"),
-    ({"num_experts": 4, "k": 2, "capacities": [1, 1, 1]}, ValueError, "capacities"),
-    ({"num_experts": 4, "k": 2, "capacities": [1, -1, 1, 1]}, ValueError, "capacities"),
-    ({"num_experts": 4, "k": 2, "capacities": [0, 0, 0, 0]}, ValueError, "capacities"),
-    ({"num_experts": 4, "k": 2, "capacities": [1, float("nan"), 1, 1]}, ValueError, "capacities"),
-    ({"num_experts": 4, "k": 2, "method": "nope"}, ValueError, "method"),
-    ({"num_experts": 4, "k": 2, "seed": -1}, ValueError, "seed"),
-    ({"num_experts": 4, "k": 2, "density": 1.5}, ValueError, "density"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        ({"num_experts": 0, "k": 1}, ValueError, "num_experts"),
+        ({"num_experts": 4.0, "k": 1}, TypeError, "num_experts"),
+        ({"num_experts": 4, "k": 5}, ValueError, "k"),
+        ({"num_experts": 4, "k": 0}, ValueError, "k"),
+        ({"num_experts": 4, "k": 2, "capacity_factor": 0}, ValueError, "capacity_factor"),
+        ({"num_experts": 4, "k": 2, "capacity_factor": -1.0}, ValueError, "capacity_factor"),
+        ({"num_experts": 4, "k": 2, "capacity_factor": float("nan")}, ValueError, "capacity_factor"),
+        ({"num_experts": 4, "k": 2, "capacity_factor": "1"}, TypeError, "capacity_factor"),
+        ({"num_experts": 4, "k": 2, "capacities": [1, 1, 1]}, ValueError, "capacities"),
+        ({"num_experts": 4, "k": 2, "capacities": [1, -1, 1, 1]}, ValueError, "capacities"),
+        ({"num_experts": 4, "k": 2, "capacities": [0, 0, 0, 0]}, ValueError, "capacities"),
+        ({"num_experts": 4, "k": 2, "capacities": [1, float("nan"), 1, 1]}, ValueError, "capacities"),
+        ({"num_experts": 4, "k": 2, "method": "nope"}, ValueError, "method"),
+        ({"num_experts": 4, "k": 2, "seed": -1}, ValueError, "seed"),
+        ({"num_experts": 4, "k": 2, "density": 1.5}, ValueError, "density"),
+    ],
+)
 def test_constructor_errors_name_the_argument(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         MoERouter(**kwargs)
@@ -354,15 +357,19 @@ def test_call_errors_name_the_argument():
 
 @pytest.mark.subprocess
 def test_package_import_does_not_import_torch():
-    code = ("import sys, gpu_phase_router\n"
-            "assert 'torch' not in sys.modules and 'gpu_phase_router.torch' not in sys.modules, sorted(sys.modules)\n")
+    code = (
+        "import sys, gpu_phase_router\n"
+        "assert 'torch' not in sys.modules and 'gpu_phase_router.torch' not in sys.modules, sorted(sys.modules)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.subprocess
 def test_missing_torch_says_how_to_install():
-    code = ("import sys\nsys.modules['torch'] = None\n"
-            "try:\n    import gpu_phase_router.torch\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys\nsys.modules['torch'] = None\n"
+        "try:\n    import gpu_phase_router.torch\nexcept ImportError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "pip install 'gpu_phase_router[torch]'" in out
 
