@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout
     sys.path.insert(0, str(ROOT))
 
-import gpu_phase_router as gpr  # noqa: E402
+from gpu_phase_router.methods import route_uniform  # noqa: E402
 from gpu_phase_router.torch import MoERouter  # noqa: E402
 
 ROUTERS = ["phase", "systematic", "weighted_hash", "hash", "topk", "topk_aux"]
@@ -277,17 +277,18 @@ def timing(
 ) -> list[dict[str, Any]]:
     """CPU ``MoERouter`` forward (with logits) vs the bare routing call, min and median ms.
 
+    The bare call is ``methods.route_uniform`` (what ``route(np.ones(T), caps, ...)`` runs, minus
+    the weight checks); the forward adds hard caps, slots, loads, gate weights and buffer positions.
     The two are measured alternately, call by call, so load from other processes hits both alike.
     """
     caps = np.array([1.0] * (experts // 2) + [0.5] * (experts - experts // 2))
     logits = torch.randn(tokens, experts)
-    ones = np.ones(tokens)
     rows = []
     for m in methods:
         router = MoERouter(experts, k, caps, method=m)
 
         def bare(m: str = m, router: MoERouter = router) -> Any:
-            return gpr.route(ones, caps, k=k, seed=router.seed + router.step, method=m, backend="cpu")
+            return route_uniform(m, "cpu", tokens, caps, k=k, seed=router.seed + router.step)
 
         def fwd(router: MoERouter = router) -> Any:
             return router(logits)

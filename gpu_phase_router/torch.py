@@ -193,7 +193,9 @@ def _plan(
     flat = experts.reshape(-1)
     n = flat.shape[0]
     key = torch.where(flat >= 0, flat, n_exp)  # "no expert" (-1) sorts last, as group E
-    sorted_key, order = torch.sort(key, stable=True)  # stable: row-major order inside each expert
+    # stable: row-major order inside each expert; int32 keys sort faster than int64 (E < 2^31)
+    sorted_key, order = torch.sort(key.to(torch.int32), stable=True)
+    sorted_key = sorted_key.to(torch.int64)
     start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=key.dtype))
     rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_key]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
