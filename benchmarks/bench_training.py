@@ -482,7 +482,8 @@ def write_md(results: dict[str, Any], path: Path) -> None:
         f"{cfg['tokens']} tokens per step, {cfg['steps']} steps, capacity factor {cfg['capacity_factor']}, "
         f"Adam lr {cfg['lr']}, model seeds {cfg['seeds']}; machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
         f"torch {m.get('torch', '?')}; training single-threaded (torch and Numba), "
-        f"{results.get('train_seconds', float('nan')):.0f} s in all; timing with {m.get('torch_threads', '?')} threads.",
+        f"{results.get('train_seconds', float('nan')):.0f} s in all; "
+        f"timing with {m.get('torch_threads', '?')} threads.",
         "",
         table(results),
     ]

@@ -51,7 +51,7 @@ def router_methods() -> list[str]:
 # --- the plan ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RoutingPlan:
     """One batch's routing (SPEC §15). All tensors live on the logits' device.
 

@@ -142,6 +142,11 @@ def test_plan_with_drops_and_duplicates_equals_oracle():
     assert plan.slot.tolist() == slot
     assert plan.tokens_per_expert.tolist() == loads
     assert np.allclose(plan.weights.numpy(), weights, rtol=1e-12, atol=1e-15)
+    x = torch.from_numpy(rng.normal(size=(40, 2)))
+    buf = plan.dispatch(x)
+    assert np.allclose(buf.numpy(), oracle_dispatch(experts.tolist(), slot, 5, 8, x.tolist()))
+    y = torch.from_numpy(rng.normal(size=(5, 8, 2)))
+    assert np.allclose(plan.combine(y).numpy(), oracle_combine(experts.tolist(), slot, weights, y.tolist()))
     rows_without = [t for t in range(40) if all(s < 0 for s in slot[t])]
     assert rows_without, "the case must contain a row with no kept slot"
     assert plan.weights[rows_without].abs().sum() == 0  # zeros, no NaN
