@@ -121,11 +121,26 @@ def capacity_cum(xp: Any, caps: Any) -> Any:
 
 
 def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:
-    """int64 ``(start + v[0] + ... + v[i-1]) mod m`` for every ``i`` (64-bit accumulation)."""
-    out = xp.empty(v.shape[0], dtype=xp.int64)
-    if v.shape[0]:
-        out[0] = start % m
+    """int64 ``(start + v[0] + ... + v[i-1]) mod m`` for every ``i``, exact for any sizes.
+
+    ``v`` holds non-negative integers ``<= m``. Accumulates in int64 when the total cannot pass
+    2^63 (always, unless ``len(v) * m`` does); otherwise reduces modulo ``m`` step by step in
+    Python integers on the host (SPEC §3: prefix sums must not overflow).
+    """
+    n = v.shape[0]
+    out = xp.empty(n, dtype=xp.int64)
+    if not n:
+        return out
+    start %= m
+    if start + n * m < 1 << 63:
+        out[0] = start
         out[1:] = (start + xp.cumsum(v[:-1], dtype=xp.int64)) % m
+        return out
+    acc, host = start, []
+    for x in (v.get() if hasattr(v, "get") else np.asarray(v)).tolist():
+        host.append(acc)
+        acc = (acc + x) % m
+    out[:] = xp.asarray(np.array(host, dtype=np.int64))
     return out
 
 

@@ -25,6 +25,7 @@ from ._validate import (
     check_k,
     check_permutation,
     check_seed,
+    check_size,
     check_uniform_weights,
     check_weights,
 )
@@ -184,7 +185,7 @@ def route(
     caps = None if target_capacities is None else check_weights(
         xp, "target_capacities", to_backend_array(target_capacities, xp))
     if n is not None:
-        n = check_int("n", n, lo=1)
+        n = check_size("n", n)
         for name, v in (("source_weights", w), ("target_capacities", caps)):
             if v is not None and v.shape[0] != n:
                 raise ValueError(f"n={n} contradicts len({name})={v.shape[0]}; leave n out for rectangular routing")
@@ -226,8 +227,8 @@ def route_bits(
     """
     named = {"s_bits": s_bits, "t_bits": t_bits, "perm_s": perm_s, "perm_t": perm_t}
     be, lib, dev = _resolve(backend, named)
-    n_src = check_int("n_src", n_src, lo=1)
-    n_tgt = check_int("n_tgt", n_tgt, lo=1)
+    n_src = check_size("n_src", n_src)
+    n_tgt = check_size("n_tgt", n_tgt)
     d = _popcounts(be, "s_bits", to_backend_array(s_bits, be.xp), n_src, n_tgt)
     c = _popcounts(be, "t_bits", to_backend_array(t_bits, be.xp), n_tgt, n_src)
     return from_backend_array(
@@ -258,7 +259,7 @@ def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_pe
     Returns:
         routes: int32 ``[n, k]``.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     nb_words = check_int("nb_words", nb_words, lo=1)
     if col_perm_s is None or col_perm_t is None:
         raise TypeError("col_perm_s and col_perm_t are required; use phase_router_auto to derive them from the seed")
@@ -279,7 +280,7 @@ def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *,
     Returns:
         routes: int32 ``[n, k]``.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     return route_bits(s_bits, t_bits, n_src=n, n_tgt=n, k=k, seed=seed, backend=backend)
 
 
@@ -289,7 +290,7 @@ def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "
     ``stream=1`` gives the derived ``perm_s`` (length ``n_tgt``), ``stream=2`` the derived
     ``perm_t`` (length ``n_src``). Returns int64 ``[n]`` of the backend's array library.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     seed = check_seed(seed)
     stream = check_int("stream", stream, lo=0, hi=(1 << 64) - 1)
     be = get_backend(backend)

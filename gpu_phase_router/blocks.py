@@ -45,6 +45,7 @@ from ._validate import (
     check_k,
     check_permutation,
     check_seed,
+    check_size,
     check_uniform_weights,
     check_weights,
 )
@@ -157,7 +158,7 @@ def route_counts_block(
     xp = be.xp
     if source_degrees is None or target_counts is None:
         raise TypeError("source_degrees and target_counts are required")
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     c = as_vector(xp, "target_counts", to_backend_array(target_counts, xp))
     n_tgt = int(c.shape[0])
     if n_tgt < 1:
@@ -229,7 +230,7 @@ def route_block(
     if target_capacities is None:
         raise TypeError("target_capacities is required: all n_tgt capacities (use ones for uniform targets)")
     caps = check_weights(xp, "target_capacities", to_backend_array(target_capacities, xp))
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     n_tgt = int(caps.shape[0])
     rows = int(w.shape[0])
     row0 = _row0(row0, rows, n_src, "source_weights")

@@ -74,16 +74,21 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
     Returns:
         hard: int64 ``[n_tgt]`` in the array library / device of ``rel_caps``.
     """
-    from ._validate import check_int, check_weights
+    from ._validate import check_int, check_size, check_weights
 
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     k = check_int("k", k, lo=1)
     headroom = _check_headroom(headroom)
     xp, caps, lib, dev = _namespace(rel_caps)
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
     total = _prep.tree_sum(xp, caps)
-    hard = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom)).astype(xp.int64)
-    hard = xp.where(caps == 0, 0, hard).astype(xp.int64)
+    with np.errstate(over="ignore"):
+        raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom))
+    top = float(raw.max())
+    if not top < 2.0**63:  # also catches inf / nan
+        raise ValueError(f"headroom={headroom} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
+                         "beyond int64 (2^63 - 1); use a smaller headroom")
+    hard = xp.where(caps == 0, 0, raw.astype(xp.int64)).astype(xp.int64)
     return from_backend_array(hard, lib, dev)
 
 
