@@ -31,7 +31,10 @@ def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = 
 
 def check_size(name: str, value: Any) -> int:
     """A size (``n_src``, ``n_tgt``, ``n``): an integer in ``[1, 2^63 - 1]``."""
-    return check_int(name, value, lo=1, hi=SIZE_LIMIT)
+    value = check_int(name, value, lo=1)
+    if value > SIZE_LIMIT:
+        raise ValueError(f"{name} must be <= 2^63 - 1 (sizes are int64); got {value}")
+    return value
 
 
 def check_seed(seed: Any) -> int:
