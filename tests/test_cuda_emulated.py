@@ -273,6 +273,8 @@ def test_spec_vectors(kind):
         [-1, -1, -1, -1], [-1, -1, -1, -1], [5, -1, -1, -1], [3, 7, -1, -1]]
     assert route(source_weights=[1] * 6, target_capacities=[1, 0, 3, 0.5, 10], k=3, seed=1, method="systematic",
                  backend=kind).tolist() == [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
+    assert route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic",
+                 backend=kind).tolist() == [[1], [0], [0]]
 
 
 @pytest.mark.parametrize("n_src,n_tgt,density", [(50, 40, 0.3), (120, 8, 1.0), (8, 120, 0.05)])
