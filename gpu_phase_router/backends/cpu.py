@@ -326,10 +326,14 @@ class CpuBackend:
             _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
         return out
 
-    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key):
+    def prepare_ring(self, ring_start, ring_len, ring_col):
+        return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
+                np.ascontiguousarray(ring_col, dtype=np.int64))
+
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key):
         """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units)."""
-        phase, off_s, deg, ring_start, ring_len, ring_col = (
-            np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg, ring_start, ring_len, ring_col))
+        ring_start, ring_len, ring_col = ring
+        phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
         rows = phase.shape[0]
         out = np.empty((rows, k), dtype=np.int32)
         scalars = (np.int64(n_src), np.int64(k))
