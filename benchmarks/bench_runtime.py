@@ -52,8 +52,13 @@ print(json.dumps({{"layer": parallel._threading_layer, "one_call_s": best1, "fou
 
 
 def child(code: str, env: dict[str, str]) -> dict:
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -68,8 +73,9 @@ def main() -> None:
         out["layers"] = []
         for layer in ("omp", "workqueue", "tbb"):
             try:
-                out["layers"].append(child(LAYER.format(repeat=args.repeat),
-                                           {"NUMBA_CACHE_DIR": cache, "NUMBA_THREADING_LAYER": layer}))
+                out["layers"].append(
+                    child(LAYER.format(repeat=args.repeat), {"NUMBA_CACHE_DIR": cache, "NUMBA_THREADING_LAYER": layer})
+                )
             except subprocess.CalledProcessError:
                 print(f"layer {layer}: not available")
     print(f"{'first route()':<16} {'wall s':>8} {'cpu s':>8} {'+systematic s':>14}")

@@ -46,8 +46,7 @@ def test_phase_rows_chunked_equal_reference(tiny_chunks):
 def test_systematic_chunked_equal_reference(tiny_chunks):
     caps = [1, 0, 3, 0.5, 10, 2, 2]
     want = _reference.route_systematic(caps, 500, 3, 8)
-    np.testing.assert_array_equal(gpr.route(np.ones(500), caps, k=3, seed=8, method="systematic", backend="cpu"),
-                                  want)
+    np.testing.assert_array_equal(gpr.route(np.ones(500), caps, k=3, seed=8, method="systematic", backend="cpu"), want)
 
 
 def test_feistel_chunked_equal_reference(tiny_chunks):

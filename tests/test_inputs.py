@@ -44,8 +44,16 @@ def test_bfloat16_elsewhere():
     np.testing.assert_array_equal(gpr.make_hard_caps(caps16, 128, 2).numpy(), gpr.make_hard_caps(CAPS, 128, 2))
     mean = blocks.weight_mean(W)
     assert blocks.weight_mean(torch.tensor(W, dtype=torch.bfloat16)) == mean
-    got = blocks.route_block(torch.tensor(W[:40], dtype=torch.bfloat16), caps16, n_src=128, row0=0, k=2, seed=3,
-                             weight_mean=mean, degree_prefix=0)
+    got = blocks.route_block(
+        torch.tensor(W[:40], dtype=torch.bfloat16),
+        caps16,
+        n_src=128,
+        row0=0,
+        k=2,
+        seed=3,
+        weight_mean=mean,
+        degree_prefix=0,
+    )
     np.testing.assert_array_equal(got.numpy(), gpr.route(W, CAPS, k=2, seed=3)[:40])
 
 
@@ -78,20 +86,29 @@ def test_masked_elsewhere():
 RAGGED = [[1, 2], [3]]
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda: gpr.route(RAGGED, np.ones(8), k=2), "source_weights"),
-    (lambda: gpr.route(None, RAGGED, k=1), "target_capacities"),
-    (lambda: gpr.route_counts(RAGGED, [1, 2], k=1, seed=0), "source_degrees"),
-    (lambda: blocks.route_block(RAGGED, [1.0, 2.0], n_src=5, row0=0, k=1, seed=0, weight_mean=1.0,
-                                degree_prefix=0), "source_weights"),
-    (lambda: blocks.route_block([1.0], RAGGED, n_src=5, row0=0, k=1, seed=0, weight_mean=1.0, degree_prefix=0),
-     "target_capacities"),
-    (lambda: gpr.make_hard_caps(RAGGED, 5, 1), "rel_caps"),
-    (lambda: gpr.enforce_capacity(RAGGED, [1, 2]), "routes"),
-    (lambda: gpr.enforce_capacity([[0, 1]], RAGGED), "hard_caps"),
-    (lambda: gpr.compute_loads(RAGGED, 4), "routes"),
-    (lambda: blocks.weight_mean(RAGGED), "source_weights"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: gpr.route(RAGGED, np.ones(8), k=2), "source_weights"),
+        (lambda: gpr.route(None, RAGGED, k=1), "target_capacities"),
+        (lambda: gpr.route_counts(RAGGED, [1, 2], k=1, seed=0), "source_degrees"),
+        (
+            lambda: blocks.route_block(
+                RAGGED, [1.0, 2.0], n_src=5, row0=0, k=1, seed=0, weight_mean=1.0, degree_prefix=0
+            ),
+            "source_weights",
+        ),
+        (
+            lambda: blocks.route_block([1.0], RAGGED, n_src=5, row0=0, k=1, seed=0, weight_mean=1.0, degree_prefix=0),
+            "target_capacities",
+        ),
+        (lambda: gpr.make_hard_caps(RAGGED, 5, 1), "rel_caps"),
+        (lambda: gpr.enforce_capacity(RAGGED, [1, 2]), "routes"),
+        (lambda: gpr.enforce_capacity([[0, 1]], RAGGED), "hard_caps"),
+        (lambda: gpr.compute_loads(RAGGED, 4), "routes"),
+        (lambda: blocks.weight_mean(RAGGED), "source_weights"),
+    ],
+)
 def test_ragged_lists_name_the_argument(call, name):
     with pytest.raises((ValueError, TypeError), match=name):
         call()

@@ -22,11 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess
 
 
-def run_child(code: str, *, env: dict[str, str] | None = None, timeout: float = 240,
-              cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_child(
+    code: str, *, env: dict[str, str] | None = None, timeout: float = 240, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def layer_available(layer: str) -> bool:
@@ -72,8 +80,9 @@ def test_fork_after_use_routes_in_children(layer, tmp_path):
     if layer != "default":
         env["NUMBA_THREADING_LAYER"] = layer
     try:
-        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120,
-                             check=False)
+        res = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("multiprocessing fork Pool hung after the parent had routed")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -133,11 +142,13 @@ def test_dask_threaded_scheduler_under_workqueue():
 
 # ── 3. read-only install ─────────────────────────────────────────────────────────────────────────
 
+
 def _unshare_works() -> str | None:
     if sys.platform != "linux" or shutil.which("unshare") is None or shutil.which("mount") is None:
         return "needs Linux with unshare(1) and mount(8)"
-    res = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind / /mnt && umount /mnt"],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind / /mnt && umount /mnt"], capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         return f"mount namespaces are not permitted here: {res.stderr.strip()[:200]}"
     return None
@@ -149,34 +160,59 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
     if why:
         pytest.skip(why)
     site = tmp_path / "site"
-    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
     home = tmp_path / "home"
     home.mkdir()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
-    env.update({"PYTHONPATH": str(site), "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
-                "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"})
-    code = ("import warnings, gpu_phase_router as gpr\n"
-            "print(gpr.__file__)\n"
-            "r = gpr.route(n=500, k=4, seed=1, backend='cpu')\n"
-            "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
-            "print(int(r.sum()), int(s.sum()))\n")
+    env.update(
+        {
+            "PYTHONPATH": str(site),
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "TMPDIR": str(tmp),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
+    code = (
+        "import warnings, gpu_phase_router as gpr\n"
+        "print(gpr.__file__)\n"
+        "r = gpr.route(n=500, k=4, seed=1, backend='cpu')\n"
+        "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
+        "print(int(r.sum()), int(s.sum()))\n"
+    )
     if prebuilt:  # the cache is built where the package lies, before it becomes read-only
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                             cwd=tmp_path, check=False)
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+            check=False,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert list((site / "gpu_phase_router" / "backends" / "__pycache__").glob("*.nbi"))
-    ro = f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && " \
-         f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
-    script = ro + f"exec {sys.executable} -W always -c \"$CODE\""
+    ro = (
+        f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && "
+        f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
+    )
+    script = ro + f'exec {sys.executable} -W always -c "$CODE"'
     env["CODE"] = code
-    res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=tmp_path, check=False)
+    res = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert "site/gpu_phase_router" in res.stdout.splitlines()[0], "imported the wrong copy of the package"
     assert res.returncode == 0, res.stderr[-3000:]
     from gpu_phase_router import route
+
     want = route(n=500, k=4, seed=1, backend="cpu")
     want_s = route(n=500, k=4, seed=1, backend="cpu", method="systematic")
     assert res.stdout.split()[1:] == [str(int(want.sum())), str(int(want_s.sum()))]
@@ -188,6 +224,7 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
 
 
 # ── 4. Ctrl-C ────────────────────────────────────────────────────────────────────────────────────
+
 
 def test_ctrl_c_stops_a_long_route_within_two_seconds():
     code = """
@@ -204,8 +241,13 @@ def test_ctrl_c_stops_a_long_route_within_two_seconds():
         print("finished", time.perf_counter() - t0, flush=True)
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "ready", proc.stderr.read()
@@ -229,6 +271,7 @@ def test_ctrl_c_stops_a_long_route_within_two_seconds():
 
 
 # ── 5. first use: one notice when compiling ──────────────────────────────────────────────────────
+
 
 def test_compile_notice_once_per_process_and_silent_when_cached(tmp_path):
     code = """

@@ -18,13 +18,17 @@ from gpu_phase_router import _reference, register_backend, route
 from gpu_phase_router._keys import STREAM_PERM_T, STREAM_SYSTEMATIC, at, feistel, stream
 from gpu_phase_router.backends import get_backend
 
-CASES = [(caps, n, k, seed)
-         for caps, shapes in [([1, 2], [(3, 1), (6, 1), (3, 2)]),
-                              ([1, 1, 1, 1], [(4, 1), (4, 2), (8, 2), (6, 1)]),
-                              ([1, 0, 2, 0, 1], [(4, 1), (8, 2)]),
-                              ([1, 1, 2, 4], [(4, 2), (3, 2), (6, 1)])]
-         for n, k in shapes
-         for seed in range(12)]
+CASES = [
+    (caps, n, k, seed)
+    for caps, shapes in [
+        ([1, 2], [(3, 1), (6, 1), (3, 2)]),
+        ([1, 1, 1, 1], [(4, 1), (4, 2), (8, 2), (6, 1)]),
+        ([1, 0, 2, 0, 1], [(4, 1), (8, 2)]),
+        ([1, 1, 2, 4], [(4, 2), (3, 2), (6, 1)]),
+    ]
+    for n, k in shapes
+    for seed in range(12)
+]
 
 
 def plan(caps, n_src, k, seed):

@@ -80,8 +80,12 @@ def probe():
 def test_cuda_topk_offer_with_ties(probe, keys, cols):
     out_k = np.zeros(4, dtype=np.uint64)
     out_c = np.zeros(4, dtype=np.uint32)
-    probe("probe_topk", (1, 1, 1), (32, 1, 1), (np.array(keys, dtype=np.uint64), np.array(cols, dtype=np.uint32),
-                                                 np.int32(len(keys)), out_k, out_c))
+    probe(
+        "probe_topk",
+        (1, 1, 1),
+        (32, 1, 1),
+        (np.array(keys, dtype=np.uint64), np.array(cols, dtype=np.uint32), np.int32(len(keys)), out_k, out_c),
+    )
     want = smallest(keys, cols, 4)
     want += [(2**64 - 1, SENT)] * (4 - len(want))
     assert list(zip(out_k.tolist(), out_c.tolist(), strict=True)) == want

@@ -14,7 +14,7 @@ applies to all of them:
   not fork-safe (GNU OpenMP) runs the kernels through their serial versions (same results), so
   it neither dies nor hangs; the lock is re-created in every child.
 * **Cache** — when neither the package's ``__pycache__`` nor the user cache directory is
-  writable (read-only install and ``$HOME``), ``numba.config.CACHE_DIR`` is pointed at a
+  writable (read-only install and ``$HOME``), ``_numba_config().CACHE_DIR`` is pointed at a
   writable temporary directory, seeded with any cache files built beforehand, with one warning.
 * **First use** — one ``logging`` notice per process when a kernel of the package is compiled.
 * **Ctrl-C** — :func:`row_chunks` cuts a kernel call into chunks of bounded work; Python raises
@@ -51,6 +51,7 @@ _noticed = False
 
 # ── threading layer ──────────────────────────────────────────────────────────────────────────────
 
+
 def _loadable(layer: str) -> bool:
     try:
         mod = importlib.import_module(f"numba.np.ufunc.{layer}pool")
@@ -66,6 +67,11 @@ def _loadable(layer: str) -> bool:
     return mod is not None
 
 
+def _numba_config() -> Any:
+    """``numba.config`` (the settings module; typed loosely, its attributes are set at import)."""
+    return importlib.import_module("numba.core.config")
+
+
 def _launched_layer() -> str | None:
     """The layer Numba runs on, or ``None`` before its first parallel launch."""
     par = sys.modules.get("numba.np.ufunc.parallel")
@@ -78,22 +84,21 @@ def choose_threading_layer() -> str:
     """Fix Numba's threading layer before its first launch and return the (expected) layer.
 
     Respects ``NUMBA_THREADING_LAYER`` and a layer Numba already launched; otherwise picks the
-    first loadable of ``tbb``, ``omp``, ``workqueue`` and sets ``numba.config.THREADING_LAYER``.
+    first loadable of ``tbb``, ``omp``, ``workqueue`` and sets ``_numba_config().THREADING_LAYER``.
     """
     global _chosen_layer
-    import numba
 
     launched = _launched_layer()
     if launched is not None:
         _chosen_layer = launched
         return launched
-    requested = str(numba.config.THREADING_LAYER).lower()
+    requested = str(_numba_config().THREADING_LAYER).lower()
     if os.environ.get("NUMBA_THREADING_LAYER") or requested != "default":
         _chosen_layer = requested  # the user's choice (a name, or 'safe' / 'threadsafe' / 'forksafe')
         return requested
     for layer in ("tbb", "omp", "workqueue"):
         if _loadable(layer):
-            numba.config.THREADING_LAYER = layer
+            _numba_config().THREADING_LAYER = layer
             _chosen_layer = layer
             return layer
     _chosen_layer = "workqueue"
@@ -113,15 +118,14 @@ def _thread_safe(layer: str) -> bool:
 def _fork_safe(layer: str) -> bool:
     if layer == "omp":
         try:
-            from numba.np.ufunc import omppool
-
-            return omppool.openmp_vendor != "GNU"
+            return importlib.import_module("numba.np.ufunc.omppool").openmp_vendor != "GNU"
         except Exception:
             return False
     return layer in ("tbb", "workqueue")
 
 
 # ── fork ─────────────────────────────────────────────────────────────────────────────────────────
+
 
 def _before_fork() -> None:
     if not _thread_safe(_current_layer()):
@@ -150,9 +154,8 @@ def threads() -> int:
     """Threads a parallel kernel uses here (1 on the serial path); never launches Numba's pool."""
     if _serial_only:
         return 1
-    import numba
 
-    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+    return max(1, int(_numba_config().NUMBA_NUM_THREADS))
 
 
 def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any) -> Any:
@@ -197,6 +200,7 @@ def row_chunks(rows: int, work: Any, *, min_rows: int = 1) -> Iterator[tuple[int
 
 # ── cache directory ──────────────────────────────────────────────────────────────────────────────
 
+
 def _writable(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -221,9 +225,8 @@ def configure_cache() -> Path | None:
     directory is used, seeded with cache files found in the read-only ``__pycache__`` folders
     (a cache built at install time still loads; index entries carry a source hash).
     """
-    import numba
 
-    if numba.config.CACHE_DIR:
+    if _numba_config().CACHE_DIR:
         return None
     kernel_dirs = [PACKAGE_DIR / "backends"]
     if all(_writable(d / "__pycache__") for d in kernel_dirs) or _writable(_user_cache_dir()):
@@ -232,9 +235,12 @@ def configure_cache() -> Path | None:
     try:
         fallback = Path(tempfile.gettempdir()) / f"gpu_phase_router-numba-cache-{uid}"
     except (FileNotFoundError, OSError):
-        warnings.warn("gpu_phase_router: the install and the user cache directory are read-only and no "
-                      "temporary directory is writable; set NUMBA_CACHE_DIR to a writable directory",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "gpu_phase_router: the install and the user cache directory are read-only and no "
+            "temporary directory is writable; set NUMBA_CACHE_DIR to a writable directory",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if not _writable(fallback):
         return None
@@ -252,14 +258,18 @@ def configure_cache() -> Path | None:
                     shutil.copy2(f, dest / f.name)
                 except OSError:
                     pass
-    numba.config.CACHE_DIR = str(fallback)
-    warnings.warn(f"gpu_phase_router: the install directory and the user cache directory are read-only; "
-                  f"caching compiled CPU kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
-                  RuntimeWarning, stacklevel=3)
+    _numba_config().CACHE_DIR = str(fallback)
+    warnings.warn(
+        f"gpu_phase_router: the install directory and the user cache directory are read-only; "
+        f"caching compiled CPU kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return fallback
 
 
 # ── first-use notice ─────────────────────────────────────────────────────────────────────────────
+
 
 def _install_compile_notice() -> None:
     from numba.core import event
@@ -273,8 +283,9 @@ def _install_compile_notice() -> None:
             module = getattr(getattr(disp, "py_func", None), "__module__", "") or ""
             if module.startswith("gpu_phase_router"):
                 _noticed = True
-                logger.warning("gpu_phase_router: compiling the CPU kernels (first use with an empty cache; "
-                               "a few seconds, once)")
+                logger.warning(
+                    "gpu_phase_router: compiling the CPU kernels (first use with an empty cache; a few seconds, once)"
+                )
 
         def on_end(self, ev: Any) -> None:
             pass
@@ -294,8 +305,7 @@ def configure() -> None:
     choose_threading_layer()
     configure_cache()
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                            after_in_child=_after_fork_child)
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
     _install_compile_notice()
 
 
