@@ -23,9 +23,10 @@ pytestmark = pytest.mark.subprocess
 
 
 def run_child(
-    code: str, *, env: dict[str, str] | None = None, timeout: float = 240, cwd: Path = ROOT
+    code: str, *, env: dict[str, str | None] | None = None, timeout: float = 240, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -120,6 +121,14 @@ def test_threads_route_concurrently_under_every_layer(layer):
         pytest.fail(f"concurrent routing hung under NUMBA_THREADING_LAYER={layer}")
     assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-3000:]}"
     assert res.stdout.strip() == layer
+
+
+def test_threads_without_libgomp_pick_workqueue_and_take_turns():
+    """Where neither TBB nor GNU OpenMP loads, the backend picks workqueue itself and serialises."""
+    code = "import sys\nsys.modules['numba.np.ufunc.omppool'] = None\nsys.modules['numba.np.ufunc.tbbpool'] = None\n"
+    res = run_child(code + textwrap.dedent(THREAD_CODE), env={"NUMBA_THREADING_LAYER": None})
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-3000:]}"
+    assert res.stdout.strip() == "workqueue"
 
 
 def test_dask_threaded_scheduler_under_workqueue():

@@ -41,6 +41,7 @@ logger = logging.getLogger("gpu_phase_router")
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SAFE_LAYERS = {"tbb": (True, True), "omp": (True, None), "workqueue": (False, True)}  # (thread-safe, fork-safe)
+_LAYER_MODULES = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}
 CHUNK_WORK = 1 << 24  # work units (about one ring position or key each) per thread per chunk: ~10-50 ms
 
 _lock = threading.RLock()
@@ -53,18 +54,16 @@ _noticed = False
 
 
 def _loadable(layer: str) -> bool:
+    """Whether Numba could load ``layer`` here (the checks of its ``select_known_backend``)."""
     try:
-        mod = importlib.import_module(f"numba.np.ufunc.{layer}pool")
-    except Exception:  # missing libtbb / libgomp, incompatible versions
-        return False
-    if layer == "tbb":
-        try:
+        if layer == "tbb":
             from numba.np.ufunc.parallel import _check_tbb_version_compatible
 
             _check_tbb_version_compatible()
-        except Exception:
-            return False
-    return mod is not None
+        importlib.import_module(f"numba.np.ufunc.{_LAYER_MODULES[layer]}")
+    except Exception:  # missing libtbb / libgomp, incompatible versions
+        return False
+    return True
 
 
 def _numba_config() -> Any:
