@@ -152,21 +152,27 @@ def test_dask_threaded_scheduler_under_workqueue():
 # ── 3. read-only install ─────────────────────────────────────────────────────────────────────────
 
 
-def _unshare_works() -> str | None:
+def _unshare_command(probe_dir: Path) -> tuple[list[str] | None, str]:
+    """``unshare`` flags that give a private mount namespace here (as root: ``-m``; otherwise a user
+    namespace mapped to root: ``-r -m``), or ``None`` and the reason."""
     if sys.platform != "linux" or shutil.which("unshare") is None or shutil.which("mount") is None:
-        return "needs Linux with unshare(1) and mount(8)"
-    res = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount --bind / /mnt && umount /mnt"], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        return f"mount namespaces are not permitted here: {res.stderr.strip()[:200]}"
-    return None
+        return None, "needs Linux with unshare(1) and mount(8)"
+    errors = []
+    for flags in (["-m"], ["-r", "-m"]):
+        script = f"mount --bind {probe_dir} {probe_dir} && mount -o remount,bind,ro {probe_dir}"
+        res = subprocess.run(["unshare", *flags, "sh", "-c", script], capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            return ["unshare", *flags], ""
+        errors.append(res.stderr.strip()[:120])
+    return None, f"read-only bind mounts are not permitted here: {'; '.join(errors)}"
 
 
 @pytest.mark.parametrize("prebuilt", [False, True], ids=["cold", "prebuilt-cache"])
 def test_read_only_install_and_home(tmp_path, prebuilt):
-    why = _unshare_works()
-    if why:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    unshare, why = _unshare_command(probe)
+    if unshare is None:
         pytest.skip(why)
     site = tmp_path / "site"
     shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
@@ -210,7 +216,7 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
     script = ro + f'exec {sys.executable} -W always -c "$CODE"'
     env["CODE"] = code
     res = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script],
+        [*unshare, "sh", "-c", script],
         capture_output=True,
         text=True,
         env=env,
