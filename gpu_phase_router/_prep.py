@@ -7,8 +7,9 @@ so both give the same bits.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -163,42 +164,159 @@ def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm
 
 
 def phase_block(backend: Any, d: Any, ring: tuple[Any, Any, Any], *, n_src: int, k: int, seed: int,
-                row0: int = 0, degree_prefix: int = 0, perm_t: Any = None) -> Any:
+                row0: int = 0, degree_prefix: int = 0, perm_t: Any = None, col_map: Any = None,
+                k_out: int | None = None) -> Any:
     """Rows ``row0 .. row0 + len(d) - 1`` of the phase router (SPEC §3–§5) → int32 ``(rows, k)``.
 
     ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all degrees before
-    ``row0``; ``ring`` comes from :func:`ring_layout` on the full target vector.
+    ``row0``; ``ring`` comes from :func:`ring_layout` on the full target vector. With
+    ``col_map`` (SPEC §13) the ``k`` selected virtual columns are mapped to targets in the
+    kernel and each row keeps its first ``k_out`` distinct ones → int32 ``(rows, k_out)``.
     """
     xp = backend.xp
     n_tgt = ring[2].shape[0]
     d = d.astype(xp.int64, copy=False)
     off_s = exclusive_cumsum_mod(xp, d, n_tgt, degree_prefix)
     phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
+    if col_map is None:
+        return backend.phase_rows(phase, off_s, d, *ring, n_src=n_src, k=k, row0=row0,
+                                  select_key=stream(seed, STREAM_SELECT))
     return backend.phase_rows(phase, off_s, d, *ring, n_src=n_src, k=k, row0=row0,
-                              select_key=stream(seed, STREAM_SELECT))
+                              select_key=stream(seed, STREAM_SELECT), col_map=col_map, k_out=k_out)
 
 
 def phase_rows_blocked(backend: Any, degrees: Any, c: Any, *, n_src: int, row0: int, rows: int,
-                       degree_prefix: int, k: int, seed: int, perm_s: Any, perm_t: Any, block_rows: int) -> Any:
+                       degree_prefix: int, k: int, seed: int, perm_s: Any, perm_t: Any, block_rows: int,
+                       col_map: Any = None, k_out: int | None = None) -> Any:
     """Phase-router rows ``row0 .. row0 + rows - 1``, ``block_rows`` per kernel call.
 
     ``degrees(a, b)`` returns the int64 degrees of local rows ``[a, b)`` (so degrees derived
     from weights never exist for all rows at once); ``degree_prefix`` is the sum of all degrees
     before ``row0``; ``perm_t``, if given, holds these rows' phases. Memory beyond the output
-    is O(block_rows + n_tgt).
+    is O(block_rows + n_tgt). ``col_map`` and ``k_out``: see :func:`phase_block`. The degree
+    sums that carry the ring start from one block to the next are read back to the host only
+    when a next block exists (one block: no device-to-host copy).
     """
     xp = backend.xp
     n_tgt = c.shape[0]
     ring = ring_layout(backend, c, n_src, seed, perm_s)
-    out = xp.empty((rows, k), dtype=xp.int32)
+    out = xp.empty((rows, k if col_map is None else k_out), dtype=xp.int32)
     prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
     for a in range(0, rows, block_rows):
         b = min(rows, a + block_rows)
         db = degrees(a, b)
         out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
-                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
-        prefix = (prefix + int(db.sum())) % n_tgt
+                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b],
+                               col_map=col_map, k_out=k_out)
+        if b < rows:
+            prefix = (prefix + int(db.sum())) % n_tgt
     return out
+
+
+# -- SPEC §13: banded phase router ------------------------------------------------------------
+
+BAND_OVERSAMPLE = 4  # virtual columns drawn per output slot (the seed's oversampling)
+BAND_FILL = 2  # expected candidates per source, in units of k_draw
+BAND_MAX_COLUMNS = 1 << 20  # cap on the virtual ring (reached only for tiny densities)
+
+
+class BandLayout(NamedTuple):
+    """The virtual target ring of SPEC §13 (host NumPy arrays, read-only).
+
+    Attributes:
+        n_cols: ``V``, the number of virtual columns.
+        k_draw: virtual columns selected per source, ``min(k * 4, V)``.
+        k: targets kept per source.
+        widths: int64 ``[n_tgt]`` band widths ``b[e]``.
+        col_counts: int64 ``[V]`` capacity count of each virtual column.
+        col_map: int64 ``[V]`` target owning each virtual column.
+    """
+
+    n_cols: int
+    k_draw: int
+    k: int
+    widths: np.ndarray
+    col_counts: np.ndarray
+    col_map: np.ndarray
+
+
+def bands_apply(n_src: int, n_tgt: int) -> bool:
+    """SPEC §13: the weights form of the phase router uses bands exactly when ``n_tgt < n_src``."""
+    return n_tgt < n_src
+
+
+def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLayout:
+    """SPEC §13 band layout from host capacities (float64 NumPy ``[n_tgt]``, validated).
+
+    Pure host arithmetic: the result never depends on device data, so a CUDA caller that keeps
+    its capacities on the host routes without any device-to-host copy. Cached per arguments.
+    """
+    caps = np.ascontiguousarray(caps, dtype=np.float64)
+    return _band_layout_cached(caps.tobytes(), int(n_src), int(k), float(density))
+
+
+@functools.lru_cache(maxsize=64)
+def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -> BandLayout:
+    caps = np.frombuffer(caps_bytes, dtype=np.float64)
+    n_tgt = caps.shape[0]
+    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / (density * density))
+    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
+    total = tree_sum(np, caps)
+    if not math.isfinite(total):
+        raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
+    q = caps / total * v0
+    widths = np.where(caps == 0, 0, np.maximum(1, np.rint(q))).astype(np.int64)
+    per_col = np.rint(q / np.maximum(widths, 1) * density * n_src)
+    counts = np.where(caps == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
+    col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
+    col_counts = counts[col_map]
+    n_cols = int(col_map.shape[0])
+    for a in (widths, col_counts, col_map):
+        a.setflags(write=False)
+    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map)
+
+
+def phase_rows_from_weights(backend: Any, w: Any, caps: Any, *, n_src: int, row0: int, degree_prefix: int, k: int,
+                            seed: int, density: float, mean: float, block_rows: int, caps_host: Any = None) -> Any:
+    """Rows ``row0 .. row0 + len(w) - 1`` of the phase router from weights (SPEC §7, or §13 when
+    ``n_tgt < n_src``) → int32 ``(rows, k)``.
+
+    ``w`` holds the block's weights and ``caps`` all capacities (arrays of ``backend.xp``);
+    ``mean`` is the mean of all ``n_src`` weights; ``degree_prefix`` the sum of the earlier rows'
+    degrees on the ring the router uses (``n_tgt`` positions, or ``V`` with bands). For bands the
+    layout is computed from ``caps_host`` (host NumPy; copied from ``caps`` when not given).
+    """
+    xp = backend.xp
+    n_tgt = int(caps.shape[0])
+    col_map, k_sel = None, k
+    if bands_apply(n_src, n_tgt):
+        if caps_host is None:
+            from ._arrays import to_numpy
+
+            caps_host = to_numpy(caps)
+        lay = band_layout(caps_host, n_src, k, density)
+        c = xp.asarray(lay.col_counts)
+        col_map = xp.asarray(lay.col_map)
+        ring_n, k_sel = lay.n_cols, lay.k_draw
+    else:
+        c = weights_to_counts(xp, caps, density, n_src, name="target_capacities")
+        ring_n = n_tgt
+
+    def degrees(a: int, b: int) -> Any:
+        return weights_to_counts(xp, w[a:b], density, ring_n, mean=mean, name="source_weights")
+
+    return phase_rows_blocked(backend, degrees, c, n_src=n_src, row0=row0, rows=int(w.shape[0]),
+                              degree_prefix=degree_prefix, k=k_sel, seed=seed, perm_s=None, perm_t=None,
+                              block_rows=block_rows, col_map=col_map, k_out=k)
+
+
+def phase_ring_size(caps_host: Any, *, n_src: int, k: int, density: float) -> int:
+    """Length of the target ring the phase router uses from weights: ``V`` with bands (SPEC §13),
+    else ``n_tgt``. Degrees for ``degree_prefix`` are counted on this ring."""
+    n_tgt = int(np.asarray(caps_host).shape[0])
+    if bands_apply(n_src, n_tgt):
+        return band_layout(np.asarray(caps_host, dtype=np.float64), n_src, k, density).n_cols
+    return n_tgt
 
 
 def systematic_phi(seed: int, n_src: int, k: int) -> int:

@@ -99,16 +99,10 @@ def route_counts(
 
 
 def _route_phase(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
-    xp = be.xp
-    n_src, n_tgt = w.shape[0], caps.shape[0]
-    c = _prep.weights_to_counts(xp, caps, density, n_src, name="target_capacities")
-    mean = _prep.tree_sum(xp, w) / n_src  # once, over all weights; degrees are then made block by block
-
-    def d(a: int, b: int) -> Any:
-        return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean, name="source_weights")
-
-    return _prep.phase_rows_blocked(be, d, c, n_src=n_src, row0=0, rows=n_src, degree_prefix=0, k=k, seed=seed,
-                                    perm_s=None, perm_t=None, block_rows=block_rows)
+    n_src = int(w.shape[0])
+    mean = _prep.tree_sum(be.xp, w) / n_src  # once, over all weights; degrees are then made block by block
+    return _prep.phase_rows_from_weights(be, w, caps, n_src=n_src, row0=0, degree_prefix=0, k=k, seed=seed,
+                                         density=density, mean=mean, block_rows=block_rows)
 
 
 def _route_systematic(be: Backend, w: Any, caps: Any, *, k: int, seed: int, density: float,

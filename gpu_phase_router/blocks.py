@@ -7,7 +7,8 @@ blocks concatenated give the full result bit for bit. A block needs, besides its
 * ``n_src``: the global number of sources (it fixes the source ring and the permutations);
 * ``row0``: the global index of its first row;
 * for ``method="phase"``: ``degree_prefix``, the sum of the degrees ``d[0] + ... + d[row0 - 1]``
-  of all earlier rows (it fixes where each source starts on the target ring), and, when
+  of all earlier rows (it fixes where each source starts on the target ring; with fewer targets
+  than sources the ring is the virtual ring of SPEC §13, of :func:`ring_size` positions), and, when
   starting from weights, ``weight_mean``, the mean of *all* source weights (SPEC §7).
 
 The mean is a float, so it must be computed in one fixed order to be reproducible. The package
@@ -21,7 +22,8 @@ rounded or order-free summation is needed. :func:`weight_mean` does it for a vec
 Example — rows ``[a, b)`` of ``route(w, caps, k=4, seed=7)``::
 
     mean = blocks.weight_mean(w)                                  # or sum_from_partials(...) / n_src
-    prefix = int(blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=len(caps), density=0.3).sum())
+    n_ring = blocks.ring_size(caps, n_src=len(w), k=4, density=0.3)    # len(caps) unless len(caps) < len(w)
+    prefix = int(blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=0.3).sum())
     rows = blocks.route_block(w[a:b], caps, n_src=len(w), row0=a, k=4, seed=7,
                               weight_mean=mean, degree_prefix=prefix)
     assert (rows == route(w, caps, k=4, seed=7)[a:b]).all()
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import _prep
-from ._arrays import common_library, from_backend_array, to_backend_array
+from ._arrays import common_library, from_backend_array, to_backend_array, to_numpy
 from ._validate import (
     as_vector,
     check_density,
@@ -243,15 +245,29 @@ def route_block(
                                             block_rows=br)
         return from_backend_array(out, lib, dev)
     mean = _mean(weight_mean)
-    prefix = _degree_prefix(degree_prefix, row0, n_tgt)
-    c = _prep.weights_to_counts(xp, caps, density, n_src)
-
-    def degrees(a: int, b: int) -> Any:
-        return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean)
-
-    out = _prep.phase_rows_blocked(be, degrees, c, rows=rows, n_src=n_src, row0=row0, degree_prefix=prefix,
-                                   k=k, seed=seed, perm_s=None, perm_t=None, block_rows=br)
+    caps_host = to_numpy(caps)
+    prefix = _degree_prefix(degree_prefix, row0, _prep.phase_ring_size(caps_host, n_src=n_src, k=k, density=density))
+    out = _prep.phase_rows_from_weights(be, w, caps, n_src=n_src, row0=row0, degree_prefix=prefix, k=k, seed=seed,
+                                        density=density, mean=mean, block_rows=br, caps_host=caps_host)
     return from_backend_array(out, lib, dev)
+
+
+def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float = 0.3) -> int:
+    """Length of the target ring that ``route(method="phase")`` uses: ``V`` (SPEC §13) when
+    ``n_tgt < n_src``, else ``n_tgt``. A block's ``degree_prefix`` counts degrees on this ring::
+
+        n_ring = blocks.ring_size(caps, n_src=len(w), k=k, density=density)
+        prefix = int(blocks.source_degrees(w[:row0], weight_mean=mean, n_tgt=n_ring, density=density).sum())
+
+    Computed on the host from the capacities (a device array is copied once; the result is cached).
+    """
+    if target_capacities is None:
+        raise TypeError("target_capacities is required: all n_tgt capacities")
+    caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
+    n_src = check_int("n_src", n_src, lo=1)
+    k = check_k(k, int(caps.shape[0]))
+    density = check_density(density)
+    return _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)
 
 
 def sum_partials(values: Any, start: int = 0) -> list[Partial]:
@@ -313,6 +329,7 @@ def _xp_of(named: dict[str, Any]) -> tuple[Any, str, tuple[str, int]]:
 
 
 __all__ = [
+    "ring_size",
     "route_block",
     "route_counts_block",
     "source_degrees",

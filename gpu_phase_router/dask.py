@@ -9,7 +9,8 @@ global quantities computed once in the graph:
 * ``method="phase"`` from weights: the weight mean (each chunk contributes the node sums of the
   package's fixed summation tree, :func:`~gpu_phase_router.blocks.sum_partials`, combined by
   :func:`~gpu_phase_router.blocks.sum_from_partials` into the very float ``route`` uses), then
-  each chunk's degree sum and their exclusive prefix;
+  each chunk's degree sum and their exclusive prefix (degrees on the virtual ring of SPEC §13
+  when there are fewer targets than sources);
 * ``method="systematic"``: only a global check that the weights are uniform;
 * :func:`route_counts`: each chunk's degree sum and their exclusive prefix.
 
@@ -250,7 +251,8 @@ def route(
     parts, mean = _weight_reductions(source_weights, n_src, chunks, method)
     prefixes = None
     if method == "phase":
-        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, density, n_tgt) for p in parts]
+        n_ring = _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)  # V of SPEC §13 if n_tgt < n_src
+        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, density, n_ring) for p in parts]
         prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
         _route_weights_chunk, source_weights, caps=caps, mean=mean, prefixes=prefixes, n_src=n_src, k=k, seed=seed,

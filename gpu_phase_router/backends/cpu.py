@@ -25,6 +25,7 @@ _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+_NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 
 
 @nb.njit(inline="always", cache=True)
@@ -208,9 +209,40 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
+@nb.njit(inline="always", cache=True)
+def _emit_distinct(keys, cols, size, k, col_map, out_row):
+    """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
+    keep the first ``len(out_row)`` distinct targets; pad with -1."""
+    if k > SMALL_K:  # the bottom-k is a max-heap: sort it ascending in place
+        for end in range(size - 1, 0, -1):
+            keys[0], keys[end] = keys[end], keys[0]
+            cols[0], cols[end] = cols[end], cols[0]
+            _sift_down(keys, cols, end, 0)
+    k_out = out_row.shape[0]
+    listed = 0
+    for q in range(size):
+        if listed == k_out:
+            break
+        e = col_map[cols[q]]
+        seen = False
+        for r in range(listed):
+            if out_row[r] == e:
+                seen = True
+                break
+        if not seen:
+            out_row[listed] = e
+            listed += 1
+    for q in range(listed, k_out):
+        out_row[q] = -1
+
+
 @nb.njit(parallel=True, cache=True)
-def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
+def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+    """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
+    as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
+    first ``out.shape[1]`` distinct ones (SPEC §13)."""
     rows = phase.shape[0]
+    banded = col_map.shape[0] > 0
     n_tgt = ring_col.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
@@ -229,7 +261,9 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             if hi > n_tgt:
                 size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
                                      row_base, cbuf, kbuf, qbuf, keys, cols, size, k)
-            if k <= SMALL_K:
+            if banded:
+                _emit_distinct(keys, cols, size, k, col_map, out[i])
+            elif k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:
                 _emit_sorted(keys, cols, size, out[i])
@@ -286,10 +320,13 @@ class CpuBackend:
         h, mask = feistel_params(n)
         return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
 
-    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key):
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
+    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key,
+                   col_map=None, k_out=None):
+        banded = col_map is not None
+        cmap = np.ascontiguousarray(col_map, dtype=np.int64) if banded else _NO_MAP
+        out = np.empty((phase.shape[0], k_out if banded else k), dtype=np.int32)
         _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
-                    np.int64(row0), np.uint64(select_key), out)
+                    np.int64(row0), np.uint64(select_key), cmap, out)
         return out
 
     def systematic_rows(self, phase, cum, *, n_src, k, phi):
