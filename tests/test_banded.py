@@ -107,3 +107,112 @@ def test_cpu_equals_reference(n_src, n_tgt, k, kind, density):
     assert got.dtype == np.int32 and got.shape == (n_src, k)
     np.testing.assert_array_equal(got, want)
     assert ((got >= 0) <= (caps[np.maximum(got, 0)] > 0)).all()  # zero capacity never receives
+
+
+# -- no device-to-host reads on the CUDA path (methods.route_uniform, what a training step calls) --
+
+
+class DeviceOnly(np.ndarray):
+    """A NumPy array standing in for device memory: any read of a value back to the host raises."""
+
+    def _read_back(self, *args, **kwargs):
+        raise AssertionError("a device value was read back to the host")
+
+    __int__ = __float__ = __bool__ = __index__ = _read_back
+    item = tolist = get = _read_back
+
+
+class DeviceXp:
+    """``numpy`` whose array results are :class:`DeviceOnly` (host NumPy inputs are uploads)."""
+
+    def __getattr__(self, name):
+        obj = getattr(np, name)
+        if not callable(obj) or isinstance(obj, type):
+            return obj
+
+        def call(*args, **kwargs):
+            out = obj(*args, **kwargs)
+            return out.view(DeviceOnly) if isinstance(out, np.ndarray) else out
+
+        return call
+
+
+def _device_only_backend():
+    simt = pytest.importorskip("simt.emulated_backend")
+    try:
+        simt.library()
+    except Exception as exc:  # no C++ compiler: the emulator cannot be built
+        pytest.skip(f"SIMT emulator unavailable: {exc}")
+    from gpu_phase_router.backends.cuda import CudaBackend
+
+    return CudaBackend(DeviceXp(), simt.EmulatedLauncher(), name="cuda-device-only")
+
+
+def test_device_only_guard_can_fail():
+    """The guard catches the read-back that the block loop makes for given degrees over several calls."""
+    be = _device_only_backend()
+    d = be.xp.full(20, 3, dtype=np.int64)
+    with pytest.raises(AssertionError, match="read back"):
+        _prep.phase_rows(be, np.full(8, 10, dtype=np.int64), n_src=20, row0=0, rows=20, k=2, seed=1,
+                         degree_prefix=0, rows_per_call=7, d=d)
+
+
+@pytest.mark.parametrize("n_src,caps,k", [(300, np.ones(8), 2), (257, gpr.capacity.strong_hetero_capacities(16, 1), 4),
+                                          (100, np.array([1.0, 0.0, 3.0, 0.5]), 1)])
+def test_route_uniform_banded_reads_nothing_back(n_src, caps, k):
+    from gpu_phase_router import methods
+
+    be = _device_only_backend()
+    want = _reference.route(caps.tolist(), [1.0] * n_src, k=k, seed=9, density=0.3)
+    got = methods.get_method("phase").rows(be, None, caps, n_src=n_src, row0=0, rows=n_src, k=k, seed=9,
+                                           density=0.3, weight_mean=1.0, degree_prefix=0, rows_per_call=64)
+    assert isinstance(got, DeviceOnly)
+    np.testing.assert_array_equal(got.view(np.ndarray), want)
+    cpu = methods.route_uniform("phase", "cpu", n_src, caps, k=k, seed=9, density=0.3, rows_per_call=50)
+    np.testing.assert_array_equal(cpu, want)
+
+
+# -- blocks and Dask at banded shapes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("n_src,n_tgt,k,density", [(1000, 16, 2, 0.3), (777, 64, 8, 0.5), (300, 5, 3, 0.2)])
+def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
+    rng = np.random.default_rng(n_src + k)
+    caps = gpr.capacity.strong_hetero_capacities(n_tgt, 3)
+    caps[1] = 0.0
+    w = np.ones(n_src) if uniform else rng.random(n_src) * (rng.random(n_src) > 0.1)
+    whole = gpr.route(w, caps, k=k, seed=11, density=density)
+    assert not (whole == 1).any()  # zero capacity never receives
+    assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.99)
+    n_ring = gpr.blocks.ring_size(caps, n_src=n_src, k=k, density=density)
+    assert n_ring == _prep.band_layout(caps, n_src, k, density).n_cols > n_tgt
+    mean = gpr.blocks.weight_mean(w)
+    cuts = sorted({0, n_src, *rng.integers(0, n_src, 5).tolist()})
+    parts = []
+    for a, b in itertools.pairwise(cuts):
+        prefix = int(gpr.blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=density).sum())
+        parts.append(gpr.route_block(w[a:b], caps, n_src=n_src, row0=a, k=k, seed=11, density=density,
+                                     weight_mean=mean, degree_prefix=prefix, rows_per_call=97))
+        if uniform:  # sources of weight 1 need neither the mean nor the prefix
+            np.testing.assert_array_equal(
+                gpr.route_block(None, caps, n_src=n_src, row0=a, k=k, seed=11, density=density)[:b - a], parts[-1])
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    wrong = int(gpr.blocks.source_degrees(w[:cuts[1]], weight_mean=mean, n_tgt=n_tgt, density=density).sum())
+    if cuts[1] > 0 and wrong % n_ring:
+        got = gpr.route_block(w[cuts[1]:], caps, n_src=n_src, row0=cuts[1], k=k, seed=11, density=density,
+                              weight_mean=mean, degree_prefix=wrong)
+        assert not np.array_equal(got, whole[cuts[1]:])  # degrees on the n_tgt ring are the wrong prefix
+
+
+@pytest.mark.parametrize("chunks", [(250, 250, 500), (1, 998, 1), (333, 333, 334)])
+def test_dask_equals_whole(chunks):
+    da = pytest.importorskip("dask.array")
+    gdask = pytest.importorskip("gpu_phase_router.dask")
+    rng = np.random.default_rng(len(chunks))
+    caps = np.where(np.arange(16) < 8, 0.5, 1.0)
+    w = rng.random(1000) + 0.5
+    for weights in (w, np.ones(1000)):
+        whole = gpr.route(weights, caps, k=2, seed=5)
+        lazy = gdask.route(da.from_array(weights, chunks=(chunks,)), caps, k=2, seed=5)
+        np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), whole)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _xp_grid import CUPY
+from _grid import CUPY
 
 import gpu_phase_router as gpr
 from gpu_phase_router.__main__ import main

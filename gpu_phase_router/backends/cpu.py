@@ -320,8 +320,12 @@ class CpuBackend:
         h, mask = feistel_params(n)
         return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
 
-    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key,
-                   col_map=None, k_out=None):
+    def prepare_ring(self, ring_start, ring_len, ring_col):
+        return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
+                np.ascontiguousarray(ring_col, dtype=np.int64))
+
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
+        ring_start, ring_len, ring_col = ring
         banded = col_map is not None
         cmap = np.ascontiguousarray(col_map, dtype=np.int64) if banded else _NO_MAP
         out = np.empty((phase.shape[0], k_out if banded else k), dtype=np.int32)

@@ -169,20 +169,23 @@ class CudaBackend:
                       ring_col32 if col_map32 is None else col_map32, np.int32(0 if col_map32 is None else k_out),
                       out))
 
-    def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring_start: Any, ring_len: Any, ring_col: Any, *,
-                   n_src: int, k: int, row0: int, select_key: int, col_map: Any = None,
-                   k_out: int | None = None) -> Any:
+    def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
+        """The ring packed once per routing call (:meth:`pack_ring`), shared by every kernel call."""
+        return self.pack_ring(ring_start, ring_len, ring_col)
+
+    def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring: tuple[Any, Any], *, n_src: int, k: int, row0: int,
+                   select_key: int, col_map: Any = None, k_out: int | None = None) -> Any:
         xp = self.xp
         rows = int(phase.shape[0])
-        self._check_int32(n_src=n_src, n_tgt=int(ring_col.shape[0]), rows=rows)
+        ring_sl, ring_col32 = ring
+        self._check_int32(n_src=n_src, n_tgt=int(ring_col32.shape[0]), rows=rows)
         banded = col_map is not None
         if banded and not (k_out is not None and 1 <= k_out <= k):
             raise ValueError(f"k_out must be in [1, k={k}] with col_map; got {k_out}")
         out = xp.empty((rows, k_out if banded else k), dtype=xp.int32)
         if rows == 0:
             return out
-        ring_sl, ring_col32 = self.pack_ring(ring_start, ring_len, ring_col)
-        # host -> device only (a NumPy map is uploaded); never a device -> host copy
+        # host -> device only (a NumPy map is uploaded, a device map converted there); no read-back
         col_map32 = xp.ascontiguousarray(xp.asarray(col_map), dtype=xp.int32) if banded else None
         self.launch_phase(self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, out, n_src=n_src,
                           k=k, row0=row0, select_key=select_key, col_map32=col_map32, k_out=k_out or 0)
