@@ -281,14 +281,14 @@ def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLay
 def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -> BandLayout:
     caps = np.frombuffer(caps_bytes, dtype=np.float64)
     n_tgt = caps.shape[0]
-    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / (density * density))
+    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
     v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
     total = tree_sum(np, caps)
     if not math.isfinite(total):
         raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
     q = caps / total * v0
-    widths = np.where(caps == 0, 0, np.maximum(1, np.rint(q))).astype(np.int64)
-    per_col = np.rint(q / np.maximum(widths, 1) * density * n_src)
+    widths = np.where(caps == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)
+    per_col = np.rint(q / np.maximum(widths, 1) * n_src)
     counts = np.where(caps == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
     col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
     col_counts = counts[col_map]

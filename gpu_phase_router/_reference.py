@@ -172,7 +172,7 @@ def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
     each of band e's columns) and ``col_map`` (virtual column -> expert, length V).
     """
     n_tgt = len(caps)
-    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / (density * density))
+    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
     v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
     total = tree_sum(caps)
     widths, counts = [], []
@@ -182,8 +182,8 @@ def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
             counts.append(0)
             continue
         q = float(cap) / total * v0
-        b = max(1, int(np.rint(q)))
-        cv = float(np.rint(q / b * density * n_src))
+        b = max(1, math.ceil(q))
+        cv = float(np.rint(q / b * n_src))
         widths.append(b)
         counts.append(int(min(max(cv, 1), n_src)))
     col_map = []

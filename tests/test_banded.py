@@ -17,15 +17,15 @@ LAYOUT_1 = dict(n_cols=16, k_draw=8, widths=[4, 0, 8, 4], counts=[12, 0, 12, 12]
                 col_map=[0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3])
 ROUTE_1 = [[2, 3], [0, 2], [2, 0], [2, 0], [2, 0], [3, 2], [3, 2], [0, 2], [2, 0], [2, 3], [3, 2], [2, 0]]
 CAPS_2 = [3, 1, 0, 1.5, 0.2]
-ROUTE_2 = [[3, 0], [0, 3], [4, 3], [0, 4], [0, 3], [1, 4]]
-ROUTE_3 = [[3, 0, 1], [-1, -1, -1], [1, 3, 0], [0, 3, 1]]
+ROUTE_2 = [[0, 3], [1, 0], [3, 1], [4, 0], [1, 3], [3, 1]]
+ROUTE_3 = [[1, 0, 3], [-1, -1, -1], [0, 4, 3], [1, 3, 0]]
 
 
 def test_spec_layout_vectors():
     assert _reference.band_layout([1, 0, 2, 1], 12, 2, 1.0) == LAYOUT_1
     lay = _reference.band_layout(CAPS_2, 40, 1, 0.6)
     got = (lay["n_cols"], lay["k_draw"], lay["widths"], lay["counts"])
-    assert got == (23, 4, [12, 4, 0, 6, 1], [24, 24, 0, 24, 19])
+    assert got == (16, 4, [8, 3, 0, 4, 1], [37, 33, 0, 37, 20])
 
 
 def test_spec_route_vectors_reference():
