@@ -277,19 +277,55 @@ def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLay
     return _band_layout_cached(caps.tobytes(), int(n_src), int(k), float(density))
 
 
+def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
+    """SPEC §13: float64 ``pi[e] = fair[e] / n_src`` with the fair shares ``n_src * k * cap / sum(cap)``
+    water-filled so that none exceeds ``n_src`` (one slot per source)."""
+    pi = np.zeros(caps.shape[0], dtype=np.float64)
+    free = caps > 0
+    total = float(n_src * k)
+    while free.any():
+        s = tree_sum(np, np.where(free, caps, 0.0))
+        share = total * caps / s
+        over = free & (share > n_src)
+        if not over.any():
+            pi[free] = share[free] / n_src
+            break
+        pi[over] = 1.0
+        free &= ~over
+        total -= n_src * int(over.sum())
+    return pi
+
+
+def band_weights(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
+    """SPEC §13: the float64 weights band widths are proportional to.
+
+    ``k == 1``: the capacities. Otherwise ``rint(-log1p(-min(pi, 1 - 1/(2 k_draw))) * 2^32)`` (at
+    least 1, 0 for a zero capacity), ``pi`` from :func:`water_filled_shares`: a row keeps its first
+    ``k`` *distinct* targets, which compresses large shares like sampling without replacement;
+    these weights undo that to first order (a target drawn at rate ``u`` among the row's draws is
+    kept with probability about ``1 - exp(-u)``). Quantised to integers so the layout does not
+    depend on the last bit of ``log1p``.
+    """
+    if k == 1:
+        return caps.astype(np.float64, copy=True)
+    top = 1.0 - 1.0 / (2 * k * BAND_OVERSAMPLE)
+    logs = -np.log1p(-np.minimum(water_filled_shares(caps, n_src, k), top))
+    return np.where(caps == 0, 0.0, np.maximum(1.0, np.rint(logs * 2.0**32)))
+
+
 @functools.lru_cache(maxsize=64)
 def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -> BandLayout:
     caps = np.frombuffer(caps_bytes, dtype=np.float64)
     n_tgt = caps.shape[0]
     want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
     v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
-    total = tree_sum(np, caps)
-    if not math.isfinite(total):
+    if not math.isfinite(tree_sum(np, caps)):
         raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
-    q = caps / total * v0
-    widths = np.where(caps == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)
+    weights = band_weights(caps, n_src, k)
+    q = weights / tree_sum(np, weights) * v0
+    widths = np.where(weights == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)
     per_col = np.rint(q / np.maximum(widths, 1) * n_src)
-    counts = np.where(caps == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
+    counts = np.where(weights == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
     col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
     col_counts = counts[col_map]
     n_cols = int(col_map.shape[0])

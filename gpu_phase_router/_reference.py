@@ -165,18 +165,53 @@ BAND_FILL = 2
 BAND_MAX_COLUMNS = 1 << 20
 
 
+def water_filled_shares(caps: list[float], n_src: int, k: int) -> list[float]:
+    """SPEC §13: each target's share of the sources, ``pi[e] = fair[e] / n_src``, where the fair
+    shares ``n_src * k * cap / sum(cap)`` are water-filled so that none exceeds ``n_src``."""
+    pi = [0.0] * len(caps)
+    free = [c > 0 for c in caps]
+    total = float(n_src * k)
+    while any(free):
+        s = tree_sum([c if f else 0.0 for c, f in zip(caps, free, strict=True)])
+        over = [f and total * float(c) / s > n_src for c, f in zip(caps, free, strict=True)]
+        if not any(over):
+            for e, c in enumerate(caps):
+                if free[e]:
+                    pi[e] = total * float(c) / s / n_src
+            break
+        for e in range(len(caps)):
+            if over[e]:
+                pi[e], free[e] = 1.0, False
+                total -= n_src
+    return pi
+
+
+def band_weights(caps: list[float], n_src: int, k: int) -> list[float]:
+    """SPEC §13: the weights the band widths are proportional to (the capacities when ``k == 1``)."""
+    if k == 1:
+        return [float(c) for c in caps]
+    top = 1.0 - 1.0 / (2 * k * BAND_OVERSAMPLE)
+    pi = np.array([min(p, top) for p in water_filled_shares(caps, n_src, k)], dtype=np.float64)
+    logs = -np.log1p(-pi)  # one NumPy call on the whole vector, as the backends' host code
+    out = []
+    for e, c in enumerate(caps):
+        out.append(0.0 if c == 0 else max(1.0, float(np.rint(float(logs[e]) * 2.0**32))))
+    return out
+
+
 def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
     """SPEC §13: the virtual target ring of the banded phase router.
 
-    Returns ``n_cols`` (V), ``k_draw``, ``widths`` (b[e]), ``counts`` (the capacity count of
-    each of band e's columns) and ``col_map`` (virtual column -> expert, length V).
+    Returns ``n_cols`` (V), ``k_draw``, ``weights`` (u[e]), ``widths`` (b[e]), ``counts`` (the
+    capacity count of each of band e's columns) and ``col_map`` (virtual column -> expert).
     """
     n_tgt = len(caps)
     want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
     v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
-    total = tree_sum(caps)
+    weights = band_weights(caps, n_src, k)
+    total = tree_sum(weights)
     widths, counts = [], []
-    for cap in caps:
+    for cap in weights:
         if cap == 0:
             widths.append(0)
             counts.append(0)
@@ -190,8 +225,8 @@ def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
     for e, b in enumerate(widths):
         col_map += [e] * b
     n_cols = len(col_map)
-    return {"n_cols": n_cols, "k_draw": min(k * BAND_OVERSAMPLE, n_cols), "widths": widths, "counts": counts,
-            "col_map": col_map}
+    return {"n_cols": n_cols, "k_draw": min(k * BAND_OVERSAMPLE, n_cols), "weights": weights, "widths": widths,
+            "counts": counts, "col_map": col_map}
 
 
 def first_distinct(columns: list[int], col_map: list[int], k: int) -> list[int]:
@@ -276,6 +311,7 @@ def enforce_capacity(routes: np.ndarray, hard: list[int]) -> np.ndarray:
 
 __all__ = [
     "band_layout",
+    "band_weights",
     "candidate_sets",
     "candidate_sets_materialised",
     "capacity_units",
@@ -289,6 +325,7 @@ __all__ = [
     "popcount_rows",
     "route",
     "route_banded",
+    "water_filled_shares",
     "route_counts",
     "route_systematic",
     "select",

@@ -13,39 +13,47 @@ import gpu_phase_router as gpr
 from gpu_phase_router import _prep, _reference
 from gpu_phase_router._keys import at, stream
 
-LAYOUT_1 = dict(n_cols=16, k_draw=8, widths=[4, 0, 8, 4], counts=[12, 0, 12, 12],
-                col_map=[0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3])
-ROUTE_1 = [[2, 3], [0, 2], [2, 0], [2, 0], [2, 0], [3, 2], [3, 2], [0, 2], [2, 0], [2, 3], [3, 2], [2, 0]]
+LAYOUT_1 = dict(n_cols=8, k_draw=4, weights=[1.0, 0.0, 2.0, 1.0], widths=[2, 0, 4, 2], counts=[12, 0, 12, 12],
+                col_map=[0, 0, 2, 2, 2, 2, 3, 3])
+ROUTE_1 = [[2], [2], [3], [2], [0], [3], [2], [2], [2], [2], [2], [3]]
+ROUTE_1K2 = [[2, 0], [2, 0], [2, 0], [2, 3], [2, 0], [3, 2], [3, 2], [2, 0], [2, 3], [2, 3], [3, 2], [2, 0]]
 CAPS_2 = [3, 1, 0, 1.5, 0.2]
-ROUTE_2 = [[0, 3], [1, 0], [3, 1], [4, 0], [1, 3], [3, 1]]
-ROUTE_3 = [[1, 0, 3], [-1, -1, -1], [0, 4, 3], [1, 3, 0]]
+ROUTE_2 = [[4, 0], [0, 1], [0, 3], [3, 0], [0, 4], [3, 0]]
+ROUTE_3 = [[3, 0, 1], [-1, -1, -1], [1, 3, 4], [3, 1, 0]]
 
 
 def test_spec_layout_vectors():
-    assert _reference.band_layout([1, 0, 2, 1], 12, 2, 1.0) == LAYOUT_1
+    assert _reference.band_layout([1, 0, 2, 1], 12, 1, 1.0) == LAYOUT_1
+    assert _reference.water_filled_shares([1, 0, 2, 1], 12, 2) == [0.5, 0.0, 1.0, 0.5]
+    lay = _reference.band_layout([1, 0, 2, 1], 12, 2, 1.0)
+    assert lay["weights"] == [2977044472, 0, 11908177887, 2977044472]
+    assert (lay["n_cols"], lay["k_draw"], lay["widths"], lay["counts"]) == (17, 8, [3, 0, 11, 3], [11, 0, 12, 11])
+    lay = _reference.band_layout(CAPS_2, 40, 2, 0.6)
+    assert (lay["n_cols"], lay["widths"], lay["counts"]) == (30, [19, 4, 0, 6, 1], [38, 30, 0, 35, 20])
     lay = _reference.band_layout(CAPS_2, 40, 1, 0.6)
     got = (lay["n_cols"], lay["k_draw"], lay["widths"], lay["counts"])
     assert got == (16, 4, [8, 3, 0, 4, 1], [37, 33, 0, 37, 20])
 
 
 def test_spec_route_vectors_reference():
-    assert _reference.route([1, 0, 2, 1], [1] * 12, k=2, seed=42, density=1.0).tolist() == ROUTE_1
+    assert _reference.route([1, 0, 2, 1], [1] * 12, k=1, seed=42, density=1.0).tolist() == ROUTE_1
+    assert _reference.route([1, 0, 2, 1], [1] * 12, k=2, seed=42, density=1.0).tolist() == ROUTE_1K2
     assert _reference.route(CAPS_2, [1] * 40, k=2, seed=7, density=0.6).tolist()[:6] == ROUTE_2
     assert _reference.route(CAPS_2, [1, 0, 2, 0.5] * 10, k=3, seed=7, density=0.6).tolist()[:4] == ROUTE_3
 
 
 def test_hand_derivation_density_one():
-    """With density 1 every virtual column is a candidate: R_j is the k_draw smallest keys over all V
-    columns, written here from SPEC §5 and §13 directly (no ring machinery)."""
+    """With density 1 and full column intervals every virtual column is a candidate: R_j is the k_draw
+    smallest keys over all V columns, written here from SPEC §5 and §13 directly (no ring machinery)."""
     col_map = LAYOUT_1["col_map"]
     for j in range(12):
         base = at(stream(42, 3), j)
-        drawn = sorted(range(16), key=lambda v: (at(base, v), v))[:8]
+        drawn = sorted(range(8), key=lambda v: (at(base, v), v))[:4]
         row: list[int] = []
         for v in drawn:
             if col_map[v] not in row:
                 row.append(col_map[v])
-        assert row[:2] == ROUTE_1[j]
+        assert row[:1] == ROUTE_1[j]
 
 
 def test_first_distinct():
@@ -57,7 +65,8 @@ def test_first_distinct():
 
 @pytest.mark.parametrize("backend", ["cpu"])
 def test_spec_route_vectors_backend(backend):
-    assert gpr.route(np.ones(12), [1, 0, 2, 1], k=2, seed=42, density=1.0, backend=backend).tolist() == ROUTE_1
+    assert gpr.route(np.ones(12), [1, 0, 2, 1], k=1, seed=42, density=1.0, backend=backend).tolist() == ROUTE_1
+    assert gpr.route(np.ones(12), [1, 0, 2, 1], k=2, seed=42, density=1.0, backend=backend).tolist() == ROUTE_1K2
     assert gpr.route(np.ones(40), CAPS_2, k=2, seed=7, density=0.6, backend=backend).tolist()[:6] == ROUTE_2
     got = gpr.route(np.array([1, 0, 2, 0.5] * 10), CAPS_2, k=3, seed=7, density=0.6, backend=backend)
     assert got.tolist()[:4] == ROUTE_3
@@ -184,7 +193,7 @@ def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
     w = np.ones(n_src) if uniform else rng.random(n_src) * (rng.random(n_src) > 0.1)
     whole = gpr.route(w, caps, k=k, seed=11, density=density)
     assert not (whole == 1).any()  # zero capacity never receives
-    assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.99)
+    assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.98)
     n_ring = gpr.blocks.ring_size(caps, n_src=n_src, k=k, density=density)
     assert n_ring == _prep.band_layout(caps, n_src, k, density).n_cols > n_tgt
     mean = gpr.blocks.weight_mean(w)
