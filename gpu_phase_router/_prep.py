@@ -218,13 +218,18 @@ def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int
         col_map = xp.asarray(col_map)
     out = xp.empty((rows, k if col_map is None else k_out), dtype=xp.int32)
     prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
-    uniform = None if d is not None or w is not None else uniform_degree(density or 0.0, n_tgt)
+    dens = 0.0
+    if d is None:
+        if density is None:
+            raise TypeError("phase_rows needs density unless degrees d are given")
+        dens = density
+    uniform = None if d is not None or w is not None else uniform_degree(dens, n_tgt)
     for a in range(0, rows, rows_per_call):
         b = min(rows, a + rows_per_call)
         if d is not None:
             db = d[a:b]
         elif w is not None:
-            db = weights_to_counts(xp, w[a:b], density, n_tgt, mean=weight_mean, name="source_weights")
+            db = weights_to_counts(xp, w[a:b], dens, n_tgt, mean=weight_mean, name="source_weights")
         else:
             db = xp.full(b - a, uniform, dtype=xp.int64)
         out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,

@@ -9,11 +9,9 @@ run one entry of the method table (:mod:`gpu_phase_router.methods`), and return 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ._arrays import on_caller_stream, to_backend_array
+from ._arrays import Array, on_caller_stream, to_backend_array
 from ._keys import stream as _stream
 from ._validate import check_bits, check_int, check_int_vector, check_permutation, check_seed, vector_length
 from .backends import Backend, BackendName, get_backend, resolve
@@ -23,17 +21,17 @@ DEFAULT_N = 1024
 
 
 def route_counts(
-    source_degrees: Any,
-    target_counts: Any,
+    source_degrees: Array,
+    target_counts: Array,
     *,
     k: int,
     seed: int,
-    perm_s: Any = None,
-    perm_t: Any = None,
+    perm_s: Array = None,
+    perm_t: Array = None,
     backend: BackendName = "auto",
     rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
+) -> Array:
     """Phase router from count form (SPEC §2–§5): no bit matrix, O(n_src + n_tgt) memory.
 
     :func:`~gpu_phase_router.route_counts_block` of all rows (``row0=0``).
@@ -67,8 +65,8 @@ def route_counts(
 
 
 def route(
-    source_weights: Any = None,
-    target_capacities: Any = None,
+    source_weights: Array = None,
+    target_capacities: Array = None,
     n: int | None = None,
     k: int = 4,
     seed: int = 42,
@@ -78,7 +76,7 @@ def route(
     method: str = "phase",
     rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
+) -> Array:
     """Route sources to targets in proportion to target capacity (SPEC §7).
 
     The seed's signature and defaults; ``n_src = len(source_weights)`` and
@@ -131,19 +129,19 @@ def route(
 
 @on_caller_stream
 def route_bits(
-    s_bits: Any,
-    t_bits: Any,
+    s_bits: Array,
+    t_bits: Array,
     *,
     n_src: int,
     n_tgt: int,
     k: int,
     seed: int,
-    perm_s: Any = None,
-    perm_t: Any = None,
+    perm_s: Array = None,
+    perm_t: Array = None,
     backend: BackendName = "auto",
     rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
+) -> Array:
     """Phase router from bit-packed rows (SPEC §2), square or rectangular.
 
     Args:
@@ -165,7 +163,7 @@ def route_bits(
                                 block_rows=block_rows))
 
 
-def _popcounts(be: Backend, name: str, words: Any, rows: int, nbits: int, nb_words: int | None = None) -> Any:
+def _popcounts(be: Backend, name: str, words: Array, rows: int, nbits: int, nb_words: int | None = None) -> Array:
     words = check_bits(be.xp, name, words, rows, nbits, nb_words)
     counts, bad = be.popcount_rows(words, nbits)
     if bad:
@@ -174,8 +172,8 @@ def _popcounts(be: Backend, name: str, words: Any, rows: int, nbits: int, nb_wor
 
 
 @on_caller_stream
-def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_perm_s: Any, col_perm_t: Any,
-                 seed: int, *, backend: BackendName = "auto") -> Any:
+def phase_router(s_bits: Array, t_bits: Array, n: int, nb_words: int, k: int, col_perm_s: Array, col_perm_t: Array,
+                 seed: int, *, backend: BackendName = "auto") -> Array:
     """The seed's low-level square router with caller-given permutations.
 
     Args:
@@ -200,8 +198,8 @@ def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_pe
     return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=be.name))
 
 
-def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *,
-                      backend: BackendName = "auto") -> Any:
+def phase_router_auto(s_bits: Array, t_bits: Array, n: int, k: int, seed: int, *,
+                      backend: BackendName = "auto") -> Array:
     """The seed's square router with permutations derived from ``seed`` (SPEC §6).
 
     Returns:
@@ -211,7 +209,7 @@ def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *,
     return route_bits(s_bits, t_bits, n_src=n, n_tgt=n, k=k, seed=seed, backend=backend)
 
 
-def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "cpu") -> Any:
+def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "cpu") -> Array:
     """The permutation ``[feistel(i, n, stream(seed, stream)) for i in range(n)]`` (SPEC §6).
 
     ``stream=1`` gives the derived ``perm_s`` (length ``n_tgt``), ``stream=2`` the derived
@@ -225,7 +223,7 @@ def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "
 
 
 @on_caller_stream
-def popcount_rows(words: Any, nbits: int, *, backend: BackendName = "auto") -> Any:
+def popcount_rows(words: Array, nbits: int, *, backend: BackendName = "auto") -> Array:
     """Set bits per row of bit-packed ``words`` (uint64 ``[rows, ceil(nbits/64)]``) → int64 ``[rows]``.
 
     Raises ``ValueError`` if a padding bit (position ``>= nbits``) is set.
@@ -239,7 +237,7 @@ def popcount_rows(words: Any, nbits: int, *, backend: BackendName = "auto") -> A
     return ns.wrap(_popcounts(be, "words", w, rows, nbits))
 
 
-def left_aligned_bits(ones_per_row: Any, nbits: int) -> np.ndarray:
+def left_aligned_bits(ones_per_row: Array, nbits: int) -> np.ndarray:
     """Bit-packed rows whose first ``ones_per_row[i]`` bits are set (the seed's ``build_bits``).
 
     Vectorised: returns uint64 ``[len(ones_per_row), ceil(nbits / 64)]``.
@@ -253,7 +251,7 @@ def left_aligned_bits(ones_per_row: Any, nbits: int) -> np.ndarray:
     return np.where(fill == 64, full, partial).astype(np.uint64)
 
 
-def pack_bits(dense: Any) -> np.ndarray:
+def pack_bits(dense: Array) -> np.ndarray:
     """Pack a boolean ``[rows, nbits]`` matrix into uint64 ``[rows, ceil(nbits/64)]`` (SPEC §2)."""
     dense = np.asarray(dense)
     if dense.ndim != 2:

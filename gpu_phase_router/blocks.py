@@ -99,7 +99,7 @@ def _mean(weight_mean: Any, method: str) -> float:
     return weight_mean
 
 
-def _block_perm_t(xp: Any, perm_t: Any, rows: int, n_src: int) -> Array:
+def _block_perm_t(xp: Any, perm_t: Array, rows: int, n_src: int) -> Array:
     """The rows' slice of ``perm_t``: length ``rows``, values in ``[0, n_src)``, no repeats.
 
     For all ``n_src`` rows that makes it a permutation; that the slices of several row ranges
@@ -115,20 +115,20 @@ def _block_perm_t(xp: Any, perm_t: Any, rows: int, n_src: int) -> Array:
 
 @on_caller_stream
 def route_counts_block(
-    source_degrees: Any,
-    target_counts: Any,
+    source_degrees: Array,
+    target_counts: Array,
     *,
     n_src: int,
     row0: int,
     degree_prefix: int | None = None,
     k: int,
     seed: int,
-    perm_s: Any = None,
-    perm_t: Any = None,
+    perm_s: Array = None,
+    perm_t: Array = None,
     backend: BackendName = "auto",
     rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
+) -> Array:
     """Rows ``row0 .. row0 + len(source_degrees) - 1`` of :func:`~gpu_phase_router.route_counts`.
 
     ``route_counts_block(d[a:b], c, n_src=len(d), row0=a, degree_prefix=int(d[:a].sum()), ...)``
@@ -184,8 +184,8 @@ def route_counts_block(
 
 @on_caller_stream
 def route_block(
-    source_weights: Any,
-    target_capacities: Any,
+    source_weights: Array,
+    target_capacities: Array,
     *,
     n_src: int,
     row0: int,
@@ -198,7 +198,7 @@ def route_block(
     backend: BackendName = "auto",
     rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
+) -> Array:
     """Rows ``row0 .. row0 + rows - 1`` of :func:`~gpu_phase_router.route`, for every method.
 
     Equal bit for bit to ``route(w, target_capacities, k=k, seed=seed, density=density,
@@ -300,7 +300,7 @@ def sum_from_partials(partials: Any, n: int) -> float:
     return _prep.tree_combine(parts, n)
 
 
-def weight_mean(source_weights: Any) -> float:
+def weight_mean(source_weights: Array) -> float:
     """Mean of all source weights exactly as ``route`` computes it (the ``weight_mean`` of a block)."""
     ns = array_namespace(source_weights=source_weights)
     w = check_weights(ns.xp, "source_weights", ns.asarray(source_weights))
@@ -328,7 +328,7 @@ def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float 
     return m.degree_ring(caps, n_src=n_src, k=k, density=density)
 
 
-def source_degrees(source_weights: Any, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Any:
+def source_degrees(source_weights: Array, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Array:
     """Degrees ``d`` (SPEC §7) of a block of sources, given the mean of all weights → int64 ``[rows]``.
 
     Their sum over all earlier blocks is the ``degree_prefix`` of a block. ``n_tgt`` is the length

@@ -175,8 +175,7 @@ def register_method(name: str, rows: RowsFn | Callable[..., Any], *, uses_weight
         raise TypeError(f"name must be a non-empty string; got {name!r}")
     if not callable(rows):
         raise TypeError(f"rows must be callable; got {type(rows).__name__}")
-    method = Method(name, rows, uses_weight_mean, degrees, uniform_sources, summary,  # type: ignore[arg-type]
-                    ring_size)  # type: ignore[arg-type]
+    method = Method(name, rows, uses_weight_mean, degrees, uniform_sources, summary, ring_size)
     _TABLE[name] = method
     return method
 

@@ -69,6 +69,7 @@ def test_pack_bits_layout():
     assert _reference.popcount_rows(packed.tolist(), 100) == dense.sum(1).tolist()
 
 
+@pytest.mark.subprocess
 def test_import_loads_no_heavy_modules():
     code = (
         "import sys, gpu_phase_router\n"
@@ -112,6 +113,7 @@ def _reference_counts(w, density, n_other):
     return np.array(_reference.weights_to_counts(w.tolist(), density, n_other))
 
 
+@pytest.mark.torch
 def test_torch_cpu_in_torch_out():
     torch = pytest.importorskip("torch", reason="torch not installed: interop with torch tensors not exercised")
     caps = torch.tensor([1.0, 2.0, 8.0, 1.0])

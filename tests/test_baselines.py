@@ -193,6 +193,7 @@ def test_methods_registered():
     assert {"hash", "weighted_hash"} <= set(gpr.available_methods())
 
 
+@pytest.mark.subprocess
 def test_no_torch_or_cupy_import():
     code = ("import sys, numpy as np, gpu_phase_router as g;"
             "g.route(n=32, k=2, method='hash'); g.route(n=32, k=2, method='weighted_hash');"

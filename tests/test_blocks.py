@@ -10,7 +10,7 @@ import pytest
 import gpu_phase_router as gpr
 from gpu_phase_router import _prep, _reference, blocks
 
-BACKENDS = ["cpu", "cuda"]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _xp(backend: str):

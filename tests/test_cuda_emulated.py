@@ -21,7 +21,7 @@ from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feiste
 from gpu_phase_router.backends.cuda import CudaBackend, phase_shape, phase_width
 
 EMULATED = "cuda-emulated"
-KINDS = [EMULATED, "cuda"]
+KINDS = [EMULATED, pytest.param("cuda", marks=pytest.mark.gpu)]
 TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
@@ -242,6 +242,7 @@ def test_phase_kernel_choice():
     assert phase_width(7, max_width=2) == 2
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_phase_hypothesis(data):
@@ -374,6 +375,7 @@ def test_feistel_spec_vectors(kind):
     assert host(be.feistel(123456, 1, 1000000, stream(42, 2))).tolist() == [417975]
 
 
+@pytest.mark.slow
 def test_feistel_many_blocks(kind, cpu):
     """More values than one launch of 2^16 blocks covers in one pass of its grid-stride loop."""
     be = make_backend(kind)
@@ -425,7 +427,8 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
 def test_systematic_rows_per_call(kind):
     caps = np.arange(1.0, 12.0)
     want = _reference.route_systematic(caps.tolist(), 50, 5, 9)
-    assert np.array_equal(route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, rows_per_call=7), want)
+    got = route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, rows_per_call=7)
+    assert np.array_equal(got, want)
 
 
 # -- launch bookkeeping ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def fresh_cuda(monkeypatch):
     backends._INSTANCES.pop("cuda", None)
 
 
+@pytest.mark.subprocess
 def test_import_loads_no_gpu_stack():
     code = (
         "import sys\n"
