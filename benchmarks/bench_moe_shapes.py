@@ -112,8 +112,12 @@ def run_shape(n_tokens: int, n_exp: int, k: int, profile: str, seeds: list[int])
             good, worst = load_check(r, caps, k)
             ok.append(good)
             dev.append(worst * 100)
-        out[m] = {"fill": round(min(fill), 3), "survival": round(float(np.mean(surv)), 2),
-                  "load_ok": all(ok), "dev": round(max(dev), 2)}
+        out[m] = {
+            "fill": round(min(fill), 3),
+            "survival": round(float(np.mean(surv)), 2),
+            "load_ok": all(ok),
+            "dev": round(max(dev), 2),
+        }
     return out
 
 
@@ -124,15 +128,20 @@ def time_route(reps: int) -> dict:
         gpr.route(w, caps, k=2, seed=0, backend="cpu")
         methods.route_uniform("phase", "cpu", 16384, caps, k=2, seed=0)
     res = {}
-    for name, fn in (("route", lambda s: gpr.route(w, caps, k=2, seed=s, backend="cpu")),
-                     ("route_uniform", lambda s: methods.route_uniform("phase", "cpu", 16384, caps, k=2, seed=s))):
+    for name, fn in (
+        ("route", lambda s: gpr.route(w, caps, k=2, seed=s, backend="cpu")),
+        ("route_uniform", lambda s: methods.route_uniform("phase", "cpu", 16384, caps, k=2, seed=s)),
+    ):
         times = []
         for s in range(reps):
             t0 = time.perf_counter()
             fn(s)
             times.append(time.perf_counter() - t0)
-        res[name] = {"best_ms": round(min(times) * 1e3, 3), "p10_ms": round(float(np.percentile(times, 10)) * 1e3, 3),
-                     "median_ms": round(float(np.median(times)) * 1e3, 3)}
+        res[name] = {
+            "best_ms": round(min(times) * 1e3, 3),
+            "p10_ms": round(float(np.percentile(times, 10)) * 1e3, 3),
+            "median_ms": round(float(np.median(times)) * 1e3, 3),
+        }
     lay = gpr._prep.band_layout(caps, 16384, 2, 0.3)
     res["ring"] = {"V": lay.n_cols, "k_draw": lay.k_draw}
     return res
@@ -148,11 +157,21 @@ def square_check(seeds: list[int]) -> dict:
     for name in bench_moe.SEED_EXPERIMENTS:
         for value in bench_moe.EXPERIMENTS[name]["values"]:
             cfg = bench_moe.config(name, value)
-            surv = [bench_moe.run_point("phase", cfg["profile"], cfg["n"], cfg["k"], cfg["headroom"], s,
-                                        cfg["density"])["survival"] for s in seeds]
+            surv = [
+                bench_moe.run_point("phase", cfg["profile"], cfg["n"], cfg["k"], cfg["headroom"], s, cfg["density"])[
+                    "survival"
+                ]
+                for s in seeds
+            ]
             was = stored[name][str(value)]["phase"]["survival"]["mean"] * 100
-            rows.append({"experiment": name, "value": value, "now": round(float(np.mean(surv)) * 100, 2),
-                         "stored": round(was, 2)})
+            rows.append(
+                {
+                    "experiment": name,
+                    "value": value,
+                    "now": round(float(np.mean(surv)) * 100, 2),
+                    "stored": round(was, 2),
+                }
+            )
     worst = max(abs(r["now"] - r["stored"]) for r in rows)
     return {"seeds": seeds, "points": rows, "max_diff_points": round(worst, 2), "ok": worst <= SQUARE_TOL}
 
@@ -165,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
     gpr.route(np.ones(64), np.ones(8), k=2, backend="cpu")  # compile outside the measurements
-    shapes = [(t, e, k, p) for t in (TOKENS[:1] if args.quick else TOKENS) for p in PROFILES for e in EXPERTS
-              for k in KS if k <= e // 2]
+    shapes = [
+        (t, e, k, p)
+        for t in (TOKENS[:1] if args.quick else TOKENS)
+        for p in PROFILES
+        for e in EXPERTS
+        for k in KS
+        if k <= e // 2
+    ]
     t0 = time.perf_counter()
     results = []
     print(f"{'T':>6} {'E':>4} {'k':>2} {'profile':>8} | " + " | ".join(f"{m:^27}" for m in METHODS))
@@ -174,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     for t, e, k, p in shapes:
         r = run_shape(t, e, k, p, seeds)
         results.append({"T": t, "E": e, "k": k, "profile": p, **r})
-        cells = [f"{r[m]['fill']:7.2f} {'ok' if r[m]['load_ok'] else 'NO':>4} {r[m]['dev']:5.1f} "
-                 f"{r[m]['survival']:6.2f}" for m in METHODS]
+        cells = [
+            f"{r[m]['fill']:7.2f} {'ok' if r[m]['load_ok'] else 'NO':>4} {r[m]['dev']:5.1f} {r[m]['survival']:6.2f}"
+            for m in METHODS
+        ]
         print(f"{t:>6} {e:>4} {k:>2} {p:>8} | " + " | ".join(cells), flush=True)
     sweep_s = time.perf_counter() - t0
     timing = time_route(50 if args.quick else 200)
@@ -191,20 +218,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nshapes meeting each goal (of {len(results)}):")
     for m in METHODS:
         g = goals[m]
-        print(f"  {m:>14}: fill >= {FILL_GOAL}%: {g['fill_ok']}, load: {g['load_ok']}, "
-              f"survival within {SURVIVAL_GAP} pt of weighted_hash: {g['survival_ok']}")
-    print(f"route 16384 x 64, k=2 (CPU, {os.cpu_count()} cores, noisy shared machine): "
-          f"best {timing['route']['best_ms']} ms, median {timing['route']['median_ms']} ms; "
-          f"route_uniform best {timing['route_uniform']['best_ms']} ms (goal {TIME_GOAL_MS} ms); "
-          f"V = {timing['ring']['V']}")
-    print(f"square survival table: max |now - stored| = {square['max_diff_points']} points "
-          f"({'ok' if square['ok'] else 'CHANGED'}, tolerance {SQUARE_TOL})")
+        print(
+            f"  {m:>14}: fill >= {FILL_GOAL}%: {g['fill_ok']}, load: {g['load_ok']}, "
+            f"survival within {SURVIVAL_GAP} pt of weighted_hash: {g['survival_ok']}"
+        )
+    print(
+        f"route 16384 x 64, k=2 (CPU, {os.cpu_count()} cores, noisy shared machine): "
+        f"best {timing['route']['best_ms']} ms, median {timing['route']['median_ms']} ms; "
+        f"route_uniform best {timing['route_uniform']['best_ms']} ms (goal {TIME_GOAL_MS} ms); "
+        f"V = {timing['ring']['V']}"
+    )
+    print(
+        f"square survival table: max |now - stored| = {square['max_diff_points']} points "
+        f"({'ok' if square['ok'] else 'CHANGED'}, tolerance {SQUARE_TOL})"
+    )
     out = {
-        "meta": {"headroom": HEADROOM, "seeds": seeds, "sweep_s": round(sweep_s, 1),
-                 "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                             "python": sys.version.split()[0]},
-                 "note": "timings on a shared, noisy 2-core machine"},
-        "goals": goals, "timing": timing, "square_check": square, "shapes": results,
+        "meta": {
+            "headroom": HEADROOM,
+            "seeds": seeds,
+            "sweep_s": round(sweep_s, 1),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+            "note": "timings on a shared, noisy 2-core machine",
+        },
+        "goals": goals,
+        "timing": timing,
+        "square_check": square,
+        "shapes": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("moe_shapes_quick.json" if args.quick else "moe_shapes.json")

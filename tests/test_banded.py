@@ -13,8 +13,14 @@ import gpu_phase_router as gpr
 from gpu_phase_router import _prep, _reference
 from gpu_phase_router._keys import at, stream
 
-LAYOUT_1 = dict(n_cols=8, k_draw=4, weights=[1.0, 0.0, 2.0, 1.0], widths=[2, 0, 4, 2], counts=[12, 0, 12, 12],
-                col_map=[0, 0, 2, 2, 2, 2, 3, 3])
+LAYOUT_1 = dict(
+    n_cols=8,
+    k_draw=4,
+    weights=[1.0, 0.0, 2.0, 1.0],
+    widths=[2, 0, 4, 2],
+    counts=[12, 0, 12, 12],
+    col_map=[0, 0, 2, 2, 2, 2, 3, 3],
+)
 ROUTE_1 = [[2], [2], [3], [2], [0], [3], [2], [2], [2], [2], [2], [3]]
 ROUTE_1K2 = [[2, 0], [2, 0], [2, 0], [2, 3], [2, 0], [3, 2], [3, 2], [2, 0], [2, 3], [2, 3], [3, 2], [2, 0]]
 CAPS_2 = [3, 1, 0, 1.5, 0.2]
@@ -73,8 +79,13 @@ def test_spec_route_vectors_backend(backend):
 
 
 def test_host_layout_matches_reference():
-    for caps, n_src, k, density in [([1, 0, 2, 1], 12, 2, 1.0), (CAPS_2, 40, 1, 0.6), ([5.0] * 7, 1000, 3, 0.3),
-                                    ([1e-3, 1, 1e3], 50, 2, 0.05), ([0, 0, 1], 10, 1, 0.9)]:
+    for caps, n_src, k, density in [
+        ([1, 0, 2, 1], 12, 2, 1.0),
+        (CAPS_2, 40, 1, 0.6),
+        ([5.0] * 7, 1000, 3, 0.3),
+        ([1e-3, 1, 1e3], 50, 2, 0.05),
+        ([0, 0, 1], 10, 1, 0.9),
+    ]:
         want = _reference.band_layout([float(c) for c in caps], n_src, k, density)
         lay = _prep.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
         assert lay.n_cols == want["n_cols"] and lay.k_draw == want["k_draw"]
@@ -96,12 +107,16 @@ def _caps(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.where(np.arange(n) == 0, 50.0 * n, 1.0)  # dominant
 
 
-CPU_GRID = [(n_src, n_tgt, k, kind, density)
-            for (n_src, n_tgt), kind, density in itertools.product(
-                [(9, 2), (40, 5), (300, 8), (257, 16), (1200, 64), (3000, 300)],
-                ["uniform", "zeros", "strong", "dominant"], [0.3, 0.7])
-            for k in sorted({1, 2, 3, 8} & set(range(1, n_tgt + 1)))
-            if n_src * n_tgt * k <= 2_000_000]  # the reference is plain Python
+CPU_GRID = [
+    (n_src, n_tgt, k, kind, density)
+    for (n_src, n_tgt), kind, density in itertools.product(
+        [(9, 2), (40, 5), (300, 8), (257, 16), (1200, 64), (3000, 300)],
+        ["uniform", "zeros", "strong", "dominant"],
+        [0.3, 0.7],
+    )
+    for k in sorted({1, 2, 3, 8} & set(range(1, n_tgt + 1)))
+    if n_src * n_tgt * k <= 2_000_000
+]  # the reference is plain Python
 
 
 @pytest.mark.parametrize("n_src,n_tgt,k,kind,density", CPU_GRID)
@@ -162,19 +177,47 @@ def test_device_only_guard_can_fail():
     be = _device_only_backend()
     d = be.xp.full(20, 3, dtype=np.int64)
     with pytest.raises(AssertionError, match="read back"):
-        _prep.phase_rows(be, np.full(8, 10, dtype=np.int64), n_src=20, row0=0, rows=20, k=2, seed=1,
-                         degree_prefix=0, rows_per_call=7, d=d)
+        _prep.phase_rows(
+            be,
+            np.full(8, 10, dtype=np.int64),
+            n_src=20,
+            row0=0,
+            rows=20,
+            k=2,
+            seed=1,
+            degree_prefix=0,
+            rows_per_call=7,
+            d=d,
+        )
 
 
-@pytest.mark.parametrize("n_src,caps,k", [(300, np.ones(8), 2), (257, gpr.capacity.strong_hetero_capacities(16, 1), 4),
-                                          (100, np.array([1.0, 0.0, 3.0, 0.5]), 1)])
+@pytest.mark.parametrize(
+    "n_src,caps,k",
+    [
+        (300, np.ones(8), 2),
+        (257, gpr.capacity.strong_hetero_capacities(16, 1), 4),
+        (100, np.array([1.0, 0.0, 3.0, 0.5]), 1),
+    ],
+)
 def test_route_uniform_banded_reads_nothing_back(n_src, caps, k):
     from gpu_phase_router import methods
 
     be = _device_only_backend()
     want = _reference.route(caps.tolist(), [1.0] * n_src, k=k, seed=9, density=0.3)
-    got = methods.get_method("phase").rows(be, None, caps, n_src=n_src, row0=0, rows=n_src, k=k, seed=9,
-                                           density=0.3, weight_mean=1.0, degree_prefix=0, rows_per_call=64)
+    got = methods.get_method("phase").rows(
+        be,
+        None,
+        caps,
+        n_src=n_src,
+        row0=0,
+        rows=n_src,
+        k=k,
+        seed=9,
+        density=0.3,
+        weight_mean=1.0,
+        degree_prefix=0,
+        rows_per_call=64,
+    )
     assert isinstance(got, DeviceOnly)
     np.testing.assert_array_equal(got.view(np.ndarray), want)
     cpu = methods.route_uniform("phase", "cpu", n_src, caps, k=k, seed=9, density=0.3, rows_per_call=50)
@@ -201,17 +244,39 @@ def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
     parts = []
     for a, b in itertools.pairwise(cuts):
         prefix = int(gpr.blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=density).sum())
-        parts.append(gpr.route_block(w[a:b], caps, n_src=n_src, row0=a, k=k, seed=11, density=density,
-                                     weight_mean=mean, degree_prefix=prefix, rows_per_call=97))
+        parts.append(
+            gpr.route_block(
+                w[a:b],
+                caps,
+                n_src=n_src,
+                row0=a,
+                k=k,
+                seed=11,
+                density=density,
+                weight_mean=mean,
+                degree_prefix=prefix,
+                rows_per_call=97,
+            )
+        )
         if uniform:  # sources of weight 1 need neither the mean nor the prefix
             np.testing.assert_array_equal(
-                gpr.route_block(None, caps, n_src=n_src, row0=a, k=k, seed=11, density=density)[:b - a], parts[-1])
+                gpr.route_block(None, caps, n_src=n_src, row0=a, k=k, seed=11, density=density)[: b - a], parts[-1]
+            )
     np.testing.assert_array_equal(np.concatenate(parts), whole)
-    wrong = int(gpr.blocks.source_degrees(w[:cuts[1]], weight_mean=mean, n_tgt=n_tgt, density=density).sum())
+    wrong = int(gpr.blocks.source_degrees(w[: cuts[1]], weight_mean=mean, n_tgt=n_tgt, density=density).sum())
     if cuts[1] > 0 and wrong % n_ring:
-        got = gpr.route_block(w[cuts[1]:], caps, n_src=n_src, row0=cuts[1], k=k, seed=11, density=density,
-                              weight_mean=mean, degree_prefix=wrong)
-        assert not np.array_equal(got, whole[cuts[1]:])  # degrees on the n_tgt ring are the wrong prefix
+        got = gpr.route_block(
+            w[cuts[1] :],
+            caps,
+            n_src=n_src,
+            row0=cuts[1],
+            k=k,
+            seed=11,
+            density=density,
+            weight_mean=mean,
+            degree_prefix=wrong,
+        )
+        assert not np.array_equal(got, whole[cuts[1] :])  # degrees on the n_tgt ring are the wrong prefix
 
 
 @pytest.mark.parametrize("chunks", [(250, 250, 500), (1, 998, 1), (333, 333, 334)])
