@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gpu_phase_router as gpr
 from gpu_phase_router import _prep, _reference
@@ -290,3 +292,23 @@ def test_dask_equals_whole(chunks):
         whole = gpr.route(weights, caps, k=2, seed=5)
         lazy = gdask.route(da.from_array(weights, chunks=(chunks,)), caps, k=2, seed=5)
         np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), whole)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_hypothesis_cpu_equals_reference(data):
+    """Random banded shapes: capacities with zeros and wide spreads, any k, density and weights."""
+    n_tgt = data.draw(st.integers(1, 12), label="n_tgt")
+    n_src = data.draw(st.integers(n_tgt + 1, 80), label="n_src")
+    caps = data.draw(st.lists(st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0, 100.0]), min_size=n_tgt, max_size=n_tgt))
+    if not any(caps):
+        caps[0] = 1.0
+    k = data.draw(st.integers(1, n_tgt), label="k")
+    density = data.draw(st.sampled_from([0.05, 0.3, 0.77, 1.0]), label="density")
+    w = data.draw(st.lists(st.sampled_from([0.0, 0.2, 1.0, 5.0]), min_size=n_src, max_size=n_src))
+    if not any(w):
+        w[0] = 1.0
+    seed = data.draw(st.integers(0, (1 << 64) - 1), label="seed")
+    want = _reference.route(caps, w, k=k, seed=seed, density=density)
+    got = gpr.route(np.array(w), np.array(caps), k=k, seed=seed, density=density, backend="cpu")
+    np.testing.assert_array_equal(got, want)

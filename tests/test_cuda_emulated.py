@@ -540,3 +540,23 @@ def test_banded_launch_bookkeeping():
     run_phase_mapped(be, d, lay.col_counts, lay.k_draw, 2, lay.col_map, 1, block_rows=8)
     names = [name for name, _, _ in be._launch.launches]
     assert names.count("gpr_phase_rows_k8") == 4 and len(names) == 4 + 1 + 1 + 4  # phase, pack, inv_s, perm_t
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mapped_emission_hypothesis(data):
+    """Random counts, column maps, k and k_out at every launch shape: emulated CUDA == reference."""
+    _emulator_or_skip()
+    n_src = data.draw(st.integers(1, 40), label="n_src")
+    n_cols = data.draw(st.integers(1, 60), label="n_cols")
+    n_tgt = data.draw(st.integers(1, n_cols), label="n_tgt")
+    k = data.draw(st.integers(1, n_cols), label="k")
+    k_out = data.draw(st.integers(1, k), label="k_out")
+    d = data.draw(st.lists(st.integers(0, n_cols), min_size=n_src, max_size=n_src), label="d")
+    c = data.draw(st.lists(st.integers(0, n_src), min_size=n_cols, max_size=n_cols), label="c")
+    col_map = data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map")
+    seed = data.draw(st.integers(0, TOP), label="seed")
+    config = data.draw(st.sampled_from([{}, *CONFIGS]), label="config")
+    want = mapped_reference(d, c, k, k_out, col_map, seed)
+    be = make_backend(EMULATED, **config)
+    assert np.array_equal(run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=max(1, n_src // 3)), want)

@@ -26,6 +26,7 @@ ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused w
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
+_NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
 
 
 @nb.njit(inline="always", cache=True)
@@ -327,7 +328,10 @@ class CpuBackend:
     def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
         ring_start, ring_len, ring_col = ring
         banded = col_map is not None
-        cmap = np.ascontiguousarray(col_map, dtype=np.int64) if banded else _NO_MAP
+        cmap = _NO_MAP
+        if banded:
+            cmap = np.ascontiguousarray(col_map, dtype=np.int64).view()
+            cmap.setflags(write=False)
         out = np.empty((phase.shape[0], k_out if banded else k), dtype=np.int32)
         _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
                     np.int64(row0), np.uint64(select_key), cmap, out)
