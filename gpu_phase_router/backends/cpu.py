@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
 
@@ -19,11 +22,13 @@ _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+_ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
 
 
@@ -169,12 +174,50 @@ def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
     return size
 
 
+@intrinsic
+def _cttz(typingctx, x):
+    """Index of the lowest set bit of a non-zero uint64 (one ``tzcnt``)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def _compact(x, n_src, rs, rl, rc, cbuf):
+    """Columns ``rc[j]`` of the positions ``j`` whose interval ``(rs[j], rl[j])`` holds ``x``, into ``cbuf``.
+
+    Positions are tested ``MASK_BITS`` at a time in a branch-free, vectorisable loop that sets
+    one bit per hit; the set bits are then walked with ``tzcnt``, so the scalar part costs one
+    step per candidate rather than one per position. All indices are unsigned or ranges from 0
+    over slices, so no negative-index wrap-around code sits in the loops. Returns the count.
+    """
+    cnt = np.uint64(0)
+    n = rs.shape[0]
+    for b in range(0, n, MASK_BITS):
+        w = min(MASK_BITS, n - b)
+        m = _ZERO
+        for j in range(w):
+            diff = x - rs[b + j]
+            diff += (diff >> 63) & n_src
+            m |= np.uint64(diff < rl[b + j]) << np.uint64(j)
+        base = np.uint64(b)
+        while m:
+            cbuf[cnt] = rc[base + _cttz(m)]
+            cnt += _ONE
+            m &= m - _ONE
+    return np.int64(cnt)
+
+
 @nb.njit(inline="always", cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
                   size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` to the bottom-k; return its size.
 
-    Chunks of positions are tested branch-free and compacted into ``cbuf`` (columns), their
+    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`), their
     keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
     reach the (branchy) update. For the first chunk of a row, when it holds many more
     candidates than ``k``, a provisional bound ``tau`` (about ``2k + 4`` expected keys below it)
@@ -184,12 +227,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     p0 = lo
     while p0 < hi:
         p1 = min(hi, p0 + cbuf.shape[0])
-        cnt = 0
-        for p in range(p0, p1):
-            diff = x - ring_start[p]
-            diff += (diff >> 63) & n_src
-            cbuf[cnt] = ring_col[p]
-            cnt += diff < ring_len[p]
+        cnt = _compact(x, n_src, ring_start[p0:p1], ring_len[p0:p1], ring_col[p0:p1], cbuf)
         for q in range(cnt):
             kbuf[q] = _at(row_base, cbuf[q])
         n_q = 0
