@@ -8,8 +8,10 @@ sides route identical bits with identical permutations. Timed per point:
 * ``seed``: the seed's ``route_timing`` example (``router::phase_router`` only, rayon);
 * ``spec``: our ``phase_router(s_bits, t_bits, n, nb_words, k, perm_s, perm_t, 42)`` (SPEC
   mode: SplitMix64 bottom-k selection), Numba code generated for this CPU;
-* ``spec-znver3`` (``--znver3``): the same with ``NUMBA_CPU_NAME=znver3`` (AVX2, no AVX-512), so
-  AVX2 and AVX-512 code generation are compared on one machine in one run;
+* ``spec-avx2`` (``--znver3``): the same with ``NUMBA_CPU_NAME=znver3`` and ``NUMBA_CPU_FEATURES`` set
+  to this CPU's features with every ``avx512*`` turned off, so AVX2 and AVX-512 code generation are
+  compared on one machine in one run. (``NUMBA_CPU_NAME`` alone keeps the host's feature list, and
+  with it AVX-512 code, on an AVX-512 machine.)
 * ``compat`` (when ``gpu_phase_router.compat`` exists): the seed-exact mode
   ``gpu_phase_router.compat.phase_router``, same call as the seed's.
 
@@ -74,6 +76,14 @@ def seed_permutations(dump_binary: str, n: int) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(res["col_perm_s"], dtype=np.int64), np.asarray(res["col_perm_t"], dtype=np.int64)
 
 
+def avx2_features() -> str:
+    """This CPU's LLVM feature string with every ``avx512*`` feature disabled (for ``NUMBA_CPU_FEATURES``)."""
+    import llvmlite.binding as ll
+
+    feats = ll.get_host_cpu_features().flatten().split(",")
+    return ",".join("-" + f[1:] if f.startswith("+avx512") else f for f in feats if f)
+
+
 def fnv1a(routes: np.ndarray) -> str:
     """The seed's ``route_timing`` checksum: FNV-1a over the routes as u32 values."""
     h = 0xCBF29CE484222325
@@ -120,24 +130,24 @@ class Worker:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.p.stdout.readline())
 
-    def time(self, n: int, k: int, calls: int, mode: str) -> tuple[float, str]:
+    def time(self, n: int, k: int, calls: int, mode: str) -> tuple[tuple[float, float], str]:
         self.p.stdin.write(f"{n} {k} {calls} {mode}\n")
         self.p.stdin.flush()
         res = json.loads(self.p.stdout.readline())
-        return statistics.median(res["times"]) * 1e3, res["fnv"]
+        return (statistics.median(res["times"]) * 1e3, min(res["times"]) * 1e3), res["fnv"]
 
     def close(self) -> None:
         self.p.stdin.close()
         self.p.wait()
 
 
-def seed_time(binary: str, n: int, k: int, calls: int, threads: int) -> tuple[float, str]:
-    """Median ms of the seed's ``route_timing`` for one point, and its routes checksum."""
+def seed_time(binary: str, n: int, k: int, calls: int, threads: int) -> tuple[tuple[float, float], str]:
+    """(median, min) ms of the seed's ``route_timing`` for one point, and its routes checksum."""
     env = dict(os.environ, ROUTE_TIMING_CALLS=str(calls), RAYON_NUM_THREADS=str(threads))
     p = subprocess.run([binary, str(n), str(k)], env=env, capture_output=True, text=True, check=True)
     fields = p.stdout.split()
     fnv = p.stderr.split("routes_fnv1a=")[1].split()[0]
-    return float(fields[5]), fnv
+    return (float(fields[5]), float(fields[3])), fnv
 
 
 def first_call_times(threads: int) -> dict[str, float]:
@@ -166,7 +176,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every point")
     ap.add_argument("--calls", type=int, default=None, help="calls per point and round (default by N)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="Numba and rayon threads")
-    ap.add_argument("--znver3", action="store_true", help="also run ours with NUMBA_CPU_NAME=znver3 (AVX2 code)")
+    ap.add_argument("--znver3", "--avx2", dest="znver3", action="store_true",
+                    help="also run ours with AVX2 code generation (NUMBA_CPU_NAME=znver3, avx512* features off)")
     ap.add_argument("--no-compat", action="store_true", help="skip the seed-exact mode even if present")
     ap.add_argument("--first-call", action="store_true", help="also time import and first route() (fresh processes)")
     ap.add_argument("--out", default="benchmarks/results/bench_cpu.json")
@@ -184,12 +195,12 @@ def main() -> None:
 
     cpu = cpu_info()
     base_env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads))
-    base_env.pop("NUMBA_CPU_NAME", None)
-    native_target = os.environ.get("NUMBA_CPU_NAME") or "native (host)"
-    variants = {"spec": dict(base_env, **({"NUMBA_CPU_NAME": os.environ["NUMBA_CPU_NAME"]}
-                                          if os.environ.get("NUMBA_CPU_NAME") else {}))}
+    native_target = os.environ.get("NUMBA_CPU_NAME") or "host"
+    if os.environ.get("NUMBA_CPU_FEATURES"):
+        native_target += " (NUMBA_CPU_FEATURES set)"
+    variants = {"spec": base_env}
     if args.znver3:
-        variants["spec-znver3"] = dict(base_env, NUMBA_CPU_NAME="znver3")
+        variants["spec-avx2"] = dict(base_env, NUMBA_CPU_NAME="znver3", NUMBA_CPU_FEATURES=avx2_features())
 
     with tempfile.TemporaryDirectory() as tmp:
         perm_file = os.path.join(tmp, "perms.npz")
@@ -227,10 +238,13 @@ def main() -> None:
     cols = ["seed"] + list(variants) + (["compat"] if has_compat else [])
     rows = []
     for n, k in points:
-        med = {c: statistics.median(samples[(n, k)][c]) for c in cols}
+        med = {c: statistics.median(s[0] for s in samples[(n, k)][c]) for c in cols}
+        best = {c: min(s[1] for s in samples[(n, k)][c]) for c in cols}
         row = dict(n=n, k=k, calls=args.calls or default_calls(n), rounds=args.rounds,
                    ms={c: round(v, 4) for c, v in med.items()},
-                   ratio={c: round(med["seed"] / med[c], 2) for c in cols if c != "seed"})
+                   ratio={c: round(med["seed"] / med[c], 2) for c in cols if c != "seed"},
+                   min_ms={c: round(v, 4) for c, v in best.items()},
+                   min_ratio={c: round(best["seed"] / best[c], 2) for c in cols if c != "seed"})
         if has_compat:
             row["compat_matches_seed"] = checks[(n, k)]["compat"] == checks[(n, k)]["seed"]
         rows.append(row)
@@ -239,7 +253,8 @@ def main() -> None:
                 gpu_phase_router=gpr.__version__, load_avg=os.getloadavg(),
                 workload=f"square N, round({DENSITY} N) left-aligned ones per S and T row, seed {SEED}, "
                          "permutations of the seed's phase_router_auto(seed=42)",
-                timing="median over rounds of the per-round median of `calls` calls; seed = route_timing")
+                timing="ms/ratio: median over rounds of the per-round median of `calls` calls; min_ms/min_ratio: "
+                       "fastest call of all rounds; seed = route_timing")
     first = first_call_times(args.threads) if args.first_call else None
 
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
@@ -259,6 +274,9 @@ def main() -> None:
         for c in cols[1:]:
             line += f" {r['ms'][c]:.3f} ms | {r['ratio'][c]:.1f}× |"
         print(line)
+    print("# fastest call of all rounds (less sensitive to other load), seed/ours: "
+          + "; ".join(f"N={r['n']} k={r['k']} " + " ".join(f"{c} {r['min_ratio'][c]:.1f}×" for c in cols[1:])
+                      for r in rows))
     if has_compat:
         print("# compat routes equal the seed's (FNV-1a checksum): "
               + ("all points" if all(r["compat_matches_seed"] for r in rows) else
