@@ -215,33 +215,42 @@ def _compact(x, n_src, rs, rl, rc, cbuf):
 @nb.njit(inline="always", cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
                   size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` to the bottom-k; return its size.
+    """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
-    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`), their
-    keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
-    reach the (branchy) update. For the first chunk of a row, when it holds many more
-    candidates than ``k``, a provisional bound ``tau`` (about ``2k + 4`` expected keys below it)
-    pre-selects candidates branch-free; if fewer than ``k`` keys fall below it, every
-    candidate is offered instead, so the result is exact either way.
+    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`). One
+    vectorisable loop computes their keys and counts those at or below a bound: the current
+    k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
+    first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
+    with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
+    it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
+    long row once the bottom-k is full — skip the update entirely; otherwise the indices under
+    the bound are compacted branch-free into ``qbuf`` and only they reach the branchy update.
     """
     p0 = lo
+    want = 2 * k + 4
     while p0 < hi:
         p1 = min(hi, p0 + cbuf.shape[0])
         cnt = _compact(x, n_src, ring_start[p0:p1], ring_len[p0:p1], ring_col[p0:p1], cbuf)
+        if size >= k:
+            bound = keys[0] if k > SMALL_K else keys[k - 1]
+        elif size == 0 and cnt > 2 * want:
+            bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+        else:
+            bound = _KEY_MAX
+        hits = 0
         for q in range(cnt):
-            kbuf[q] = _at(row_base, cbuf[q])
-        n_q = 0
-        want = 2 * k + 4
-        if size == 0 and cnt > 2 * want:
-            tau = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+            kq = _at(row_base, cbuf[q])
+            kbuf[q] = kq
+            hits += kq <= bound
+        if size < k and hits < k:
+            bound = _KEY_MAX
+            hits = cnt
+        if hits:
+            n_q = 0
             for q in range(cnt):
                 qbuf[n_q] = q
-                n_q += kbuf[q] <= tau
-        if n_q < k:
-            n_q = cnt
-            for q in range(cnt):
-                qbuf[q] = q
-        size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
+                n_q += kbuf[q] <= bound
+            size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
         p0 = p1
     return size
 
