@@ -9,7 +9,8 @@ A row's scan tests its ``d = density * n_tgt`` ring positions, so a call costs
   builds the density-0.3 workload only, so the seed has no density sweep here;
 
 fits ``t = a * density * N^2`` to each implementation (median of ``t / (density N^2)``) and draws
-one log-log plot of time against ``density * N^2`` with both model lines.
+one log-log plot of time against ``density * N^2`` with both model lines. Each point is the
+fastest of its calls (the steadiest figure on a shared machine), for ours and the seed alike.
 
     python benchmarks/bench_cost_model.py --seed-binary /path/to/route_timing
 """
@@ -42,13 +43,13 @@ def ours_ms(n: int, density: float, k: int, calls: int) -> float:
         t0 = time.perf_counter()
         gpr.phase_router_auto(bits, bits, n, k, 42)
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def seed_ms(binary: str, n: int, k: int, calls: int, threads: int) -> float:
     env = dict(os.environ, ROUTE_TIMING_CALLS=str(calls), RAYON_NUM_THREADS=str(threads))
     out = subprocess.run([binary, str(n), str(k)], env=env, capture_output=True, text=True, check=True).stdout
-    return float(out.split()[5])
+    return float(out.split()[3])  # fastest call (route_timing's min_ms)
 
 
 def main() -> None:
@@ -84,7 +85,8 @@ def main() -> None:
         fit[impl] = statistics.median(p["ms"] / p["work"] for p in big) * 1e6  # ns per (density * N^2)
     cpu = cpu_info()
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
-    print(f"# CPU: {cpu['model']} ({cpu['cores']} cores; {flags}); {args.threads} threads; k = {args.k}")
+    print(f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
+          f"{args.threads} threads; k = {args.k}")
     print("| implementation | sweep | N | density | time | ns per density·N² |")
     print("|---|---|---:|---:|---:|---:|")
     for p in pts:
@@ -127,7 +129,8 @@ def main() -> None:
                       label=f"model {impl}: {fit[impl]:.2f} ns × density·N²")
     ax.set_xlabel("density · n_src · n_tgt (ring positions tested)")
     ax.set_ylabel(f"time per call, ms (k = {args.k}, {args.threads} threads)")
-    ax.set_title(f"{cpu['model']}, {cpu['cores']} cores, AVX-512 {'yes' if cpu['avx512f'] else 'no'}", fontsize=9)
+    ax.set_title(f"{cpu['model']} ({cpu['llvm_cpu']}), {cpu['cores']} cores, "
+                 f"AVX-512 {'yes' if cpu['avx512f'] else 'no'}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

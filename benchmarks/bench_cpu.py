@@ -63,7 +63,13 @@ def cpu_info() -> dict[str, object]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return dict(model=model or platform.processor() or "unknown", avx2="avx2" in flags,
+    try:
+        import llvmlite.binding as ll
+
+        llvm_cpu = ll.get_host_cpu_name()  # e.g. znver5, when /proc/cpuinfo only says "AMD EPYC"
+    except ImportError:
+        llvm_cpu = "unknown"
+    return dict(model=model or platform.processor() or "unknown", llvm_cpu=llvm_cpu, avx2="avx2" in flags,
                 avx512f="avx512f" in flags, cores=os.cpu_count())
 
 
@@ -258,8 +264,8 @@ def main() -> None:
     first = first_call_times(args.threads) if args.first_call else None
 
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
-    print(f"# CPU: {cpu['model']} ({cpu['cores']} cores; {flags}); Numba target {native_target}; "
-          f"{args.threads} threads (Numba and rayon); load avg {meta['load_avg'][0]:.2f}")
+    print(f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
+          f"Numba target {native_target}; {args.threads} threads (Numba and rayon); load avg {meta['load_avg'][0]:.2f}")
     print(f"# Numba {numba.__version__}, NumPy {np.__version__}, Python {platform.python_version()}; "
           f"{args.rounds} interleaved rounds, ratio = seed time / ours, same run")
     head = "| N | k | seed (Rust) |"
