@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 SEED_LIMIT = 1 << 64
+SIZE_LIMIT = (1 << 63) - 1  # sizes are int64 in every kernel
 
 
 def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
@@ -25,6 +26,14 @@ def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = 
     if lo is not None and value < lo or hi is not None and value > hi:
         rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {rng}; got {value}")
+    return value
+
+
+def check_size(name: str, value: Any) -> int:
+    """A size (``n_src``, ``n_tgt``, ``n``): an integer in ``[1, 2^63 - 1]``."""
+    value = check_int(name, value, lo=1)
+    if value > SIZE_LIMIT:
+        raise ValueError(f"{name} must be <= 2^63 - 1 (sizes are int64); got {value}")
     return value
 
 
@@ -44,6 +53,21 @@ def check_density(density: Any) -> float:
     if not (0.0 < density <= 1.0):
         raise ValueError(f"density must be in (0, 1]; got {density}")
     return density
+
+
+def vector_length(name: str, x: Any) -> int:
+    """Length of a 1-D array or sequence (arrays are not converted; errors name ``name``)."""
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D array or sequence of numbers; got {type(x).__name__}")
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(x)
+        except ValueError as exc:  # a ragged nested sequence
+            raise ValueError(f"{name} must be a 1-D array or sequence of numbers: {exc}") from None
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(shape)}")
+    return int(shape[0])
 
 
 def as_vector(xp: Any, name: str, x: Any) -> Any:

@@ -1,4 +1,6 @@
-"""Hash-routing baselines for evaluation: ``route(..., method="hash" | "weighted_hash")``.
+"""Hash-routing baselines for evaluation: the kernels of ``route(..., method="hash" | "weighted_hash")``.
+
+The methods themselves are entries of :mod:`gpu_phase_router.methods`.
 
 Both are counter-based: the slot ``s`` of source ``j`` draws the 64-bit key
 
@@ -9,11 +11,12 @@ blocks (or GPU threads) gives the same table, and NumPy and CuPy compute the sam
 (the code below is written once against the array module ``xp``, in uint64 arithmetic).
 
 * ``method="hash"`` (stream 5) — the seed's capacity-blind baseline: ``k`` independent uniform
-  targets ``key(j, s) mod n_tgt`` per source, **with replacement** like the seed's
-  ``rng.integers(0, n, (n, k))``, so a row may name a target twice (probability about
-  ``k^2 / (2 n_tgt)`` per row); each occurrence is a separate slot for enforcement and
-  survival. Capacities are ignored entirely, zero ones included (enforcement then drops those
-  slots, since their hard cap is 0).
+  targets per source, **with replacement** like the seed's ``rng.integers(0, n, (n, k))``, so a
+  row may name a target twice (probability about ``k^2 / (2 P)`` per row); each occurrence is a
+  separate slot for enforcement and survival. It is blind to the *size* of capacities but, like
+  every method, never sends a slot to a zero-capacity target: with ``pos`` the ``P`` targets of
+  positive capacity in ascending order, slot ``s`` takes ``pos[key(j, s) mod P]`` (SPEC §12).
+  With all capacities positive that is ``key(j, s) mod n_tgt``, the seed's rule.
 * ``method="weighted_hash"`` (stream 6) — capacity-aware: ``k`` **distinct** targets per
   source, drawn one after another with probability proportional to capacity among the targets
   not yet drawn (successive sampling without replacement — the same distribution as the
@@ -34,44 +37,37 @@ from typing import Any
 
 import numpy as np
 
-from . import _prep
-from ._keys import GOLDEN, MIX_M1, MIX_M2, stream
-from .api import register_method
+from ._keys import at_array, stream
 
 STREAM_HASH = 5
 STREAM_WEIGHTED_HASH = 6
 
 
-def mix64(xp: Any, z: Any) -> Any:
-    """SplitMix64 finaliser on a uint64 array of ``xp`` (wrap-around arithmetic)."""
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX_M1)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX_M2)
-    return z ^ (z >> xp.uint64(31))
-
-
-def at(xp: Any, base: Any, i: Any) -> Any:
-    """``mix64(base + G * (i + 1))`` elementwise; ``base`` and ``i`` uint64 arrays or ints."""
-    base = xp.asarray(base, dtype=xp.uint64)
-    i = xp.asarray(i, dtype=xp.uint64)
-    return mix64(xp, base + xp.uint64(GOLDEN) * (i + xp.uint64(1)))
-
-
 def slot_keys(xp: Any, seed: int, stream_id: int, row0: int, rows: int, k: int) -> Any:
     """uint64 ``[rows, k]``: ``key(j, s) = at(at(stream(seed, stream_id), j), s)`` for
     ``j = row0 .. row0 + rows - 1`` and ``s = 0 .. k - 1``."""
-    with np.errstate(over="ignore"):
-        rows_idx = xp.arange(row0, row0 + rows, dtype=xp.uint64)
-        row_base = at(xp, xp.uint64(stream(seed, stream_id)), rows_idx)
-        return at(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
+    rows_idx = xp.arange(row0, row0 + rows, dtype=xp.uint64)
+    row_base = at_array(xp, xp.uint64(stream(seed, stream_id)), rows_idx)
+    return at_array(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
 
 
-def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) -> Any:
-    """Rows ``row0 .. row0 + rows - 1`` of the uniform hash → int32 ``[rows, k]``."""
+def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int, positive: Any = None) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the uniform hash → int32 ``[rows, k]``.
+
+    Args:
+        n_tgt: number of targets.
+        positive: optional int64 ``[P]``, the targets of positive capacity in ascending order
+            (``None``: all ``n_tgt`` targets); slots are uniform over these.
+    """
     keys = slot_keys(xp, seed, STREAM_HASH, row0, rows, k)
-    return (keys % xp.uint64(n_tgt)).astype(xp.int32)
+    if positive is None or int(positive.shape[0]) == n_tgt:
+        return (keys % xp.uint64(n_tgt)).astype(xp.int32)
+    idx = (keys % xp.uint64(positive.shape[0])).astype(xp.int64)
+    return positive[idx].astype(xp.int32)
 
 
-def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int) -> Any:
+def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int, total: int,
+                        n_pos: int) -> Any:
     """Rows of the capacity-weighted hash → int32 ``[rows, k]`` (see the module docstring).
 
     ``k * (k + 1) / 2`` vectorised passes over the rows (a ``k``-wide sort per slot): cheap for
@@ -79,11 +75,11 @@ def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows
 
     Args:
         cum: uint64 ``[n_tgt + 1]`` cumulative capacity units (``_prep.capacity_cum``).
+        total: ``cum[-1]``; n_pos: the number of targets with positive units (host integers, so
+            nothing is read back from a device).
     """
     keys = slot_keys(xp, seed, STREAM_WEIGHTED_HASH, row0, rows, k)
     units = cum[1:] - cum[:-1]
-    total = int(cum[-1])
-    n_pos = int(xp.count_nonzero(units))
     out = xp.full((rows, k), -1, dtype=xp.int32)
     # ``taken`` holds the targets drawn so far in ascending order (padding n_tgt sorts last).
     n_tgt = int(units.shape[0])
@@ -102,37 +98,6 @@ def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows
     return out
 
 
-def _blocks(n_src: int, block_rows: int):
-    for a in range(0, n_src, block_rows):
-        yield a, min(n_src, a + block_rows)
-
-
-def _route_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
-    xp = be.xp
-    n_src, n_tgt = int(w.shape[0]), int(caps.shape[0])
-    out = xp.empty((n_src, k), dtype=xp.int32)
-    for a, b in _blocks(n_src, block_rows):
-        out[a:b] = hash_block(xp, n_tgt, k=k, seed=seed, row0=a, rows=b - a)
-    out[w == 0] = -1
-    return out
-
-
-def _route_weighted_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float,
-                         block_rows: int) -> Any:
-    xp = be.xp
-    n_src = int(w.shape[0])
-    cum = _prep.capacity_cum(xp, caps)
-    out = xp.empty((n_src, k), dtype=xp.int32)
-    for a, b in _blocks(n_src, block_rows):
-        out[a:b] = weighted_hash_block(xp, cum, k=k, seed=seed, row0=a, rows=b - a)
-    out[w == 0] = -1
-    return out
-
-
-register_method("hash", _route_hash)
-register_method("weighted_hash", _route_weighted_hash)
-
-
 def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
     """The seed's helper: ``n`` sources to ``n`` targets by the uniform hash → int32 ``[n, k]``.
 
@@ -144,5 +109,4 @@ def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
     return route(n=n, k=k, seed=seed, method="hash", backend="cpu")
 
 
-__all__ = ["STREAM_HASH", "STREAM_WEIGHTED_HASH", "at", "hash_block", "hash_route", "mix64", "slot_keys",
-           "weighted_hash_block"]
+__all__ = ["STREAM_HASH", "STREAM_WEIGHTED_HASH", "hash_block", "hash_route", "slot_keys", "weighted_hash_block"]

@@ -14,6 +14,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
 
 _G = np.uint64(GOLDEN)
 _M1 = np.uint64(MIX_M1)
@@ -30,6 +31,8 @@ ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused w
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+FEISTEL_TASK = 4096  # permutation values per prange task
+SYSTEMATIC_TASK = 256  # systematic rows per prange task
 
 
 @nb.njit(inline="always", cache=True)
@@ -68,12 +71,21 @@ def _feistel_one(x, n, key, h, mask, inverse):
             return np.int64(y)
 
 
-@nb.njit(parallel=True, cache=True)
-def _feistel_range(start, count, n, key, h, mask, inverse):
-    out = np.empty(count, dtype=np.int64)
-    for i in nb.prange(count):
+@nb.njit(cache=True)
+def _feistel_fill(start, n, key, h, mask, inverse, out):
+    """``out[i] = feistel(start + i)`` (or its inverse), serially."""
+    for i in range(out.shape[0]):
         out[i] = _feistel_one(start + i, n, key, h, mask, inverse)
-    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def _feistel_fill_par(start, n, key, h, mask, inverse, out):
+    """:func:`_feistel_fill` split into tasks of ``FEISTEL_TASK`` values across threads."""
+    count = out.shape[0]
+    for task in nb.prange((count + FEISTEL_TASK - 1) // FEISTEL_TASK):
+        a = task * FEISTEL_TASK
+        b = min(count, a + FEISTEL_TASK)
+        _feistel_fill(start + a, n, key, h, mask, inverse, out[a:b])
 
 
 @nb.njit(inline="always", cache=True)
@@ -255,7 +267,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(cache=True)
 def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
     rows = phase.shape[0]
     n_tgt = ring_col.shape[0]
@@ -283,6 +295,20 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
 
 
 @nb.njit(parallel=True, cache=True)
+def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
+    """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
+
+    The serial kernel is compiled once and called per task, so the parallel compile stays small.
+    """
+    rows = phase.shape[0]
+    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        a = task * ROWS_PER_TASK
+        b = min(rows, a + ROWS_PER_TASK)
+        _phase_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n_src, k, row0 + a,
+                    row_key, out[a:b])
+
+
+@nb.njit(cache=True)
 def _systematic_rows(phase, cum, n_src, k, phi, out):
     rows = phase.shape[0]
     n_tgt = cum.shape[0] - 1
@@ -301,6 +327,16 @@ def _systematic_rows(phase, cum, n_src, k, phi, out):
                 last = t
         for q in range(listed, k):
             out[i, q] = -1
+
+
+@nb.njit(parallel=True, cache=True)
+def _systematic_rows_par(phase, cum, n_src, k, phi, out):
+    """:func:`_systematic_rows` in tasks of ``SYSTEMATIC_TASK`` rows across threads."""
+    rows = phase.shape[0]
+    for task in nb.prange((rows + SYSTEMATIC_TASK - 1) // SYSTEMATIC_TASK):
+        a = task * SYSTEMATIC_TASK
+        b = min(rows, a + SYSTEMATIC_TASK)
+        _systematic_rows(phase[a:b], cum, n_src, k, phi, out[a:b])
 
 
 @nb.njit(cache=True)
@@ -331,17 +367,39 @@ class CpuBackend:
 
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> np.ndarray:
         h, mask = feistel_params(n)
-        return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
+        out = np.empty(count, dtype=np.int64)
+        args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
+        for a, b in _rt.row_chunks(count, 4 * FEISTEL_ROUNDS, min_rows=FEISTEL_TASK * _rt.threads()):
+            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
+        return out
 
-    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key):
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
-                    np.int64(row0), np.uint64(select_key), out)
+    def prepare_ring(self, ring_start, ring_len, ring_col):
+        return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
+                np.ascontiguousarray(ring_col, dtype=np.int64))
+
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key):
+        """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units)."""
+        ring_start, ring_len, ring_col = ring
+        phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
+        rows = phase.shape[0]
+        out = np.empty((rows, k), dtype=np.int32)
+        scalars = (np.int64(n_src), np.int64(k))
+        key = np.uint64(select_key)
+        for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+            _rt.run(_phase_rows_par, _phase_rows, phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col,
+                    *scalars, np.int64(row0 + a), key, out[a:b])
         return out
 
     def systematic_rows(self, phase, cum, *, n_src, k, phi):
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _systematic_rows(phase, cum, np.int64(n_src), np.int64(k), np.uint64(phi), out)
+        """Systematic-router rows in chunks of bounded work (a row costs ``k`` binary searches)."""
+        phase = np.ascontiguousarray(phase, dtype=np.int64)
+        cum = np.ascontiguousarray(cum, dtype=np.uint64)
+        rows = phase.shape[0]
+        out = np.empty((rows, k), dtype=np.int32)
+        work = k * (int(cum.shape[0]).bit_length() + 4)
+        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
+            _rt.run(_systematic_rows_par, _systematic_rows, phase[a:b], cum, np.int64(n_src), np.int64(k),
+                    np.uint64(phi), out[a:b])
         return out
 
 
