@@ -72,8 +72,15 @@ def main() -> None:
     for n in args.sizes:
         pts.append(dict(impl="ours", sweep="N", n=n, density=0.3, ms=ours_ms(n, 0.3, args.k, calls(n))))
         if args.seed_binary:
-            pts.append(dict(impl="seed", sweep="N", n=n, density=0.3,
-                            ms=seed_ms(args.seed_binary, n, args.k, calls(n), args.threads)))
+            pts.append(
+                dict(
+                    impl="seed",
+                    sweep="N",
+                    n=n,
+                    density=0.3,
+                    ms=seed_ms(args.seed_binary, n, args.k, calls(n), args.threads),
+                )
+            )
     for dens in args.densities:
         n = args.density_n
         pts.append(dict(impl="ours", sweep="density", n=n, density=dens, ms=ours_ms(n, dens, args.k, calls(n))))
@@ -85,20 +92,25 @@ def main() -> None:
         fit[impl] = statistics.median(p["ms"] / p["work"] for p in big) * 1e6  # ns per (density * N^2)
     cpu = cpu_info()
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
-    print(f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
-          f"{args.threads} threads; k = {args.k}")
+    print(
+        f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
+        f"{args.threads} threads; k = {args.k}"
+    )
     print("| implementation | sweep | N | density | time | ns per density·N² |")
     print("|---|---|---:|---:|---:|---:|")
     for p in pts:
-        print(f"| {p['impl']} | {p['sweep']} | {p['n']} | {p['density']:g} | {p['ms']:.3f} ms | "
-              f"{p['ms'] / p['work'] * 1e6:.3f} |")
+        print(
+            f"| {p['impl']} | {p['sweep']} | {p['n']} | {p['density']:g} | {p['ms']:.3f} ms | "
+            f"{p['ms'] / p['work'] * 1e6:.3f} |"
+        )
     print("# model fit (N >= 2048): " + ", ".join(f"{i} {a:.3f} ns per density·N²" for i, a in fit.items()))
     if "seed" in fit:
         print(f"# seed/ours at the fitted slope: {fit['seed'] / fit['ours']:.1f}×")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(cpu=cpu, threads=args.threads, k=args.k, fit_ns_per_unit=fit, points=pts), f,
-                  separators=(",", ":"))
+        json.dump(
+            dict(cpu=cpu, threads=args.threads, k=args.k, fit_ns_per_unit=fit, points=pts), f, separators=(",", ":")
+        )
         f.write("\n")
     print(f"# wrote {args.out}")
     try:
@@ -111,10 +123,15 @@ def main() -> None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     sizes = f"{min(args.sizes)}…{max(args.sizes)}"
-    style = {("ours", "N"): ("o", "C0", f"ours, density 0.3, N = {sizes}"),
-             ("ours", "density"): ("s", "C2", f"ours, N = {args.density_n}, density "
-                                   f"{min(args.densities):g}…{max(args.densities):g}"),
-             ("seed", "N"): ("^", "C3", "seed (Rust), density 0.3")}
+    style = {
+        ("ours", "N"): ("o", "C0", f"ours, density 0.3, N = {sizes}"),
+        ("ours", "density"): (
+            "s",
+            "C2",
+            f"ours, N = {args.density_n}, density {min(args.densities):g}…{max(args.densities):g}",
+        ),
+        ("seed", "N"): ("^", "C3", "seed (Rust), density 0.3"),
+    }
     for key, (marker, color, label) in style.items():
         sel = [p for p in pts if (p["impl"], p["sweep"]) == key]
         if sel:
@@ -125,12 +142,20 @@ def main() -> None:
     xs = np.logspace(np.log10(min(p["work"] for p in pts)), np.log10(max(p["work"] for p in pts)), 50)
     for impl, color in (("ours", "C0"), ("seed", "C3")):
         if impl in fit:
-            ax.loglog(xs, fit[impl] * xs / 1e6, "--", color=color, lw=1,
-                      label=f"model {impl}: {fit[impl]:.2f} ns × density·N²")
+            ax.loglog(
+                xs,
+                fit[impl] * xs / 1e6,
+                "--",
+                color=color,
+                lw=1,
+                label=f"model {impl}: {fit[impl]:.2f} ns × density·N²",
+            )
     ax.set_xlabel("density · n_src · n_tgt (ring positions tested)")
     ax.set_ylabel(f"time per call, ms (k = {args.k}, {args.threads} threads)")
-    ax.set_title(f"{cpu['model']} ({cpu['llvm_cpu']}), {cpu['cores']} cores, "
-                 f"AVX-512 {'yes' if cpu['avx512f'] else 'no'}", fontsize=9)
+    ax.set_title(
+        f"{cpu['model']} ({cpu['llvm_cpu']}), {cpu['cores']} cores, AVX-512 {'yes' if cpu['avx512f'] else 'no'}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

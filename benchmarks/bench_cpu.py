@@ -69,8 +69,13 @@ def cpu_info() -> dict[str, object]:
         llvm_cpu = ll.get_host_cpu_name()  # e.g. znver5, when /proc/cpuinfo only says "AMD EPYC"
     except ImportError:
         llvm_cpu = "unknown"
-    return dict(model=model or platform.processor() or "unknown", llvm_cpu=llvm_cpu, avx2="avx2" in flags,
-                avx512f="avx512f" in flags, cores=os.cpu_count())
+    return dict(
+        model=model or platform.processor() or "unknown",
+        llvm_cpu=llvm_cpu,
+        avx2="avx2" in flags,
+        avx512f="avx512f" in flags,
+        cores=os.cpu_count(),
+    )
 
 
 def seed_permutations(dump_binary: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +123,7 @@ def worker(perm_file: str) -> None:
         bits = bits_cache[n]
         ps, pt = perms[f"s{n}"], perms[f"t{n}"]
         nb = (n + 63) // 64
-        fn = (compat.phase_router if mode == "compat" else gpr.phase_router)
+        fn = compat.phase_router if mode == "compat" else gpr.phase_router
         out = fn(bits, bits, n, nb, k, ps, pt, SEED)  # warm-up (and JIT on first use)
         times = []
         for _ in range(calls):
@@ -132,8 +137,13 @@ class Worker:
     def __init__(self, perm_file: str, env: dict[str, str]) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run from the source tree
         env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
-        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", perm_file], env=env,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", perm_file],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.info = json.loads(self.p.stdout.readline())
 
     def time(self, n: int, k: int, calls: int, mode: str) -> tuple[tuple[float, float], str]:
@@ -162,8 +172,9 @@ def first_call_times(threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_NUM_THREADS=str(threads))
         for label in ("cold", "warm"):
-            out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, check=True,
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", FIRST_CALL], env=env, check=True, capture_output=True, text=True
+            ).stdout.split()
             res[f"import_s_{label}"] = float(out[0])
             res[f"first_route_s_{label}_cache"] = float(out[1])
     return res
@@ -182,8 +193,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every point")
     ap.add_argument("--calls", type=int, default=None, help="calls per point and round (default by N)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="Numba and rayon threads")
-    ap.add_argument("--znver3", "--avx2", dest="znver3", action="store_true",
-                    help="also run ours with AVX2 code generation (NUMBA_CPU_NAME=znver3, avx512* features off)")
+    ap.add_argument(
+        "--znver3",
+        "--avx2",
+        dest="znver3",
+        action="store_true",
+        help="also run ours with AVX2 code generation (NUMBA_CPU_NAME=znver3, avx512* features off)",
+    )
     ap.add_argument("--no-compat", action="store_true", help="skip the seed-exact mode even if present")
     ap.add_argument("--first-call", action="store_true", help="also time import and first route() (fresh processes)")
     ap.add_argument("--out", default="benchmarks/results/bench_cpu.json")
@@ -246,45 +262,73 @@ def main() -> None:
     for n, k in points:
         med = {c: statistics.median(s[0] for s in samples[(n, k)][c]) for c in cols}
         best = {c: min(s[1] for s in samples[(n, k)][c]) for c in cols}
-        row = dict(n=n, k=k, calls=args.calls or default_calls(n), rounds=args.rounds,
-                   ms={c: round(v, 4) for c, v in med.items()},
-                   ratio={c: round(med["seed"] / med[c], 2) for c in cols if c != "seed"},
-                   min_ms={c: round(v, 4) for c, v in best.items()},
-                   min_ratio={c: round(best["seed"] / best[c], 2) for c in cols if c != "seed"})
+        row = dict(
+            n=n,
+            k=k,
+            calls=args.calls or default_calls(n),
+            rounds=args.rounds,
+            ms={c: round(v, 4) for c, v in med.items()},
+            ratio={c: round(med["seed"] / med[c], 2) for c in cols if c != "seed"},
+            min_ms={c: round(v, 4) for c, v in best.items()},
+            min_ratio={c: round(best["seed"] / best[c], 2) for c in cols if c != "seed"},
+        )
         if has_compat:
             row["compat_matches_seed"] = checks[(n, k)]["compat"] == checks[(n, k)]["seed"]
         rows.append(row)
-    meta = dict(cpu=cpu, numba_target=native_target, threads=args.threads, machine=platform.machine(),
-                python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
-                gpu_phase_router=gpr.__version__, load_avg=os.getloadavg(),
-                workload=f"square N, round({DENSITY} N) left-aligned ones per S and T row, seed {SEED}, "
-                         "permutations of the seed's phase_router_auto(seed=42)",
-                timing="ms/ratio: median over rounds of the per-round median of `calls` calls; min_ms/min_ratio: "
-                       "fastest call of all rounds; seed = route_timing")
+    meta = dict(
+        cpu=cpu,
+        numba_target=native_target,
+        threads=args.threads,
+        machine=platform.machine(),
+        python=platform.python_version(),
+        numpy=np.__version__,
+        numba=numba.__version__,
+        gpu_phase_router=gpr.__version__,
+        load_avg=os.getloadavg(),
+        workload=f"square N, round({DENSITY} N) left-aligned ones per S and T row, seed {SEED}, "
+        "permutations of the seed's phase_router_auto(seed=42)",
+        timing="ms/ratio: median over rounds of the per-round median of `calls` calls; min_ms/min_ratio: "
+        "fastest call of all rounds; seed = route_timing",
+    )
     first = first_call_times(args.threads) if args.first_call else None
 
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
-    print(f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
-          f"Numba target {native_target}; {args.threads} threads (Numba and rayon); load avg {meta['load_avg'][0]:.2f}")
-    print(f"# Numba {numba.__version__}, NumPy {np.__version__}, Python {platform.python_version()}; "
-          f"{args.rounds} interleaved rounds, ratio = seed time / ours, same run")
-    tables = (("median call", "ms", "ratio"),
-              ("fastest call of all rounds (steadier on a shared machine)", "min_ms", "min_ratio"))
+    print(
+        f"# CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}; {cpu['cores']} cores; {flags}); "
+        f"Numba target {native_target}; {args.threads} threads (Numba and rayon); load avg {meta['load_avg'][0]:.2f}"
+    )
+    print(
+        f"# Numba {numba.__version__}, NumPy {np.__version__}, Python {platform.python_version()}; "
+        f"{args.rounds} interleaved rounds, ratio = seed time / ours, same run"
+    )
+    tables = (
+        ("median call", "ms", "ratio"),
+        ("fastest call of all rounds (steadier on a shared machine)", "min_ms", "min_ratio"),
+    )
     for title, ms_key, ratio_key in tables:
         print(f"\n{title}:\n")
         print("| N | k | seed (Rust) |" + "".join(f" {c} | seed/{c} |" for c in cols[1:]))
         print("|---:|---:|---:|" + "---:|---:|" * (len(cols) - 1))
         for r in rows:
-            print(f"| {r['n']} | {r['k']} | {r[ms_key]['seed']:.3f} ms |"
-                  + "".join(f" {r[ms_key][c]:.3f} ms | {r[ratio_key][c]:.1f}× |" for c in cols[1:]))
+            print(
+                f"| {r['n']} | {r['k']} | {r[ms_key]['seed']:.3f} ms |"
+                + "".join(f" {r[ms_key][c]:.3f} ms | {r[ratio_key][c]:.1f}× |" for c in cols[1:])
+            )
     print()
     if has_compat:
-        print("# compat routes equal the seed's (FNV-1a checksum): "
-              + ("all points" if all(r["compat_matches_seed"] for r in rows) else
-                 ", ".join(f"N={r['n']} k={r['k']}: {r['compat_matches_seed']}" for r in rows)))
+        print(
+            "# compat routes equal the seed's (FNV-1a checksum): "
+            + (
+                "all points"
+                if all(r["compat_matches_seed"] for r in rows)
+                else ", ".join(f"N={r['n']} k={r['k']}: {r['compat_matches_seed']}" for r in rows)
+            )
+        )
     if first:
-        print(f"# import {first['import_s_cold']:.3f} s; first route(): cold cache "
-              f"{first['first_route_s_cold_cache']:.2f} s, warm cache {first['first_route_s_warm_cache']:.2f} s")
+        print(
+            f"# import {first['import_s_cold']:.3f} s; first route(): cold cache "
+            f"{first['first_route_s_cold_cache']:.2f} s, warm cache {first['first_route_s_warm_cache']:.2f} s"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, first_call=first, rows=rows), f, separators=(",", ":"))

@@ -94,34 +94,49 @@ def exercise(cupy, failures: list[str]) -> None:
         c = rng.integers(0, n_src + 1, n_tgt)
         for k in (1, 2, 3, 8, 16, 40):
             if k <= n_tgt:
-                check(f"route_counts {n_src}x{n_tgt} k={k}",
-                      partial(gpr.route_counts, cp(d), cp(c), k=k, seed=3, backend="cuda"),
-                      partial(gpr.route_counts, d, c, k=k, seed=3, backend="cpu"))
+                check(
+                    f"route_counts {n_src}x{n_tgt} k={k}",
+                    partial(gpr.route_counts, cp(d), cp(c), k=k, seed=3, backend="cuda"),
+                    partial(gpr.route_counts, d, c, k=k, seed=3, backend="cpu"),
+                )
         w, caps = rng.random(n_src), rng.random(n_tgt)
         for method in gpr.available_methods():
             src = np.ones(n_src) if method == "systematic" else w
-            check(f"route(method={method!r}) {n_src}x{n_tgt}",
-                  partial(gpr.route, cp(src), cp(caps), k=4, seed=1, method=method, backend="cuda"),
-                  partial(gpr.route, src, caps, k=4, seed=1, method=method, backend="cpu"))
+            check(
+                f"route(method={method!r}) {n_src}x{n_tgt}",
+                partial(gpr.route, cp(src), cp(caps), k=4, seed=1, method=method, backend="cuda"),
+                partial(gpr.route, src, caps, k=4, seed=1, method=method, backend="cpu"),
+            )
     n, k = 257, 4
     bits = gpr.left_aligned_bits(rng.integers(0, n + 1, n), n).ravel()
     ps, pt = rng.permutation(n), rng.permutation(n)
     nb = (n + 63) // 64
-    check("phase_router", partial(gpr.phase_router, cp(bits), cp(bits), n, nb, k, cp(ps), cp(pt), 7),
-          partial(gpr.phase_router, bits, bits, n, nb, k, ps, pt, 7))
-    check("phase_router_auto", partial(gpr.phase_router_auto, cp(bits), cp(bits), n, k, 7),
-          partial(gpr.phase_router_auto, bits, bits, n, k, 7))
+    check(
+        "phase_router",
+        partial(gpr.phase_router, cp(bits), cp(bits), n, nb, k, cp(ps), cp(pt), 7),
+        partial(gpr.phase_router, bits, bits, n, nb, k, ps, pt, 7),
+    )
+    check(
+        "phase_router_auto",
+        partial(gpr.phase_router_auto, cp(bits), cp(bits), n, k, 7),
+        partial(gpr.phase_router_auto, bits, bits, n, k, 7),
+    )
     words = bits.reshape(n, nb)
     check("popcount_rows", partial(gpr.popcount_rows, cp(words), n), partial(gpr.popcount_rows, words, n))
-    check("auto_permutation", partial(gpr.auto_permutation, 1000, 5, 1, backend="cuda"),
-          partial(gpr.auto_permutation, 1000, 5, 1, backend="cpu"))
+    check(
+        "auto_permutation",
+        partial(gpr.auto_permutation, 1000, 5, 1, backend="cuda"),
+        partial(gpr.auto_permutation, 1000, 5, 1, backend="cpu"),
+    )
     try:
         from gpu_phase_router import compat  # seed-exact mode, where present
     except ImportError:
         return
-    check("compat.phase_router",
-          partial(compat.phase_router, cp(bits), cp(bits), n, nb, k, cp(ps), cp(pt), 7, backend="cuda"),
-          partial(compat.phase_router, bits, bits, n, nb, k, ps, pt, 7, backend="cpu"))
+    check(
+        "compat.phase_router",
+        partial(compat.phase_router, cp(bits), cp(bits), n, nb, k, cp(ps), cp(pt), 7, backend="cuda"),
+        partial(compat.phase_router, bits, bits, n, nb, k, ps, pt, 7, backend="cpu"),
+    )
 
 
 def main() -> int:

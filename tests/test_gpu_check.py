@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ("env", "install", "tests", "memcheck", "racecheck", "synccheck", "bench")
 
-pytestmark = [pytest.mark.subprocess,
-              pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")]
+pytestmark = [pytest.mark.subprocess, pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")]
 
 
 def _no_gpu_env() -> dict[str, str]:
@@ -31,8 +30,9 @@ def test_gpu_check_parses():
 
 def test_gpu_check_without_gpu_prints_one_line_and_exits_0(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(SCRIPT), str(out)], env=_no_gpu_env(), capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=_no_gpu_env(), capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and "no usable CUDA GPU" in lines[0], res.stdout
@@ -41,8 +41,9 @@ def test_gpu_check_without_gpu_prints_one_line_and_exits_0(tmp_path):
 
 def test_gpu_check_dry_run_lists_every_step_and_runs_none(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run"], env=_no_gpu_env(), capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--dry-run"], env=_no_gpu_env(), capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     steps = [line for line in res.stdout.splitlines() if line.startswith("[")]
     assert [line.split("]")[1].split()[0] for line in steps] == list(STEPS)
@@ -62,8 +63,13 @@ def test_gpu_check_rejects_bad_arguments():
 
 
 def test_sanitize_script_discovers_every_kernel():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sanitize_kernels.py"), "--list"],
-                         capture_output=True, text=True, check=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sanitize_kernels.py"), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     names = set(res.stdout.split())
     expected = {f"gpr_phase_rows_k{w}" for w in PHASE_WIDTHS}  # stamped out by a macro
     expected |= {"gpr_feistel_range", "gpr_popcount_rows", "gpr_pack_ring", "gpr_systematic_rows"}
@@ -71,8 +77,13 @@ def test_sanitize_script_discovers_every_kernel():
 
 
 def test_bench_cuda_without_gpu_prints_one_line_and_exits_0():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py")], env=_no_gpu_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py")],
+        env=_no_gpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0], res.stdout
