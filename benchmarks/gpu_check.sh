@@ -36,7 +36,7 @@ cd "$ROOT" || exit 2
 
 STEPS=(env install tests memcheck racecheck synccheck bench)
 # limits add up to 480 s: the whole check stays under 8 minutes even when a step hangs
-declare -A LIMIT=([env]=20 [install]=40 [tests]=200 [memcheck]=60 [racecheck]=60 [synccheck]=40 [bench]=60)
+declare -A LIMIT=([env]=15 [install]=30 [tests]=240 [memcheck]=60 [racecheck]=60 [synccheck]=35 [bench]=40)
 declare -A LOG=([env]=env.txt [install]=install.log [tests]=pytest.log [memcheck]=sanitize_memcheck.log
                 [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md")
 GPU_SKIP='^SKIPPED.*(no CuPy with a usable CUDA|CUDA backend not usable|real GPU run skipped|nvcc not found)'
