@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
@@ -20,11 +23,13 @@ _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+_ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
@@ -183,41 +188,83 @@ def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
     return size
 
 
+@intrinsic
+def _cttz(typingctx, x):
+    """Index of the lowest set bit of a non-zero uint64 (one ``tzcnt``)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def _compact(x, n_src, rs, rl, rc, cbuf):
+    """Columns ``rc[j]`` of the positions ``j`` whose interval ``(rs[j], rl[j])`` holds ``x``, into ``cbuf``.
+
+    Positions are tested ``MASK_BITS`` at a time in a branch-free, vectorisable loop that sets
+    one bit per hit; the set bits are then walked with ``tzcnt``, so the scalar part costs one
+    step per candidate rather than one per position. All indices are unsigned or ranges from 0
+    over slices, so no negative-index wrap-around code sits in the loops. Returns the count.
+    """
+    cnt = np.uint64(0)
+    n = rs.shape[0]
+    for b in range(0, n, MASK_BITS):
+        w = min(MASK_BITS, n - b)
+        m = _ZERO
+        for j in range(w):
+            diff = x - rs[b + j]
+            diff += (diff >> 63) & n_src
+            m |= np.uint64(diff < rl[b + j]) << np.uint64(j)
+        base = np.uint64(b)
+        while m:
+            cbuf[cnt] = rc[base + _cttz(m)]
+            cnt += _ONE
+            m &= m - _ONE
+    return np.int64(cnt)
+
+
 @nb.njit(inline="always", cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
                   size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` to the bottom-k; return its size.
+    """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
-    Chunks of positions are tested branch-free and compacted into ``cbuf`` (columns), their
-    keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
-    reach the (branchy) update. For the first chunk of a row, when it holds many more
-    candidates than ``k``, a provisional bound ``tau`` (about ``2k + 4`` expected keys below it)
-    pre-selects candidates branch-free; if fewer than ``k`` keys fall below it, every
-    candidate is offered instead, so the result is exact either way.
+    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`). One
+    vectorisable loop computes their keys and counts those at or below a bound: the current
+    k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
+    first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
+    with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
+    it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
+    long row once the bottom-k is full — skip the update entirely; otherwise the indices under
+    the bound are compacted branch-free into ``qbuf`` and only they reach the branchy update.
     """
     p0 = lo
+    want = 2 * k + 4
     while p0 < hi:
         p1 = min(hi, p0 + cbuf.shape[0])
-        cnt = 0
-        for p in range(p0, p1):
-            diff = x - ring_start[p]
-            diff += (diff >> 63) & n_src
-            cbuf[cnt] = ring_col[p]
-            cnt += diff < ring_len[p]
+        cnt = _compact(x, n_src, ring_start[p0:p1], ring_len[p0:p1], ring_col[p0:p1], cbuf)
+        if size >= k:
+            bound = keys[0] if k > SMALL_K else keys[k - 1]
+        elif size == 0 and cnt > 2 * want:
+            bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+        else:
+            bound = _KEY_MAX
+        hits = 0
         for q in range(cnt):
-            kbuf[q] = _at(row_base, cbuf[q])
-        n_q = 0
-        want = 2 * k + 4
-        if size == 0 and cnt > 2 * want:
-            tau = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+            kq = _at(row_base, cbuf[q])
+            kbuf[q] = kq
+            hits += kq <= bound
+        if size < k and hits < k:
+            bound = _KEY_MAX
+            hits = cnt
+        if hits:
+            n_q = 0
             for q in range(cnt):
                 qbuf[n_q] = q
-                n_q += kbuf[q] <= tau
-        if n_q < k:
-            n_q = cnt
-            for q in range(cnt):
-                qbuf[q] = q
-        size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
+                n_q += kbuf[q] <= bound
+            size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
         p0 = p1
     return size
 
