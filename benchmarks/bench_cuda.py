@@ -1,7 +1,10 @@
 """Benchmark of the CUDA backend (CuPy): first call, steady-state kernel and whole-call times.
 
 Usage:
-    python benchmarks/bench_cuda.py [--out results.json] [--repeat 200] [--density 0.3] [--quick]
+    python benchmarks/bench_cuda.py [--out results.json] [--md table.md] [--repeat 200] [--density 0.3]
+                                    [--quick | --all]
+
+Without CuPy or a CUDA device it prints one line and exits 0.
 
 For every shape it reports, with CUDA-event timing (``cupyx.profiler.benchmark``, medians):
 
@@ -13,9 +16,14 @@ For every shape it reports, with CUDA-event timing (``cupyx.profiler.benchmark``
 
 The first call is timed in fresh subprocesses: with an empty CuPy kernel cache (NVRTC compile)
 and again with the cache warm (module load only). Results are checked against the CPU backend
-first. Square shapes N in {1024, 4096, 16384, 65536}, k = 8; MoE shapes n_src in {4096, 16384,
-65536} x n_tgt in {64, 256}, k in {2, 8}; all at the same density. Goals (H100): N = 16384,
-k = 8 kernel <= 150 us; 16384 x 256, k = 8 kernel <= 20 us.
+first. Default shapes: square N = 16384 and 16384 tokens x 64 and x 256 experts, k in {2, 8}
+(``--all`` adds N in {1024, 4096, 65536} and n_src in {4096, 65536}); all at the same density.
+For the same shapes, the whole call of ``method="hash"``, ``"weighted_hash"`` and ``"systematic"``
+is timed in the same run, so the phase router's cost is also a ratio to a hash router's. When
+torch with CUDA is importable, the whole call on CUDA torch tensors issued on a non-default torch
+stream is timed with torch events (and checked against the CuPy result). Goals (H100/H200):
+N = 16384, k = 8 kernel <= 150 us; 16384 x 256, k = 8 kernel <= 20 us and whole call <= 100 us;
+cold first call < 2 s; at MoE shapes the whole call within 2x of the hash router's.
 """
 
 from __future__ import annotations
@@ -35,11 +43,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SQUARE = [1024, 4096, 16384, 65536]
-MOE_SRC = [4096, 16384, 65536]
+SQUARE = [16384]
+SQUARE_ALL = [1024, 4096, 16384, 65536]
+MOE_SRC = [16384]
+MOE_SRC_ALL = [4096, 16384, 65536]
 MOE_TGT = [64, 256]
-MOE_K = [2, 8]
+KS = [2, 8]
+BASELINES = ("hash", "weighted_hash", "systematic")
 GOALS_US = {("square", 16384, 16384, 8): 150.0, ("moe", 16384, 256, 8): 20.0}
+GOALS_CALL_US = {("moe", 16384, 256, 8): 100.0}
 
 FLOOR_SOURCE = r"""
 extern "C" __global__ void bench_empty() {}
@@ -51,7 +63,7 @@ extern "C" __global__ void bench_write(int* out, long long n) {
 
 
 def need_gpu():
-    """Import CuPy and the cuda backend, or exit with a clear message."""
+    """Import CuPy and the cuda backend; without them print one line and exit 0."""
     try:
         import cupy
         import cupyx.profiler  # noqa: F401
@@ -60,7 +72,8 @@ def need_gpu():
 
         backend = get_backend("cuda")
     except (ImportError, ValueError) as exc:
-        sys.exit(f"bench_cuda.py needs CuPy and a CUDA GPU: {exc}")
+        print(f"bench_cuda.py: no CUDA GPU usable here, nothing measured ({str(exc).splitlines()[0][:200]})")
+        sys.exit(0)
     return cupy, backend
 
 
@@ -176,11 +189,97 @@ def bench_shape(cupy, backend, floors, kind: str, n_src: int, n_tgt: int, k: int
     row["call_gpu_us"], row["call_cpu_us"] = median_us(benchmark(call, n_repeat=max(10, repeat // 4), n_warmup=3))
     row["floor_empty_us"], _ = median_us(benchmark(floor_empty, n_repeat=repeat, n_warmup=10))
     row["floor_write_us"], _ = median_us(benchmark(floor_write, n_repeat=repeat, n_warmup=10))
+    src_uniform = cupy.ones(n_src, dtype=cupy.float64)
+    caps_varied = cupy.asarray(np.random.default_rng(0).random(n_tgt) + 0.5)
+    for method in BASELINES:
+
+        def base_call(method=method):
+            return route(src_uniform, caps_varied, k=k, seed=seed, density=density, method=method, backend="cuda")
+
+        try:
+            gpu_us, cpu_us = median_us(benchmark(base_call, n_repeat=max(10, repeat // 4), n_warmup=3))
+        except Exception as exc:  # a method that refuses this shape is reported, not fatal
+            row[f"{method}_error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        row[f"{method}_call_gpu_us"], row[f"{method}_call_cpu_us"] = gpu_us, cpu_us
+    if "hash_call_cpu_us" in row:
+        row["phase_over_hash_call"] = row["call_cpu_us"] / row["hash_call_cpu_us"]
     goal = GOALS_US.get((kind, n_src, n_tgt, k))
     if goal is not None:
         row["goal_kernel_us"] = goal
         row["meets_goal"] = row["kernel_us"] <= goal
+    goal = GOALS_CALL_US.get((kind, n_src, n_tgt, k))
+    if goal is not None:
+        row["goal_call_us"] = goal
+        row["meets_call_goal"] = row["call_cpu_us"] <= goal
     return row
+
+
+def bench_torch(cupy, n_src: int, n_tgt: int, k: int, density: float, repeat: int) -> dict:
+    """Whole call on CUDA torch tensors, issued on a non-default torch stream, timed with torch events."""
+    try:
+        import torch
+    except ImportError as exc:
+        return {"skipped": f"torch not importable: {exc}"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch has no CUDA"}
+    from gpu_phase_router import route
+
+    w = torch.ones(n_src, dtype=torch.float64, device="cuda")
+    caps = torch.ones(n_tgt, dtype=torch.float64, device="cuda")
+    want = cupy.asnumpy(route(cupy.ones(n_src), cupy.ones(n_tgt), k=k, seed=42, density=density, backend="cuda"))
+    stream = torch.cuda.Stream()
+    times = []
+    with torch.cuda.stream(stream):
+        out = route(w, caps, k=k, seed=42, density=density)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            out = route(w, caps, k=k, seed=42, density=density)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    res = {"n_src": n_src, "n_tgt": n_tgt, "k": k, "torch": torch.__version__,
+           "call_stream_us": float(np.median(times)), "device": str(out.device),
+           "equal_to_cupy": bool(np.array_equal(out.cpu().numpy(), want))}
+    return res
+
+
+def markdown(info: dict, cold: dict, warm: dict, rows: list[dict], torch_row: dict) -> str:
+    """The results as a markdown table (what RESULTS.md shows)."""
+    lines = [f"GPU: {info['gpu']} (cc {info['compute_capability']}, {info['sm_count']} SMs), CuPy {info['cupy']}, "
+             f"CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}.",
+             f"First call (fresh process): empty kernel cache {cold.get('first_s', float('nan')):.2f} s, "
+             f"warm cache {warm.get('first_s', float('nan')):.2f} s.", "",
+             "| shape | k | kernel µs | call µs (GPU / host) | empty launch µs | hash call µs | weighted_hash µs "
+             "| systematic µs | phase / hash | goals |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        goals = []
+        if "goal_kernel_us" in r:
+            goals.append(f"kernel ≤ {r['goal_kernel_us']:.0f} {'ok' if r['meets_goal'] else 'MISSED'}")
+        if "goal_call_us" in r:
+            goals.append(f"call ≤ {r['goal_call_us']:.0f} {'ok' if r['meets_call_goal'] else 'MISSED'}")
+        if r["kind"] == "moe" and "phase_over_hash_call" in r:
+            goals.append(f"≤ 2× hash {'ok' if r['phase_over_hash_call'] <= 2 else 'MISSED'}")
+
+        def us(key, r=r):
+            return f"{r[key]:.1f}" if key in r else "–"
+
+        lines.append(f"| {r['kind']} {r['n_src']}×{r['n_tgt']} | {r['k']} | {r['kernel_us']:.1f} | "
+                     f"{r['call_gpu_us']:.1f} / {r['call_cpu_us']:.1f} | {r['floor_empty_us']:.1f} | "
+                     f"{us('hash_call_cpu_us')} | {us('weighted_hash_call_cpu_us')} | {us('systematic_call_cpu_us')} | "
+                     f"{r.get('phase_over_hash_call', float('nan')):.2f}× | {'; '.join(goals)} |")
+    lines.append("")
+    if "skipped" in torch_row:
+        lines.append(f"torch stream path: skipped ({torch_row['skipped']}).")
+    else:
+        lines.append(f"torch stream path ({torch_row['n_src']}×{torch_row['n_tgt']}, k = {torch_row['k']}, "
+                     f"torch {torch_row['torch']}): whole call {torch_row['call_stream_us']:.1f} µs on a non-default "
+                     f"stream, result equal to CuPy's: {torch_row['equal_to_cupy']}.")
+    lines.append("Call times of the baselines are host wall times (like the phase call's second figure); "
+                 "phase / hash divides host wall times.")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -188,7 +287,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON to this path")
     parser.add_argument("--repeat", type=int, default=200, help="timed repetitions per measurement")
     parser.add_argument("--density", type=float, default=0.3)
+    parser.add_argument("--md", type=Path, help="write the results as a markdown table to this path")
     parser.add_argument("--quick", action="store_true", help="only the two goal shapes")
+    parser.add_argument("--all", action="store_true", help="also N in {1024, 4096, 65536}, n_src in {4096, 65536}")
     parser.add_argument("--probe-first-call", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_first_call:
@@ -211,8 +312,9 @@ def main() -> None:
     floor_module = cupy.RawModule(code=FLOOR_SOURCE)
     floors = (floor_module.get_function("bench_empty"), floor_module.get_function("bench_write"))
 
-    shapes = [("square", n, n, 8) for n in SQUARE]
-    shapes += [("moe", s, t, k) for s in MOE_SRC for t in MOE_TGT for k in MOE_K]
+    square, moe_src = (SQUARE_ALL, MOE_SRC_ALL) if args.all else (SQUARE, MOE_SRC)
+    shapes = [("square", n, n, k) for n in square for k in KS]
+    shapes += [("moe", s, t, k) for s in moe_src for t in MOE_TGT for k in KS]
     if args.quick:
         shapes = [s for s in shapes if s in {("square", 16384, 16384, 8), ("moe", 16384, 256, 8)}]
     rows = []
@@ -230,13 +332,21 @@ def main() -> None:
               f"{r['kernel_us']:10.1f} {r['call_gpu_us']:11.1f} {r['call_cpu_us']:11.1f} {r['floor_empty_us']:8.1f} "
               f"{r['floor_write_us']:8.1f}  {goal}", flush=True)
 
+    torch_row = bench_torch(cupy, 16384, 256, 8, args.density, max(20, args.repeat // 4))
+    print(f"# torch stream path: {torch_row}")
     result = {"machine": info, "first_call": {"cold_cache": cold, "warm_cache": warm}, "density": args.density,
               "repeat": args.repeat, "timing": "CUDA events via cupyx.profiler.benchmark, medians in microseconds",
-              "rows": rows}
+              "rows": rows, "torch": torch_row}
+    table = markdown(info, cold, warm, rows, torch_row)
+    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, separators=(",", ":")))
+        args.out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
         print(f"# wrote {args.out}")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(table)
+        print(f"# wrote {args.md}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
 
 _G = np.uint64(GOLDEN)
 _M1 = np.uint64(MIX_M1)
@@ -19,12 +23,18 @@ _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+_ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+FEISTEL_TASK = 4096  # permutation values per prange task
+SYSTEMATIC_TASK = 256  # systematic rows per prange task
+_NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
+_NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
 
 
 @nb.njit(inline="always", cache=True)
@@ -63,12 +73,21 @@ def _feistel_one(x, n, key, h, mask, inverse):
             return np.int64(y)
 
 
-@nb.njit(parallel=True, cache=True)
-def _feistel_range(start, count, n, key, h, mask, inverse):
-    out = np.empty(count, dtype=np.int64)
-    for i in nb.prange(count):
+@nb.njit(cache=True)
+def _feistel_fill(start, n, key, h, mask, inverse, out):
+    """``out[i] = feistel(start + i)`` (or its inverse), serially."""
+    for i in range(out.shape[0]):
         out[i] = _feistel_one(start + i, n, key, h, mask, inverse)
-    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def _feistel_fill_par(start, n, key, h, mask, inverse, out):
+    """:func:`_feistel_fill` split into tasks of ``FEISTEL_TASK`` values across threads."""
+    count = out.shape[0]
+    for task in nb.prange((count + FEISTEL_TASK - 1) // FEISTEL_TASK):
+        a = task * FEISTEL_TASK
+        b = min(count, a + FEISTEL_TASK)
+        _feistel_fill(start + a, n, key, h, mask, inverse, out[a:b])
 
 
 @nb.njit(inline="always", cache=True)
@@ -169,48 +188,121 @@ def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
     return size
 
 
+@intrinsic
+def _cttz(typingctx, x):
+    """Index of the lowest set bit of a non-zero uint64 (one ``tzcnt``)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def _compact(x, n_src, rs, rl, rc, cbuf):
+    """Columns ``rc[j]`` of the positions ``j`` whose interval ``(rs[j], rl[j])`` holds ``x``, into ``cbuf``.
+
+    Positions are tested ``MASK_BITS`` at a time in a branch-free, vectorisable loop that sets
+    one bit per hit; the set bits are then walked with ``tzcnt``, so the scalar part costs one
+    step per candidate rather than one per position. All indices are unsigned or ranges from 0
+    over slices, so no negative-index wrap-around code sits in the loops. Returns the count.
+    """
+    cnt = np.uint64(0)
+    n = rs.shape[0]
+    for b in range(0, n, MASK_BITS):
+        w = min(MASK_BITS, n - b)
+        m = _ZERO
+        for j in range(w):
+            diff = x - rs[b + j]
+            diff += (diff >> 63) & n_src
+            m |= np.uint64(diff < rl[b + j]) << np.uint64(j)
+        base = np.uint64(b)
+        while m:
+            cbuf[cnt] = rc[base + _cttz(m)]
+            cnt += _ONE
+            m &= m - _ONE
+    return np.int64(cnt)
+
+
 @nb.njit(inline="always", cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
                   size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` to the bottom-k; return its size.
+    """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
-    Chunks of positions are tested branch-free and compacted into ``cbuf`` (columns), their
-    keys computed in a separate, vectorisable loop, and only keys that can enter the bottom-k
-    reach the (branchy) update. For the first chunk of a row, when it holds many more
-    candidates than ``k``, a provisional bound ``tau`` (about ``2k + 4`` expected keys below it)
-    pre-selects candidates branch-free; if fewer than ``k`` keys fall below it, every
-    candidate is offered instead, so the result is exact either way.
+    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`). One
+    vectorisable loop computes their keys and counts those at or below a bound: the current
+    k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
+    first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
+    with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
+    it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
+    long row once the bottom-k is full — skip the update entirely; otherwise the indices under
+    the bound are compacted branch-free into ``qbuf`` and only they reach the branchy update.
     """
     p0 = lo
+    want = 2 * k + 4
     while p0 < hi:
         p1 = min(hi, p0 + cbuf.shape[0])
-        cnt = 0
-        for p in range(p0, p1):
-            diff = x - ring_start[p]
-            diff += (diff >> 63) & n_src
-            cbuf[cnt] = ring_col[p]
-            cnt += diff < ring_len[p]
+        cnt = _compact(x, n_src, ring_start[p0:p1], ring_len[p0:p1], ring_col[p0:p1], cbuf)
+        if size >= k:
+            bound = keys[0] if k > SMALL_K else keys[k - 1]
+        elif size == 0 and cnt > 2 * want:
+            bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+        else:
+            bound = _KEY_MAX
+        hits = 0
         for q in range(cnt):
-            kbuf[q] = _at(row_base, cbuf[q])
-        n_q = 0
-        want = 2 * k + 4
-        if size == 0 and cnt > 2 * want:
-            tau = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+            kq = _at(row_base, cbuf[q])
+            kbuf[q] = kq
+            hits += kq <= bound
+        if size < k and hits < k:
+            bound = _KEY_MAX
+            hits = cnt
+        if hits:
+            n_q = 0
             for q in range(cnt):
                 qbuf[n_q] = q
-                n_q += kbuf[q] <= tau
-        if n_q < k:
-            n_q = cnt
-            for q in range(cnt):
-                qbuf[q] = q
-        size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
+                n_q += kbuf[q] <= bound
+            size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
         p0 = p1
     return size
 
 
-@nb.njit(parallel=True, cache=True)
-def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
+@nb.njit(inline="always", cache=True)
+def _emit_distinct(keys, cols, size, k, col_map, out_row):
+    """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
+    keep the first ``len(out_row)`` distinct targets; pad with -1."""
+    if k > SMALL_K:  # the bottom-k is a max-heap: sort it ascending in place
+        for end in range(size - 1, 0, -1):
+            keys[0], keys[end] = keys[end], keys[0]
+            cols[0], cols[end] = cols[end], cols[0]
+            _sift_down(keys, cols, end, 0)
+    k_out = out_row.shape[0]
+    listed = 0
+    for q in range(size):
+        if listed == k_out:
+            break
+        e = col_map[cols[q]]
+        seen = False
+        for r in range(listed):
+            if out_row[r] == e:
+                seen = True
+                break
+        if not seen:
+            out_row[listed] = e
+            listed += 1
+    for q in range(listed, k_out):
+        out_row[q] = -1
+
+
+@nb.njit(cache=True)
+def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+    """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
+    as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
+    first ``out.shape[1]`` distinct ones (SPEC §13)."""
     rows = phase.shape[0]
+    banded = col_map.shape[0] > 0
     n_tgt = ring_col.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
@@ -229,13 +321,29 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             if hi > n_tgt:
                 size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
                                      row_base, cbuf, kbuf, qbuf, keys, cols, size, k)
-            if k <= SMALL_K:
+            if banded:
+                _emit_distinct(keys, cols, size, k, col_map, out[i])
+            elif k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:
                 _emit_sorted(keys, cols, size, out[i])
 
 
 @nb.njit(parallel=True, cache=True)
+def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+    """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
+
+    The serial kernel is compiled once and called per task, so the parallel compile stays small.
+    """
+    rows = phase.shape[0]
+    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        a = task * ROWS_PER_TASK
+        b = min(rows, a + ROWS_PER_TASK)
+        _phase_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n_src, k, row0 + a,
+                    row_key, col_map, out[a:b])
+
+
+@nb.njit(cache=True)
 def _systematic_rows(phase, cum, n_src, k, phi, out):
     rows = phase.shape[0]
     n_tgt = cum.shape[0] - 1
@@ -254,6 +362,16 @@ def _systematic_rows(phase, cum, n_src, k, phi, out):
                 last = t
         for q in range(listed, k):
             out[i, q] = -1
+
+
+@nb.njit(parallel=True, cache=True)
+def _systematic_rows_par(phase, cum, n_src, k, phi, out):
+    """:func:`_systematic_rows` in tasks of ``SYSTEMATIC_TASK`` rows across threads."""
+    rows = phase.shape[0]
+    for task in nb.prange((rows + SYSTEMATIC_TASK - 1) // SYSTEMATIC_TASK):
+        a = task * SYSTEMATIC_TASK
+        b = min(rows, a + SYSTEMATIC_TASK)
+        _systematic_rows(phase[a:b], cum, n_src, k, phi, out[a:b])
 
 
 @nb.njit(cache=True)
@@ -284,22 +402,45 @@ class CpuBackend:
 
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> np.ndarray:
         h, mask = feistel_params(n)
-        return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
+        out = np.empty(count, dtype=np.int64)
+        args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
+        for a, b in _rt.row_chunks(count, 4 * FEISTEL_ROUNDS, min_rows=FEISTEL_TASK * _rt.threads()):
+            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
+        return out
 
     def prepare_ring(self, ring_start, ring_len, ring_col):
         return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
                 np.ascontiguousarray(ring_col, dtype=np.int64))
 
-    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key):
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
+        """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
+        ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13)."""
         ring_start, ring_len, ring_col = ring
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
-                    np.int64(row0), np.uint64(select_key), out)
+        banded = col_map is not None
+        cmap = _NO_MAP
+        if banded:
+            cmap = np.ascontiguousarray(col_map, dtype=np.int64).view()
+            cmap.setflags(write=False)
+        phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
+        rows = phase.shape[0]
+        out = np.empty((rows, k_out if banded else k), dtype=np.int32)
+        scalars = (np.int64(n_src), np.int64(k))
+        key = np.uint64(select_key)
+        for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+            _rt.run(_phase_rows_par, _phase_rows, phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col,
+                    *scalars, np.int64(row0 + a), key, cmap, out[a:b])
         return out
 
     def systematic_rows(self, phase, cum, *, n_src, k, phi):
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _systematic_rows(phase, cum, np.int64(n_src), np.int64(k), np.uint64(phi), out)
+        """Systematic-router rows in chunks of bounded work (a row costs ``k`` binary searches)."""
+        phase = np.ascontiguousarray(phase, dtype=np.int64)
+        cum = np.ascontiguousarray(cum, dtype=np.uint64)
+        rows = phase.shape[0]
+        out = np.empty((rows, k), dtype=np.int32)
+        work = k * (int(cum.shape[0]).bit_length() + 4)
+        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
+            _rt.run(_systematic_rows_par, _systematic_rows, phase[a:b], cum, np.int64(n_src), np.int64(k),
+                    np.uint64(phi), out[a:b])
         return out
 
 
