@@ -26,6 +26,7 @@ Run from the repository root::
     python benchmarks/bench_training.py            # full run (3 model seeds, 300 steps), then timing
     python benchmarks/bench_training.py --quick    # 1 seed, 150 steps, no timing
     python benchmarks/bench_training.py --plot-only
+    python benchmarks/bench_training.py --timing-only  # rerun only the forward timing
 
 Outputs (``--out``, default ``benchmarks/results``): ``training.json`` (compact), ``training_panel.png``
 and ``benchmarks/TRAINING_RESULTS.md`` (``--md``).
@@ -274,50 +275,67 @@ def timing(
     k: int = 2,
     repeats: int = 40,
     methods: tuple[str, ...] = ("phase", "systematic", "weighted_hash", "hash"),
+    threads: tuple[int, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """CPU ``MoERouter`` forward (with logits) vs the bare routing call, min and median ms.
 
     The bare call is ``methods.route_uniform`` (what ``route(np.ones(T), caps, ...)`` runs, minus
     the weight checks); the forward adds hard caps, slots, loads, gate weights and buffer positions.
     The two are measured alternately, call by call, so load from other processes hits both alike.
+    Each thread count (default: 1 and all cores) applies to torch and Numba alike: on a machine
+    shared with other work, every parallel region of a multi-threaded run can wait a scheduler
+    slice for a descheduled thread, so the single-threaded rows are the steadier ones there.
     """
+    import numba
+
+    if threads is None:
+        threads = tuple(sorted({1, os.cpu_count() or 1}))
+    saved = numba.get_num_threads(), torch.get_num_threads()
     caps = np.array([1.0] * (experts // 2) + [0.5] * (experts - experts // 2))
     logits = torch.randn(tokens, experts)
     rows = []
-    for m in methods:
-        router = MoERouter(experts, k, caps, method=m)
-
-        def bare(m: str = m, router: MoERouter = router) -> Any:
-            return route_uniform(m, "cpu", tokens, caps, k=k, seed=router.seed + router.step)
-
-        def fwd(router: MoERouter = router) -> Any:
-            return router(logits)
-
-        bare()
-        fwd()
-        tb, tf = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            bare()
-            tb.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            fwd()
-            tf.append(time.perf_counter() - t)
-        rows.append(
-            {
-                "method": m,
-                "tokens": tokens,
-                "experts": experts,
-                "k": k,
-                "route_ms_min": 1e3 * min(tb),
-                "route_ms_median": 1e3 * float(np.median(tb)),
-                "forward_ms_min": 1e3 * min(tf),
-                "forward_ms_median": 1e3 * float(np.median(tf)),
-                "ratio_min": min(tf) / min(tb),
-                "ratio_median": float(np.median(tf) / np.median(tb)),
-            }
-        )
+    try:
+        for n_threads in threads:
+            numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+            torch.set_num_threads(n_threads)
+            for m in methods:
+                rows.append(_time_method(m, tokens, experts, k, caps, logits, repeats) | {"threads": n_threads})
+    finally:
+        numba.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
     return rows
+
+
+def _time_method(
+    m: str, tokens: int, experts: int, k: int, caps: np.ndarray, logits: torch.Tensor, repeats: int
+) -> dict[str, Any]:
+    router = MoERouter(experts, k, caps, method=m)
+
+    def bare() -> Any:
+        return route_uniform(m, "cpu", tokens, caps, k=k, seed=router.seed + router.step)
+
+    bare()
+    router(logits)
+    tb, tf = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        bare()
+        tb.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        router(logits)
+        tf.append(time.perf_counter() - t)
+    return {
+        "method": m,
+        "tokens": tokens,
+        "experts": experts,
+        "k": k,
+        "route_ms_min": 1e3 * min(tb),
+        "route_ms_median": 1e3 * float(np.median(tb)),
+        "forward_ms_min": 1e3 * min(tf),
+        "forward_ms_median": 1e3 * float(np.median(tf)),
+        "ratio_min": min(tf) / min(tb),
+        "ratio_median": float(np.median(tf) / np.median(tb)),
+    }
 
 
 # --- output ------------------------------------------------------------------------------------------------
@@ -393,13 +411,13 @@ def table(results: dict[str, Any]) -> str:
 
 def timing_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | bare routing, ms (min / median) | MoERouter forward, ms (min / median) | "
+        "| method | threads | bare routing, ms (min / median) | MoERouter forward, ms (min / median) | "
         "forward / routing (min / median) |",
-        "|---|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['route_ms_min']:.2f} / {r['route_ms_median']:.2f} | "
+            f"| {r['method']} | {r.get('threads', '?')} | {r['route_ms_min']:.2f} / {r['route_ms_median']:.2f} | "
             f"{r['forward_ms_min']:.2f} / {r['forward_ms_median']:.2f} | "
             f"{r['ratio_min']:.2f} / {r['ratio_median']:.2f} |"
         )
@@ -441,14 +459,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routers", nargs="+", choices=ROUTERS)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and tables from the JSON")
+    ap.add_argument("--timing-only", action="store_true", help="rerun only the forward timing (JSON kept otherwise)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "training.json"
-    if args.plot_only:
+    if args.plot_only or args.timing_only:
         results = json.loads(json_path.read_text())
+        if args.timing_only:
+            results["timing"] = timing()
+            json_path.write_text(json.dumps(results, separators=(",", ":")))
     else:
         cfg = QUICK if args.quick else Config()
         if args.steps:
@@ -468,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     if results.get("timing"):
         print(timing_table(results["timing"]))
-    if not args.plot_only and args.md:
+    if (args.timing_only or not args.plot_only) and args.md:
         write_md(results, Path(args.md))
 
 
@@ -482,8 +504,7 @@ def write_md(results: dict[str, Any], path: Path) -> None:
         f"{cfg['tokens']} tokens per step, {cfg['steps']} steps, capacity factor {cfg['capacity_factor']}, "
         f"Adam lr {cfg['lr']}, model seeds {cfg['seeds']}; machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
         f"torch {m.get('torch', '?')}; training single-threaded (torch and Numba), "
-        f"{results.get('train_seconds', float('nan')):.0f} s in all; "
-        f"timing with {m.get('torch_threads', '?')} threads.",
+        f"{results.get('train_seconds', float('nan')):.0f} s in all.",
         "",
         table(results),
     ]
