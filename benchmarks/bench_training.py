@@ -348,9 +348,9 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
     win = max(1, results["config"]["steps"] // 40)
     kernel = np.ones(win) / win
-    for name, runs in results["runs"].items():
-        loss = np.mean([r["loss"] for r in runs], axis=0)
-        drop = 100 * np.mean([r["drop"] for r in runs], axis=0)
+    for name in results["runs"]:
+        loss, drop = curves(results, name)
+        drop = 100 * drop
         steps = np.arange(len(loss))[win - 1 :]
         axes[0].plot(steps, np.convolve(loss, kernel, "valid"), color=COLORS.get(name), label=LABELS.get(name, name))
         axes[1].plot(steps, np.convolve(drop, kernel, "valid"), color=COLORS.get(name), label=LABELS.get(name, name))
@@ -441,13 +441,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def curves(results: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step loss and drop rate of router ``name``, mean over seeds."""
+    if "curves" in results:
+        c = results["curves"][name]
+        return np.asarray(c["loss"]), np.asarray(c["drop"])
+    runs = results["runs"][name]
+    return np.mean([r["loss"] for r in runs], axis=0), np.mean([r["drop"] for r in runs], axis=0)
+
+
 def compact(results: dict[str, Any]) -> dict[str, Any]:
-    """Curves rounded to 5 significant digits for the committed JSON."""
+    """The committed JSON: per-step curves as means over seeds, 4 significant digits."""
     out = json.loads(json.dumps(results))
-    for runs in out["runs"].values():
+    out["curves"] = {}
+    for name, runs in out["runs"].items():
+        loss, drop = curves(results, name)
+        out["curves"][name] = {"loss": [float(f"{v:.4g}") for v in loss], "drop": [float(f"{v:.4g}") for v in drop]}
         for r in runs:
             for key in ("loss", "drop", "no_expert"):
-                r[key] = [float(f"{v:.5g}") for v in r[key]]
+                r.pop(key, None)
     return out
 
 
