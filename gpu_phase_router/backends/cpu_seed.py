@@ -1,0 +1,289 @@
+"""Numba kernels of seed-exact mode (SPEC.md §14): the seed crate's per-row ChaCha8 reservoir.
+
+Rows run in parallel (``numba.prange`` over tasks of :data:`ROWS_PER_TASK` rows, buffers allocated
+once per task). Per row ``j``: the row's ring positions are tested in chunks, branch-free, and the
+candidates compacted in ring order; the first ``k`` fill the row, every later one takes one
+accepted ``gen_range(0..=count)`` draw from the row's ChaCha8 keystream (``seed + j``, wrapping).
+The keystream is produced :data:`LANES` blocks at a time by :func:`_chacha8_blocks`, whose loop over
+blocks has no dependency between iterations, so LLVM vectorises it (one block per SIMD lane); the
+accept/reject walk then reads words from that buffer in keystream order.
+
+:func:`shuffle_inplace` is the crate's ``SliceRandom::shuffle`` (the u32 ``gen_range`` path), used
+on the host for ``phase_router_auto``'s two permutations: it is sequential by nature.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
+SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
+LANES = 16  # ChaCha8 blocks generated per refill (SIMD lanes of the block loop)
+
+_M32 = np.uint64(0xFFFFFFFF)
+_U1 = np.uint64(1)
+_U32 = np.uint64(32)
+_PCG_MUL = np.uint64(6364136223846793005)
+_PCG_INC = np.uint64(11634580027462260723)
+_C0 = np.uint32(0x61707865)
+_C1 = np.uint32(0x3320646E)
+_C2 = np.uint32(0x79622D32)
+_C3 = np.uint32(0x6B206574)
+
+
+@nb.njit(inline="always", cache=True)
+def _rotl(x, r):
+    return np.uint32((x << np.uint32(r)) | (x >> np.uint32(32 - r)))
+
+
+@nb.njit(inline="always", cache=True)
+def _pcg32_key(seed, key):
+    """``seed_from_u64``: PCG32 expansion of ``seed`` into the 8 key words."""
+    state = seed
+    for i in range(8):
+        state = state * _PCG_MUL + _PCG_INC
+        xs = np.uint32(((state >> np.uint64(18)) ^ state) >> np.uint64(27))
+        rot = np.uint32(state >> np.uint64(59))
+        key[i] = np.uint32((xs >> rot) | (xs << ((np.uint32(32) - rot) & np.uint32(31))))
+
+
+@nb.njit(cache=True)
+def _chacha8_blocks(key, block0, nblocks, out):
+    """ChaCha8 blocks ``block0 .. block0 + nblocks - 1`` (stream 0) into ``out`` (uint32, word-major:
+    word ``w`` of block ``block0 + b`` at ``out[w * LANES + b]``). The one ChaCha8 block function."""
+    k0, k1, k2, k3, k4, k5, k6, k7 = key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]
+    for b in range(nblocks):
+        ctr = block0 + np.uint64(b)
+        c12 = np.uint32(ctr & _M32)
+        c13 = np.uint32(ctr >> _U32)
+        x0, x1, x2, x3 = _C0, _C1, _C2, _C3
+        x4, x5, x6, x7 = k0, k1, k2, k3
+        x8, x9, x10, x11 = k4, k5, k6, k7
+        x12, x13, x14, x15 = c12, c13, np.uint32(0), np.uint32(0)
+        for _ in range(4):
+            # columns
+            x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 16)  # noqa: E702
+            x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 12)  # noqa: E702
+            x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 8)  # noqa: E702
+            x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 7)  # noqa: E702
+            x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 16)  # noqa: E702
+            x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 12)  # noqa: E702
+            x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 8)  # noqa: E702
+            x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 7)  # noqa: E702
+            x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 16)  # noqa: E702
+            x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 12)  # noqa: E702
+            x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 8)  # noqa: E702
+            x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 7)  # noqa: E702
+            x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 16)  # noqa: E702
+            x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 12)  # noqa: E702
+            x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 8)  # noqa: E702
+            x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 7)  # noqa: E702
+            # diagonals
+            x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 16)  # noqa: E702
+            x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 12)  # noqa: E702
+            x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 8)  # noqa: E702
+            x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 7)  # noqa: E702
+            x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 16)  # noqa: E702
+            x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 12)  # noqa: E702
+            x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 8)  # noqa: E702
+            x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 7)  # noqa: E702
+            x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 16)  # noqa: E702
+            x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 12)  # noqa: E702
+            x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 8)  # noqa: E702
+            x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 7)  # noqa: E702
+            x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 16)  # noqa: E702
+            x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 12)  # noqa: E702
+            x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 8)  # noqa: E702
+            x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 7)  # noqa: E702
+        out[0 * LANES + b] = np.uint32(x0 + _C0)
+        out[1 * LANES + b] = np.uint32(x1 + _C1)
+        out[2 * LANES + b] = np.uint32(x2 + _C2)
+        out[3 * LANES + b] = np.uint32(x3 + _C3)
+        out[4 * LANES + b] = np.uint32(x4 + k0)
+        out[5 * LANES + b] = np.uint32(x5 + k1)
+        out[6 * LANES + b] = np.uint32(x6 + k2)
+        out[7 * LANES + b] = np.uint32(x7 + k3)
+        out[8 * LANES + b] = np.uint32(x8 + k4)
+        out[9 * LANES + b] = np.uint32(x9 + k5)
+        out[10 * LANES + b] = np.uint32(x10 + k6)
+        out[11 * LANES + b] = np.uint32(x11 + k7)
+        out[12 * LANES + b] = np.uint32(x12 + c12)
+        out[13 * LANES + b] = np.uint32(x13 + c13)
+        out[14 * LANES + b] = x14
+        out[15 * LANES + b] = x15
+
+
+@nb.njit(inline="always", cache=True)
+def _word(buf, pos):
+    """Word ``pos`` (keystream order) of the blocks in ``buf``."""
+    return np.uint64(buf[(pos & 15) * LANES + (pos >> 4)])
+
+
+@nb.njit(inline="always", cache=True)
+def _mulhi(v, r):
+    """High 64 bits of the 128-bit product ``v * r``."""
+    if r <= _M32:
+        lo_part = (v & _M32) * r
+        return ((v >> _U32) * r + (lo_part >> _U32)) >> _U32
+    v0 = v & _M32
+    v1 = v >> _U32
+    r0 = r & _M32
+    r1 = r >> _U32
+    t = v1 * r0 + ((v0 * r0) >> _U32)
+    w1 = (t & _M32) + v0 * r1
+    return v1 * r1 + (t >> _U32) + (w1 >> _U32)
+
+
+@nb.njit(inline="always", cache=True)
+def _zone_shift(r):
+    """``leading_zeros(r)`` for ``r >= 1``."""
+    s = 0
+    while (r << np.uint64(s)) < np.uint64(0x8000000000000000):
+        s += 1
+    return s
+
+
+@nb.njit(inline="always", cache=True)
+def _walk(cbuf, cnt, count, k, out_row, key, buf, state, remaining_hint):
+    """Reservoir steps for the candidates ``cbuf[:cnt]`` (ring order); return the new ``count``.
+
+    ``state`` (int64[3]): next block to generate, blocks in ``buf``, next word index in ``buf``.
+    """
+    for q in range(cnt):
+        col = cbuf[q]
+        if count < k:
+            out_row[count] = col
+            count += 1
+            continue
+        rng = np.uint64(count) + _U1
+        zone = (rng << np.uint64(_zone_shift(rng))) - _U1
+        while True:
+            pos = state[2]
+            nbuf = state[1]
+            if pos + 2 <= 16 * nbuf:
+                v = _word(buf, pos) | (_word(buf, pos + 1) << _U32)
+                state[2] = pos + 2
+            else:
+                low = np.uint64(0)
+                have_low = pos < 16 * nbuf
+                if have_low:
+                    low = _word(buf, pos)
+                want = (2 * (cnt - q) + remaining_hint + 15) // 16 + 1
+                nb_new = min(LANES, max(1, want))
+                _chacha8_blocks(key, np.uint64(state[0]), nb_new, buf)
+                state[0] += nb_new
+                state[1] = nb_new
+                if have_low:
+                    v = low | (_word(buf, 0) << _U32)
+                    state[2] = 1
+                else:
+                    v = _word(buf, 0) | (_word(buf, 1) << _U32)
+                    state[2] = 2
+            if v * rng <= zone:
+                r = _mulhi(v, rng)
+                if r < np.uint64(k):
+                    out_row[r] = col
+                break
+        count += 1
+    return count
+
+
+@nb.njit(parallel=True, cache=True)
+def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+    rows = phase.shape[0]
+    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in nb.prange(n_tasks):
+        cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        buf = np.empty(16 * LANES, dtype=np.uint32)
+        key = np.empty(8, dtype=np.uint32)
+        state = np.zeros(3, dtype=np.int64)
+        for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            out_row = out[i]
+            for q in range(k):
+                out_row[q] = -1
+            _pcg32_key(seed + np.uint64(row0 + i), key)
+            state[0] = 0
+            state[1] = 0
+            state[2] = 0
+            x = phase[i]
+            p = off_s[i]
+            left = deg[i]
+            count = 0
+            while left > 0:
+                step = min(left, SCAN_CHUNK, n - p)
+                cnt = 0
+                for t in range(p, p + step):
+                    diff = x - ring_start[t]
+                    diff += (diff >> 63) & n
+                    cbuf[cnt] = ring_col[t]
+                    cnt += diff < ring_len[t]
+                left -= step
+                p += step
+                if p == n:
+                    p = 0
+                count = _walk(cbuf, cnt, count, k, out_row, key, buf, state, min(left, n) // 4)
+
+
+def seed_rows(phase: np.ndarray, off_s: np.ndarray, deg: np.ndarray, ring_start: np.ndarray, ring_len: np.ndarray,
+              ring_col: np.ndarray, *, n: int, k: int, row0: int, seed: int) -> np.ndarray:
+    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
+    out = np.empty((phase.shape[0], k), dtype=np.int32)
+    _seed_rows(np.ascontiguousarray(phase, dtype=np.int64), np.ascontiguousarray(off_s, dtype=np.int64),
+               np.ascontiguousarray(deg, dtype=np.int64), np.ascontiguousarray(ring_start, dtype=np.int64),
+               np.ascontiguousarray(ring_len, dtype=np.int64), np.ascontiguousarray(ring_col, dtype=np.int64),
+               np.int64(n), np.int64(k), np.int64(row0), np.uint64(seed), out)
+    return out
+
+
+@nb.njit(cache=True)
+def _shuffle_many(values_list_s, values_list_t, seed):
+    """The two shuffles of ``phase_router_auto``: ``values_list_s`` then ``values_list_t`` (int64, in place),
+    one ``ChaCha8Rng::seed_from_u64(seed)`` continuing from the first into the second."""
+    key = np.empty(8, dtype=np.uint32)
+    _pcg32_key(seed, key)
+    buf = np.empty(16 * LANES, dtype=np.uint32)
+    block = np.uint64(0)
+    pos = 16 * LANES
+    for arr in (values_list_s, values_list_t):
+        for i in range(arr.shape[0] - 1, 0, -1):
+            ub = np.uint64(i + 1)
+            if ub <= _M32:
+                zone = ((ub << np.uint64(_zone_shift(ub << _U32))) & _M32) - _U1
+                while True:
+                    if pos == 16 * LANES:
+                        _chacha8_blocks(key, block, LANES, buf)
+                        block += np.uint64(LANES)
+                        pos = 0
+                    prod = _word(buf, pos) * ub
+                    pos += 1
+                    if (prod & _M32) <= zone:
+                        j = np.int64(prod >> _U32)
+                        break
+            else:
+                zone = (ub << np.uint64(_zone_shift(ub))) - _U1
+                while True:
+                    if pos == 16 * LANES:
+                        _chacha8_blocks(key, block, LANES, buf)
+                        block += np.uint64(LANES)
+                        pos = 0
+                    low = _word(buf, pos)
+                    pos += 1
+                    if pos == 16 * LANES:
+                        _chacha8_blocks(key, block, LANES, buf)
+                        block += np.uint64(LANES)
+                        pos = 0
+                    v = low | (_word(buf, pos) << _U32)
+                    pos += 1
+                    if v * ub <= zone:
+                        j = np.int64(_mulhi(v, ub))
+                        break
+            arr[i], arr[j] = arr[j], arr[i]
+
+
+def auto_permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``(n,)`` ``col_perm_s`` and ``col_perm_t`` exactly as the crate's ``phase_router_auto`` draws them."""
+    perm_s = np.arange(n, dtype=np.int64)
+    perm_t = np.arange(n, dtype=np.int64)
+    _shuffle_many(perm_s, perm_t, np.uint64(seed))
+    return perm_s, perm_t
