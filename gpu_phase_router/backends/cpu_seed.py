@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
@@ -48,10 +51,51 @@ def _pcg32_key(seed, key):
         key[i] = np.uint32((xs >> rot) | (xs << ((np.uint32(32) - rot) & np.uint32(31))))
 
 
+@nb.njit(inline="always", cache=True)
+def _double_round(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    """One ChaCha double round (column round, then diagonal round) on the 16 state words."""
+    # columns
+    x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 16)  # noqa: E702
+    x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 12)  # noqa: E702
+    x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 8)  # noqa: E702
+    x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 7)  # noqa: E702
+    x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 16)  # noqa: E702
+    x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 12)  # noqa: E702
+    x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 8)  # noqa: E702
+    x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 7)  # noqa: E702
+    x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 16)  # noqa: E702
+    x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 12)  # noqa: E702
+    x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 8)  # noqa: E702
+    x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 7)  # noqa: E702
+    x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 16)  # noqa: E702
+    x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 12)  # noqa: E702
+    x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 8)  # noqa: E702
+    x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 7)  # noqa: E702
+    # diagonals
+    x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 16)  # noqa: E702
+    x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 12)  # noqa: E702
+    x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 8)  # noqa: E702
+    x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 7)  # noqa: E702
+    x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 16)  # noqa: E702
+    x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 12)  # noqa: E702
+    x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 8)  # noqa: E702
+    x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 7)  # noqa: E702
+    x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 16)  # noqa: E702
+    x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 12)  # noqa: E702
+    x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 8)  # noqa: E702
+    x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 7)  # noqa: E702
+    x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 16)  # noqa: E702
+    x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 12)  # noqa: E702
+    x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 8)  # noqa: E702
+    x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 7)  # noqa: E702
+    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+
+
 @nb.njit(cache=True)
 def _chacha8_blocks(key, block0, nblocks, out):
     """ChaCha8 blocks ``block0 .. block0 + nblocks - 1`` (stream 0) into ``out`` (uint32, word-major:
-    word ``w`` of block ``block0 + b`` at ``out[w * LANES + b]``). The one ChaCha8 block function."""
+    word ``w`` of block ``block0 + b`` at ``out[w * LANES + b]``). The one ChaCha8 block function;
+    ``nblocks <= LANES``."""
     k0, k1, k2, k3, k4, k5, k6, k7 = key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]
     for b in range(nblocks):
         ctr = block0 + np.uint64(b)
@@ -61,41 +105,15 @@ def _chacha8_blocks(key, block0, nblocks, out):
         x4, x5, x6, x7 = k0, k1, k2, k3
         x8, x9, x10, x11 = k4, k5, k6, k7
         x12, x13, x14, x15 = c12, c13, np.uint32(0), np.uint32(0)
-        for _ in range(4):
-            # columns
-            x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 16)  # noqa: E702
-            x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 12)  # noqa: E702
-            x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 8)  # noqa: E702
-            x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 7)  # noqa: E702
-            x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 16)  # noqa: E702
-            x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 12)  # noqa: E702
-            x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 8)  # noqa: E702
-            x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 7)  # noqa: E702
-            x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 16)  # noqa: E702
-            x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 12)  # noqa: E702
-            x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 8)  # noqa: E702
-            x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 7)  # noqa: E702
-            x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 16)  # noqa: E702
-            x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 12)  # noqa: E702
-            x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 8)  # noqa: E702
-            x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 7)  # noqa: E702
-            # diagonals
-            x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 16)  # noqa: E702
-            x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 12)  # noqa: E702
-            x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 8)  # noqa: E702
-            x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 7)  # noqa: E702
-            x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 16)  # noqa: E702
-            x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 12)  # noqa: E702
-            x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 8)  # noqa: E702
-            x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 7)  # noqa: E702
-            x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 16)  # noqa: E702
-            x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 12)  # noqa: E702
-            x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 8)  # noqa: E702
-            x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 7)  # noqa: E702
-            x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 16)  # noqa: E702
-            x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 12)  # noqa: E702
-            x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 8)  # noqa: E702
-            x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 7)  # noqa: E702
+        # 4 double rounds, written out: the block loop must be innermost for LLVM to vectorise it
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
         out[0 * LANES + b] = np.uint32(x0 + _C0)
         out[1 * LANES + b] = np.uint32(x1 + _C1)
         out[2 * LANES + b] = np.uint32(x2 + _C2)
@@ -135,104 +153,142 @@ def _mulhi(v, r):
     return v1 * r1 + (t >> _U32) + (w1 >> _U32)
 
 
-@nb.njit(inline="always", cache=True)
-def _zone_shift(r):
-    """``leading_zeros(r)`` for ``r >= 1``."""
-    s = 0
-    while (r << np.uint64(s)) < np.uint64(0x8000000000000000):
-        s += 1
-    return s
+@intrinsic
+def _cttz64(typingctx, x):
+    """``trailing_zeros`` of a uint64 (LLVM ``cttz``; 64 for 0)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _ctlz64(typingctx, x):
+    """``leading_zeros`` of a uint64 (LLVM ``ctlz``; 64 for 0)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
 
 
 @nb.njit(inline="always", cache=True)
-def _walk(cbuf, cnt, count, k, out_row, key, buf, state, remaining_hint):
-    """Reservoir steps for the candidates ``cbuf[:cnt]`` (ring order); return the new ``count``.
+def _draw(buf, d):
+    """Draw ``d`` (``next_u64``: words ``2d`` and ``2d + 1``, low first) of the blocks in ``buf``.
+    A row's stream is read only by ``next_u64`` from word 0, so a draw never spans two blocks."""
+    b = d >> 3
+    w = (d & 7) << 1
+    return np.uint64(buf[w * LANES + b]) | (np.uint64(buf[(w + 1) * LANES + b]) << _U32)
 
-    ``state`` (int64[3]): next block to generate, blocks in ``buf``, next word index in ``buf``.
+
+@nb.njit(inline="always", cache=True)
+def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remaining_hint):
+    """Reservoir steps for the candidates at the ring positions ``cbuf[:cnt]`` (ring order).
+
+    The keystream cursor is ``(block, nd, d)``: ``buf`` holds the ``nd`` draws of blocks ending before
+    ``block`` and ``d`` is the next one. One loop iteration consumes one ``next_u64`` draw; the
+    candidate index advances only when the draw is accepted (no unpredictable branch: a rejection,
+    up to half the draws, leaves ``q`` and ``count`` unchanged). Returns ``(count, block, nd, d)``.
     """
-    for q in range(cnt):
-        col = cbuf[q]
-        if count < k:
-            out_row[count] = col
-            count += 1
-            continue
-        rng = np.uint64(count) + _U1
-        zone = (rng << np.uint64(_zone_shift(rng))) - _U1
-        while True:
-            pos = state[2]
-            nbuf = state[1]
-            if pos + 2 <= 16 * nbuf:
-                v = _word(buf, pos) | (_word(buf, pos + 1) << _U32)
-                state[2] = pos + 2
-            else:
-                low = np.uint64(0)
-                have_low = pos < 16 * nbuf
-                if have_low:
-                    low = _word(buf, pos)
-                want = (2 * (cnt - q) + remaining_hint + 15) // 16 + 1
-                nb_new = min(LANES, max(1, want))
-                _chacha8_blocks(key, np.uint64(state[0]), nb_new, buf)
-                state[0] += nb_new
-                state[1] = nb_new
-                if have_low:
-                    v = low | (_word(buf, 0) << _U32)
-                    state[2] = 1
-                else:
-                    v = _word(buf, 0) | (_word(buf, 1) << _U32)
-                    state[2] = 2
-            if v * rng <= zone:
-                r = _mulhi(v, rng)
-                if r < np.uint64(k):
-                    out_row[r] = col
-                break
+    q = 0
+    while q < cnt and count < k:
+        out_row[count] = ring_col[cbuf[q]]
         count += 1
-    return count
+        q += 1
+    uk = np.uint64(k)
+    while q < cnt:
+        if d == nd:
+            nblocks = min(LANES, max(1, (2 * (cnt - q) + remaining_hint) // 8 + 1))
+            _chacha8_blocks(key, np.uint64(block), nblocks, buf)
+            block += nblocks
+            nd = 8 * nblocks
+            d = 0
+        while d < nd and q < cnt:  # the hot loop: one draw per iteration
+            v = _draw(buf, d)
+            d += 1
+            rng = np.uint64(count) + _U1
+            zone = (rng << _ctlz64(rng)) - _U1
+            acc = v * rng <= zone
+            r = _mulhi(v, rng)
+            if acc & (r < uk):
+                out_row[r] = ring_col[cbuf[q]]
+            q += acc
+            count += acc
+    return count, block, nd, d
+
+
+@nb.njit(inline="always", cache=True)
+def _scan(p0, step, x, n, ring_sl, cbuf):
+    """Candidates among the ring positions ``[p0, p0 + step)`` (no wrap) → ``cbuf[:cnt]``, in order; return ``cnt``.
+
+    Positions are tested 64 at a time into a bit mask (a vectorisable loop over the packed
+    ``(start, len)`` pairs), whose set bits are then listed.
+    """
+    cnt = 0
+    for base in range(p0, p0 + step, 64):
+        m = min(64, p0 + step - base)
+        mask = np.uint64(0)
+        for i in range(m):
+            diff = x - ring_sl[base + i, 0]
+            diff = diff + n if diff < 0 else diff
+            mask |= np.uint64(diff < ring_sl[base + i, 1]) << np.uint64(i)
+        while mask:
+            cbuf[cnt] = base + np.int64(_cttz64(mask))
+            cnt += 1
+            mask &= mask - _U1
+    return cnt
 
 
 @nb.njit(parallel=True, cache=True)
-def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+def _seed_rows(phase, off_s, deg, ring_sl, ring_col, n, k, row0, seed, out):
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
         buf = np.empty(16 * LANES, dtype=np.uint32)
         key = np.empty(8, dtype=np.uint32)
-        state = np.zeros(3, dtype=np.int64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             out_row = out[i]
             for q in range(k):
                 out_row[q] = -1
             _pcg32_key(seed + np.uint64(row0 + i), key)
-            state[0] = 0
-            state[1] = 0
-            state[2] = 0
+            block = 0
+            nd = 0
+            d = 0
             x = phase[i]
             p = off_s[i]
             left = deg[i]
             count = 0
             while left > 0:
                 step = min(left, SCAN_CHUNK, n - p)
-                cnt = 0
-                for t in range(p, p + step):
-                    diff = x - ring_start[t]
-                    diff += (diff >> 63) & n
-                    cbuf[cnt] = ring_col[t]
-                    cnt += diff < ring_len[t]
+                cnt = _scan(p, step, x, n, ring_sl, cbuf)
                 left -= step
                 p += step
                 if p == n:
                     p = 0
-                count = _walk(cbuf, cnt, count, k, out_row, key, buf, state, min(left, n) // 4)
+                count, block, nd, d = _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d,
+                                            min(left, n) // 4)
 
 
 def seed_rows(phase: np.ndarray, off_s: np.ndarray, deg: np.ndarray, ring_start: np.ndarray, ring_len: np.ndarray,
               ring_col: np.ndarray, *, n: int, k: int, row0: int, seed: int) -> np.ndarray:
-    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
+    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``).
+
+    The ring's ``(start, len)`` pairs are packed into one ``(n, 2)`` array, int32 when every value fits
+    (half the bytes per scanned position), else int64.
+    """
     out = np.empty((phase.shape[0], k), dtype=np.int32)
-    _seed_rows(np.ascontiguousarray(phase, dtype=np.int64), np.ascontiguousarray(off_s, dtype=np.int64),
-               np.ascontiguousarray(deg, dtype=np.int64), np.ascontiguousarray(ring_start, dtype=np.int64),
-               np.ascontiguousarray(ring_len, dtype=np.int64), np.ascontiguousarray(ring_col, dtype=np.int64),
-               np.int64(n), np.int64(k), np.int64(row0), np.uint64(seed), out)
+    small = n < (1 << 31) and (ring_len.shape[0] == 0 or int(ring_len.max()) < (1 << 31))
+    sl_type = np.int32 if small else np.int64
+    ring_sl = np.empty((ring_start.shape[0], 2), dtype=sl_type)
+    ring_sl[:, 0] = ring_start
+    ring_sl[:, 1] = ring_len
+    _seed_rows(np.ascontiguousarray(phase, dtype=sl_type), np.ascontiguousarray(off_s, dtype=np.int64),
+               np.ascontiguousarray(deg, dtype=np.int64), ring_sl, np.ascontiguousarray(ring_col, dtype=np.int64),
+               sl_type(n), np.int64(k), np.int64(row0), np.uint64(seed), out)
     return out
 
 
@@ -249,7 +305,7 @@ def _shuffle_many(values_list_s, values_list_t, seed):
         for i in range(arr.shape[0] - 1, 0, -1):
             ub = np.uint64(i + 1)
             if ub <= _M32:
-                zone = ((ub << np.uint64(_zone_shift(ub << _U32))) & _M32) - _U1
+                zone = ((ub << (_ctlz64(ub) - _U32)) & _M32) - _U1
                 while True:
                     if pos == 16 * LANES:
                         _chacha8_blocks(key, block, LANES, buf)
@@ -261,7 +317,7 @@ def _shuffle_many(values_list_s, values_list_t, seed):
                         j = np.int64(prod >> _U32)
                         break
             else:
-                zone = (ub << np.uint64(_zone_shift(ub))) - _U1
+                zone = (ub << _ctlz64(ub)) - _U1
                 while True:
                     if pos == 16 * LANES:
                         _chacha8_blocks(key, block, LANES, buf)
