@@ -50,7 +50,7 @@ def _bits(ones: list[int], n: int) -> np.ndarray:
         for w in range(nbw):
             lo, hi = 64 * w, min(64 * w + 64, o)
             if hi > lo:
-                words[i, w] = np.uint64(((1 << (hi - lo)) - 1))
+                words[i, w] = np.uint64((1 << (hi - lo)) - 1)
     return words.reshape(-1)
 
 
