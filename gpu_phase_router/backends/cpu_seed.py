@@ -206,7 +206,29 @@ def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remain
             block += nblocks
             nd = 8 * nblocks
             d = 0
-        while d < nd and q < cnt:  # the hot loop: one draw per iteration
+        while d + 1 < nd and q + 1 < cnt:  # the hot loop: two draws per iteration
+            # The second draw belongs to candidate q + 1 if the first is accepted, else to q again:
+            # both outcomes are evaluated, so the accept/reject chain advances two draws per step.
+            v0 = _draw(buf, d)
+            v1 = _draw(buf, d + 1)
+            d += 2
+            rng0 = np.uint64(count) + _U1
+            rng1 = rng0 + _U1
+            acc0 = v0 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1
+            acc_a = v1 * rng1 <= (rng1 << _ctlz64(rng1)) - _U1
+            acc_b = v1 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1
+            r0 = _mulhi(v0, rng0)
+            if acc0 & (r0 < uk):
+                out_row[r0] = ring_col[cbuf[q]]
+            q += acc0
+            count += acc0
+            acc1 = acc_a if acc0 else acc_b
+            r1 = _mulhi(v1, rng0 + np.uint64(acc0))
+            if acc1 & (r1 < uk):
+                out_row[r1] = ring_col[cbuf[q]]
+            q += acc1
+            count += acc1
+        while d < nd and q < cnt:  # the tail: one draw per iteration
             v = _draw(buf, d)
             d += 1
             rng = np.uint64(count) + _U1
@@ -217,6 +239,8 @@ def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remain
                 out_row[r] = ring_col[cbuf[q]]
             q += acc
             count += acc
+            if d + 1 < nd and q + 1 < cnt:
+                break
     return count, block, nd, d
 
 
