@@ -154,17 +154,6 @@ def _mulhi(v, r):
 
 
 @intrinsic
-def _cttz64(typingctx, x):
-    """``trailing_zeros`` of a uint64 (LLVM ``cttz``; 64 for 0)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
-
-    return sig, codegen
-
-
-@intrinsic
 def _ctlz64(typingctx, x):
     """``leading_zeros`` of a uint64 (LLVM ``ctlz``; 64 for 0)."""
     sig = types.uint64(types.uint64)
@@ -245,33 +234,31 @@ def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remain
 
 
 @nb.njit(inline="always", cache=True)
-def _scan(p0, step, x, n, ring_sl, cbuf):
+def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
     """Candidates among the ring positions ``[p0, p0 + step)`` (no wrap) → ``cbuf[:cnt]``, in order; return ``cnt``.
 
-    Positions are tested 64 at a time into a bit mask (a vectorisable loop over the packed
-    ``(start, len)`` pairs), whose set bits are then listed.
+    A branch-free, vectorised test of every position into ``flags``, then a compaction pass.
     """
+    starts = ring_start[p0:p0 + step]
+    lens = ring_len[p0:p0 + step]
+    for t in range(step):
+        diff = x - starts[t]
+        diff += (diff >> 63) & n
+        flags[t] = np.uint8(diff < lens[t])
     cnt = 0
-    for base in range(p0, p0 + step, 64):
-        m = min(64, p0 + step - base)
-        mask = np.uint64(0)
-        for i in range(m):
-            diff = x - ring_sl[base + i, 0]
-            diff = diff + n if diff < 0 else diff
-            mask |= np.uint64(diff < ring_sl[base + i, 1]) << np.uint64(i)
-        while mask:
-            cbuf[cnt] = base + np.int64(_cttz64(mask))
-            cnt += 1
-            mask &= mask - _U1
+    for t in range(step):
+        cbuf[cnt] = p0 + t
+        cnt += flags[t]
     return cnt
 
 
 @nb.njit(parallel=True, cache=True)
-def _seed_rows(phase, off_s, deg, ring_sl, ring_col, n, k, row0, seed, out):
+def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        flags = np.empty(SCAN_CHUNK, dtype=np.uint8)
         buf = np.empty(16 * LANES, dtype=np.uint32)
         key = np.empty(8, dtype=np.uint32)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -288,7 +275,7 @@ def _seed_rows(phase, off_s, deg, ring_sl, ring_col, n, k, row0, seed, out):
             count = 0
             while left > 0:
                 step = min(left, SCAN_CHUNK, n - p)
-                cnt = _scan(p, step, x, n, ring_sl, cbuf)
+                cnt = _scan(p, step, x, n, ring_start, ring_len, flags, cbuf)
                 left -= step
                 p += step
                 if p == n:
@@ -299,20 +286,14 @@ def _seed_rows(phase, off_s, deg, ring_sl, ring_col, n, k, row0, seed, out):
 
 def seed_rows(phase: np.ndarray, off_s: np.ndarray, deg: np.ndarray, ring_start: np.ndarray, ring_len: np.ndarray,
               ring_col: np.ndarray, *, n: int, k: int, row0: int, seed: int) -> np.ndarray:
-    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``).
-
-    The ring's ``(start, len)`` pairs are packed into one ``(n, 2)`` array, int32 when every value fits
-    (half the bytes per scanned position), else int64.
-    """
+    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
     out = np.empty((phase.shape[0], k), dtype=np.int32)
-    small = n < (1 << 31) and (ring_len.shape[0] == 0 or int(ring_len.max()) < (1 << 31))
-    sl_type = np.int32 if small else np.int64
-    ring_sl = np.empty((ring_start.shape[0], 2), dtype=sl_type)
-    ring_sl[:, 0] = ring_start
-    ring_sl[:, 1] = ring_len
-    _seed_rows(np.ascontiguousarray(phase, dtype=sl_type), np.ascontiguousarray(off_s, dtype=np.int64),
-               np.ascontiguousarray(deg, dtype=np.int64), ring_sl, np.ascontiguousarray(ring_col, dtype=np.int64),
-               sl_type(n), np.int64(k), np.int64(row0), np.uint64(seed), out)
+
+    def i64(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    _seed_rows(i64(phase), i64(off_s), i64(deg), i64(ring_start), i64(ring_len), i64(ring_col), np.int64(n),
+               np.int64(k), np.int64(row0), np.uint64(seed), out)
     return out
 
 
