@@ -110,7 +110,7 @@ def main() -> None:
               f"{r['hash_ms']:>6.3f} ms {seed_s:>7} ms {goal_s:>5} ms {sp:>9}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, first_call=first, rows=rows), f, indent=2)
+        json.dump(dict(meta=meta, first_call=first, rows=rows), f, separators=(",", ":"))
     print(f"# wrote {args.out}")
 
 

@@ -235,7 +235,7 @@ def main() -> None:
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(json.dumps(result, separators=(",", ":")))
         print(f"# wrote {args.out}")
 
 

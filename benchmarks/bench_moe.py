@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(json_path.read_text())
     else:
         result = run(list(range(args.seeds)), progress=not args.no_progress)
-        json_path.write_text(json.dumps(result, indent=1, allow_nan=False))
+        json_path.write_text(json.dumps(result, separators=(",", ":"), allow_nan=False))
         write_csv(result, args.out / "moe_survival.csv")
     table = markdown_table(result)
     (args.out / "moe_table.md").write_text(table + "\n")

@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs for n <= 1e7 (median); 1 above")
     ap.add_argument("--block-rows", type=int, default=None)
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "scale_results.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale_results.json")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -322,7 +322,7 @@ def main() -> None:
             shas.setdefault(r["n_src"], set()).add(r["sha256"])
     agree = {n: len(s) == 1 for n, s in shas.items()}
     print("# phase routes identical across configurations:", ", ".join(f"{n:,d}: {ok}" for n, ok in agree.items()))
-    args.json.write_text(json.dumps({"machine": info, "records": records, "identical": agree}, indent=1))
+    args.json.write_text(json.dumps({"machine": info, "records": records, "identical": agree}, separators=(",", ":")))
     print(f"# wrote {args.json}")
 
 

@@ -6,19 +6,17 @@ See SPEC.md for the exact definition every backend follows bit for bit.
 
 from .api import (
     auto_permutation,
-    available_methods,
     left_aligned_bits,
     pack_bits,
     phase_router,
     phase_router_auto,
     popcount_rows,
-    register_method,
     route,
     route_bits,
     route_counts,
 )
 from .backends import available_backends, cuda_available, get_backend, register_backend
-from .baselines import hash_route  # also registers route(method="hash" | "weighted_hash")
+from .baselines import hash_route
 from .blocks import route_block, route_counts_block
 from .capacity import (
     compute_loads,
@@ -31,6 +29,7 @@ from .capacity import (
     survival_rate,
     uniform_capacities,
 )
+from .methods import available_methods, register_method, route_uniform
 
 __version__ = "0.1.0"
 
@@ -58,6 +57,7 @@ __all__ = [
     "route_bits",
     "route_block",
     "route_counts",
+    "route_uniform",
     "strong_hetero_capacities",
     "survival_rate",
     "uniform_capacities",

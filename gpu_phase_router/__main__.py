@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import to_numpy
+
 PLOT_HINT = "pip install 'gpu_phase_router[plot]'"
 
 
@@ -37,10 +39,6 @@ def _array_module(backend: str) -> tuple[Any, str]:
 
         raise SystemExit(f"--backend cuda needs CuPy and a usable CUDA device; {CUDA_INSTALL_HINT}")
     return np, "CPU (NumPy in, Numba kernels; no usable GPU found)"
-
-
-def _host(x: Any) -> np.ndarray:
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -70,7 +68,7 @@ def demo(args: argparse.Namespace) -> int:
                 xp.cuda.get_current_stream().synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
         ms = float(np.median(times))
-        routes = _host(routes)
+        routes = to_numpy(routes)
         ld = gpr.compute_loads(routes, n_exp)
         st = gpr.load_stats(ld, caps)
         enforced = gpr.enforce_capacity(routes, hard)

@@ -10,12 +10,16 @@ import functools
 import itertools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 
 NUMPY, CUPY, TORCH = "numpy", "cupy", "torch"
 F = TypeVar("F", bound=Callable[..., Any])
+
+Array: TypeAlias = Any
+"""A NumPy ndarray, CuPy ndarray or torch Tensor (duck-typed: recognised by :func:`library_of`)."""
 
 
 def library_of(x: Any) -> str | None:
@@ -48,30 +52,73 @@ def device_id(x: Any) -> tuple[str, int]:
     return ("cpu", -1)
 
 
-def common_library(named: dict[str, Any]) -> tuple[str, tuple[str, int]]:
+@dataclass(frozen=True)
+class Namespace:
+    """Where the caller's data lives: its array library and device (see :func:`array_namespace`)."""
+
+    library: str  # "numpy" (also for Python sequences), "cupy" or "torch"
+    device: tuple[str, int]  # ("cpu", -1) or ("cuda", ordinal)
+
+    @property
+    def on_device(self) -> bool:
+        """True for CuPy arrays and CUDA torch tensors."""
+        return self.device[0] == "cuda"
+
+    @property
+    def xp(self) -> Any:
+        """The module that computes on this data without a transfer: CuPy on a GPU, NumPy otherwise."""
+        if self.on_device:
+            import cupy
+
+            return cupy
+        return np
+
+    def asarray(self, x: Any) -> Array:
+        """``x`` as an array of :attr:`xp` (no copy where the data already lives there)."""
+        return to_backend_array(x, self.xp)
+
+    def wrap(self, out: Array) -> Array:
+        """A result of NumPy/CuPy returned in this library and on this device."""
+        return from_backend_array(out, self.library, self.device)
+
+
+HOST = Namespace(NUMPY, ("cpu", -1))
+
+
+def array_namespace(*arrays: Any, **named: Any) -> Namespace:
     """The one array library and device of all given arrays (``None`` values are skipped).
 
-    Python sequences count as NumPy. Mixing libraries or devices raises ``TypeError`` naming
-    the arguments, since a silent transfer would hide a copy the caller did not ask for.
+    The single place where data decides where the work runs (with :func:`gpu_phase_router.
+    backends.resolve`). Python sequences count as NumPy; CuPy and torch are recognised through
+    the type's module without importing them. Host NumPy data joins any one other library (a
+    small capacity vector beside CUDA tensors is moved to their device, the result is a tensor);
+    two different non-NumPy libraries or devices raise ``TypeError`` naming the arguments, since
+    a silent transfer between them would hide a copy the caller did not ask for. Positional
+    arrays are named ``arg0``, ``arg1``, ... in messages.
     """
+    items = [(f"arg{i}", x) for i, x in enumerate(arrays)] + list(named.items())
     seen: dict[tuple[str, tuple[str, int]], str] = {}
-    for name, x in named.items():
+    for name, x in items:
         if x is None:
             continue
         lib = library_of(x) or NUMPY
         dev = device_id(x) if lib != NUMPY else ("cpu", -1)
         seen.setdefault((lib, dev), name)
+    # Host NumPy data (and Python sequences) joins any one other library: it is converted there.
+    if len(seen) > 1:
+        seen.pop((NUMPY, ("cpu", -1)), None)
     if not seen:
-        return NUMPY, ("cpu", -1)
+        return HOST
     if len(seen) > 1:
         desc = ", ".join(f"{name}: {lib} on {dev[0]}{'' if dev[1] < 0 else ':' + str(dev[1])}"
                          for (lib, dev), name in seen.items())
         raise TypeError(
-            f"all array arguments must come from one array library on one device; got {desc}. "
-            "Move them to one place first (e.g. cupy.asarray(x) or tensor.to(device))."
+            f"all array arguments must come from one array library on one device (NumPy arrays and Python "
+            f"sequences join any one of them); got {desc}. Move them to one place first (e.g. cupy.asarray(x) "
+            "or tensor.to(device))."
         )
     ((lib, dev),) = seen
-    return lib, dev
+    return Namespace(lib, dev)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -85,7 +132,7 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def to_backend_array(x: Any, xp: Any) -> Any:
+def to_backend_array(x: Any, xp: Any) -> Array:
     """``x`` as an array of the backend's module ``xp`` (NumPy or CuPy), without copying when
     the data already lives where the backend computes (torch shares memory through DLPack)."""
     if x is None:
@@ -101,7 +148,7 @@ def to_backend_array(x: Any, xp: Any) -> Any:
     return xp.asarray(to_numpy(x))
 
 
-def from_backend_array(out: Any, lib: str, dev: tuple[str, int]) -> Any:
+def from_backend_array(out: Array, lib: str, dev: tuple[str, int]) -> Array:
     """Return the backend's result ``out`` in the caller's library ``lib`` and device ``dev``."""
     out_is_numpy = isinstance(out, np.ndarray)
     if lib == NUMPY:

@@ -1,11 +1,16 @@
 """SplitMix64 keys and the keyed Feistel bijection of SPEC §5–§6, in plain Python integers.
 
 These are the slow, obvious definitions used by the reference implementation and for
-host-side constants (the per-call stream keys). The kernels implement the same formulas in
-uint64 arithmetic; tests compare them against these functions.
+host-side constants (the per-call stream keys), plus the same SplitMix64 vectorised over
+NumPy/CuPy arrays (:func:`mix64_array`, :func:`at_array`) for the hash baselines. The kernels
+implement the same formulas in uint64 arithmetic; tests compare them against these functions.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -36,6 +41,21 @@ def stream(seed: int, s: int) -> int:
 def at(base: int, i: int) -> int:
     """The ``i``-th SplitMix64 output from state ``base``."""
     return mix64(base + GOLDEN * (i + 1))
+
+
+def mix64_array(xp: Any, z: Any) -> Any:
+    """:func:`mix64` elementwise on a uint64 array of the module ``xp`` (NumPy or CuPy)."""
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX_M1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX_M2)
+    return z ^ (z >> xp.uint64(31))
+
+
+def at_array(xp: Any, base: Any, i: Any) -> Any:
+    """:func:`at` elementwise: ``mix64(base + G * (i + 1))`` for uint64 arrays (or ints) of ``xp``."""
+    with np.errstate(over="ignore"):
+        base = xp.asarray(base, dtype=xp.uint64)
+        i = xp.asarray(i, dtype=xp.uint64)
+        return mix64_array(xp, base + xp.uint64(GOLDEN) * (i + xp.uint64(1)))
 
 
 def feistel_params(n: int) -> tuple[int, int]:

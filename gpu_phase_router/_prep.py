@@ -139,65 +139,94 @@ def inverse_permutation(xp: Any, perm: Any) -> Any:
 def ring_layout(backend: Any, c: Any, n_src: int, seed: int, perm_s: Any = None) -> tuple[Any, Any, Any]:
     """Target intervals laid out in target-ring position order (SPEC §3–§4).
 
-    Returns int64 ``(ring_start, ring_len, ring_col)`` of length ``n_tgt``: position ``p`` of
-    the target ring holds column ``inv_s[p]``, whose interval on the source ring starts at
-    ``off_t[inv_s[p]]`` and has length ``c[inv_s[p]]``. A row's scan then reads contiguously.
+    Returns int64 ``(ring_start, ring_len, ring_col)`` of length ``n_tgt``, arrays of
+    ``backend.xp``: position ``p`` of the target ring holds column ``inv_s[p]``, whose interval
+    on the source ring starts at ``off_t[inv_s[p]]`` and has length ``c[inv_s[p]]``. A row's scan
+    then reads contiguously. ``c`` may be a host array; it is moved to the backend once.
     """
     xp = backend.xp
+    c = xp.asarray(c, dtype=xp.int64)
     n_tgt = c.shape[0]
     if perm_s is None:
         inv_s = backend.feistel(0, n_tgt, n_tgt, stream(seed, STREAM_PERM_S), inverse=True)
     else:
         inv_s = inverse_permutation(xp, perm_s)
     off_t = exclusive_cumsum_mod(xp, c, n_src)
-    return off_t[inv_s], c[inv_s].astype(xp.int64), inv_s
+    return off_t[inv_s], c[inv_s], inv_s
 
 
 def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm_t: Any = None) -> Any:
     """int64 ``perm_t[row0 : row0 + rows]``, derived (SPEC §6) when ``perm_t`` is ``None``.
 
-    A caller-given ``perm_t`` is the block's own slice already."""
+    A caller-given ``perm_t`` is the rows' own slice already."""
     if perm_t is not None:
         return perm_t.astype(backend.xp.int64, copy=False)
     return backend.feistel(row0, rows, n_src, stream(seed, STREAM_PERM_T))
 
 
-def phase_block(backend: Any, d: Any, ring: tuple[Any, Any, Any], *, n_src: int, k: int, seed: int,
-                row0: int = 0, degree_prefix: int = 0, perm_t: Any = None) -> Any:
+def phase_block(backend: Any, d: Any, ring: Any, *, n_src: int, k: int, seed: int, row0: int = 0,
+                degree_prefix: int = 0, perm_t: Any = None) -> Any:
     """Rows ``row0 .. row0 + len(d) - 1`` of the phase router (SPEC §3–§5) → int32 ``(rows, k)``.
 
-    ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all degrees before
-    ``row0``; ``ring`` comes from :func:`ring_layout` on the full target vector.
+    One kernel call. ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all
+    degrees before ``row0``; ``ring`` is ``backend.prepare_ring(*ring_layout(...))`` of the
+    full target vector.
     """
     xp = backend.xp
-    n_tgt = ring[2].shape[0]
     d = d.astype(xp.int64, copy=False)
-    off_s = exclusive_cumsum_mod(xp, d, n_tgt, degree_prefix)
+    off_s = exclusive_cumsum_mod(xp, d, ring_size(ring), degree_prefix)
     phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
-    return backend.phase_rows(phase, off_s, d, *ring, n_src=n_src, k=k, row0=row0,
+    return backend.phase_rows(phase, off_s, d, ring, n_src=n_src, k=k, row0=row0,
                               select_key=stream(seed, STREAM_SELECT))
 
 
-def phase_rows_blocked(backend: Any, degrees: Any, c: Any, *, n_src: int, row0: int, rows: int,
-                       degree_prefix: int, k: int, seed: int, perm_s: Any, perm_t: Any, block_rows: int) -> Any:
-    """Phase-router rows ``row0 .. row0 + rows - 1``, ``block_rows`` per kernel call.
+def ring_size(ring: Any) -> int:
+    """``n_tgt`` of a prepared ring (every backend keeps the column array last)."""
+    return int(ring[-1].shape[0])
 
-    ``degrees(a, b)`` returns the int64 degrees of local rows ``[a, b)`` (so degrees derived
-    from weights never exist for all rows at once); ``degree_prefix`` is the sum of all degrees
-    before ``row0``; ``perm_t``, if given, holds these rows' phases. Memory beyond the output
-    is O(block_rows + n_tgt).
+
+def uniform_degree(density: float, n_tgt: int) -> int:
+    """SPEC §7 degree of a source of weight 1 among sources of mean weight 1 (host arithmetic,
+    the same float operations as :func:`weights_to_counts`)."""
+    scaled = float(np.rint(np.float64(1.0) / np.float64(1.0) * np.float64(density) * np.float64(n_tgt)))
+    return int(min(max(scaled, 1.0), float(n_tgt)))
+
+
+def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int, seed: int, degree_prefix: int,
+               rows_per_call: int, d: Any = None, w: Any = None, weight_mean: float = 1.0,
+               density: float | None = None, perm_s: Any = None, perm_t: Any = None) -> Any:
+    """Phase-router rows ``row0 .. row0 + rows - 1`` (SPEC §3–§7), ``rows_per_call`` rows per kernel call.
+
+    The rows' degrees come from exactly one of: ``d`` (int degrees of these rows), ``w`` (float64
+    weights of these rows, with the mean ``weight_mean`` of all weights and ``density``), or
+    neither (every source has weight 1 and mean 1: a constant degree, and no value is read back
+    from the device). ``degree_prefix`` is the sum of all degrees before ``row0``; ``perm_t``, if
+    given, holds these rows' phases. The ring is laid out and prepared once. Memory beyond the
+    output is O(rows_per_call + n_tgt).
     """
     xp = backend.xp
-    n_tgt = c.shape[0]
-    ring = ring_layout(backend, c, n_src, seed, perm_s)
+    n_tgt = int(c.shape[0])
+    ring = backend.prepare_ring(*ring_layout(backend, c, n_src, seed, perm_s))
     out = xp.empty((rows, k), dtype=xp.int32)
     prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
-    for a in range(0, rows, block_rows):
-        b = min(rows, a + block_rows)
-        db = degrees(a, b)
+    dens = 0.0
+    if d is None:
+        if density is None:
+            raise TypeError("phase_rows needs density unless degrees d are given")
+        dens = density
+    uniform = None if d is not None or w is not None else uniform_degree(dens, n_tgt)
+    for a in range(0, rows, rows_per_call):
+        b = min(rows, a + rows_per_call)
+        if d is not None:
+            db = d[a:b]
+        elif w is not None:
+            db = weights_to_counts(xp, w[a:b], dens, n_tgt, mean=weight_mean, name="source_weights")
+        else:
+            db = xp.full(b - a, uniform, dtype=xp.int64)
         out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
                                degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
-        prefix = (prefix + int(db.sum())) % n_tgt
+        if b < rows:  # the next call's start: uniform degrees need no read-back from the device
+            prefix = (prefix + (uniform * (b - a) if uniform is not None else int(db.sum()))) % n_tgt
     return out
 
 
@@ -227,15 +256,20 @@ def check_systematic_slots(n_src: int, k: int, units_total: int | None = None) -
                          f"got {n_src} * {k} = {m}")
 
 
-def systematic_rows_blocked(backend: Any, caps: Any, *, n_src: int, k: int, seed: int, row0: int, rows: int,
-                            block_rows: int) -> Any:
-    """Rows ``row0 .. row0 + rows - 1`` of the systematic router, ``block_rows`` per kernel call."""
+def systematic_rows(backend: Any, caps: Any, *, n_src: int, k: int, seed: int, row0: int, rows: int,
+                    rows_per_call: int, perm_t: Any = None) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the systematic router, ``rows_per_call`` rows per kernel call.
+
+    ``caps`` are host (NumPy) capacities: the units ``cum`` are made on the host and moved to the
+    backend once, so nothing is read back from the device."""
     xp = backend.xp
     check_systematic_slots(n_src, k)
-    cum = capacity_cum(xp, caps)
+    cum = capacity_cum(np, caps)
     check_systematic_slots(n_src, k, int(cum[-1]))
+    cum = xp.asarray(cum)
     out = xp.empty((rows, k), dtype=xp.int32)
-    for a in range(0, rows, block_rows):
-        b = min(rows, a + block_rows)
-        out[a:b] = systematic_block(backend, cum, n_src=n_src, k=k, seed=seed, row0=row0 + a, rows=b - a)
+    for a in range(0, rows, rows_per_call):
+        b = min(rows, a + rows_per_call)
+        out[a:b] = systematic_block(backend, cum, n_src=n_src, k=k, seed=seed, row0=row0 + a, rows=b - a,
+                                    perm_t=None if perm_t is None else perm_t[a:b])
     return out

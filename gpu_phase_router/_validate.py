@@ -46,6 +46,21 @@ def check_density(density: Any) -> float:
     return density
 
 
+def vector_length(name: str, x: Any) -> int:
+    """Length of a 1-D array or sequence (arrays are not converted; errors name ``name``)."""
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D array or sequence of numbers; got {type(x).__name__}")
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(x)
+        except ValueError as exc:  # a ragged nested sequence
+            raise ValueError(f"{name} must be a 1-D array or sequence of numbers: {exc}") from None
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(shape)}")
+    return int(shape[0])
+
+
 def as_vector(xp: Any, name: str, x: Any) -> Any:
     if isinstance(x, (str, bytes)) or not hasattr(x, "__len__") and not hasattr(x, "shape"):
         raise TypeError(f"{name} must be a 1-D array or sequence of numbers; got {type(x).__name__}")

@@ -1,4 +1,6 @@
-"""Hash-routing baselines for evaluation: ``route(..., method="hash" | "weighted_hash")``.
+"""Hash-routing baselines for evaluation: the kernels of ``route(..., method="hash" | "weighted_hash")``.
+
+The methods themselves are entries of :mod:`gpu_phase_router.methods`.
 
 Both are counter-based: the slot ``s`` of source ``j`` draws the 64-bit key
 
@@ -34,35 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _prep
-from ._keys import GOLDEN, MIX_M1, MIX_M2, stream
-from .api import register_method
+from ._keys import at_array, stream
 
 STREAM_HASH = 5
 STREAM_WEIGHTED_HASH = 6
 
 
-def mix64(xp: Any, z: Any) -> Any:
-    """SplitMix64 finaliser on a uint64 array of ``xp`` (wrap-around arithmetic)."""
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX_M1)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX_M2)
-    return z ^ (z >> xp.uint64(31))
-
-
-def at(xp: Any, base: Any, i: Any) -> Any:
-    """``mix64(base + G * (i + 1))`` elementwise; ``base`` and ``i`` uint64 arrays or ints."""
-    base = xp.asarray(base, dtype=xp.uint64)
-    i = xp.asarray(i, dtype=xp.uint64)
-    return mix64(xp, base + xp.uint64(GOLDEN) * (i + xp.uint64(1)))
-
-
 def slot_keys(xp: Any, seed: int, stream_id: int, row0: int, rows: int, k: int) -> Any:
     """uint64 ``[rows, k]``: ``key(j, s) = at(at(stream(seed, stream_id), j), s)`` for
     ``j = row0 .. row0 + rows - 1`` and ``s = 0 .. k - 1``."""
-    with np.errstate(over="ignore"):
-        rows_idx = xp.arange(row0, row0 + rows, dtype=xp.uint64)
-        row_base = at(xp, xp.uint64(stream(seed, stream_id)), rows_idx)
-        return at(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
+    rows_idx = xp.arange(row0, row0 + rows, dtype=xp.uint64)
+    row_base = at_array(xp, xp.uint64(stream(seed, stream_id)), rows_idx)
+    return at_array(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
 
 
 def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) -> Any:
@@ -71,7 +56,8 @@ def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) 
     return (keys % xp.uint64(n_tgt)).astype(xp.int32)
 
 
-def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int) -> Any:
+def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int, total: int,
+                        n_pos: int) -> Any:
     """Rows of the capacity-weighted hash → int32 ``[rows, k]`` (see the module docstring).
 
     ``k * (k + 1) / 2`` vectorised passes over the rows (a ``k``-wide sort per slot): cheap for
@@ -79,11 +65,11 @@ def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows
 
     Args:
         cum: uint64 ``[n_tgt + 1]`` cumulative capacity units (``_prep.capacity_cum``).
+        total: ``cum[-1]``; n_pos: the number of targets with positive units (host integers, so
+            nothing is read back from a device).
     """
     keys = slot_keys(xp, seed, STREAM_WEIGHTED_HASH, row0, rows, k)
     units = cum[1:] - cum[:-1]
-    total = int(cum[-1])
-    n_pos = int(xp.count_nonzero(units))
     out = xp.full((rows, k), -1, dtype=xp.int32)
     # ``taken`` holds the targets drawn so far in ascending order (padding n_tgt sorts last).
     n_tgt = int(units.shape[0])
@@ -102,37 +88,6 @@ def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows
     return out
 
 
-def _blocks(n_src: int, block_rows: int):
-    for a in range(0, n_src, block_rows):
-        yield a, min(n_src, a + block_rows)
-
-
-def _route_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float, block_rows: int) -> Any:
-    xp = be.xp
-    n_src, n_tgt = int(w.shape[0]), int(caps.shape[0])
-    out = xp.empty((n_src, k), dtype=xp.int32)
-    for a, b in _blocks(n_src, block_rows):
-        out[a:b] = hash_block(xp, n_tgt, k=k, seed=seed, row0=a, rows=b - a)
-    out[w == 0] = -1
-    return out
-
-
-def _route_weighted_hash(be: Any, w: Any, caps: Any, *, k: int, seed: int, density: float,
-                         block_rows: int) -> Any:
-    xp = be.xp
-    n_src = int(w.shape[0])
-    cum = _prep.capacity_cum(xp, caps)
-    out = xp.empty((n_src, k), dtype=xp.int32)
-    for a, b in _blocks(n_src, block_rows):
-        out[a:b] = weighted_hash_block(xp, cum, k=k, seed=seed, row0=a, rows=b - a)
-    out[w == 0] = -1
-    return out
-
-
-register_method("hash", _route_hash)
-register_method("weighted_hash", _route_weighted_hash)
-
-
 def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
     """The seed's helper: ``n`` sources to ``n`` targets by the uniform hash → int32 ``[n, k]``.
 
@@ -144,5 +99,4 @@ def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
     return route(n=n, k=k, seed=seed, method="hash", backend="cpu")
 
 
-__all__ = ["STREAM_HASH", "STREAM_WEIGHTED_HASH", "at", "hash_block", "hash_route", "mix64", "slot_keys",
-           "weighted_hash_block"]
+__all__ = ["STREAM_HASH", "STREAM_WEIGHTED_HASH", "hash_block", "hash_route", "slot_keys", "weighted_hash_block"]

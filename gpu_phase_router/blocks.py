@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _prep
-from ._arrays import common_library, from_backend_array, to_backend_array
+from ._arrays import Array, array_namespace, on_caller_stream, to_backend_array, to_numpy
 from ._validate import (
     as_vector,
     check_density,
@@ -48,26 +48,14 @@ from ._validate import (
     check_uniform_weights,
     check_weights,
 )
-from .api import DEFAULT_BLOCK_ROWS
-from .backends import Backend, BackendName, get_backend
+from .backends import BackendName, resolve
+from .methods import check_rows_per_call, get_method
 
 Partial = tuple[int, int, float]
-BLOCK_METHODS = ("phase", "systematic")
 
 
-def _resolve(backend: BackendName, named: dict[str, Any]) -> tuple[Backend, str, tuple[str, int]]:
-    lib, dev = common_library(named)
-    return get_backend(backend, data_on_device=dev[0] == "cuda"), lib, dev
-
-
-def _block_rows(block_rows: Any) -> int:
-    return DEFAULT_BLOCK_ROWS if block_rows is None else check_int("block_rows", block_rows, lo=1)
-
-
-def _block_weights(xp: Any, name: str, x: Any) -> Any:
-    """Finite, non-negative weights of one block → float64 (may be empty or all zero)."""
-    if x is None:
-        raise TypeError(f"{name} is required: the weights of the block's rows (use ones for uniform sources)")
+def block_weights(xp: Any, name: str, x: Any) -> Array:
+    """Finite, non-negative weights of one row range → float64 (may be empty or all zero)."""
     x = as_vector(xp, name, x)
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
@@ -87,16 +75,20 @@ def _row0(row0: Any, rows: int, n_src: int, what: str) -> int:
     return row0
 
 
-def _degree_prefix(degree_prefix: Any, row0: int, n_tgt: int) -> int:
+def _degree_prefix(degree_prefix: Any, row0: int, n_tgt: int, method: str) -> int:
     if degree_prefix is None:
-        raise TypeError("degree_prefix is required for method='phase': the sum of the degrees of rows [0, row0)")
+        if row0 == 0:
+            return 0
+        raise TypeError(f"degree_prefix is required for method={method!r} when row0 > 0: the sum of the degrees of "
+                        "rows [0, row0)")
     return check_int("degree_prefix", degree_prefix, lo=0, hi=row0 * n_tgt)
 
 
-def _mean(weight_mean: Any) -> float:
+def _mean(weight_mean: Any, method: str) -> float:
     if weight_mean is None:
-        raise TypeError("weight_mean is required for method='phase': the mean of all n_src source weights "
-                        "(gpu_phase_router.blocks.weight_mean or sum_from_partials(...) / n_src)")
+        raise TypeError(f"weight_mean is required for method={method!r} when the rows are not all n_src sources: "
+                        "the mean of all n_src source weights (gpu_phase_router.blocks.weight_mean or "
+                        "sum_from_partials(...) / n_src)")
     if isinstance(weight_mean, bool) or not isinstance(weight_mean, numbers.Real):
         raise TypeError(f"weight_mean must be a real number; got {type(weight_mean).__name__}")
     weight_mean = float(weight_mean)
@@ -105,81 +97,93 @@ def _mean(weight_mean: Any) -> float:
     return weight_mean
 
 
-def _block_perm_t(xp: Any, perm_t: Any, rows: int, n_src: int) -> Any:
-    """The block's slice of ``perm_t``: length ``rows``, values in ``[0, n_src)``, no repeats.
+def _block_perm_t(xp: Any, perm_t: Array, rows: int, n_src: int) -> Array:
+    """The rows' slice of ``perm_t``: length ``rows``, values in ``[0, n_src)``, no repeats.
 
-    That the slices of all blocks together form a permutation cannot be checked here."""
-    pt = check_int_vector(xp, "perm_t", to_backend_array(perm_t, xp), length=rows, lo=0, hi=n_src - 1)
+    For all ``n_src`` rows that makes it a permutation; that the slices of several row ranges
+    together form one cannot be checked here."""
+    if rows == n_src:
+        return check_permutation(xp, "perm_t", perm_t, n_src)
+    pt = check_int_vector(xp, "perm_t", perm_t, length=rows, lo=0, hi=n_src - 1)
     if rows and int(xp.unique(pt).shape[0]) != rows:
-        raise ValueError("perm_t (the block's slice perm_t[row0:row0 + rows]) repeats a value, "
+        raise ValueError("perm_t (the slice perm_t[row0:row0 + rows]) repeats a value, "
                          f"so it is not part of a permutation of range({n_src})")
     return pt
 
 
+@on_caller_stream
 def route_counts_block(
-    source_degrees: Any,
-    target_counts: Any,
+    source_degrees: Array,
+    target_counts: Array,
     *,
     n_src: int,
     row0: int,
-    degree_prefix: int,
+    degree_prefix: int | None = None,
     k: int,
     seed: int,
-    perm_s: Any = None,
-    perm_t: Any = None,
+    perm_s: Array = None,
+    perm_t: Array = None,
     backend: BackendName = "auto",
+    rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
-    """Rows ``[row0, row0 + len(source_degrees))`` of :func:`~gpu_phase_router.route_counts`.
+) -> Array:
+    """Rows ``row0 .. row0 + len(source_degrees) - 1`` of :func:`~gpu_phase_router.route_counts`.
 
     ``route_counts_block(d[a:b], c, n_src=len(d), row0=a, degree_prefix=int(d[:a].sum()), ...)``
-    equals ``route_counts(d, c, ...)[a:b]`` bit for bit, on every backend.
+    equals ``route_counts(d, c, ...)[a:b]`` bit for bit, on every backend; ``route_counts`` is
+    this function with ``row0=0``.
 
     Args:
-        source_degrees: integer ``[rows]`` — the block's degrees ``d[row0 : row0 + rows]``, each
-            in ``[0, n_tgt]`` (``rows`` may be 0).
+        source_degrees: integer ``[rows]`` — the degrees ``d[row0 : row0 + rows]``, each in
+            ``[0, n_tgt]`` (``rows`` may be 0).
         target_counts: integer ``[n_tgt]`` — *all* capacity counts, each in ``[0, n_src]``.
         n_src: the global number of sources (``>= 1``).
-        row0: global index of the block's first row; ``row0 + rows <= n_src``.
-        degree_prefix: ``d[0] + ... + d[row0 - 1]`` (so ``0 <= degree_prefix <= row0 * n_tgt``).
-        k, seed: as in ``route_counts``.
-        perm_s: optional full permutation of ``range(n_tgt)``.
-        perm_t: optional — the block's slice ``perm_t[row0 : row0 + rows]`` of a permutation of
-            ``range(n_src)``. Only block-local checks are possible (length, range, no repeats).
+        row0: global index of the first row; ``row0 + rows <= n_src``.
+        degree_prefix: ``d[0] + ... + d[row0 - 1]`` (so ``0 <= degree_prefix <= row0 * n_tgt``);
+            may be left out when ``row0 == 0``.
+        k: targets per source, ``1 <= k <= n_tgt``.
+        seed: integer in ``[0, 2^64)``.
+        perm_s: optional full permutation of ``range(n_tgt)`` (column → target-ring position).
+        perm_t: optional — the slice ``perm_t[row0 : row0 + rows]`` of a permutation of
+            ``range(n_src)`` (source → source-ring phase). For all rows it must be a permutation;
+            for a part only the slice's own checks are possible (length, range, no repeats).
         backend: ``"auto"`` (follow the data), ``"cpu"`` or ``"cuda"``.
-        block_rows: rows per kernel call (memory beyond the output is O(block_rows + n_tgt)).
+        rows_per_call: rows per kernel call (memory beyond the output is O(rows_per_call + n_tgt));
+            ``block_rows`` is its former name.
 
     Returns:
-        routes: int32 ``[rows, k]`` in the library and on the device of the inputs.
+        routes: int32 ``[rows, k]`` in the library and on the device of the inputs — ``k``
+        distinct targets per row in ascending key order, ``-1`` where a source has fewer than
+        ``k`` candidates. Deterministic for a given seed, identical on every backend.
     """
-    named = {"source_degrees": source_degrees, "target_counts": target_counts, "perm_s": perm_s, "perm_t": perm_t}
-    be, lib, dev = _resolve(backend, named)
-    xp = be.xp
     if source_degrees is None or target_counts is None:
         raise TypeError("source_degrees and target_counts are required")
+    be, ns = resolve(backend, source_degrees=source_degrees, target_counts=target_counts, perm_s=perm_s,
+                     perm_t=perm_t)
+    xp = be.xp
     n_src = check_int("n_src", n_src, lo=1)
-    c = as_vector(xp, "target_counts", to_backend_array(target_counts, xp))
+    c = as_vector(np, "target_counts", to_numpy(target_counts))
     n_tgt = int(c.shape[0])
     if n_tgt < 1:
         raise ValueError("target_counts must not be empty (n_tgt >= 1)")
-    c = check_int_vector(xp, "target_counts", c, lo=0, hi=n_src)
+    c = check_int_vector(np, "target_counts", c, lo=0, hi=n_src)
     d = check_int_vector(xp, "source_degrees", to_backend_array(source_degrees, xp), lo=0, hi=n_tgt)
     rows = int(d.shape[0])
     row0 = _row0(row0, rows, n_src, "source_degrees")
-    prefix = _degree_prefix(degree_prefix, row0, n_tgt)
+    prefix = _degree_prefix(degree_prefix, row0, n_tgt, "phase")
     k = check_k(k, n_tgt)
     seed = check_seed(seed)
     ps = None if perm_s is None else check_permutation(xp, "perm_s", to_backend_array(perm_s, xp), n_tgt)
-    pt = None if perm_t is None else _block_perm_t(xp, perm_t, rows, n_src)
-    out = _prep.phase_rows_blocked(be, lambda a, b: d[a:b], c, rows=rows, n_src=n_src, row0=row0,
-                                   degree_prefix=prefix, k=k, seed=seed, perm_s=ps, perm_t=pt,
-                                   block_rows=_block_rows(block_rows))
-    return from_backend_array(out, lib, dev)
+    pt = None if perm_t is None else _block_perm_t(xp, to_backend_array(perm_t, xp), rows, n_src)
+    out = _prep.phase_rows(be, c, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, degree_prefix=prefix,
+                           rows_per_call=check_rows_per_call(rows_per_call, block_rows), d=d, perm_s=ps, perm_t=pt)
+    return ns.wrap(out)
 
 
+@on_caller_stream
 def route_block(
-    source_weights: Any,
-    target_capacities: Any,
+    source_weights: Array,
+    target_capacities: Array,
     *,
     n_src: int,
     row0: int,
@@ -190,68 +194,79 @@ def route_block(
     weight_mean: float | None = None,
     degree_prefix: int | None = None,
     backend: BackendName = "auto",
+    rows_per_call: int | None = None,
     block_rows: int | None = None,
-) -> Any:
-    """Rows ``[row0, row0 + len(source_weights))`` of :func:`~gpu_phase_router.route`.
+) -> Array:
+    """Rows ``row0 .. row0 + rows - 1`` of :func:`~gpu_phase_router.route`, for every method.
 
     Equal bit for bit to ``route(w, target_capacities, k=k, seed=seed, density=density,
     method=method)[row0 : row0 + rows]`` when ``source_weights = w[row0 : row0 + rows]``,
-    ``n_src = len(w)`` and, for ``method="phase"``, ``weight_mean = weight_mean(w)`` and
-    ``degree_prefix = source_degrees(w[:row0], ...).sum()`` (see the module docstring). For
-    ``route(source_weights=None, ...)`` pass ones and ``n_src = n_tgt`` (the mean is then 1.0).
+    ``n_src = len(w)`` and, for the methods that need them (``method="phase"``: see
+    :func:`gpu_phase_router.methods.get_method`), ``weight_mean = weight_mean(w)`` and
+    ``degree_prefix = source_degrees(w[:row0], ...).sum()`` (see the module docstring).
+    ``route`` is this function with ``row0=0`` and all rows.
 
     Args:
-        source_weights: ``[rows]`` finite weights ``>= 0`` of the block's sources (``rows`` may
-            be 0; a block may be all zeros as long as the whole vector is not).
+        source_weights: ``[rows]`` finite weights ``>= 0`` of the rows' sources (``rows`` may be
+            0; the rows may be all zeros as long as the whole vector is not), or ``None`` for
+            sources of weight 1 (rows ``[row0, n_src)``; the mean is then 1).
         target_capacities: ``[n_tgt]`` *all* target capacities (finite, ``>= 0``, one positive).
         n_src: the global number of sources (``>= 1``).
-        row0: global index of the block's first row; ``row0 + rows <= n_src``.
+        row0: global index of the first row; ``row0 + rows <= n_src``.
         k, seed, density: as in ``route``.
-        method: ``"phase"`` or ``"systematic"``. For ``"systematic"`` every weight of the whole
-            vector must be the same positive value; a block can only check its own rows.
-        weight_mean: ``method="phase"`` only (ignored otherwise): the mean of all ``n_src``
-            weights in the package's summation order — :func:`weight_mean`, or
-            ``sum_from_partials(partials, n_src) / n_src``.
-        degree_prefix: ``method="phase"`` only (ignored otherwise): the sum of the degrees of
-            rows ``[0, row0)``, e.g. ``int(source_degrees(w[:row0], ...).sum())`` or the
-            running sum of earlier blocks' degrees.
+        method: a name from :func:`~gpu_phase_router.available_methods`. For a method with
+            uniform sources (``"systematic"``) every weight must be the same positive value; a
+            part of the rows can only check its own.
+        weight_mean: the mean of all ``n_src`` weights in the package's summation order —
+            :func:`weight_mean`, or ``sum_from_partials(partials, n_src) / n_src``. Needed by
+            ``"phase"`` unless the rows are all ``n_src`` sources or the weights are ``None``;
+            ignored by the other methods.
+        degree_prefix: the sum of the degrees of rows ``[0, row0)``, e.g.
+            ``int(source_degrees(w[:row0], ...).sum())``. Needed by ``"phase"`` when ``row0 > 0``
+            and the weights are given; ignored by the other methods.
         backend: ``"auto"`` (follow the data), ``"cpu"`` or ``"cuda"``.
-        block_rows: rows per kernel call (memory beyond the output is O(block_rows + n_tgt)).
+        rows_per_call: rows per kernel call (memory beyond the output is O(rows_per_call + n_tgt));
+            ``block_rows`` is its former name.
 
     Returns:
         routes: int32 ``[rows, k]`` in the library and on the device of the inputs.
     """
-    if not isinstance(method, str) or method not in BLOCK_METHODS:
-        raise ValueError(f"method must be one of {list(BLOCK_METHODS)} for block routing; got {method!r}")
-    be, lib, dev = _resolve(backend, {"source_weights": source_weights, "target_capacities": target_capacities})
-    xp = be.xp
-    w = _block_weights(xp, "source_weights", to_backend_array(source_weights, xp))
+    m = get_method(method)
     if target_capacities is None:
         raise TypeError("target_capacities is required: all n_tgt capacities (use ones for uniform targets)")
-    caps = check_weights(xp, "target_capacities", to_backend_array(target_capacities, xp))
+    be, ns = resolve(backend, source_weights=source_weights, target_capacities=target_capacities)
+    xp = be.xp
     n_src = check_int("n_src", n_src, lo=1)
+    caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
     n_tgt = int(caps.shape[0])
-    rows = int(w.shape[0])
+    w = None if source_weights is None else block_weights(xp, "source_weights", to_backend_array(source_weights, xp))
+    rows = n_src - check_int("row0", row0, lo=0, hi=n_src) if w is None else int(w.shape[0])
     row0 = _row0(row0, rows, n_src, "source_weights")
+    whole = rows == n_src
+    if whole and w is not None and not bool((w > 0).any()):
+        raise ValueError("source_weights must have at least one positive entry; got all zeros")
     k = check_k(k, n_tgt)
     seed = check_seed(seed)
     density = check_density(density)
-    br = _block_rows(block_rows)
-    if method == "systematic":
+    per_call = check_rows_per_call(rows_per_call, block_rows)
+    if m.uniform_sources and w is not None:
         check_uniform_weights(xp, w)
-        out = _prep.systematic_rows_blocked(be, caps, n_src=n_src, k=k, seed=seed, row0=row0, rows=rows,
-                                            block_rows=br)
-        return from_backend_array(out, lib, dev)
-    mean = _mean(weight_mean)
-    prefix = _degree_prefix(degree_prefix, row0, n_tgt)
-    c = _prep.weights_to_counts(xp, caps, density, n_src)
-
-    def degrees(a: int, b: int) -> Any:
-        return _prep.weights_to_counts(xp, w[a:b], density, n_tgt, mean=mean)
-
-    out = _prep.phase_rows_blocked(be, degrees, c, rows=rows, n_src=n_src, row0=row0, degree_prefix=prefix,
-                                   k=k, seed=seed, perm_s=None, perm_t=None, block_rows=br)
-    return from_backend_array(out, lib, dev)
+        w = None  # every source gets k slots: the value of the weight does not matter
+    mean = 1.0
+    if m.uses_weight_mean and w is not None:
+        mean = _prep.tree_sum(xp, w) / n_src if whole and weight_mean is None else _mean(weight_mean, m.name)
+        if not math.isfinite(mean):
+            raise ValueError("source_weights: the sum of the weights overflows float64 (rescale the values)")
+    prefix = 0
+    if m.degrees is not None:
+        if w is None and degree_prefix is None:  # sources of weight 1 all have the same degree
+            one = m.degrees(np, np.ones(1), caps, n_src=n_src, density=density, weight_mean=1.0)
+            prefix = row0 * int(one[0])
+        else:
+            prefix = _degree_prefix(degree_prefix, row0, n_tgt, m.name)
+    out = m.rows(be, w, caps, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, density=density, weight_mean=mean,
+                 degree_prefix=prefix, rows_per_call=per_call)
+    return ns.wrap(out)
 
 
 def sum_partials(values: Any, start: int = 0) -> list[Partial]:
@@ -265,10 +280,10 @@ def sum_partials(values: Any, start: int = 0) -> list[Partial]:
         values: float ``[len]`` (NumPy or CuPy), finite and ``>= 0`` (source weights).
         start: global index of ``values[0]``.
     """
-    xp, _lib, _dev = _xp_of({"values": values})
-    v = _block_weights(xp, "values", to_backend_array(values, xp))
+    ns = array_namespace(values=values)
+    v = block_weights(ns.xp, "values", ns.asarray(values))
     start = check_int("start", start, lo=0)
-    return _prep.tree_partials(xp, v, start)
+    return _prep.tree_partials(ns.xp, v, start)
 
 
 def sum_from_partials(partials: Any, n: int) -> float:
@@ -282,34 +297,24 @@ def sum_from_partials(partials: Any, n: int) -> float:
     return _prep.tree_combine(parts, n)
 
 
-def weight_mean(source_weights: Any) -> float:
+def weight_mean(source_weights: Array) -> float:
     """Mean of all source weights exactly as ``route`` computes it (the ``weight_mean`` of a block)."""
-    xp, _lib, _dev = _xp_of({"source_weights": source_weights})
-    w = check_weights(xp, "source_weights", to_backend_array(source_weights, xp))
-    return _prep.tree_sum(xp, w) / w.shape[0]
+    ns = array_namespace(source_weights=source_weights)
+    w = check_weights(ns.xp, "source_weights", ns.asarray(source_weights))
+    return _prep.tree_sum(ns.xp, w) / w.shape[0]
 
 
-def source_degrees(source_weights: Any, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Any:
+def source_degrees(source_weights: Array, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Array:
     """Degrees ``d`` (SPEC §7) of a block of sources, given the mean of all weights → int64 ``[rows]``.
 
     Their sum over all earlier blocks is the ``degree_prefix`` of a block.
     """
-    xp, lib, dev = _xp_of({"source_weights": source_weights})
-    w = _block_weights(xp, "source_weights", to_backend_array(source_weights, xp))
-    mean = _mean(weight_mean)
+    ns = array_namespace(source_weights=source_weights)
+    w = block_weights(ns.xp, "source_weights", ns.asarray(source_weights))
+    mean = _mean(weight_mean, "phase")
     n_tgt = check_int("n_tgt", n_tgt, lo=1)
     density = check_density(density)
-    return from_backend_array(_prep.weights_to_counts(xp, w, density, n_tgt, mean=mean), lib, dev)
-
-
-def _xp_of(named: dict[str, Any]) -> tuple[Any, str, tuple[str, int]]:
-    """Array module for the elementwise helpers: CuPy for device data, NumPy otherwise."""
-    lib, dev = common_library(named)
-    if dev[0] == "cuda":
-        import cupy
-
-        return cupy, lib, dev
-    return np, lib, dev
+    return ns.wrap(_prep.weights_to_counts(ns.xp, w, density, n_tgt, mean=mean))
 
 
 __all__ = [

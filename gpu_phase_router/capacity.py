@@ -19,20 +19,13 @@ from typing import Any
 import numpy as np
 
 from . import _prep
-from ._arrays import CUPY, NUMPY, device_id, from_backend_array, library_of, to_numpy
+from ._arrays import Namespace, array_namespace, to_numpy
 
 
-def _namespace(x: Any) -> tuple[Any, Any, str, tuple[str, int]]:
-    """``(xp, array, library, device)`` for ``x``: CuPy for device data, NumPy otherwise."""
-    lib = library_of(x) or NUMPY
-    dev = device_id(x) if lib != NUMPY else ("cpu", -1)
-    if dev[0] == "cuda":
-        import cupy
-
-        if lib == CUPY:
-            return cupy, x, lib, dev
-        return cupy, cupy.from_dlpack(x.detach()), lib, dev
-    return np, to_numpy(x), lib, dev
+def _namespace(x: Any) -> tuple[Any, Any, Namespace]:
+    """``(xp, array, namespace)`` for ``x``: the array in the module that computes on it in place."""
+    ns = array_namespace(x=x)
+    return ns.xp, ns.asarray(x), ns
 
 
 def _check_routes(xp: Any, routes: Any, n_tgt: int | None, name: str = "routes") -> Any:
@@ -79,12 +72,12 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
     n_src = check_int("n_src", n_src, lo=1)
     k = check_int("k", k, lo=1)
     headroom = _check_headroom(headroom)
-    xp, caps, lib, dev = _namespace(rel_caps)
+    xp, caps, ns = _namespace(rel_caps)
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
     total = _prep.tree_sum(xp, caps)
     hard = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom)).astype(xp.int64)
     hard = xp.where(caps == 0, 0, hard).astype(xp.int64)
-    return from_backend_array(hard, lib, dev)
+    return ns.wrap(hard)
 
 
 def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
@@ -104,9 +97,9 @@ def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
     Returns:
         A new array like ``routes`` (same dtype, library and device) with dropped slots ``-1``.
     """
-    xp, r, lib, dev = _namespace(routes)
-    _, caps, _, cap_dev = _namespace(hard_caps)
-    if cap_dev[0] == "cuda" and dev[0] != "cuda":
+    xp, r, ns = _namespace(routes)
+    _, caps, cap_ns = _namespace(hard_caps)
+    if cap_ns.on_device and not ns.on_device:
         raise TypeError(
             "hard_caps lives on a GPU but routes on the host; move hard_caps to the host first "
             "(e.g. hard_caps.get() or tensor.cpu())"
@@ -134,7 +127,7 @@ def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
         rank = xp.arange(sorted_tgt.shape[0], dtype=xp.int64) - group_start[sorted_tgt]
         dropped = sorted_idx[rank >= caps.astype(xp.int64)[sorted_tgt]]
         out[dropped] = -1
-    return from_backend_array(out.reshape(r.shape), lib, dev)
+    return ns.wrap(out.reshape(r.shape))
 
 
 def compute_loads(routes: Any, n_tgt: int) -> Any:
@@ -147,10 +140,10 @@ def compute_loads(routes: Any, n_tgt: int) -> Any:
     from ._validate import check_int
 
     n_tgt = check_int("n_tgt", n_tgt, lo=1)
-    xp, r, lib, dev = _namespace(routes)
+    xp, r, ns = _namespace(routes)
     flat = _check_routes(xp, r, n_tgt).reshape(-1)
     loads = xp.bincount(flat[flat >= 0].astype(xp.int64), minlength=n_tgt).astype(xp.int64)
-    return from_backend_array(loads, lib, dev)
+    return ns.wrap(loads)
 
 
 def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
@@ -159,7 +152,7 @@ def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
     Padding ``-1`` slots (short rows of the phase router) count as not served, as in the seed's
     benchmark. ``n_tgt`` (the seed's ``n``) is optional; if given, targets ``>= n_tgt`` raise.
     """
-    xp, r, _, _ = _namespace(routes)
+    xp, r, _ = _namespace(routes)
     r = _check_routes(xp, r, n_tgt)
     if r.size == 0:
         raise ValueError("routes must not be empty")

@@ -6,11 +6,12 @@ does not import Dask. The result equals the single-process :func:`gpu_phase_rout
 scheduler and backend, because every chunk is routed by :mod:`gpu_phase_router.blocks` with the
 global quantities computed once in the graph:
 
-* ``method="phase"`` from weights: the weight mean (each chunk contributes the node sums of the
-  package's fixed summation tree, :func:`~gpu_phase_router.blocks.sum_partials`, combined by
+* what the method's entry in :mod:`gpu_phase_router.methods` says it needs: for
+  ``method="phase"`` the weight mean (each chunk contributes the node sums of the package's
+  fixed summation tree, :func:`~gpu_phase_router.blocks.sum_partials`, combined by
   :func:`~gpu_phase_router.blocks.sum_from_partials` into the very float ``route`` uses), then
-  each chunk's degree sum and their exclusive prefix;
-* ``method="systematic"``: only a global check that the weights are uniform;
+  each chunk's degree sum and their exclusive prefix; for ``method="systematic"`` only a global
+  check that the weights are uniform; the hash baselines need nothing global;
 * :func:`route_counts`: each chunk's degree sum and their exclusive prefix.
 
 The graph has three passes over the source chunks (reductions, degree sums, routing); the
@@ -34,11 +35,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from . import _prep, blocks
-from ._arrays import CUPY, library_of, to_numpy
+from ._arrays import CUPY, array_namespace, library_of, to_numpy
 from ._validate import (
     as_vector,
     check_density,
-    check_int,
     check_int_vector,
     check_k,
     check_permutation,
@@ -46,6 +46,7 @@ from ._validate import (
     check_weights,
 )
 from .backends import BackendName
+from .methods import Method, check_rows_per_call, get_method
 
 
 def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
@@ -78,29 +79,8 @@ def _check_target(name: str, x: Any) -> np.ndarray:
 
 
 def _meta(chunk_meta: Any) -> Any:
-    if library_of(chunk_meta) == CUPY:
-        import cupy
-
-        return cupy.empty((0, 0), dtype=cupy.int32)
-    return np.empty((0, 0), dtype=np.int32)
-
-
-def _like(chunk: Any, host: np.ndarray) -> Any:
-    """The small host vector ``host`` in the array library (and on the device) of ``chunk``."""
-    if library_of(chunk) == CUPY:
-        import cupy
-
-        with chunk.device:
-            return cupy.asarray(host)
-    return host
-
-
-def _xp(chunk: Any) -> Any:
-    if library_of(chunk) == CUPY:
-        import cupy
-
-        return cupy
-    return np
+    xp = array_namespace(chunk_meta=chunk_meta).xp
+    return xp.empty((0, 0), dtype=xp.int32)
 
 
 def _rows(a: int, b: int) -> str:
@@ -112,9 +92,9 @@ def _rows(a: int, b: int) -> str:
 
 def _weight_stats(w: Any, a: int, want_partials: bool) -> tuple[list, bool, float, float]:
     """Validate one chunk of weights; its tree partials, any-positive, min and max."""
-    xp = _xp(w)
+    xp = array_namespace(source_weights=w).xp
     try:
-        v = blocks._block_weights(xp, "source_weights", w)
+        v = blocks.block_weights(xp, "source_weights", w)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{exc}{_rows(a, a + w.shape[0])}") from None
     if v.shape[0] == 0:
@@ -123,26 +103,29 @@ def _weight_stats(w: Any, a: int, want_partials: bool) -> tuple[list, bool, floa
     return parts, bool((v > 0).any()), float(v.min()), float(v.max())
 
 
-def _weight_mean(stats: list, n_src: int, method: str) -> float | None:
+def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
     if not any(s[1] for s in stats):
         raise ValueError("source_weights must have at least one positive entry; got all zeros")
-    if method == "systematic":
+    if method.uniform_sources:
         lo, hi = min(s[2] for s in stats), max(s[3] for s in stats)
         if lo != hi:
             raise ValueError(
-                "method='systematic' gives every source exactly k slots, so source_weights must be uniform; "
+                f"method={method.name!r} gives every source exactly k slots, so source_weights must be uniform; "
                 f"got values from {lo} to {hi}; use method='phase' for weighted sources")
+    if not method.uses_weight_mean:
         return None
     return _prep.tree_combine([p for s in stats for p in s[0]], n_src) / n_src
 
 
-def _weight_degree_sum(w: Any, mean: float, density: float, n_tgt: int) -> int:
-    xp = _xp(w)
-    return int(_prep.weights_to_counts(xp, w.astype(xp.float64, copy=False), density, n_tgt, mean=mean).sum())
+def _weight_degree_sum(w: Any, mean: float, caps: np.ndarray, n_src: int, density: float, method: Method) -> int:
+    xp = array_namespace(source_weights=w).xp
+    assert method.degrees is not None
+    return int(method.degrees(xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, density=density,
+                              weight_mean=mean).sum())
 
 
 def _count_degree_sum(d: Any, a: int, n_tgt: int) -> int:
-    xp = _xp(d)
+    xp = array_namespace(source_degrees=d).xp
     try:
         d = check_int_vector(xp, "source_degrees", d, lo=0, hi=n_tgt)
     except (TypeError, ValueError) as exc:
@@ -160,33 +143,33 @@ def _exclusive_prefix(sums: list[int]) -> list[int]:
 
 def _route_weights_chunk(w: Any, *, caps: np.ndarray, mean: float | None, prefixes: list[int] | None, n_src: int,
                          k: int, seed: int, density: float, method: str, backend: BackendName,
-                         block_rows: int | None, block_info: Any = None) -> Any:
+                         rows_per_call: int, block_info: Any = None) -> Any:
     loc = block_info[None]
     i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_block(w, _like(w, caps), n_src=n_src, row0=row0, k=k, seed=seed, density=density,
-                              method=method, weight_mean=mean, degree_prefix=None if prefixes is None else prefixes[i],
-                              backend=backend, block_rows=block_rows)
+    return blocks.route_block(w, caps, n_src=n_src, row0=row0, k=k, seed=seed, density=density, method=method,
+                              weight_mean=mean, degree_prefix=None if prefixes is None else prefixes[i],
+                              backend=backend, rows_per_call=rows_per_call)
 
 
 def _route_counts_chunk(d: Any, *, c: np.ndarray, prefixes: list[int], n_src: int, k: int, seed: int,
-                        perm_s: np.ndarray | None, backend: BackendName, block_rows: int | None,
+                        perm_s: np.ndarray | None, backend: BackendName, rows_per_call: int,
                         block_info: Any = None) -> Any:
     loc = block_info[None]
     i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_counts_block(d, _like(d, c), n_src=n_src, row0=row0, degree_prefix=prefixes[i], k=k,
-                                     seed=seed, perm_s=None if perm_s is None else _like(d, perm_s),
-                                     backend=backend, block_rows=block_rows)
+    return blocks.route_counts_block(d, c, n_src=n_src, row0=row0, degree_prefix=prefixes[i], k=k, seed=seed,
+                                     perm_s=perm_s, backend=backend, rows_per_call=rows_per_call)
 
 
 # --- public API ----------------------------------------------------------------------------------
 
 
-def _weight_reductions(w: Any, n_src: int, chunks: tuple[int, ...], method: str) -> tuple[list, Any]:
-    """The weights' chunks as delayed objects, and one task that validates all chunks and returns
-    the global mean (``"phase"``) or checks uniformity (``"systematic"``, returns ``None``)."""
+def _weight_reductions(w: Any, n_src: int, chunks: tuple[int, ...], method: Method) -> tuple[list, Any]:
+    """The weights' chunks as delayed objects, and one task that validates all chunks, checks
+    uniformity where the method needs it, and returns the global mean (``None`` for methods
+    that do not use it)."""
     starts = _exclusive_prefix(list(chunks))
     parts = w.to_delayed().ravel().tolist()
-    want = method == "phase"
+    want = method.uses_weight_mean
     stats = [dask.delayed(_weight_stats, pure=True)(p, a, want) for p, a in zip(parts, starts, strict=True)]
     return parts, dask.delayed(_weight_mean, pure=True)(stats, n_src, method)
 
@@ -201,7 +184,7 @@ def weight_mean(source_weights: Any) -> Any:
     n_src, chunks = _check_rows_array("source_weights", source_weights)
     if source_weights.dtype.kind not in "biuf":
         raise TypeError(f"source_weights must hold real numbers; got dtype {source_weights.dtype}")
-    return _weight_reductions(source_weights, n_src, chunks, "phase")[1]
+    return _weight_reductions(source_weights, n_src, chunks, get_method("phase"))[1]
 
 
 def route(
@@ -213,6 +196,7 @@ def route(
     density: float = 0.3,
     method: str = "phase",
     backend: BackendName = "auto",
+    rows_per_call: int | None = None,
     block_rows: int | None = None,
 ) -> Any:
     """Lazy :func:`gpu_phase_router.route` of a chunked ``dask.array`` of source weights.
@@ -223,17 +207,16 @@ def route(
             for ``"systematic"``) are raised when the result is computed.
         target_capacities: ``[n_tgt]`` NumPy/CuPy array or sequence (validated now).
         k, seed, density: as in :func:`gpu_phase_router.route`.
-        method: ``"phase"`` or ``"systematic"``.
+        method: any method of :func:`gpu_phase_router.available_methods`.
         backend: per chunk; ``"auto"`` follows the chunk's array library.
-        block_rows: rows per kernel call inside a chunk.
+        rows_per_call: rows per kernel call inside a chunk (``block_rows``: its former name).
 
     Returns:
         routes: lazy int32 ``dask.array`` ``[n_src, k]`` with chunks ``(source_weights.chunks[0], (k,))``
         and chunks of the weights' array library; ``.compute()`` equals ``gpu_phase_router.route(
         source_weights.compute(), target_capacities, ...)`` bit for bit.
     """
-    if not isinstance(method, str) or method not in blocks.BLOCK_METHODS:
-        raise ValueError(f"method must be one of {list(blocks.BLOCK_METHODS)}; got {method!r}")
+    m = get_method(method)
     n_src, chunks = _check_rows_array("source_weights", source_weights)
     if source_weights.dtype.kind not in "biuf":
         raise TypeError(f"source_weights must hold real numbers; got dtype {source_weights.dtype}")
@@ -242,19 +225,18 @@ def route(
     k = check_k(k, n_tgt)
     seed = check_seed(seed)
     density = check_density(density)
-    if block_rows is not None:
-        check_int("block_rows", block_rows, lo=1)
+    per_call = check_rows_per_call(rows_per_call, block_rows)
     if method == "systematic":
         _prep.check_systematic_slots(n_src, k)
 
-    parts, mean = _weight_reductions(source_weights, n_src, chunks, method)
+    parts, mean = _weight_reductions(source_weights, n_src, chunks, m)
     prefixes = None
-    if method == "phase":
-        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, density, n_tgt) for p in parts]
+    if m.uses_degree_prefix:
+        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, density, m) for p in parts]
         prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
         _route_weights_chunk, source_weights, caps=caps, mean=mean, prefixes=prefixes, n_src=n_src, k=k, seed=seed,
-        density=density, method=method, backend=backend, block_rows=block_rows,
+        density=density, method=method, backend=backend, rows_per_call=per_call,
         dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_weights._meta),
         token="gpu-phase-route",
     )
@@ -268,6 +250,7 @@ def route_counts(
     seed: int,
     perm_s: Any = None,
     backend: BackendName = "auto",
+    rows_per_call: int | None = None,
     block_rows: int | None = None,
 ) -> Any:
     """Lazy :func:`gpu_phase_router.route_counts` of a chunked ``dask.array`` of source degrees.
@@ -276,7 +259,7 @@ def route_counts(
         source_degrees: 1-D integer ``dask.array`` ``[n_src]``, values in ``[0, n_tgt]`` (checked
             when computed).
         target_counts: integer ``[n_tgt]`` NumPy/CuPy array or sequence, values in ``[0, n_src]``.
-        k, seed, perm_s, backend, block_rows: as in :func:`gpu_phase_router.route_counts`
+        k, seed, perm_s, backend, rows_per_call: as in :func:`gpu_phase_router.route_counts`
             (``perm_t`` is derived from the seed).
 
     Returns:
@@ -295,15 +278,14 @@ def route_counts(
     seed = check_seed(seed)
     if perm_s is not None:
         perm_s = check_permutation(np, "perm_s", _check_target("perm_s", perm_s), n_tgt)
-    if block_rows is not None:
-        check_int("block_rows", block_rows, lo=1)
+    per_call = check_rows_per_call(rows_per_call, block_rows)
     starts = _exclusive_prefix(list(chunks))
     parts = source_degrees.to_delayed().ravel().tolist()
     sums = [dask.delayed(_count_degree_sum, pure=True)(p, a, n_tgt) for p, a in zip(parts, starts, strict=True)]
     prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
         _route_counts_chunk, source_degrees, c=c, prefixes=prefixes, n_src=n_src, k=k, seed=seed, perm_s=perm_s,
-        backend=backend, block_rows=block_rows,
+        backend=backend, rows_per_call=per_call,
         dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_degrees._meta),
         token="gpu-phase-route-counts",
     )

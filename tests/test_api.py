@@ -69,6 +69,7 @@ def test_pack_bits_layout():
     assert _reference.popcount_rows(packed.tolist(), 100) == dense.sum(1).tolist()
 
 
+@pytest.mark.subprocess
 def test_import_loads_no_heavy_modules():
     code = (
         "import sys, gpu_phase_router\n"
@@ -112,11 +113,23 @@ def _reference_counts(w, density, n_other):
     return np.array(_reference.weights_to_counts(w.tolist(), density, n_other))
 
 
+@pytest.mark.torch
 def test_torch_cpu_in_torch_out():
     torch = pytest.importorskip("torch", reason="torch not installed: interop with torch tensors not exercised")
     caps = torch.tensor([1.0, 2.0, 8.0, 1.0])
     out = gpr.route(None, caps, k=2, seed=1)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.int32
     np.testing.assert_array_equal(out.numpy(), gpr.route(None, caps.numpy(), k=2, seed=1))
-    with pytest.raises(TypeError, match="one array library"):
-        gpr.route(np.ones(4), caps, k=2)
+    mixed = gpr.route(np.ones(4), caps, k=2, seed=1)  # host NumPy data joins the torch side
+    assert isinstance(mixed, torch.Tensor)
+    np.testing.assert_array_equal(mixed.numpy(), gpr.route(np.ones(4), caps.numpy(), k=2, seed=1))
+
+
+def test_block_rows_is_the_former_name_of_rows_per_call():
+    caps = np.arange(1.0, 9.0)
+    want = gpr.route(np.ones(40), caps, k=2, seed=3, rows_per_call=7)
+    np.testing.assert_array_equal(gpr.route(np.ones(40), caps, k=2, seed=3, block_rows=7), want)
+    with pytest.raises(ValueError, match="block_rows"):
+        gpr.route(np.ones(40), caps, k=2, seed=3, block_rows=0)
+    with pytest.raises(TypeError, match="rows_per_call only"):
+        gpr.route(np.ones(40), caps, k=2, seed=3, block_rows=7, rows_per_call=7)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from _xp_grid import XP_PARAMS, to_host
+from _grid import XP_PARAMS, to_host
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +89,7 @@ def test_weighted_hash_zero_weight_rows():
 def test_xp_paths_and_blocks_agree(method, xp):
     caps = gpr.strong_hetero_capacities(300, seed=4)
     expected = gpr.route(np.ones(1000), caps, k=4, seed=17, method=method, backend="cpu")
-    got = gpr.route(xp.ones(1000), xp.asarray(caps), k=4, seed=17, method=method, backend="auto", block_rows=97)
+    got = gpr.route(xp.ones(1000), xp.asarray(caps), k=4, seed=17, method=method, backend="auto", rows_per_call=97)
     assert type(got) is type(xp.ones(1))
     np.testing.assert_array_equal(to_host(got), expected)
 
@@ -193,6 +193,7 @@ def test_methods_registered():
     assert {"hash", "weighted_hash"} <= set(gpr.available_methods())
 
 
+@pytest.mark.subprocess
 def test_no_torch_or_cupy_import():
     code = ("import sys, numpy as np, gpu_phase_router as g;"
             "g.route(n=32, k=2, method='hash'); g.route(n=32, k=2, method='weighted_hash');"

@@ -10,7 +10,7 @@ import pytest
 import gpu_phase_router as gpr
 from gpu_phase_router import _prep, _reference, blocks
 
-BACKENDS = ["cpu", "cuda"]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _xp(backend: str):
@@ -110,7 +110,7 @@ def test_route_block_phase_equals_full(trial, backend):
     for a, b in _cuts(rng, n_src):
         prefix = int(_host(blocks.source_degrees(wx[:a], weight_mean=mean, n_tgt=n_tgt, density=density)).sum())
         r = gpr.route_block(wx[a:b], cx, n_src=n_src, row0=a, k=k, seed=trial, density=density,
-                            weight_mean=mean, degree_prefix=prefix, block_rows=int(rng.integers(1, 50)))
+                            weight_mean=mean, degree_prefix=prefix, rows_per_call=int(rng.integers(1, 50)))
         assert type(r) is type(wx) and r.dtype == np.int32 and r.shape == (b - a, k)
         np.testing.assert_array_equal(_host(r), full[a:b])
         got.append(_host(r))
@@ -130,7 +130,7 @@ def test_route_block_systematic_equals_full(trial, backend):
         np.testing.assert_array_equal(full, _reference.route_systematic(caps, n_src, k, trial))
     for a, b in _cuts(rng, n_src):
         r = gpr.route_block(xp.full(b - a, 2.5), xp.asarray(caps), n_src=n_src, row0=a, k=k, seed=trial,
-                            method="systematic", block_rows=int(rng.integers(1, 60)))
+                            method="systematic", rows_per_call=int(rng.integers(1, 60)))
         np.testing.assert_array_equal(_host(r), full[a:b])
 
 
@@ -163,7 +163,7 @@ def test_route_counts_block_equals_full(trial, given_perms, backend):
         r = gpr.route_counts_block(dx[a:b], cx, n_src=n_src, row0=a, degree_prefix=int(d[:a].sum()), k=k,
                                    seed=trial, perm_s=None if ps is None else xp.asarray(ps),
                                    perm_t=None if pt is None else xp.asarray(pt[a:b]),
-                                   block_rows=int(rng.integers(1, 50)))
+                                   rows_per_call=int(rng.integers(1, 50)))
         np.testing.assert_array_equal(_host(r), full[a:b])
 
 
@@ -209,14 +209,13 @@ def _ok_phase(**over):
         (dict(w=np.array([1.0, np.inf, 1.0])), ValueError, "source_weights"),
         (dict(w=np.ones((3, 1))), ValueError, "source_weights"),
         (dict(w=np.array(["a"])), TypeError, "source_weights"),
-        (dict(w=None), TypeError, "source_weights"),
         (dict(caps=np.zeros(4)), ValueError, "target_capacities"),
         (dict(caps=None), TypeError, "target_capacities"),
         (dict(k=5), ValueError, "k"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(density=0.0), ValueError, "density"),
         (dict(method="nope"), ValueError, "method"),
-        (dict(block_rows=0), ValueError, "block_rows"),
+        (dict(rows_per_call=0), ValueError, "rows_per_call"),
         (dict(backend="tpu"), ValueError, "backend"),
     ],
 )
@@ -284,12 +283,22 @@ def test_whole_vector_routing_keeps_temporaries_small(method):
     tracemalloc.start()
     try:
         if method == "counts":
-            out = gpr.route_counts(d, c, k=k, seed=1, block_rows=block)
+            out = gpr.route_counts(d, c, k=k, seed=1, rows_per_call=block)
         else:
-            out = gpr.route(w, caps, k=k, seed=1, method=method, block_rows=block)
+            out = gpr.route(w, caps, k=k, seed=1, method=method, rows_per_call=block)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     extra = peak - out.nbytes
     # whole-size int64/float64 temporaries would cost 8 MiB each; validation's bool masks cost 1 MiB
     assert extra < 2 * n, f"{method}: {extra / 2**20:.1f} MiB beyond the output"
+
+
+@pytest.mark.parametrize("method", ["phase", "systematic", "hash", "weighted_hash"])
+def test_route_block_uniform_sources_without_weights(method):
+    """source_weights=None routes rows [row0, n_src) of sources of weight 1, needing no globals."""
+    caps = np.array([1.0, 3.0, 0.0, 2.0, 5.0, 1.0])
+    full = gpr.route(np.ones(40), caps, k=3, seed=8, method=method)
+    for row0 in (0, 13, 39):
+        got = blocks.route_block(None, caps, n_src=40, row0=row0, k=3, seed=8, method=method)
+        np.testing.assert_array_equal(got, full[row0:])

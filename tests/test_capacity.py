@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from _xp_grid import XP_PARAMS, to_host
+from _grid import XP_PARAMS, to_host
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

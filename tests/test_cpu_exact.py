@@ -91,9 +91,9 @@ def test_grid_bits(shape, pattern):
     n_tgt=st.integers(1, 80),
     data=st.data(),
     seed=st.integers(0, 2**64 - 1),
-    block_rows=st.integers(1, 100),
+    rows_per_call=st.integers(1, 100),
 )
-def test_hypothesis_counts(n_src, n_tgt, data, seed, block_rows):
+def test_hypothesis_counts(n_src, n_tgt, data, seed, rows_per_call):
     d = data.draw(st.lists(st.integers(0, n_tgt), min_size=n_src, max_size=n_src))
     c = data.draw(st.lists(st.integers(0, n_src), min_size=n_tgt, max_size=n_tgt))
     k = data.draw(st.integers(1, n_tgt))
@@ -103,7 +103,7 @@ def test_hypothesis_counts(n_src, n_tgt, data, seed, block_rows):
     want = _reference.route_counts(d, c, k, seed, perm_s=ps, perm_t=pt)
     got = gpr.route_counts(np.array(d), np.array(c), k=k, seed=seed,
                            perm_s=None if ps is None else np.array(ps),
-                           perm_t=None if pt is None else np.array(pt), block_rows=block_rows)
+                           perm_t=None if pt is None else np.array(pt), rows_per_call=rows_per_call)
     np.testing.assert_array_equal(got, want)
 
 
@@ -116,7 +116,7 @@ def test_hypothesis_counts(n_src, n_tgt, data, seed, block_rows):
 def test_hypothesis_systematic(n_src, caps, k, seed):
     k = min(k, len(caps))
     want = _reference.route_systematic(caps, n_src, k, seed)
-    got = gpr.route(np.ones(n_src), np.array(caps), k=k, seed=seed, method="systematic", block_rows=7)
+    got = gpr.route(np.ones(n_src), np.array(caps), k=k, seed=seed, method="systematic", rows_per_call=7)
     np.testing.assert_array_equal(got, want)
 
 

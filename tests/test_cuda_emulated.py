@@ -21,7 +21,7 @@ from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feiste
 from gpu_phase_router.backends.cuda import CudaBackend, phase_shape, phase_width
 
 EMULATED = "cuda-emulated"
-KINDS = [EMULATED, "cuda"]
+KINDS = [EMULATED, pytest.param("cuda", marks=pytest.mark.gpu)]
 TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
@@ -82,17 +82,16 @@ def host(x) -> np.ndarray:
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
-def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, block_rows=1 << 18) -> np.ndarray:
-    """All rows of the phase router on backend object ``be`` (the shared block loop and preparation)."""
+def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, rows_per_call=1 << 18) -> np.ndarray:
+    """All rows of the phase router on backend object ``be`` (the shared call loop and preparation)."""
     xp = be.xp
 
     def to(a):
         return None if a is None else xp.asarray(np.asarray(a, dtype=np.int64))
 
-    dd = to(d)
-    return host(_prep.phase_rows_blocked(be, lambda a, b: dd[a:b], to(c), n_src=len(d), row0=0, rows=len(d),
-                                         degree_prefix=0, k=k, seed=seed, perm_s=to(perm_s), perm_t=to(perm_t),
-                                         block_rows=block_rows))
+    return host(_prep.phase_rows(be, np.asarray(c, dtype=np.int64), n_src=len(d), row0=0, rows=len(d), k=k,
+                                 seed=seed, degree_prefix=0, rows_per_call=rows_per_call, d=to(d), perm_s=to(perm_s),
+                                 perm_t=to(perm_t)))
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -191,18 +190,18 @@ def test_phase_thread_schedules(cpu, config, schedule, sched_seed):
         assert np.array_equal(run_phase(be, d, c, k, sched_seed), want)
 
 
-@pytest.mark.parametrize("block_rows", [1, 3, 7, 64])
+@pytest.mark.parametrize("rows_per_call", [1, 3, 7, 64])
 @pytest.mark.parametrize("perms", ["derived", "given"])
-def test_phase_blocks_of_rows(kind, block_rows, perms):
+def test_phase_blocks_of_rows(kind, rows_per_call, perms):
     """Blocks with row0 > 0 and degree_prefix > 0, through the api's block loop."""
-    rng = np.random.default_rng(block_rows)
+    rng = np.random.default_rng(rows_per_call)
     n_src, n_tgt, k = 61, 47, 5
     d, c = make_counts(n_src, n_tgt, "mixed", rng)
     seed = TOP - 3
     ps = rng.permutation(n_tgt) if perms == "given" else None
     pt = rng.permutation(n_src) if perms == "given" else None
     want = _reference.route_counts(d.tolist(), c.tolist(), k, seed, perm_s=ps, perm_t=pt)
-    got = route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=kind, block_rows=block_rows)
+    got = route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=kind, rows_per_call=rows_per_call)
     assert np.array_equal(got, want)
 
 
@@ -217,11 +216,11 @@ def test_phase_block_direct(kind, cpu, row0):
     full = _reference.route_counts(d.tolist(), c.tolist(), k, seed)
     rows = min(13, n_src - row0)
     xp = be.xp
-    ring = _prep.ring_layout(be, xp.asarray(c), n_src, seed)
+    ring = be.prepare_ring(*_prep.ring_layout(be, xp.asarray(c), n_src, seed))
     got = _prep.phase_block(be, xp.asarray(d[row0:row0 + rows]), ring, n_src=n_src, k=k, seed=seed, row0=row0,
                             degree_prefix=int(d[:row0].sum()))
     assert np.array_equal(host(got), full[row0:row0 + rows])
-    ring_cpu = _prep.ring_layout(cpu, c, n_src, seed)
+    ring_cpu = cpu.prepare_ring(*_prep.ring_layout(cpu, c, n_src, seed))
     got_cpu = _prep.phase_block(cpu, d[row0:row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0,
                                 degree_prefix=int(d[:row0].sum()))
     assert np.array_equal(got_cpu, full[row0:row0 + rows])
@@ -243,6 +242,7 @@ def test_phase_kernel_choice():
     assert phase_width(7, max_width=2) == 2
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_phase_hypothesis(data):
@@ -257,10 +257,10 @@ def test_phase_hypothesis(data):
     ps = data.draw(st.permutations(range(n_tgt))) if perms else None
     pt = data.draw(st.permutations(range(n_src))) if perms else None
     config = data.draw(st.sampled_from([{}, *CONFIGS]), label="config")
-    block_rows = data.draw(st.integers(1, n_src), label="block_rows")
+    rows_per_call = data.draw(st.integers(1, n_src), label="rows_per_call")
     want = _reference.route_counts(d, c, k, seed, perm_s=ps, perm_t=pt)
     be = make_backend(EMULATED, **config)
-    assert np.array_equal(run_phase(be, d, c, k, seed, ps, pt, block_rows), want)
+    assert np.array_equal(run_phase(be, d, c, k, seed, ps, pt, rows_per_call=rows_per_call), want)
     assert np.array_equal(route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend="cpu"), want)
 
 
@@ -375,6 +375,7 @@ def test_feistel_spec_vectors(kind):
     assert host(be.feistel(123456, 1, 1000000, stream(42, 2))).tolist() == [417975]
 
 
+@pytest.mark.slow
 def test_feistel_many_blocks(kind, cpu):
     """More values than one launch of 2^16 blocks covers in one pass of its grid-stride loop."""
     be = make_backend(kind)
@@ -423,10 +424,11 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
     assert np.array_equal(got_cpu, want)
 
 
-def test_systematic_block_rows(kind):
+def test_systematic_rows_per_call(kind):
     caps = np.arange(1.0, 12.0)
     want = _reference.route_systematic(caps.tolist(), 50, 5, 9)
-    assert np.array_equal(route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, block_rows=7), want)
+    got = route(np.ones(50), caps, k=5, seed=9, method="systematic", backend=kind, rows_per_call=7)
+    assert np.array_equal(got, want)
 
 
 # -- launch bookkeeping ------------------------------------------------------------------------
@@ -434,19 +436,19 @@ def test_systematic_block_rows(kind):
 
 def test_launch_bookkeeping():
     """Kernels receive contiguous arrays and exact scalar types (checked by the emulator), and the
-    phase kernel runs once per block of rows."""
+    phase kernel runs once per call's share of rows while the ring is packed once per routing call."""
     _emulator_or_skip()
     be = emulated_backend.make_backend()
     d, c = make_counts(30, 20, "mixed", np.random.default_rng(0))
-    run_phase(be, d, c, 3, 1, block_rows=8)
+    run_phase(be, d, c, 3, 1, rows_per_call=8)
     names = [name for name, _, _ in be._launch.launches]
     assert names.count("gpr_phase_rows_k4") == 4
-    assert names.count("gpr_pack_ring") == 4
+    assert names.count("gpr_pack_ring") == 1
     assert names.count("gpr_feistel_range") == 1 + 4  # inv_s once, perm_t per block
 
 
 def test_int32_limits():
     be = CudaBackend(np, lambda *a: None)
     with pytest.raises(ValueError, match="n_src"):
-        be.phase_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                      np.zeros(1, np.int64), np.zeros(1, np.int64), n_src=1 << 31, k=1, row0=0, select_key=0)
+        be.phase_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                      (np.zeros((1, 2), np.int32), np.zeros(1, np.int32)), n_src=1 << 31, k=1, row0=0, select_key=0)

@@ -24,6 +24,7 @@ def fresh_cuda(monkeypatch):
     backends._INSTANCES.pop("cuda", None)
 
 
+@pytest.mark.subprocess
 def test_import_loads_no_gpu_stack():
     code = (
         "import sys\n"
@@ -78,7 +79,7 @@ def test_cuda_backend_with_a_device_is_lazy(monkeypatch, fresh_cuda):
 def test_backend_protocol_surface():
     from gpu_phase_router.backends.cuda import CudaBackend
 
-    for attr in ("popcount_rows", "feistel", "phase_rows", "systematic_rows"):
+    for attr in ("popcount_rows", "feistel", "prepare_ring", "phase_rows", "systematic_rows"):
         assert callable(getattr(CudaBackend, attr))
     assert CudaBackend(np, lambda *a: None).xp is np
     assert "cuda" in gpu_phase_router.available_backends()
@@ -124,5 +125,8 @@ def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
     events.clear()
     call(np.zeros(2))
     assert events == ["call"]
-    for fn in (api.route, api.route_counts, api.route_bits, api.phase_router, api.popcount_rows):
+    from gpu_phase_router import blocks
+
+    # the front doors (route and route_counts are thin calls of the first two)
+    for fn in (blocks.route_block, blocks.route_counts_block, api.route_bits, api.phase_router, api.popcount_rows):
         assert hasattr(fn, "__wrapped__"), fn.__name__

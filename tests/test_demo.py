@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from _xp_grid import CUPY
+from _grid import CUPY
 
 import gpu_phase_router as gpr
 from gpu_phase_router.__main__ import main
 
+pytestmark = pytest.mark.subprocess
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["demo", "--experts", "64", "--tokens", "256", "-k", "2", "--repeat", "1"]

@@ -43,7 +43,7 @@ def raises(exc, match, fn, *args, **kwargs):
         (dict(perm_t=np.r_[np.arange(N - 1), 3]), ValueError, "perm_t must be a permutation"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
         (dict(backend=3), TypeError, "backend must be a string"),
-        (dict(block_rows=0), ValueError, "block_rows must be"),
+        (dict(rows_per_call=0), ValueError, "rows_per_call must be"),
     ],
 )
 def test_route_counts_rejects(kwargs, exc, match):

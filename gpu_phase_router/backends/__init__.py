@@ -12,7 +12,9 @@ Kernel inputs (all arrays of the backend's ``xp``, C-contiguous):
   and the number of rows with a set padding bit (SPEC §2).
 * ``feistel(start, count, n, key, inverse)``: int64 ``(count,)`` values
   ``feistel(start + i, n, key)`` (or its inverse) for ``i`` in ``[0, count)`` (SPEC §6).
-* ``phase_rows(...)``: the phase router for a block of rows (SPEC §4–§5), see :class:`Backend`.
+* ``prepare_ring(ring_start, ring_len, ring_col)``: the target ring in the backend's own layout,
+  made once per call and shared by every kernel call of that call.
+* ``phase_rows(...)``: the phase router for a range of rows (SPEC §4–§5), see :class:`Backend`.
 * ``systematic_rows(...)``: the systematic router for a block of rows (SPEC §11).
 """
 
@@ -21,7 +23,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Literal, Protocol
 
-BackendName = Literal["auto", "cpu", "cuda"]
+from .._arrays import Array, Namespace, array_namespace
+
+BackendName = Literal["auto", "cpu", "cuda"] | str
+"""``"auto"`` (follow the data), ``"cpu"``, ``"cuda"`` or a name given to :func:`register_backend`."""
 
 
 class Backend(Protocol):
@@ -37,26 +42,30 @@ class Backend(Protocol):
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> Any:
         """int64 ``(count,)``: ``feistel(start + i, n, key)`` or its inverse (SPEC §6)."""
 
+    def prepare_ring(self, ring_start: Array, ring_len: Array, ring_col: Array) -> Any:
+        """The target ring in the layout :meth:`phase_rows` reads, made once per routing call.
+
+        Per target-ring position ``p`` (int64 ``(n_tgt,)``): ``ring_col[p] = inv_s[p]``,
+        ``ring_start[p] = off_t[inv_s[p]]``, ``ring_len[p] = c[inv_s[p]]``.
+        """
+
     def phase_rows(
         self,
-        phase: Any,
-        off_s: Any,
-        deg: Any,
-        ring_start: Any,
-        ring_len: Any,
-        ring_col: Any,
+        phase: Array,
+        off_s: Array,
+        deg: Array,
+        ring: Any,
         *,
         n_src: int,
         k: int,
         row0: int,
         select_key: int,
-    ) -> Any:
+    ) -> Array:
         """Phase router rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)``.
 
         Per row ``i`` (global source ``j = row0 + i``): ``phase[i] = perm_t[j]``,
-        ``off_s[i]`` its start on the target ring, ``deg[i] = d[j]`` (all int64 ``(rows,)``).
-        Per target-ring position ``p`` (int64 ``(n_tgt,)``): ``ring_col[p] = inv_s[p]``,
-        ``ring_start[p] = off_t[inv_s[p]]``, ``ring_len[p] = c[inv_s[p]]``. Candidates are the
+        ``off_s[i]`` its start on the target ring, ``deg[i] = d[j]`` (all int64 ``(rows,)``);
+        ``ring`` comes from :meth:`prepare_ring`. Candidates are the
         positions ``p = (off_s[i] + q) mod n_tgt``, ``q < deg[i]``, with
         ``(phase[i] - ring_start[p]) mod n_src < ring_len[p]``; the row holds the ``k``
         smallest ``(at(at(select_key, j), col), col)`` in ascending order, then ``-1``.
@@ -111,6 +120,17 @@ def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
             raise ValueError(f"backend {name!r} is not available ({exc}){hint}") from exc
         _INSTANCES[name] = module.load()
     return _INSTANCES[name]
+
+
+def resolve(backend: BackendName, **arrays: Any) -> tuple[Backend, Namespace]:
+    """The single place where data decides the backend: the arrays' :class:`Namespace` (one
+    library, one device, else ``TypeError``) and the backend that computes on it.
+
+    ``backend="auto"`` picks ``"cuda"`` for CuPy arrays and CUDA torch tensors, ``"cpu"`` for
+    everything else; an explicit name is used as given (data is then copied to it).
+    """
+    ns = array_namespace(**arrays)
+    return get_backend(backend, data_on_device=ns.on_device), ns
 
 
 def cuda_available() -> bool:

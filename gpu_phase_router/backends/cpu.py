@@ -286,7 +286,12 @@ class CpuBackend:
         h, mask = feistel_params(n)
         return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
 
-    def phase_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n_src, k, row0, select_key):
+    def prepare_ring(self, ring_start, ring_len, ring_col):
+        return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
+                np.ascontiguousarray(ring_col, dtype=np.int64))
+
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key):
+        ring_start, ring_len, ring_col = ring
         out = np.empty((phase.shape[0], k), dtype=np.int32)
         _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
                     np.int64(row0), np.uint64(select_key), out)

@@ -165,15 +165,19 @@ class CudaBackend:
                      (phase, off_s, deg, ring_sl, ring_col32, np.int32(rows), np.int32(n_tgt), np.int32(n_src),
                       np.int32(k), np.int64(row0), np.uint64(select_key), out))
 
-    def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring_start: Any, ring_len: Any, ring_col: Any, *,
-                   n_src: int, k: int, row0: int, select_key: int) -> Any:
+    def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
+        """The ring packed once per routing call (:meth:`pack_ring`), shared by every kernel call."""
+        return self.pack_ring(ring_start, ring_len, ring_col)
+
+    def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring: tuple[Any, Any], *, n_src: int, k: int, row0: int,
+                   select_key: int) -> Any:
         xp = self.xp
         rows = int(phase.shape[0])
-        self._check_int32(n_src=n_src, n_tgt=int(ring_col.shape[0]), rows=rows)
+        ring_sl, ring_col32 = ring
+        self._check_int32(n_src=n_src, n_tgt=int(ring_col32.shape[0]), rows=rows)
         out = xp.empty((rows, k), dtype=xp.int32)
         if rows == 0:
             return out
-        ring_sl, ring_col32 = self.pack_ring(ring_start, ring_len, ring_col)
         self.launch_phase(self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, out, n_src=n_src,
                           k=k, row0=row0, select_key=select_key)
         return out
