@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from . import _seed
-from ._arrays import common_library, from_backend_array, is_device_array, to_backend_array, to_numpy
+from ._arrays import HOST, to_backend_array, to_numpy
 from ._validate import check_bits, check_int, check_permutation, check_seed, check_weights
-from .backends import get_backend
+from .backends import get_backend, resolve
 from .capacity import (
     compute_loads,
     enforce_capacity,
@@ -52,10 +52,6 @@ __all__ = [
     "survival_rate",
     "uniform_capacities",
 ]
-
-
-def _backend(backend: str, *arrays: Any) -> Any:
-    return get_backend(backend, data_on_device=any(is_device_array(a) for a in arrays))
 
 
 def _popcounts(be: Any, name: str, bits: Any, n: int, nb_words: int | None = None) -> Any:
@@ -93,15 +89,13 @@ def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_pe
     nb_words = check_int("nb_words", nb_words, lo=1)
     k = _check_k(k)
     seed = check_seed(seed)
-    lib, dev = common_library({"s_bits": s_bits, "t_bits": t_bits, "col_perm_s": col_perm_s,
-                               "col_perm_t": col_perm_t})
-    be = _backend(backend, s_bits, t_bits, col_perm_s, col_perm_t)
+    be, ns = resolve(backend, s_bits=s_bits, t_bits=t_bits, col_perm_s=col_perm_s, col_perm_t=col_perm_t)
     xp = be.xp
     ones_s = _popcounts(be, "s_bits", s_bits, n, nb_words)
     ones_t = _popcounts(be, "t_bits", t_bits, n, nb_words)
     perm_s = check_permutation(xp, "col_perm_s", to_backend_array(col_perm_s, xp), n)
     perm_t = check_permutation(xp, "col_perm_t", to_backend_array(col_perm_t, xp), n)
-    return from_backend_array(_seed.route_counts(be, ones_s, ones_t, perm_s, perm_t, k, seed), lib, dev)
+    return ns.wrap(_seed.route_counts(be, ones_s, ones_t, perm_s, perm_t, k, seed))
 
 
 def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *, backend: str = "auto") -> Any:
@@ -117,14 +111,12 @@ def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *, ba
     n = check_int("n", n, lo=1)
     k = _check_k(k)
     seed = check_seed(seed)
-    lib, dev = common_library({"s_bits": s_bits, "t_bits": t_bits})
-    be = _backend(backend, s_bits, t_bits)
+    be, ns = resolve(backend, s_bits=s_bits, t_bits=t_bits)
     xp = be.xp
     ones_s = _popcounts(be, "s_bits", s_bits, n)
     ones_t = _popcounts(be, "t_bits", t_bits, n)
     perm_s, perm_t = _seed.auto_permutations(n, seed)
-    out = _seed.route_counts(be, ones_s, ones_t, xp.asarray(perm_s), xp.asarray(perm_t), k, seed)
-    return from_backend_array(out, lib, dev)
+    return ns.wrap(_seed.route_counts(be, ones_s, ones_t, xp.asarray(perm_s), xp.asarray(perm_t), k, seed))
 
 
 def auto_permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +170,7 @@ def phase_router_uniform_dispatch(n_tokens: int, n_experts: int, k: int, base_de
     perm_s, perm_t = _seed.auto_permutations(n_pad, seed)
     routes = _seed.route_counts(be, xp.full(n_pad, s_ones, dtype=xp.int64), xp.full(n_pad, ones_e, dtype=xp.int64),
                                 xp.asarray(perm_s), xp.asarray(perm_t), k_kernel, seed)
-    return from_backend_array(_first_distinct(xp, routes[:n_tokens], width, k), "numpy", ("cpu", -1))
+    return HOST.wrap(_first_distinct(xp, routes[:n_tokens], width, k))
 
 
 def _first_distinct(xp: Any, routes: Any, width: int, k: int) -> Any:
@@ -266,7 +258,7 @@ def route(source_weights: Any = None, target_capacities: Any = None, n: int = 10
     density = float(density)
     if not (np.isfinite(density) and density > 0.0):
         raise ValueError(f"density must be a finite number > 0; got {density}")
-    lib, dev = common_library({"source_weights": source_weights, "target_capacities": target_capacities})
+    be, ns = resolve(backend, source_weights=source_weights, target_capacities=target_capacities)
     if source_weights is None:
         n = check_int("n", n, lo=1)
         w = np.ones(n, dtype=np.float64)
@@ -281,10 +273,8 @@ def route(source_weights: Any = None, target_capacities: Any = None, n: int = 10
             raise ValueError(f"target_capacities must have length n={n}; got {c.shape[0]}")
     s_ones = np.round((w / np.mean(w)) * density * n).clip(1, n).astype(np.int64)
     t_ones = np.round((c / np.mean(c)) * density * n).clip(1, n).astype(np.int64)
-    be = _backend(backend, source_weights, target_capacities)
     xp = be.xp
     perm_s, perm_t = _seed.auto_permutations(n, seed)
-    out = _seed.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s), xp.asarray(perm_t), k,
-                             seed)
-    return from_backend_array(out, lib, dev)
+    return ns.wrap(_seed.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s),
+                                      xp.asarray(perm_t), k, seed))
 
