@@ -61,10 +61,16 @@ def main() -> None:
     import gpu_phase_router.compat as prr
 
     rows = []
-    print("# machine:", platform.processor() or platform.machine(), f"{os.cpu_count()} CPUs,",
-          f"numba threads {numba.get_num_threads()}; timings on a shared machine are noisy")
-    print(f"{'N':>6} {'k':>2} {'crate min':>10} {'ours min':>9} {'ratio':>6} {'crate med':>10} {'ours med':>9} "
-          f"{'ratio':>6}  same routes")
+    print(
+        "# machine:",
+        platform.processor() or platform.machine(),
+        f"{os.cpu_count()} CPUs,",
+        f"numba threads {numba.get_num_threads()}; timings on a shared machine are noisy",
+    )
+    print(
+        f"{'N':>6} {'k':>2} {'crate min':>10} {'ours min':>9} {'ratio':>6} {'crate med':>10} {'ours med':>9} "
+        f"{'ratio':>6}  same routes"
+    )
     for n in [int(x) for x in args.n.split(",")]:
         ones = int(round(0.3 * n))
         bits = prr.build_bits(np.full(n, ones), n)
@@ -88,22 +94,34 @@ def main() -> None:
                 if same is None:
                     same = checksum == fnv1a(first)
             row = {
-                "n": n, "k": k, "calls_each": args.calls * args.rounds,
-                "crate_min_ms": min(crate_mins), "ours_min_ms": min(ours),
+                "n": n,
+                "k": k,
+                "calls_each": args.calls * args.rounds,
+                "crate_min_ms": min(crate_mins),
+                "ours_min_ms": min(ours),
                 "crate_median_of_round_medians_ms": statistics.median(crate),
-                "ours_median_ms": statistics.median(ours), "same_routes": bool(same),
+                "ours_median_ms": statistics.median(ours),
+                "same_routes": bool(same),
             }
             row["ratio_min"] = row["ours_min_ms"] / row["crate_min_ms"]
             row["ratio_median"] = row["ours_median_ms"] / row["crate_median_of_round_medians_ms"]
             rows.append(row)
-            print(f"{n:>6} {k:>2} {row['crate_min_ms']:>10.2f} {row['ours_min_ms']:>9.2f} {row['ratio_min']:>6.2f} "
-                  f"{row['crate_median_of_round_medians_ms']:>10.2f} {row['ours_median_ms']:>9.2f} "
-                  f"{row['ratio_median']:>6.2f}  {same}")
+            print(
+                f"{n:>6} {k:>2} {row['crate_min_ms']:>10.2f} {row['ours_min_ms']:>9.2f} {row['ratio_min']:>6.2f} "
+                f"{row['crate_median_of_round_medians_ms']:>10.2f} {row['ours_median_ms']:>9.2f} "
+                f"{row['ratio_median']:>6.2f}  {same}"
+            )
     print(f"# goal: ratio <= {GOAL:.2f}")
     if args.out:
-        meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-                "numpy": np.__version__, "numba": numba.__version__, "goal_ratio": GOAL,
-                "note": "same machine, same run, rounds interleaved; shared machine, so timings are noisy"}
+        meta = {
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "numba_threads": numba.get_num_threads(),
+            "numpy": np.__version__,
+            "numba": numba.__version__,
+            "goal_ratio": GOAL,
+            "note": "same machine, same run, rounds interleaved; shared machine, so timings are noisy",
+        }
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, separators=(",", ":"))
             fh.write("\n")

@@ -29,8 +29,9 @@ def route_counts(backend: Any, ones_s: Any, ones_t: Any, perm_s: Any, perm_t: An
     n = int(ones_s.shape[0])
     ring = seed_ring(xp, ones_t, perm_s, n)
     off_s = exclusive_cumsum_mod(xp, ones_s, n)
-    return backend.seed_rows(xp.ascontiguousarray(perm_t, dtype=xp.int64), off_s, ones_s.astype(xp.int64), *ring,
-                             n=n, k=k, row0=0, seed=seed)
+    return backend.seed_rows(
+        xp.ascontiguousarray(perm_t, dtype=xp.int64), off_s, ones_s.astype(xp.int64), *ring, n=n, k=k, row0=0, seed=seed
+    )
 
 
 def auto_permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,7 @@ def auto_permutations(n: int, seed: int) -> tuple[list[int], list[int]]:
 def row_ones(bits: np.ndarray, n: int, nb_words: int) -> list[int]:
     """Popcount of each of the ``n`` rows of ``nb_words`` words (every bit of every word counts)."""
     flat = [int(w) for w in np.asarray(bits, dtype=np.uint64).reshape(-1)]
-    return [sum(bin(w).count("1") for w in flat[i * nb_words:(i + 1) * nb_words]) for i in range(n)]
+    return [sum(bin(w).count("1") for w in flat[i * nb_words : (i + 1) * nb_words]) for i in range(n)]
 
 
 def offsets(ones: Sequence[int], n: int) -> list[int]:
@@ -166,8 +166,15 @@ def offsets(ones: Sequence[int], n: int) -> list[int]:
     return out
 
 
-def phase_router_counts(ones_s: Sequence[int], ones_t: Sequence[int], n: int, k: int, perm_s: Sequence[int],
-                        perm_t: Sequence[int], seed: int) -> np.ndarray:
+def phase_router_counts(
+    ones_s: Sequence[int],
+    ones_t: Sequence[int],
+    n: int,
+    k: int,
+    perm_s: Sequence[int],
+    perm_t: Sequence[int],
+    seed: int,
+) -> np.ndarray:
     """The crate's kernel on row popcounts: int32 ``(n, k)`` routes, ``-1`` for empty slots."""
     off_s = offsets(ones_s, n)
     off_t = offsets(ones_t, n)
@@ -197,11 +204,26 @@ def phase_router_counts(ones_s: Sequence[int], ones_t: Sequence[int], n: int, k:
     return out
 
 
-def phase_router(s_bits: np.ndarray, t_bits: np.ndarray, n: int, nb_words: int, k: int, col_perm_s: Sequence[int],
-                 col_perm_t: Sequence[int], seed: int) -> np.ndarray:
+def phase_router(
+    s_bits: np.ndarray,
+    t_bits: np.ndarray,
+    n: int,
+    nb_words: int,
+    k: int,
+    col_perm_s: Sequence[int],
+    col_perm_t: Sequence[int],
+    seed: int,
+) -> np.ndarray:
     """``router::phase_router`` on flat uint64 bit arrays of ``n * nb_words`` words."""
-    return phase_router_counts(row_ones(s_bits, n, nb_words), row_ones(t_bits, n, nb_words), n, k,
-                               [int(v) for v in col_perm_s], [int(v) for v in col_perm_t], seed)
+    return phase_router_counts(
+        row_ones(s_bits, n, nb_words),
+        row_ones(t_bits, n, nb_words),
+        n,
+        k,
+        [int(v) for v in col_perm_s],
+        [int(v) for v in col_perm_t],
+        seed,
+    )
 
 
 def phase_router_auto(s_bits: np.ndarray, t_bits: np.ndarray, n: int, k: int, seed: int) -> np.ndarray:
@@ -211,8 +233,9 @@ def phase_router_auto(s_bits: np.ndarray, t_bits: np.ndarray, n: int, k: int, se
     return phase_router(s_bits, t_bits, n, nb_words, k, perm_s, perm_t, seed)
 
 
-def uniform_dispatch_plan(n_tokens: int, n_experts: int, k: int, base_density: float,
-                          oversample: int) -> tuple[int, int, int, int, int]:
+def uniform_dispatch_plan(
+    n_tokens: int, n_experts: int, k: int, base_density: float, oversample: int
+) -> tuple[int, int, int, int, int]:
     """``(n_pad, width, ones_e, s_ones, k_kernel)`` of ``phase_router_uniform_dispatch``."""
     width = max(n_tokens // n_experts, 1)
     n_pad = width * n_experts
@@ -236,8 +259,9 @@ def _round_half_away(x: float) -> int:
     return min(int(whole) + (1 if x - whole >= 0.5 else 0), M64)
 
 
-def phase_router_uniform_dispatch(n_tokens: int, n_experts: int, k: int, base_density: float, seed: int,
-                                  oversample: int = 4) -> np.ndarray:
+def phase_router_uniform_dispatch(
+    n_tokens: int, n_experts: int, k: int, base_density: float, seed: int, oversample: int = 4
+) -> np.ndarray:
     """``phase_router_uniform_dispatch`` (the binding's argument order): int32 ``(n_tokens, k)`` expert ids."""
     n_pad, width, ones_e, s_ones, k_kernel = uniform_dispatch_plan(n_tokens, n_experts, k, base_density, oversample)
     perm_s, perm_t = auto_permutations(n_pad, seed)

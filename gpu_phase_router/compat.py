@@ -68,8 +68,18 @@ def _check_k(k: Any) -> int:
 # -- the crate's bindings ------------------------------------------------------------------------
 
 
-def phase_router(s_bits: Any, t_bits: Any, n: int, nb_words: int, k: int, col_perm_s: Any, col_perm_t: Any,
-                 seed: int, *, backend: str = "auto") -> Any:
+def phase_router(
+    s_bits: Any,
+    t_bits: Any,
+    n: int,
+    nb_words: int,
+    k: int,
+    col_perm_s: Any,
+    col_perm_t: Any,
+    seed: int,
+    *,
+    backend: str = "auto",
+) -> Any:
     """The crate's kernel: per-row ChaCha8 reservoir over the row's candidates (SPEC §14).
 
     Args:
@@ -134,8 +144,9 @@ def _round_half_away(x: float) -> int:
     return int(whole) + (1 if x - whole >= 0.5 else 0)
 
 
-def phase_router_uniform_dispatch(n_tokens: int, n_experts: int, k: int, base_density: float, seed: int,
-                                  oversample: int = 4, *, backend: str = "auto") -> Any:
+def phase_router_uniform_dispatch(
+    n_tokens: int, n_experts: int, k: int, base_density: float, seed: int, oversample: int = 4, *, backend: str = "auto"
+) -> Any:
     """The crate's fused uniform MoE dispatch → int32 ``(n_tokens, k)`` expert ids, ``-1`` for unfilled slots.
 
     Tokens are padded to ``n_pad``, a multiple of ``n_experts`` (expert ``e`` owns the band of
@@ -151,8 +162,9 @@ def phase_router_uniform_dispatch(n_tokens: int, n_experts: int, k: int, base_de
     k = _check_k(k)
     oversample = check_int("oversample", oversample, lo=0)
     seed = check_seed(seed)
-    if isinstance(base_density, (bool, np.bool_)) or not isinstance(base_density, (int, float, np.floating,
-                                                                                   np.integer)):
+    if isinstance(base_density, (bool, np.bool_)) or not isinstance(
+        base_density, (int, float, np.floating, np.integer)
+    ):
         raise TypeError(f"base_density must be a real number; got {type(base_density).__name__}")
     base_density = float(base_density)
     if not (np.isfinite(base_density) and base_density >= 0.0):
@@ -168,8 +180,15 @@ def phase_router_uniform_dispatch(n_tokens: int, n_experts: int, k: int, base_de
     s_ones = min(max(_round_half_away(base_density * n_pad), 1), n_pad)
     k_kernel = min(max(k * oversample, k + 1), n_pad)
     perm_s, perm_t = _seed.auto_permutations(n_pad, seed)
-    routes = _seed.route_counts(be, xp.full(n_pad, s_ones, dtype=xp.int64), xp.full(n_pad, ones_e, dtype=xp.int64),
-                                xp.asarray(perm_s), xp.asarray(perm_t), k_kernel, seed)
+    routes = _seed.route_counts(
+        be,
+        xp.full(n_pad, s_ones, dtype=xp.int64),
+        xp.full(n_pad, ones_e, dtype=xp.int64),
+        xp.asarray(perm_s),
+        xp.asarray(perm_t),
+        k_kernel,
+        seed,
+    )
     return HOST.wrap(_first_distinct(xp, routes[:n_tokens], width, k))
 
 
@@ -240,8 +259,16 @@ def make_hard_caps(rel_caps: Any, n: int, k: int, headroom: float = 1.2) -> np.n
     return np.ceil((rel / rel.sum()) * n * k * headroom).clip(1).astype(int)
 
 
-def route(source_weights: Any = None, target_capacities: Any = None, n: int = 1024, k: int = 4, seed: int = 42,
-          density: float = 0.3, *, backend: str = "auto") -> Any:
+def route(
+    source_weights: Any = None,
+    target_capacities: Any = None,
+    n: int = 1024,
+    k: int = 4,
+    seed: int = 42,
+    density: float = 0.3,
+    *,
+    backend: str = "auto",
+) -> Any:
     """The crate's high-level ``route``: ``n`` sources to ``n`` targets, ones proportional to weight.
 
     ``ones = np.round((w / np.mean(w)) * density * n).clip(1, n)`` for the source weights and the
@@ -275,6 +302,6 @@ def route(source_weights: Any = None, target_capacities: Any = None, n: int = 10
     t_ones = np.round((c / np.mean(c)) * density * n).clip(1, n).astype(np.int64)
     xp = be.xp
     perm_s, perm_t = _seed.auto_permutations(n, seed)
-    return ns.wrap(_seed.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s),
-                                      xp.asarray(perm_t), k, seed))
-
+    return ns.wrap(
+        _seed.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s), xp.asarray(perm_t), k, seed)
+    )

@@ -31,8 +31,9 @@ def test_build_bits(n):
 
 
 def test_hash_route_is_the_crates_generator():
-    np.testing.assert_array_equal(prr.hash_route(50, 3, seed=9),
-                                  np.random.default_rng(9).integers(0, 50, size=(50, 3), dtype=np.int32))
+    np.testing.assert_array_equal(
+        prr.hash_route(50, 3, seed=9), np.random.default_rng(9).integers(0, 50, size=(50, 3), dtype=np.int32)
+    )
 
 
 def test_make_hard_caps_crate_semantics():
@@ -63,13 +64,13 @@ def test_enforce_capacity_row_major():
 def test_capacity_profiles(n):
     g = np.random.default_rng(3)
     caps = np.ones(n)
-    caps[:int(n * 0.1)] = 8.0
-    caps[int(n * 0.1):int(n * 0.1) + int(n * 0.2)] = 2.0
+    caps[: int(n * 0.1)] = 8.0
+    caps[int(n * 0.1) : int(n * 0.1) + int(n * 0.2)] = 2.0
     g.shuffle(caps)
     np.testing.assert_array_equal(prr.strong_hetero_capacities(n, seed=3), caps)
     g = np.random.default_rng(0)
     caps = np.ones(n)
-    caps[:max(int(n * 0.05), 1)] = 16.0
+    caps[: max(int(n * 0.05), 1)] = 16.0
     g.shuffle(caps)
     np.testing.assert_array_equal(prr.extreme_hetero_capacities(n), caps)
     np.testing.assert_array_equal(prr.uniform_capacities(n), np.ones(n))
@@ -92,8 +93,16 @@ def test_two_dimensional_bits_and_any_integer_permutation():
     ones_s, ones_t = rng.integers(0, n + 1, size=n), rng.integers(0, n + 1, size=n)
     ps, pt = rng.permutation(n), rng.permutation(n)
     flat = prr.phase_router(_crate_build_bits(ones_s, n), _crate_build_bits(ones_t, n), n, 2, k, ps, pt, seed)
-    two_d = prr.phase_router(_crate_build_bits(ones_s, n).reshape(n, 2), _crate_build_bits(ones_t, n).reshape(n, 2),
-                             n, 2, k, ps.astype(np.uint8), list(pt), np.uint64(seed))
+    two_d = prr.phase_router(
+        _crate_build_bits(ones_s, n).reshape(n, 2),
+        _crate_build_bits(ones_t, n).reshape(n, 2),
+        n,
+        2,
+        k,
+        ps.astype(np.uint8),
+        list(pt),
+        np.uint64(seed),
+    )
     np.testing.assert_array_equal(flat, two_d)
 
 
@@ -105,20 +114,23 @@ def _args(n=8, k=2):
     return [bits, bits.copy(), n, 1, k, np.arange(n), np.arange(n), 0]
 
 
-@pytest.mark.parametrize("index, value, exc, word", [
-    (4, 0, ValueError, "k"),
-    (4, 2.0, TypeError, "k"),
-    (5, np.array([0, 1, 2, 3, 4, 5, 6, 6]), ValueError, "col_perm_s"),
-    (6, np.arange(1, 9), ValueError, "col_perm_t"),
-    (6, np.arange(7), ValueError, "col_perm_t"),
-    (5, np.arange(8.0), TypeError, "col_perm_s"),
-    (3, 2, ValueError, "nb_words"),
-    (0, np.zeros(8, dtype=np.int64), TypeError, "s_bits"),
-    (1, np.zeros(7, dtype=np.uint64), ValueError, "t_bits"),
-    (7, -1, ValueError, "seed"),
-    (7, 1 << 64, ValueError, "seed"),
-    (2, 0, ValueError, "n"),
-])
+@pytest.mark.parametrize(
+    "index, value, exc, word",
+    [
+        (4, 0, ValueError, "k"),
+        (4, 2.0, TypeError, "k"),
+        (5, np.array([0, 1, 2, 3, 4, 5, 6, 6]), ValueError, "col_perm_s"),
+        (6, np.arange(1, 9), ValueError, "col_perm_t"),
+        (6, np.arange(7), ValueError, "col_perm_t"),
+        (5, np.arange(8.0), TypeError, "col_perm_s"),
+        (3, 2, ValueError, "nb_words"),
+        (0, np.zeros(8, dtype=np.int64), TypeError, "s_bits"),
+        (1, np.zeros(7, dtype=np.uint64), ValueError, "t_bits"),
+        (7, -1, ValueError, "seed"),
+        (7, 1 << 64, ValueError, "seed"),
+        (2, 0, ValueError, "n"),
+    ],
+)
 def test_phase_router_validation(index, value, exc, word):
     args = _args()
     args[index] = value

@@ -62,18 +62,21 @@ def _expected(c: dict) -> np.ndarray:
 def _run(c: dict, backend: str) -> np.ndarray:
     """The vector's call through the compat module on ``backend``."""
     if c["kind"] == "uniform_dispatch":
-        return prr.phase_router_uniform_dispatch(c["n_tokens"], c["n_experts"], c["k"], c["base_density"], c["seed"],
-                                                 c["oversample"], backend=backend)
+        return prr.phase_router_uniform_dispatch(
+            c["n_tokens"], c["n_experts"], c["k"], c["base_density"], c["seed"], c["oversample"], backend=backend
+        )
     n = c["n"]
     if c.get("flow") == "route":
         a = c["route_args"]
-        return prr.route(a["source_weights"], a["target_capacities"], a["n"], a["k"], a["seed"], a["density"],
-                         backend=backend)
+        return prr.route(
+            a["source_weights"], a["target_capacities"], a["n"], a["k"], a["seed"], a["density"], backend=backend
+        )
     s_bits, t_bits = _bits(c["ones_s"], n), _bits(c["ones_t"], n)
     if c["kind"] == "auto":
         return prr.phase_router_auto(s_bits, t_bits, n, c["k"], c["seed"], backend=backend)
-    return prr.phase_router(s_bits, t_bits, n, (n + 63) // 64, c["k"], c["col_perm_s"], c["col_perm_t"], c["seed"],
-                            backend=backend)
+    return prr.phase_router(
+        s_bits, t_bits, n, (n + 63) // 64, c["k"], c["col_perm_s"], c["col_perm_t"], c["seed"], backend=backend
+    )
 
 
 def _check(c: dict, got) -> None:
@@ -99,15 +102,20 @@ def test_manifest_and_counts():
     for line in (DATA / "MANIFEST").read_text().splitlines():
         digest, name = line.split()
         assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
-    assert {name: len(v) for name, v in VECTORS.items()} == {"kernel": 300, "auto": 250, "uniform_dispatch": 30,
-                                                              "big": 6}
+    assert {name: len(v) for name, v in VECTORS.items()} == {
+        "kernel": 300,
+        "auto": 250,
+        "uniform_dispatch": 30,
+        "big": 6,
+    }
 
 
 # -- the oracle ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("c", _params("kernel") + _params("auto", lambda c: c["n"] > REF_FAST_N)
-                         + _params("big", lambda c: True))
+@pytest.mark.parametrize(
+    "c", _params("kernel") + _params("auto", lambda c: c["n"] > REF_FAST_N) + _params("big", lambda c: True)
+)
 def test_reference_routes(c):
     n = c["n"]
     if c["kind"] == "auto":
@@ -122,15 +130,17 @@ def test_reference_routes(c):
         d = a["density"]
         assert list(np.round((w / np.mean(w)) * d * n).clip(1, n).astype(int)) == c["ones_s"]
         assert list(np.round((cap / np.mean(cap)) * d * n).clip(1, n).astype(int)) == c["ones_t"]
-    got = ref.phase_router(_bits(c["ones_s"], n), _bits(c["ones_t"], n), n, (n + 63) // 64, c["k"], perm_s, perm_t,
-                           c["seed"])
+    got = ref.phase_router(
+        _bits(c["ones_s"], n), _bits(c["ones_t"], n), n, (n + 63) // 64, c["k"], perm_s, perm_t, c["seed"]
+    )
     _check(c, got)
 
 
 @pytest.mark.parametrize("c", _params("uniform_dispatch", lambda c: c["n_tokens"] > 1024))
 def test_reference_uniform_dispatch(c):
-    got = ref.phase_router_uniform_dispatch(c["n_tokens"], c["n_experts"], c["k"], c["base_density"], c["seed"],
-                                            c["oversample"])
+    got = ref.phase_router_uniform_dispatch(
+        c["n_tokens"], c["n_experts"], c["k"], c["base_density"], c["seed"], c["oversample"]
+    )
     _check(c, got)
 
 
@@ -143,8 +153,7 @@ def test_cpu_all_vectors(name):
         _check(c, _run(c, "cpu"))
 
 
-@pytest.mark.parametrize("name", ["kernel", "auto", "uniform_dispatch",
-                                  pytest.param("big", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["kernel", "auto", "uniform_dispatch", pytest.param("big", marks=pytest.mark.slow)])
 def test_emulated_cuda_all_vectors(name, emulated):
     for c in VECTORS[name]:
         _check(c, _run(c, emulated))
@@ -192,8 +201,9 @@ def test_random_reference_cpu_emulated(case, emulated):
     nbw = (n + 63) // 64
     want = ref.phase_router(s_bits, t_bits, n, nbw, k, perm_s, perm_t, seed)
     for backend in ("cpu", emulated):
-        got = prr.phase_router(s_bits.reshape(-1), t_bits, n, nbw, k, np.asarray(perm_s, dtype=np.int16), perm_t,
-                               seed, backend=backend)
+        got = prr.phase_router(
+            s_bits.reshape(-1), t_bits, n, nbw, k, np.asarray(perm_s, dtype=np.int16), perm_t, seed, backend=backend
+        )
         np.testing.assert_array_equal(got, want, err_msg=backend)
 
 
@@ -206,9 +216,14 @@ def test_random_auto_permutations(n, seed):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n_tokens=st.integers(1, 200), n_experts=st.integers(1, 40), k=st.integers(1, 6),
-       density=st.sampled_from([0.0, 0.05, 0.3, 0.5, 1.0, 1.7]), oversample=st.integers(0, 5),
-       seed=st.integers(0, (1 << 64) - 1))
+@given(
+    n_tokens=st.integers(1, 200),
+    n_experts=st.integers(1, 40),
+    k=st.integers(1, 6),
+    density=st.sampled_from([0.0, 0.05, 0.3, 0.5, 1.0, 1.7]),
+    oversample=st.integers(0, 5),
+    seed=st.integers(0, (1 << 64) - 1),
+)
 def test_random_uniform_dispatch(n_tokens, n_experts, k, density, oversample, seed, emulated):
     want = ref.phase_router_uniform_dispatch(n_tokens, n_experts, k, density, seed, oversample)
     for backend in ("cpu", emulated):
@@ -225,6 +240,13 @@ def test_emulated_schedules_agree(emulated):
     n = c["n"]
     for schedule in (1, 2):
         be = emulated_backend.make_backend(schedule=schedule, seed=7)
-        got = _seed.route_counts(be, np.asarray(c["ones_s"], dtype=np.int64), np.asarray(c["ones_t"], dtype=np.int64),
-                                 np.asarray(c["col_perm_s"]), np.asarray(c["col_perm_t"]), c["k"], c["seed"])
+        got = _seed.route_counts(
+            be,
+            np.asarray(c["ones_s"], dtype=np.int64),
+            np.asarray(c["ones_t"], dtype=np.int64),
+            np.asarray(c["col_perm_s"]),
+            np.asarray(c["col_perm_t"]),
+            c["k"],
+            c["seed"],
+        )
         np.testing.assert_array_equal(got.reshape(n, -1), want)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
 from numba.extending import intrinsic
 
@@ -55,39 +55,71 @@ def _pcg32_key(seed, key):
 def _double_round(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
     """One ChaCha double round (column round, then diagonal round) on the 16 state words."""
     # columns
-    x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 16)  # noqa: E702
-    x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 12)  # noqa: E702
-    x0 = np.uint32(x0 + x4); x12 = _rotl(x12 ^ x0, 8)  # noqa: E702
-    x8 = np.uint32(x8 + x12); x4 = _rotl(x4 ^ x8, 7)  # noqa: E702
-    x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 16)  # noqa: E702
-    x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 12)  # noqa: E702
-    x1 = np.uint32(x1 + x5); x13 = _rotl(x13 ^ x1, 8)  # noqa: E702
-    x9 = np.uint32(x9 + x13); x5 = _rotl(x5 ^ x9, 7)  # noqa: E702
-    x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 16)  # noqa: E702
-    x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 12)  # noqa: E702
-    x2 = np.uint32(x2 + x6); x14 = _rotl(x14 ^ x2, 8)  # noqa: E702
-    x10 = np.uint32(x10 + x14); x6 = _rotl(x6 ^ x10, 7)  # noqa: E702
-    x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 16)  # noqa: E702
-    x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 12)  # noqa: E702
-    x3 = np.uint32(x3 + x7); x15 = _rotl(x15 ^ x3, 8)  # noqa: E702
-    x11 = np.uint32(x11 + x15); x7 = _rotl(x7 ^ x11, 7)  # noqa: E702
+    x0 = np.uint32(x0 + x4)
+    x12 = _rotl(x12 ^ x0, 16)
+    x8 = np.uint32(x8 + x12)
+    x4 = _rotl(x4 ^ x8, 12)
+    x0 = np.uint32(x0 + x4)
+    x12 = _rotl(x12 ^ x0, 8)
+    x8 = np.uint32(x8 + x12)
+    x4 = _rotl(x4 ^ x8, 7)
+    x1 = np.uint32(x1 + x5)
+    x13 = _rotl(x13 ^ x1, 16)
+    x9 = np.uint32(x9 + x13)
+    x5 = _rotl(x5 ^ x9, 12)
+    x1 = np.uint32(x1 + x5)
+    x13 = _rotl(x13 ^ x1, 8)
+    x9 = np.uint32(x9 + x13)
+    x5 = _rotl(x5 ^ x9, 7)
+    x2 = np.uint32(x2 + x6)
+    x14 = _rotl(x14 ^ x2, 16)
+    x10 = np.uint32(x10 + x14)
+    x6 = _rotl(x6 ^ x10, 12)
+    x2 = np.uint32(x2 + x6)
+    x14 = _rotl(x14 ^ x2, 8)
+    x10 = np.uint32(x10 + x14)
+    x6 = _rotl(x6 ^ x10, 7)
+    x3 = np.uint32(x3 + x7)
+    x15 = _rotl(x15 ^ x3, 16)
+    x11 = np.uint32(x11 + x15)
+    x7 = _rotl(x7 ^ x11, 12)
+    x3 = np.uint32(x3 + x7)
+    x15 = _rotl(x15 ^ x3, 8)
+    x11 = np.uint32(x11 + x15)
+    x7 = _rotl(x7 ^ x11, 7)
     # diagonals
-    x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 16)  # noqa: E702
-    x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 12)  # noqa: E702
-    x0 = np.uint32(x0 + x5); x15 = _rotl(x15 ^ x0, 8)  # noqa: E702
-    x10 = np.uint32(x10 + x15); x5 = _rotl(x5 ^ x10, 7)  # noqa: E702
-    x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 16)  # noqa: E702
-    x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 12)  # noqa: E702
-    x1 = np.uint32(x1 + x6); x12 = _rotl(x12 ^ x1, 8)  # noqa: E702
-    x11 = np.uint32(x11 + x12); x6 = _rotl(x6 ^ x11, 7)  # noqa: E702
-    x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 16)  # noqa: E702
-    x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 12)  # noqa: E702
-    x2 = np.uint32(x2 + x7); x13 = _rotl(x13 ^ x2, 8)  # noqa: E702
-    x8 = np.uint32(x8 + x13); x7 = _rotl(x7 ^ x8, 7)  # noqa: E702
-    x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 16)  # noqa: E702
-    x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 12)  # noqa: E702
-    x3 = np.uint32(x3 + x4); x14 = _rotl(x14 ^ x3, 8)  # noqa: E702
-    x9 = np.uint32(x9 + x14); x4 = _rotl(x4 ^ x9, 7)  # noqa: E702
+    x0 = np.uint32(x0 + x5)
+    x15 = _rotl(x15 ^ x0, 16)
+    x10 = np.uint32(x10 + x15)
+    x5 = _rotl(x5 ^ x10, 12)
+    x0 = np.uint32(x0 + x5)
+    x15 = _rotl(x15 ^ x0, 8)
+    x10 = np.uint32(x10 + x15)
+    x5 = _rotl(x5 ^ x10, 7)
+    x1 = np.uint32(x1 + x6)
+    x12 = _rotl(x12 ^ x1, 16)
+    x11 = np.uint32(x11 + x12)
+    x6 = _rotl(x6 ^ x11, 12)
+    x1 = np.uint32(x1 + x6)
+    x12 = _rotl(x12 ^ x1, 8)
+    x11 = np.uint32(x11 + x12)
+    x6 = _rotl(x6 ^ x11, 7)
+    x2 = np.uint32(x2 + x7)
+    x13 = _rotl(x13 ^ x2, 16)
+    x8 = np.uint32(x8 + x13)
+    x7 = _rotl(x7 ^ x8, 12)
+    x2 = np.uint32(x2 + x7)
+    x13 = _rotl(x13 ^ x2, 8)
+    x8 = np.uint32(x8 + x13)
+    x7 = _rotl(x7 ^ x8, 7)
+    x3 = np.uint32(x3 + x4)
+    x14 = _rotl(x14 ^ x3, 16)
+    x9 = np.uint32(x9 + x14)
+    x4 = _rotl(x4 ^ x9, 12)
+    x3 = np.uint32(x3 + x4)
+    x14 = _rotl(x14 ^ x3, 8)
+    x9 = np.uint32(x9 + x14)
+    x4 = _rotl(x4 ^ x9, 7)
     return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
 
 
@@ -107,13 +139,17 @@ def _chacha8_blocks(key, block0, nblocks, out):
         x12, x13, x14, x15 = c12, c13, np.uint32(0), np.uint32(0)
         # 4 double rounds, written out: the block loop must be innermost for LLVM to vectorise it
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+        )
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+        )
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+        )
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _double_round(
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+        )
         out[0 * LANES + b] = np.uint32(x0 + _C0)
         out[1 * LANES + b] = np.uint32(x1 + _C1)
         out[2 * LANES + b] = np.uint32(x2 + _C2)
@@ -239,8 +275,8 @@ def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
 
     A branch-free, vectorised test of every position into ``flags``, then a compaction pass.
     """
-    starts = ring_start[p0:p0 + step]
-    lens = ring_len[p0:p0 + step]
+    starts = ring_start[p0 : p0 + step]
+    lens = ring_len[p0 : p0 + step]
     for t in range(step):
         diff = x - starts[t]
         diff += (diff >> 63) & n
@@ -280,20 +316,43 @@ def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, se
                 p += step
                 if p == n:
                     p = 0
-                count, block, nd, d = _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d,
-                                            min(left, n) // 4)
+                count, block, nd, d = _walk(
+                    cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, min(left, n) // 4
+                )
 
 
-def seed_rows(phase: np.ndarray, off_s: np.ndarray, deg: np.ndarray, ring_start: np.ndarray, ring_len: np.ndarray,
-              ring_col: np.ndarray, *, n: int, k: int, row0: int, seed: int) -> np.ndarray:
+def seed_rows(
+    phase: np.ndarray,
+    off_s: np.ndarray,
+    deg: np.ndarray,
+    ring_start: np.ndarray,
+    ring_len: np.ndarray,
+    ring_col: np.ndarray,
+    *,
+    n: int,
+    k: int,
+    row0: int,
+    seed: int,
+) -> np.ndarray:
     """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
     out = np.empty((phase.shape[0], k), dtype=np.int32)
 
     def i64(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.int64)
 
-    _seed_rows(i64(phase), i64(off_s), i64(deg), i64(ring_start), i64(ring_len), i64(ring_col), np.int64(n),
-               np.int64(k), np.int64(row0), np.uint64(seed), out)
+    _seed_rows(
+        i64(phase),
+        i64(off_s),
+        i64(deg),
+        i64(ring_start),
+        i64(ring_len),
+        i64(ring_col),
+        np.int64(n),
+        np.int64(k),
+        np.int64(row0),
+        np.uint64(seed),
+        out,
+    )
     return out
 
 
