@@ -6,6 +6,9 @@ tests (NumPy one-liners), not taken from the module under test.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -153,3 +156,10 @@ def test_other_entry_points_validate():
         prr.route(n=10, density=0.0)
     with pytest.raises(ValueError, match="backend"):
         prr.route(n=10, backend="tpu")
+
+
+def test_readme_migration_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Migrating from phase_router_rs", 1)[1]
+    (code,) = re.findall(r"```py\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    exec(compile(code, "README.md", "exec"), {})
