@@ -239,20 +239,19 @@ def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remain
             d += 2
             rng0 = np.uint64(count) + _U1
             rng1 = rng0 + _U1
-            acc0 = v0 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1
-            acc_a = v1 * rng1 <= (rng1 << _ctlz64(rng1)) - _U1
-            acc_b = v1 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1
+            a0 = np.int64(v0 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1)
+            a_acc = np.int64(v1 * rng1 <= (rng1 << _ctlz64(rng1)) - _U1)
+            a_rej = np.int64(v1 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1)
+            a1 = (a0 & a_acc) | ((1 - a0) & a_rej)  # arithmetic select: no branch on a 50/50 outcome
             r0 = _mulhi(v0, rng0)
-            if acc0 & (r0 < uk):
-                out_row[r0] = ring_col[cbuf[q]]
-            q += acc0
-            count += acc0
-            acc1 = acc_a if acc0 else acc_b
-            r1 = _mulhi(v1, rng0 + np.uint64(acc0))
-            if acc1 & (r1 < uk):
-                out_row[r1] = ring_col[cbuf[q]]
-            q += acc1
-            count += acc1
+            r1 = _mulhi(v1, rng0 + np.uint64(a0))
+            if (a0 & (r0 < uk)) | (a1 & (r1 < uk)):  # rare once count >> k
+                if a0 & (r0 < uk):
+                    out_row[r0] = ring_col[cbuf[q]]
+                if a1 & (r1 < uk):
+                    out_row[r1] = ring_col[cbuf[q + a0]]
+            q += a0 + a1
+            count += a0 + a1
         while d < nd and q < cnt:  # the tail: one draw per iteration
             v = _draw(buf, d)
             d += 1
