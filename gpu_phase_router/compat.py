@@ -12,8 +12,11 @@ The one deliberate difference: invalid input raises ``ValueError``/``TypeError``
 argument (``k = 0``, a ``col_perm_*`` that is not a permutation of ``range(n)``, wrong lengths,
 non-uint64 bits, a seed outside ``[0, 2^64)``, ...) where the crate panics or reads out of bounds.
 Set bits beyond column ``n`` (the padding of a row's last word) count towards the row's popcount,
-as in the crate. Routes come back in the array library of the inputs (NumPy for NumPy inputs and
-for the calls that take no arrays).
+as in the crate. The routing functions (``phase_router``, ``phase_router_auto``,
+``phase_router_uniform_dispatch``, ``route``) take ``backend=`` like the rest of the package and
+return routes in the array library of their inputs (NumPy for NumPy inputs and for the calls that
+take no arrays); the evaluation helpers follow their input's array library, as
+:mod:`gpu_phase_router.capacity` does.
 """
 
 from __future__ import annotations
