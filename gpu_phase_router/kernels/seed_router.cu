@@ -13,10 +13,12 @@
 //     that slot.
 // Keystream: counter-based, so the 32 lanes compute 32 consecutive ChaCha8 blocks at once (256 draws)
 // into shared memory. The accept/reject chain is sequential (a rejection shifts every later draw to
-// the next candidate); it is walked 32 draws at a time by speculation: lane l tests draw d + l for
-// candidate count + l, i.e. as if no draw before it in the window were rejected. That holds up to
-// and including the first rejected lane, so each round commits the accepted prefix and the first
-// rejection (about 1 / P(reject) draws, 3.5 or more) and restarts from there.
+// the next candidate); it is walked up to 32 draws per round by speculation and repair: lane l
+// holds draw d + l and tests it under each hypothesis "j of the draws before me were rejected"
+// (candidate count + l - j), j = 0..GPR_SEED_SPEC, one ballot per hypothesis. Following the
+// hypotheses from lane 0 (the first rejection under hypothesis j moves the later lanes to j + 1)
+// commits every draw up to the (GPR_SEED_SPEC + 1)-th rejection: about (GPR_SEED_SPEC + 1) /
+// P(reject) draws per round (P(reject) is at most 1/2, about 0.3 on average), instead of one.
 
 typedef unsigned long long u64;
 typedef long long i64;
@@ -25,6 +27,7 @@ typedef long long i64;
 #define GPR_FULL_MASK 0xffffffffu
 #endif
 #define GPR_SEED_ROWS 4  // rows (warps) per block: blockDim = (32, GPR_SEED_ROWS)
+#define GPR_SEED_SPEC 3  // rejections speculated per round (hypotheses 0..GPR_SEED_SPEC)
 
 __device__ __forceinline__ unsigned gpr_rotl32(unsigned x, int r) { return (x << r) | (x >> (32 - r)); }
 
@@ -168,33 +171,75 @@ gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, cons
                 __syncwarp();
             }
             const int left_c = __popc(mask);
-            int w = nd - d;
-            if (w > left_c) w = left_c;
+            int w = nd - d;  // lanes holding a draw this round
+            if (w > left_c + GPR_SEED_SPEC) w = left_c + GPR_SEED_SPEC;
             if (w > 32) w = 32;
-            bool acc = false;
-            u64 r = 0;
-            if (lane < w) {  // speculate: draw d + lane for candidate count + lane
+            u64 v = 0;
+            if (lane < w) {
                 const int dd = d + lane;
                 const int b = dd >> 3, wd = (dd & 7) << 1;
-                const u64 v = (u64)ks[wd * 32 + b] | ((u64)ks[(wd + 1) * 32 + b] << 32);
-                const u64 range = (u64)count + 1ULL + (u64)lane;
-                const u64 zone = (range << gpr_clz64(range)) - 1ULL;
-                acc = v * range <= zone;
-                r = gpr_mulhi64(v, range);
+                v = (u64)ks[wd * 32 + b] | ((u64)ks[(wd + 1) * 32 + b] << 32);
             }
-            const unsigned rej = __ballot_sync(GPR_FULL_MASK, lane < w && !acc);
-            const int f = rej ? gpr_low_bit(rej) : w;  // draws d .. d+f-1 accepted; d+f rejected if f < w
-            unsigned hits = __ballot_sync(GPR_FULL_MASK, lane < f && r < (u64)k);
+            // Hypothesis j: j draws before this lane were rejected, so the lane's draw belongs to
+            // candidate lane - j. rej[j] = lanes whose draw is rejected under hypothesis j.
+            unsigned rej[GPR_SEED_SPEC + 1];
+#pragma unroll
+            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+                bool reject = false;
+                if (lane < w && lane >= j && lane - j < left_c) {
+                    const u64 range = (u64)count + 1ULL + (u64)(lane - j);
+                    reject = v * range > (range << gpr_clz64(range)) - 1ULL;
+                }
+                rej[j] = __ballot_sync(GPR_FULL_MASK, reject);
+            }
+            // Resolve (warp-uniform): follow the hypotheses from lane 0; the first rejection under
+            // hypothesis j moves the lanes after it to hypothesis j + 1.
+            int fpos[GPR_SEED_SPEC + 1];
+#pragma unroll
+            for (int j = 0; j <= GPR_SEED_SPEC; ++j) fpos[j] = 32;
+            int end = 0, pos = 0, nrej = 0;
+#pragma unroll
+            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+                if (j == nrej) {  // still resolving
+                    const int lim = w < left_c + j ? w : left_c + j;  // lanes that can hold a candidate
+                    const unsigned below = lim >= 32 ? 0xffffffffu : ((1u << lim) - 1u);
+                    const unsigned from = pos >= 32 ? 0u : ~((1u << pos) - 1u);
+                    const unsigned bits = rej[j] & below & from;
+                    if (bits == 0u) {
+                        end = lim;  // lanes pos .. lim-1 accepted under hypothesis j
+                    } else {
+                        fpos[j] = gpr_low_bit(bits);
+                        pos = fpos[j] + 1;
+                        end = pos;
+                        ++nrej;
+                    }
+                }
+            }
+            // Per lane: its hypothesis (rejections before it), whether its draw was accepted, its value.
+            int jl = 0;
+            bool rejected = false;
+#pragma unroll
+            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+                jl += fpos[j] < lane ? 1 : 0;
+                rejected = rejected || fpos[j] == lane;
+            }
+            const bool accepted = lane < end && !rejected;
+            const int rel = lane - jl;  // candidate index among the remaining ones
+            u64 r = 0;
+            if (accepted) r = gpr_mulhi64(v, (u64)count + 1ULL + (u64)rel);
+            unsigned hits = __ballot_sync(GPR_FULL_MASK, accepted && r < (u64)k);
             while (hits) {  // rare once count >> k; in candidate order so a later one overwrites
                 const int h = gpr_low_bit(hits);
                 hits &= hits - 1u;
                 const u64 rh = __shfl_sync(GPR_FULL_MASK, r, h);
-                const int ch = __shfl_sync(GPR_FULL_MASK, col, gpr_nth_bit(mask, h));
+                const int relh = __shfl_sync(GPR_FULL_MASK, rel, h);
+                const int ch = __shfl_sync(GPR_FULL_MASK, col, gpr_nth_bit(mask, relh));
                 if (lane == 0) orow[rh] = ch;
             }
-            for (int q = 0; q < f; ++q) mask &= mask - 1u;
-            count += f;
-            d += f < w ? f + 1 : f;
+            const int taken = end - nrej;  // accepted draws = candidates done
+            for (int q = 0; q < taken; ++q) mask &= mask - 1u;
+            count += taken;
+            d += end;
         }
     }
 }
