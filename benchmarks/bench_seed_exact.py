@@ -11,6 +11,7 @@ round's routes are checked against the crate's checksum (FNV-1a of the routes, w
 
     python benchmarks/bench_seed_exact.py --seed-binary PATH/route_timing \\
         --out benchmarks/results/bench_seed_exact.json
+    python benchmarks/bench_seed_exact.py --cuda --n 16384 --k 8   # on a GPU: seed-exact vs SPEC kernel
 """
 
 from __future__ import annotations
@@ -47,15 +48,77 @@ def crate_round(binary: str, n: int, k: int, calls: int) -> tuple[list[float], s
     return [float(fields[3]), float(fields[4]), float(fields[5])], checksum
 
 
+def cuda_main(args: argparse.Namespace) -> None:
+    """Seed-exact kernel vs the SPEC phase kernel on the GPU, same inputs on the device (goal: <= 3x)."""
+    import cupy
+
+    import gpu_phase_router as gpr
+    import gpu_phase_router.compat as prr
+
+    def timed(fn, calls: int) -> float:
+        fn()
+        cupy.cuda.Device().synchronize()
+        times = []
+        for _ in range(calls):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop))
+        return statistics.median(times)
+
+    rows = []
+    print(f"{'N':>6} {'k':>2} {'seed-exact ms':>14} {'SPEC ms':>8} {'ratio':>6}  same as CPU")
+    for n in [int(x) for x in args.n.split(",")]:
+        bits = cupy.asarray(prr.build_bits(np.full(n, int(round(0.3 * n))), n))
+        nbw = (n + 63) // 64
+        perm_s, perm_t = (cupy.asarray(p) for p in prr.auto_permutations(n, 42))
+        for k in [int(x) for x in args.k.split(",")]:
+            seed_call = functools.partial(prr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cuda")
+            spec_call = functools.partial(gpr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cuda")
+            same = bool(
+                np.array_equal(
+                    seed_call().get(),
+                    prr.phase_router(bits.get(), bits.get(), n, nbw, k, perm_s.get(), perm_t.get(), 42, backend="cpu"),
+                )
+            )
+            row = {
+                "n": n,
+                "k": k,
+                "seed_exact_ms": timed(seed_call, args.calls),
+                "spec_ms": timed(spec_call, args.calls),
+            }
+            row["ratio"] = row["seed_exact_ms"] / row["spec_ms"]
+            row["same_as_cpu"] = same
+            rows.append(row)
+            print(f"{n:>6} {k:>2} {row['seed_exact_ms']:>14.3f} {row['spec_ms']:>8.3f} {row['ratio']:>6.2f}  {same}")
+    print("# goal: ratio <= 3 at N = 16384, k = 8")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(
+                {"meta": {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}, "rows": rows},
+                fh,
+                separators=(",", ":"),
+            )
+            fh.write("\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed-binary", required=True, help="the crate's route_timing binary")
+    ap.add_argument("--seed-binary", help="the crate's route_timing binary (required without --cuda)")
     ap.add_argument("--n", default="4096,16384")
     ap.add_argument("--k", default="2,8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=7, help="timed calls per round, each side")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda", action="store_true", help="only time seed-exact vs SPEC mode on the GPU (CuPy)")
     args = ap.parse_args()
+    if args.cuda:
+        cuda_main(args)
+        return
+    if not args.seed_binary:
+        ap.error("--seed-binary is required (the crate's route_timing)")
 
     import numba
 
