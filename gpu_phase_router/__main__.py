@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,50 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2^64); got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^64); got {value}")
+    return value
+
+
+def _headroom(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1; got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1; got {text}")
+    return value
+
+
+def _check_out_dir(ap: argparse.ArgumentParser, out: str) -> None:
+    """``--out`` must be a folder we can create and write (checked before any routing)."""
+    try:
+        import matplotlib  # noqa: F401  (without it no plots are written, so --out is unused)
+    except ImportError:
+        return
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        ap.error(f"argument --out: cannot write plots to {out!r}: {exc.strerror or exc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu-phase-router", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command")
@@ -140,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "load-capacity correlation and survival after hard capacity enforcement; write "
                     "capacity_vs_load.png and load_capacity_ratio.png (needs matplotlib: "
                     f"{PLOT_HINT}).")
-    d.add_argument("--experts", type=int, default=512, help="number of experts (targets); default 512")
-    d.add_argument("--tokens", type=int, default=4096, help="number of tokens (sources); default 4096")
-    d.add_argument("-k", "--k", type=int, default=4, help="experts per token; default 4")
-    d.add_argument("--seed", type=int, default=42, help="routing and capacity-profile seed; default 42")
-    d.add_argument("--headroom", type=float, default=1.2,
+    d.add_argument("--experts", type=_positive_int, default=512, help="number of experts (targets); default 512")
+    d.add_argument("--tokens", type=_positive_int, default=4096, help="number of tokens (sources); default 4096")
+    d.add_argument("-k", "--k", type=_positive_int, default=4, help="experts per token; default 4")
+    d.add_argument("--seed", type=_seed, default=42, help="routing and capacity-profile seed; default 42")
+    d.add_argument("--headroom", type=_headroom, default=1.2,
                    help="hard cap = headroom x fair share of the slots (>= 1); default 1.2")
     d.add_argument("--out", default="phase_router_demo", help="folder for the plots; default ./phase_router_demo/")
-    d.add_argument("--repeat", type=int, default=5, help="timed calls per method (median shown); default 5")
+    d.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per method (median shown); default 5")
     d.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the GPU when CuPy and a CUDA device are usable, else the CPU; default auto")
     return ap
@@ -158,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "demo":
-        if args.experts < 1 or args.tokens < 1 or args.repeat < 1:
-            ap.error("--experts, --tokens and --repeat must be >= 1")
+        if args.k > args.experts:
+            ap.error(f"argument --k: must be between 1 and --experts={args.experts}; got {args.k}")
+        if not args.tokens * args.k * args.headroom < 2.0**62:
+            ap.error(f"argument --headroom: {args.headroom:g} x {args.tokens} tokens x k={args.k} slots is too "
+                     "large for integer hard caps")
+        _check_out_dir(ap, args.out)
         return demo(args)
     ap.print_help()
     return 2

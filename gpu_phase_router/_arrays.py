@@ -101,6 +101,7 @@ def array_namespace(*arrays: Any, **named: Any) -> Namespace:
     for name, x in items:
         if x is None:
             continue
+        check_plain_input(name, x)
         lib = library_of(x) or NUMPY
         dev = device_id(x) if lib != NUMPY else ("cpu", -1)
         seen.setdefault((lib, dev), name)
@@ -121,14 +122,51 @@ def array_namespace(*arrays: Any, **named: Any) -> Namespace:
     return Namespace(lib, dev)
 
 
+def check_plain_input(name: str, x: Any) -> None:
+    """Reject what NumPy would silently misread: masked entries and ragged nested sequences.
+
+    A NumPy masked array with masked entries raises ``ValueError`` naming ``name`` (converting it
+    would drop the mask and route the masked entries as if unmasked; fill it first, e.g.
+    ``x.filled(0)`` for "never routes / never receives"). One with nothing masked is plain data.
+    A ragged nested list or tuple raises ``ValueError`` naming ``name``.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        if np.ma.is_masked(x):
+            raise ValueError(f"{name} is a masked array with {int(np.ma.count_masked(x))} masked entries; the mask "
+                             f"would be ignored, so fill them first (e.g. {name}.filled(0): a zero weight never "
+                             "routes, a zero capacity never receives)")
+        return
+    if isinstance(x, (list, tuple)):
+        try:
+            np.shape(x)
+        except ValueError:
+            raise ValueError(f"{name} must be an array or a rectangular (non-ragged) sequence of numbers; got a "
+                             "nested sequence whose rows differ in length") from None
+
+
+def _torch_host_dtype(t: Any) -> Any:
+    """``t`` itself, or ``t`` in float64 on its own device when NumPy / CuPy cannot hold its dtype
+    (bfloat16 and other reduced floats; converting them to float64 is exact)."""
+    import torch
+
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        return t.to(torch.float64)
+    return t
+
+
 def to_numpy(x: Any) -> np.ndarray:
-    """Host NumPy view (or copy, for device data) of an array or sequence."""
+    """Host NumPy view (or copy, for device data) of an array or sequence.
+
+    torch tensors of a dtype NumPy lacks (bfloat16, ...) are converted to float64 first, on their
+    device."""
     lib = library_of(x)
     if lib == CUPY:
         return x.get()
     if lib == TORCH:
-        t = x.detach()
+        t = _torch_host_dtype(x.detach())
         return t.cpu().numpy() if t.device.type != "cpu" else t.numpy()
+    if isinstance(x, np.ma.MaskedArray) and not np.ma.is_masked(x):
+        return np.asarray(x.data)
     return np.asarray(x)
 
 
@@ -144,7 +182,7 @@ def to_backend_array(x: Any, xp: Any) -> Array:
     if lib == CUPY:
         return x
     if lib == TORCH and x.device.type == "cuda":
-        return xp.from_dlpack(x.detach())
+        return xp.from_dlpack(_torch_host_dtype(x.detach()))  # bfloat16 -> float64 on the device
     return xp.asarray(to_numpy(x))
 
 

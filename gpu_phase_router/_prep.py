@@ -7,8 +7,9 @@ so both give the same bits.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -121,11 +122,26 @@ def capacity_cum(xp: Any, caps: Any) -> Any:
 
 
 def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:
-    """int64 ``(start + v[0] + ... + v[i-1]) mod m`` for every ``i`` (64-bit accumulation)."""
-    out = xp.empty(v.shape[0], dtype=xp.int64)
-    if v.shape[0]:
-        out[0] = start % m
+    """int64 ``(start + v[0] + ... + v[i-1]) mod m`` for every ``i``, exact for any sizes.
+
+    ``v`` holds non-negative integers ``<= m``. Accumulates in int64 when the total cannot pass
+    2^63 (always, unless ``len(v) * m`` does); otherwise reduces modulo ``m`` step by step in
+    Python integers on the host (SPEC §3: prefix sums must not overflow).
+    """
+    n = v.shape[0]
+    out = xp.empty(n, dtype=xp.int64)
+    if not n:
+        return out
+    start %= m
+    if start + n * m < 1 << 63:
+        out[0] = start
         out[1:] = (start + xp.cumsum(v[:-1], dtype=xp.int64)) % m
+        return out
+    acc, host = start, []
+    for x in (v.get() if hasattr(v, "get") else np.asarray(v)).tolist():
+        host.append(acc)
+        acc = (acc + x) % m
+    out[:] = xp.asarray(np.array(host, dtype=np.int64))
     return out
 
 
@@ -165,19 +181,23 @@ def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm
 
 
 def phase_block(backend: Any, d: Any, ring: Any, *, n_src: int, k: int, seed: int, row0: int = 0,
-                degree_prefix: int = 0, perm_t: Any = None) -> Any:
+                degree_prefix: int = 0, perm_t: Any = None, col_map: Any = None, k_out: int | None = None) -> Any:
     """Rows ``row0 .. row0 + len(d) - 1`` of the phase router (SPEC §3–§5) → int32 ``(rows, k)``.
 
     One kernel call. ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all
     degrees before ``row0``; ``ring`` is ``backend.prepare_ring(*ring_layout(...))`` of the
-    full target vector.
+    full target vector. With ``col_map`` (SPEC §13: virtual column → target) the kernel maps the
+    ``k`` selected columns and keeps each row's first ``k_out`` distinct targets → ``(rows, k_out)``.
     """
     xp = backend.xp
     d = d.astype(xp.int64, copy=False)
     off_s = exclusive_cumsum_mod(xp, d, ring_size(ring), degree_prefix)
     phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
+    if col_map is None:
+        return backend.phase_rows(phase, off_s, d, ring, n_src=n_src, k=k, row0=row0,
+                                  select_key=stream(seed, STREAM_SELECT))
     return backend.phase_rows(phase, off_s, d, ring, n_src=n_src, k=k, row0=row0,
-                              select_key=stream(seed, STREAM_SELECT))
+                              select_key=stream(seed, STREAM_SELECT), col_map=col_map, k_out=k_out)
 
 
 def ring_size(ring: Any) -> int:
@@ -194,7 +214,8 @@ def uniform_degree(density: float, n_tgt: int) -> int:
 
 def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int, seed: int, degree_prefix: int,
                rows_per_call: int, d: Any = None, w: Any = None, weight_mean: float = 1.0,
-               density: float | None = None, perm_s: Any = None, perm_t: Any = None) -> Any:
+               density: float | None = None, perm_s: Any = None, perm_t: Any = None, col_map: Any = None,
+               k_out: int | None = None) -> Any:
     """Phase-router rows ``row0 .. row0 + rows - 1`` (SPEC §3–§7), ``rows_per_call`` rows per kernel call.
 
     The rows' degrees come from exactly one of: ``d`` (int degrees of these rows), ``w`` (float64
@@ -202,12 +223,15 @@ def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int
     neither (every source has weight 1 and mean 1: a constant degree, and no value is read back
     from the device). ``degree_prefix`` is the sum of all degrees before ``row0``; ``perm_t``, if
     given, holds these rows' phases. The ring is laid out and prepared once. Memory beyond the
-    output is O(rows_per_call + n_tgt).
+    output is O(rows_per_call + n_tgt). ``col_map`` and ``k_out``: see :func:`phase_block` (the
+    map is moved to the backend once).
     """
     xp = backend.xp
     n_tgt = int(c.shape[0])
     ring = backend.prepare_ring(*ring_layout(backend, c, n_src, seed, perm_s))
-    out = xp.empty((rows, k), dtype=xp.int32)
+    if col_map is not None:
+        col_map = xp.asarray(col_map)
+    out = xp.empty((rows, k if col_map is None else k_out), dtype=xp.int32)
     prefix = degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
     dens = 0.0
     if d is None:
@@ -224,10 +248,119 @@ def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int
         else:
             db = xp.full(b - a, uniform, dtype=xp.int64)
         out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
-                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b])
+                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b],
+                               col_map=col_map, k_out=k_out)
         if b < rows:  # the next call's start: uniform degrees need no read-back from the device
             prefix = (prefix + (uniform * (b - a) if uniform is not None else int(db.sum()))) % n_tgt
     return out
+
+
+# -- SPEC §13: banded phase router ------------------------------------------------------------
+
+BAND_OVERSAMPLE = 4  # virtual columns drawn per output slot (the seed's oversampling)
+BAND_FILL = 2  # expected candidates per source, in units of k_draw
+BAND_MAX_COLUMNS = 1 << 20  # cap on the virtual ring (reached only for tiny densities)
+
+
+class BandLayout(NamedTuple):
+    """The virtual target ring of SPEC §13 (host NumPy arrays, read-only).
+
+    Attributes:
+        n_cols: ``V``, the number of virtual columns.
+        k_draw: virtual columns selected per source, ``min(k * 4, V)``.
+        k: targets kept per source.
+        widths: int64 ``[n_tgt]`` band widths ``b[e]``.
+        col_counts: int64 ``[V]`` capacity count of each virtual column.
+        col_map: int64 ``[V]`` target owning each virtual column.
+    """
+
+    n_cols: int
+    k_draw: int
+    k: int
+    widths: np.ndarray
+    col_counts: np.ndarray
+    col_map: np.ndarray
+
+
+def bands_apply(n_src: int, n_tgt: int) -> bool:
+    """SPEC §13: the weights form of the phase router uses bands exactly when ``n_tgt < n_src``."""
+    return n_tgt < n_src
+
+
+def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLayout:
+    """SPEC §13 band layout from host capacities (float64 NumPy ``[n_tgt]``, validated).
+
+    Pure host arithmetic: the result never depends on device data, so a CUDA caller that keeps
+    its capacities on the host routes without any device-to-host copy. Cached per arguments.
+    """
+    caps = np.ascontiguousarray(caps, dtype=np.float64)
+    return _band_layout_cached(caps.tobytes(), int(n_src), int(k), float(density))
+
+
+def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
+    """SPEC §13: float64 ``pi[e] = fair[e] / n_src`` with the fair shares ``n_src * k * cap / sum(cap)``
+    water-filled so that none exceeds ``n_src`` (one slot per source)."""
+    pi = np.zeros(caps.shape[0], dtype=np.float64)
+    free = caps > 0
+    total = float(n_src * k)
+    while free.any():
+        s = tree_sum(np, np.where(free, caps, 0.0))
+        share = total * caps / s
+        over = free & (share > n_src)
+        if not over.any():
+            pi[free] = share[free] / n_src
+            break
+        pi[over] = 1.0
+        free &= ~over
+        total -= n_src * int(over.sum())
+    return pi
+
+
+def band_weights(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
+    """SPEC §13: the float64 weights band widths are proportional to.
+
+    ``k == 1``: the capacities. Otherwise ``rint(-log1p(-min(pi, 1 - 1/(2 k_draw))) * 2^32)`` (at
+    least 1, 0 for a zero capacity), ``pi`` from :func:`water_filled_shares`: a row keeps its first
+    ``k`` *distinct* targets, which compresses large shares like sampling without replacement;
+    these weights undo that to first order (a target drawn at rate ``u`` among the row's draws is
+    kept with probability about ``1 - exp(-u)``). Quantised to integers so the layout does not
+    depend on the last bit of ``log1p``.
+    """
+    if k == 1:
+        return caps.astype(np.float64, copy=True)
+    top = 1.0 - 1.0 / (2 * k * BAND_OVERSAMPLE)
+    logs = -np.log1p(-np.minimum(water_filled_shares(caps, n_src, k), top))
+    return np.where(caps == 0, 0.0, np.maximum(1.0, np.rint(logs * 2.0**32)))
+
+
+@functools.lru_cache(maxsize=64)
+def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -> BandLayout:
+    caps = np.frombuffer(caps_bytes, dtype=np.float64)
+    n_tgt = caps.shape[0]
+    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
+    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
+    if not math.isfinite(tree_sum(np, caps)):
+        raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
+    weights = band_weights(caps, n_src, k)
+    q = weights / tree_sum(np, weights) * v0
+    widths = np.where(weights == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)
+    per_col = np.rint(q / np.maximum(widths, 1) * n_src)
+    counts = np.where(weights == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
+    col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
+    col_counts = counts[col_map]
+    n_cols = int(col_map.shape[0])
+    for a in (widths, col_counts, col_map):
+        a.setflags(write=False)
+    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map)
+
+
+def phase_ring_size(caps: np.ndarray, *, n_src: int, k: int, density: float) -> int:
+    """Length of the target ring the phase router uses from weights: ``V`` with bands (SPEC §13),
+    else ``n_tgt``. Degrees (and so ``degree_prefix``) are counted on this ring. Host only."""
+    n_tgt = int(np.asarray(caps).shape[0])
+    if bands_apply(n_src, n_tgt):
+        return band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density).n_cols
+    return n_tgt
 
 
 def systematic_phi(seed: int, n_src: int, k: int) -> int:

@@ -88,8 +88,11 @@ def candidate_sets(d, c, perm_s, perm_t) -> list[list[int]]:
     inv_s = [0] * n_tgt
     for col, pos in enumerate(perm_s):
         inv_s[pos] = col
-    off_s = [sum(d[:i]) % n_tgt for i in range(n_src)]
-    off_t = [sum(c[:t]) % n_src for t in range(n_tgt)]
+    off_s, off_t = [0] * n_src, [0] * n_tgt
+    for i in range(1, n_src):  # SPEC §3: off_s[i] = (d[0] + ... + d[i-1]) mod n_tgt
+        off_s[i] = (off_s[i - 1] + d[i - 1]) % n_tgt
+    for t in range(1, n_tgt):
+        off_t[t] = (off_t[t - 1] + c[t - 1]) % n_src
     sets = []
     for j in range(n_src):
         cj = []
@@ -146,13 +149,109 @@ def route_counts(d, c, k, seed, perm_s=None, perm_t=None) -> np.ndarray:
 
 
 def route(target_capacities, source_weights=None, k=4, seed=42, density=0.3) -> np.ndarray:
-    """SPEC §7 then §3–§5: the phase router from weights and capacities."""
+    """SPEC §7 then §3–§5: the phase router from weights and capacities (SPEC §13 when n_tgt < n_src)."""
     caps = [float(v) for v in target_capacities]
     weights = [1.0] * len(caps) if source_weights is None else [float(v) for v in source_weights]
     n_src, n_tgt = len(weights), len(caps)
+    if n_tgt < n_src:
+        return route_banded(caps, weights, k, seed, density)
     d = weights_to_counts(weights, density, n_tgt)
     c = weights_to_counts(caps, density, n_src)
     return route_counts(d, c, k, seed)
+
+
+BAND_OVERSAMPLE = 4
+BAND_FILL = 2
+BAND_MAX_COLUMNS = 1 << 20
+
+
+def water_filled_shares(caps: list[float], n_src: int, k: int) -> list[float]:
+    """SPEC §13: each target's share of the sources, ``pi[e] = fair[e] / n_src``, where the fair
+    shares ``n_src * k * cap / sum(cap)`` are water-filled so that none exceeds ``n_src``."""
+    pi = [0.0] * len(caps)
+    free = [c > 0 for c in caps]
+    total = float(n_src * k)
+    while any(free):
+        s = tree_sum([c if f else 0.0 for c, f in zip(caps, free, strict=True)])
+        over = [f and total * float(c) / s > n_src for c, f in zip(caps, free, strict=True)]
+        if not any(over):
+            for e, c in enumerate(caps):
+                if free[e]:
+                    pi[e] = total * float(c) / s / n_src
+            break
+        for e in range(len(caps)):
+            if over[e]:
+                pi[e], free[e] = 1.0, False
+                total -= n_src
+    return pi
+
+
+def band_weights(caps: list[float], n_src: int, k: int) -> list[float]:
+    """SPEC §13: the weights the band widths are proportional to (the capacities when ``k == 1``)."""
+    if k == 1:
+        return [float(c) for c in caps]
+    top = 1.0 - 1.0 / (2 * k * BAND_OVERSAMPLE)
+    pi = np.array([min(p, top) for p in water_filled_shares(caps, n_src, k)], dtype=np.float64)
+    logs = -np.log1p(-pi)  # one NumPy call on the whole vector, as the backends' host code
+    out = []
+    for e, c in enumerate(caps):
+        out.append(0.0 if c == 0 else max(1.0, float(np.rint(float(logs[e]) * 2.0**32))))
+    return out
+
+
+def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
+    """SPEC §13: the virtual target ring of the banded phase router.
+
+    Returns ``n_cols`` (V), ``k_draw``, ``weights`` (u[e]), ``widths`` (b[e]), ``counts`` (the
+    capacity count of each of band e's columns) and ``col_map`` (virtual column -> expert).
+    """
+    n_tgt = len(caps)
+    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
+    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
+    weights = band_weights(caps, n_src, k)
+    total = tree_sum(weights)
+    widths, counts = [], []
+    for cap in weights:
+        if cap == 0:
+            widths.append(0)
+            counts.append(0)
+            continue
+        q = float(cap) / total * v0
+        b = max(1, math.ceil(q))
+        cv = float(np.rint(q / b * n_src))
+        widths.append(b)
+        counts.append(int(min(max(cv, 1), n_src)))
+    col_map = []
+    for e, b in enumerate(widths):
+        col_map += [e] * b
+    n_cols = len(col_map)
+    return {"n_cols": n_cols, "k_draw": min(k * BAND_OVERSAMPLE, n_cols), "weights": weights, "widths": widths,
+            "counts": counts, "col_map": col_map}
+
+
+def first_distinct(columns: list[int], col_map: list[int], k: int) -> list[int]:
+    """SPEC §13: the first ``k`` distinct experts of a row of virtual columns (``-1`` ends it), padded with -1."""
+    row: list[int] = []
+    for v in columns:
+        if v < 0 or len(row) == k:
+            break
+        e = col_map[v]
+        if e not in row:
+            row.append(e)
+    return row + [-1] * (k - len(row))
+
+
+def route_banded(caps: list[float], weights: list[float], k: int, seed: int, density: float) -> np.ndarray:
+    """SPEC §13: the banded phase router (used by :func:`route` when ``n_tgt < n_src``)."""
+    n_src = len(weights)
+    lay = band_layout(caps, n_src, k, density)
+    d = weights_to_counts(weights, density, lay["n_cols"])
+    c = []
+    for e, b in enumerate(lay["widths"]):
+        c += [lay["counts"][e]] * b
+    draws = route_counts(d, c, lay["k_draw"], seed)
+    rows = [first_distinct([int(v) for v in draws[j]], lay["col_map"], k) for j in range(n_src)]
+    return np.array(rows, dtype=np.int32).reshape(n_src, k)
 
 
 def capacity_units(caps: list[float]) -> list[int]:
@@ -211,6 +310,8 @@ def enforce_capacity(routes: np.ndarray, hard: list[int]) -> np.ndarray:
 
 
 __all__ = [
+    "band_layout",
+    "band_weights",
     "candidate_sets",
     "candidate_sets_materialised",
     "capacity_units",
@@ -218,10 +319,13 @@ __all__ = [
     "enforce_capacity",
     "feistel",
     "feistel_inverse",
+    "first_distinct",
     "hard_caps",
     "in_ring",
     "popcount_rows",
     "route",
+    "route_banded",
+    "water_filled_shares",
     "route_counts",
     "route_systematic",
     "select",

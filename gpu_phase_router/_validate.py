@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 SEED_LIMIT = 1 << 64
+SIZE_LIMIT = (1 << 63) - 1  # sizes are int64 in every kernel
 
 
 def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
@@ -25,6 +26,14 @@ def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = 
     if lo is not None and value < lo or hi is not None and value > hi:
         rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {rng}; got {value}")
+    return value
+
+
+def check_size(name: str, value: Any) -> int:
+    """A size (``n_src``, ``n_tgt``, ``n``): an integer in ``[1, 2^63 - 1]``."""
+    value = check_int(name, value, lo=1)
+    if value > SIZE_LIMIT:
+        raise ValueError(f"{name} must be <= 2^63 - 1 (sizes are int64); got {value}")
     return value
 
 

@@ -13,7 +13,15 @@ import numpy as np
 
 from ._arrays import Array, on_caller_stream, to_backend_array
 from ._keys import stream as _stream
-from ._validate import check_bits, check_int, check_int_vector, check_permutation, check_seed, vector_length
+from ._validate import (
+    check_bits,
+    check_int,
+    check_int_vector,
+    check_permutation,
+    check_seed,
+    check_size,
+    vector_length,
+)
 from .backends import Backend, BackendName, get_backend, resolve
 from .blocks import route_block, route_counts_block
 
@@ -102,11 +110,19 @@ def route(
     Returns:
         routes: int32 ``[n_src, k]``, targets or ``-1``, in the library and on the device of
         the inputs (NumPy for Python sequences).
+
+    With fewer targets than sources (tokens × experts), ``method="phase"`` is the banded phase
+    router of SPEC §13: it fills at least 99.95 % of the slots at the 90 MoE shapes of
+    ``benchmarks/bench_moe_shapes.py``, with load in proportion to capacity. A row still ends in
+    ``-1`` when fewer than ``k`` targets have positive capacity, and can when one target holds most
+    of the capacity with ``k`` close to ``n_tgt``, or a source's weight is far below the mean (its
+    degree, hence its candidate count, scales with its weight). ``method="systematic"`` fills all
+    ``k`` slots of every source whenever no target holds more than ``1/k`` of all capacity.
     """
     n_w = None if source_weights is None else vector_length("source_weights", source_weights)
     n_c = None if target_capacities is None else vector_length("target_capacities", target_capacities)
     if n is not None:
-        n = check_int("n", n, lo=1)
+        n = check_size("n", n)
         for name, length in (("source_weights", n_w), ("target_capacities", n_c)):
             if length is not None and length != n:
                 raise ValueError(f"n={n} contradicts len({name})={length}; leave n out for rectangular routing")
@@ -146,8 +162,8 @@ def route_bits(
         routes: int32 ``[n_src, k]``.
     """
     be, ns = resolve(backend, s_bits=s_bits, t_bits=t_bits, perm_s=perm_s, perm_t=perm_t)
-    n_src = check_int("n_src", n_src, lo=1)
-    n_tgt = check_int("n_tgt", n_tgt, lo=1)
+    n_src = check_size("n_src", n_src)
+    n_tgt = check_size("n_tgt", n_tgt)
     d = _popcounts(be, "s_bits", to_backend_array(s_bits, be.xp), n_src, n_tgt)
     c = _popcounts(be, "t_bits", to_backend_array(t_bits, be.xp), n_tgt, n_src)
     return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=to_backend_array(perm_s, be.xp),
@@ -177,7 +193,7 @@ def phase_router(s_bits: Array, t_bits: Array, n: int, nb_words: int, k: int, co
     Returns:
         routes: int32 ``[n, k]``.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     nb_words = check_int("nb_words", nb_words, lo=1)
     if col_perm_s is None or col_perm_t is None:
         raise TypeError("col_perm_s and col_perm_t are required; use phase_router_auto to derive them from the seed")
@@ -197,7 +213,7 @@ def phase_router_auto(s_bits: Array, t_bits: Array, n: int, k: int, seed: int, *
     Returns:
         routes: int32 ``[n, k]``.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     return route_bits(s_bits, t_bits, n_src=n, n_tgt=n, k=k, seed=seed, backend=backend)
 
 
@@ -207,7 +223,7 @@ def auto_permutation(n: int, seed: int, stream: int, *, backend: BackendName = "
     ``stream=1`` gives the derived ``perm_s`` (length ``n_tgt``), ``stream=2`` the derived
     ``perm_t`` (length ``n_src``). Returns int64 ``[n]`` of the backend's array library.
     """
-    n = check_int("n", n, lo=1)
+    n = check_size("n", n)
     seed = check_seed(seed)
     stream = check_int("stream", stream, lo=0, hi=(1 << 64) - 1)
     be = get_backend(backend)

@@ -11,11 +11,12 @@ blocks (or GPU threads) gives the same table, and NumPy and CuPy compute the sam
 (the code below is written once against the array module ``xp``, in uint64 arithmetic).
 
 * ``method="hash"`` (stream 5) — the seed's capacity-blind baseline: ``k`` independent uniform
-  targets ``key(j, s) mod n_tgt`` per source, **with replacement** like the seed's
-  ``rng.integers(0, n, (n, k))``, so a row may name a target twice (probability about
-  ``k^2 / (2 n_tgt)`` per row); each occurrence is a separate slot for enforcement and
-  survival. Capacities are ignored entirely, zero ones included (enforcement then drops those
-  slots, since their hard cap is 0).
+  targets per source, **with replacement** like the seed's ``rng.integers(0, n, (n, k))``, so a
+  row may name a target twice (probability about ``k^2 / (2 P)`` per row); each occurrence is a
+  separate slot for enforcement and survival. It is blind to the *size* of capacities but, like
+  every method, never sends a slot to a zero-capacity target: with ``pos`` the ``P`` targets of
+  positive capacity in ascending order, slot ``s`` takes ``pos[key(j, s) mod P]`` (SPEC §12).
+  With all capacities positive that is ``key(j, s) mod n_tgt``, the seed's rule.
 * ``method="weighted_hash"`` (stream 6) — capacity-aware: ``k`` **distinct** targets per
   source, drawn one after another with probability proportional to capacity among the targets
   not yet drawn (successive sampling without replacement — the same distribution as the
@@ -50,10 +51,19 @@ def slot_keys(xp: Any, seed: int, stream_id: int, row0: int, rows: int, k: int) 
     return at_array(xp, row_base[:, None], xp.arange(k, dtype=xp.uint64)[None, :])
 
 
-def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int) -> Any:
-    """Rows ``row0 .. row0 + rows - 1`` of the uniform hash → int32 ``[rows, k]``."""
+def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int, positive: Any = None) -> Any:
+    """Rows ``row0 .. row0 + rows - 1`` of the uniform hash → int32 ``[rows, k]``.
+
+    Args:
+        n_tgt: number of targets.
+        positive: optional int64 ``[P]``, the targets of positive capacity in ascending order
+            (``None``: all ``n_tgt`` targets); slots are uniform over these.
+    """
     keys = slot_keys(xp, seed, STREAM_HASH, row0, rows, k)
-    return (keys % xp.uint64(n_tgt)).astype(xp.int32)
+    if positive is None or int(positive.shape[0]) == n_tgt:
+        return (keys % xp.uint64(n_tgt)).astype(xp.int32)
+    idx = (keys % xp.uint64(positive.shape[0])).astype(xp.int64)
+    return positive[idx].astype(xp.int32)
 
 
 def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int, total: int,

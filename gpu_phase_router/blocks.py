@@ -7,7 +7,8 @@ blocks concatenated give the full result bit for bit. A block needs, besides its
 * ``n_src``: the global number of sources (it fixes the source ring and the permutations);
 * ``row0``: the global index of its first row;
 * for ``method="phase"``: ``degree_prefix``, the sum of the degrees ``d[0] + ... + d[row0 - 1]``
-  of all earlier rows (it fixes where each source starts on the target ring), and, when
+  of all earlier rows (it fixes where each source starts on the target ring; with fewer targets
+  than sources that is the virtual ring of SPEC §13, of :func:`ring_size` positions), and, when
   starting from weights, ``weight_mean``, the mean of *all* source weights (SPEC §7).
 
 The mean is a float, so it must be computed in one fixed order to be reproducible. The package
@@ -21,7 +22,8 @@ rounded or order-free summation is needed. :func:`weight_mean` does it for a vec
 Example — rows ``[a, b)`` of ``route(w, caps, k=4, seed=7)``::
 
     mean = blocks.weight_mean(w)                                  # or sum_from_partials(...) / n_src
-    prefix = int(blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=len(caps), density=0.3).sum())
+    n_ring = blocks.ring_size(caps, n_src=len(w), k=4, density=0.3)  # len(caps) unless len(caps) < len(w)
+    prefix = int(blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=0.3).sum())
     rows = blocks.route_block(w[a:b], caps, n_src=len(w), row0=a, k=4, seed=7,
                               weight_mean=mean, degree_prefix=prefix)
     assert (rows == route(w, caps, k=4, seed=7)[a:b]).all()
@@ -45,6 +47,7 @@ from ._validate import (
     check_k,
     check_permutation,
     check_seed,
+    check_size,
     check_uniform_weights,
     check_weights,
 )
@@ -161,7 +164,7 @@ def route_counts_block(
     be, ns = resolve(backend, source_degrees=source_degrees, target_counts=target_counts, perm_s=perm_s,
                      perm_t=perm_t)
     xp = be.xp
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     c = as_vector(np, "target_counts", to_numpy(target_counts))
     n_tgt = int(c.shape[0])
     if n_tgt < 1:
@@ -236,7 +239,7 @@ def route_block(
         raise TypeError("target_capacities is required: all n_tgt capacities (use ones for uniform targets)")
     be, ns = resolve(backend, source_weights=source_weights, target_capacities=target_capacities)
     xp = be.xp
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
     n_tgt = int(caps.shape[0])
     w = None if source_weights is None else block_weights(xp, "source_weights", to_backend_array(source_weights, xp))
@@ -260,10 +263,11 @@ def route_block(
     prefix = 0
     if m.degrees is not None:
         if w is None and degree_prefix is None:  # sources of weight 1 all have the same degree
-            one = m.degrees(np, np.ones(1), caps, n_src=n_src, density=density, weight_mean=1.0)
+            one = m.degrees(np, np.ones(1), caps, n_src=n_src, k=k, density=density, weight_mean=1.0)
             prefix = row0 * int(one[0])
-        else:
-            prefix = _degree_prefix(degree_prefix, row0, n_tgt, m.name)
+        else:  # degrees live on the method's ring: n_tgt, or V of SPEC §13 for a banded phase router
+            n_ring = m.degree_ring(caps, n_src=n_src, k=k, density=density)
+            prefix = _degree_prefix(degree_prefix, row0, n_ring, m.name)
     out = m.rows(be, w, caps, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, density=density, weight_mean=mean,
                  degree_prefix=prefix, rows_per_call=per_call)
     return ns.wrap(out)
@@ -304,20 +308,44 @@ def weight_mean(source_weights: Array) -> float:
     return _prep.tree_sum(ns.xp, w) / w.shape[0]
 
 
+def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float = 0.3,
+              method: str = "phase") -> int:
+    """Length of the target ring on which ``method``'s degrees are counted: for ``"phase"``, ``V``
+    of SPEC §13 when ``n_tgt < n_src`` (the banded phase router), else ``n_tgt``. Pass it as
+    ``n_tgt`` to :func:`source_degrees` to get a block's ``degree_prefix``::
+
+        n_ring = blocks.ring_size(caps, n_src=len(w), k=k, density=density)
+        prefix = int(blocks.source_degrees(w[:row0], weight_mean=mean, n_tgt=n_ring, density=density).sum())
+
+    Host arithmetic on the capacities (a device array is copied once); the layout is cached.
+    """
+    m = get_method(method)
+    if target_capacities is None:
+        raise TypeError("target_capacities is required: all n_tgt capacities")
+    caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
+    n_src = check_int("n_src", n_src, lo=1)
+    k = check_k(k, int(caps.shape[0]))
+    density = check_density(density)
+    return m.degree_ring(caps, n_src=n_src, k=k, density=density)
+
+
 def source_degrees(source_weights: Array, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Array:
     """Degrees ``d`` (SPEC §7) of a block of sources, given the mean of all weights → int64 ``[rows]``.
 
-    Their sum over all earlier blocks is the ``degree_prefix`` of a block.
+    Their sum over all earlier blocks is the ``degree_prefix`` of a block. ``n_tgt`` is the length
+    of the ring the degrees are counted on: :func:`ring_size` (``V`` of SPEC §13 for the banded
+    phase router, when there are fewer targets than sources).
     """
     ns = array_namespace(source_weights=source_weights)
     w = block_weights(ns.xp, "source_weights", ns.asarray(source_weights))
     mean = _mean(weight_mean, "phase")
-    n_tgt = check_int("n_tgt", n_tgt, lo=1)
+    n_tgt = check_size("n_tgt", n_tgt)
     density = check_density(density)
     return ns.wrap(_prep.weights_to_counts(ns.xp, w, density, n_tgt, mean=mean))
 
 
 __all__ = [
+    "ring_size",
     "route_block",
     "route_counts_block",
     "source_degrees",

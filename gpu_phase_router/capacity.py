@@ -22,9 +22,10 @@ from . import _prep
 from ._arrays import Namespace, array_namespace, to_numpy
 
 
-def _namespace(x: Any) -> tuple[Any, Any, Namespace]:
-    """``(xp, array, namespace)`` for ``x``: the array in the module that computes on it in place."""
-    ns = array_namespace(x=x)
+def _namespace(x: Any, name: str) -> tuple[Any, Any, Namespace]:
+    """``(xp, array, namespace)`` for ``x`` (the argument ``name``): the array in the module that
+    computes on it in place."""
+    ns = array_namespace(**{name: x})
     return ns.xp, ns.asarray(x), ns
 
 
@@ -67,16 +68,21 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
     Returns:
         hard: int64 ``[n_tgt]`` in the array library / device of ``rel_caps``.
     """
-    from ._validate import check_int, check_weights
+    from ._validate import check_int, check_size, check_weights
 
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     k = check_int("k", k, lo=1)
     headroom = _check_headroom(headroom)
-    xp, caps, ns = _namespace(rel_caps)
+    xp, caps, ns = _namespace(rel_caps, "rel_caps")
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
     total = _prep.tree_sum(xp, caps)
-    hard = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom)).astype(xp.int64)
-    hard = xp.where(caps == 0, 0, hard).astype(xp.int64)
+    with np.errstate(over="ignore"):
+        raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom))
+    top = float(raw.max())
+    if not top < 2.0**63:  # also catches inf / nan
+        raise ValueError(f"headroom={headroom} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
+                         "beyond int64 (2^63 - 1); use a smaller headroom")
+    hard = xp.where(caps == 0, 0, raw.astype(xp.int64)).astype(xp.int64)
     return ns.wrap(hard)
 
 
@@ -97,8 +103,8 @@ def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
     Returns:
         A new array like ``routes`` (same dtype, library and device) with dropped slots ``-1``.
     """
-    xp, r, ns = _namespace(routes)
-    _, caps, cap_ns = _namespace(hard_caps)
+    xp, r, ns = _namespace(routes, "routes")
+    _, caps, cap_ns = _namespace(hard_caps, "hard_caps")
     if cap_ns.on_device and not ns.on_device:
         raise TypeError(
             "hard_caps lives on a GPU but routes on the host; move hard_caps to the host first "
@@ -140,7 +146,7 @@ def compute_loads(routes: Any, n_tgt: int) -> Any:
     from ._validate import check_int
 
     n_tgt = check_int("n_tgt", n_tgt, lo=1)
-    xp, r, ns = _namespace(routes)
+    xp, r, ns = _namespace(routes, "routes")
     flat = _check_routes(xp, r, n_tgt).reshape(-1)
     loads = xp.bincount(flat[flat >= 0].astype(xp.int64), minlength=n_tgt).astype(xp.int64)
     return ns.wrap(loads)
@@ -152,7 +158,7 @@ def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
     Padding ``-1`` slots (short rows of the phase router) count as not served, as in the seed's
     benchmark. ``n_tgt`` (the seed's ``n``) is optional; if given, targets ``>= n_tgt`` raise.
     """
-    xp, r, _ = _namespace(routes)
+    xp, r, _ = _namespace(routes, "routes")
     r = _check_routes(xp, r, n_tgt)
     if r.size == 0:
         raise ValueError("routes must not be empty")

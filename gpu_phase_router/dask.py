@@ -117,10 +117,11 @@ def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
     return _prep.tree_combine([p for s in stats for p in s[0]], n_src) / n_src
 
 
-def _weight_degree_sum(w: Any, mean: float, caps: np.ndarray, n_src: int, density: float, method: Method) -> int:
+def _weight_degree_sum(w: Any, mean: float, caps: np.ndarray, n_src: int, k: int, density: float,
+                       method: Method) -> int:
     xp = array_namespace(source_weights=w).xp
     assert method.degrees is not None
-    return int(method.degrees(xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, density=density,
+    return int(method.degrees(xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, k=k, density=density,
                               weight_mean=mean).sum())
 
 
@@ -232,7 +233,7 @@ def route(
     parts, mean = _weight_reductions(source_weights, n_src, chunks, m)
     prefixes = None
     if m.uses_degree_prefix:
-        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, density, m) for p in parts]
+        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, k, density, m) for p in parts]
         prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
         _route_weights_chunk, source_weights, caps=caps, mean=mean, prefixes=prefixes, n_src=n_src, k=k, seed=seed,

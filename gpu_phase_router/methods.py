@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _prep
 from ._arrays import Array
-from ._validate import check_density, check_int, check_k, check_seed, check_weights
+from ._validate import check_density, check_int, check_k, check_seed, check_size, check_weights
 from .backends import Backend, BackendName, get_backend
 from .baselines import hash_block, weighted_hash_block
 
@@ -50,8 +50,14 @@ class DegreesFn(Protocol):
     """int64 degrees of a row range from its weights (their sum over earlier rows is the
     ``degree_prefix`` of a later range)."""
 
-    def __call__(self, xp: Any, w: Array, caps: np.ndarray, *, n_src: int, density: float,
+    def __call__(self, xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float,
                  weight_mean: float) -> Array: ...
+
+
+class RingSizeFn(Protocol):
+    """Length of the ring the degrees are counted on (``degree_prefix <= row0 * ring size``)."""
+
+    def __call__(self, caps: np.ndarray, *, n_src: int, k: int, density: float) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class Method:
             row range's degrees follow from its weights; ``None`` otherwise.
         uniform_sources: gives every source exactly ``k`` slots, so all weights must be equal.
         summary: one line for tables and error messages.
+        ring_size: with ``degrees``, the length of the ring they are counted on (default
+            ``n_tgt``; the phase router's virtual ring of SPEC §13 when ``n_tgt < n_src``).
     """
 
     name: str
@@ -74,6 +82,13 @@ class Method:
     degrees: DegreesFn | None = None
     uniform_sources: bool = False
     summary: str = ""
+    ring_size: RingSizeFn | None = None
+
+    def degree_ring(self, caps: np.ndarray, *, n_src: int, k: int, density: float) -> int:
+        """Length of the ring this method's degrees (and ``degree_prefix``) are counted on."""
+        if self.ring_size is None:
+            return int(caps.shape[0])
+        return self.ring_size(caps, n_src=n_src, k=k, density=density)
 
     @property
     def uses_degree_prefix(self) -> bool:
@@ -86,13 +101,24 @@ class Method:
 
 def _phase(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int, seed: int,
            density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
+    if _prep.bands_apply(n_src, int(caps.shape[0])):  # SPEC §13: virtual ring, first k distinct targets
+        lay = _prep.band_layout(caps, n_src, k, density)  # host arithmetic only, cached
+        return _prep.phase_rows(be, lay.col_counts, n_src=n_src, row0=row0, rows=rows, k=lay.k_draw, seed=seed,
+                                degree_prefix=degree_prefix, rows_per_call=rows_per_call, w=w,
+                                weight_mean=weight_mean, density=density, col_map=lay.col_map, k_out=k)
     c = _prep.weights_to_counts(np, caps, density, n_src, name="target_capacities")
     return _prep.phase_rows(be, c, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, degree_prefix=degree_prefix,
                             rows_per_call=rows_per_call, w=w, weight_mean=weight_mean, density=density)
 
 
-def _phase_degrees(xp: Any, w: Array, caps: np.ndarray, *, n_src: int, density: float, weight_mean: float) -> Array:
-    return _prep.weights_to_counts(xp, w, density, int(caps.shape[0]), mean=weight_mean, name="source_weights")
+def _phase_ring_size(caps: np.ndarray, *, n_src: int, k: int, density: float) -> int:
+    return _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)
+
+
+def _phase_degrees(xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float,
+                   weight_mean: float) -> Array:
+    n_ring = _phase_ring_size(caps, n_src=n_src, k=k, density=density)
+    return _prep.weights_to_counts(xp, w, density, n_ring, mean=weight_mean, name="source_weights")
 
 
 def _systematic(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int,
@@ -111,10 +137,11 @@ def _zero_weight_rows(out: Array, w: Array | None) -> Array:
 def _hash(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int, seed: int,
           density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
     xp = be.xp
+    positive = xp.asarray(np.flatnonzero(np.asarray(caps) > 0).astype(np.int64))  # zero capacities never receive
     out = xp.empty((rows, k), dtype=xp.int32)
     for a in range(0, rows, rows_per_call):
         b = min(rows, a + rows_per_call)
-        out[a:b] = hash_block(xp, int(caps.shape[0]), k=k, seed=seed, row0=row0 + a, rows=b - a)
+        out[a:b] = hash_block(xp, int(caps.shape[0]), k=k, seed=seed, row0=row0 + a, rows=b - a, positive=positive)
     return _zero_weight_rows(out, w)
 
 
@@ -136,29 +163,29 @@ _TABLE: dict[str, Method] = {}
 
 def register_method(name: str, rows: RowsFn | Callable[..., Any], *, uses_weight_mean: bool = False,
                     degrees: DegreesFn | Callable[..., Any] | None = None, uniform_sources: bool = False,
-                    summary: str = "") -> Method:
+                    summary: str = "", ring_size: RingSizeFn | Callable[..., Any] | None = None) -> Method:
     """Add (or replace) a routing method; it then works in ``route``, ``route_block`` and Dask.
 
     Args:
         name: the ``method=`` value.
         rows: the row-range function (signature in the module docstring).
-        uses_weight_mean, degrees, uniform_sources: see :class:`Method`.
+        uses_weight_mean, degrees, uniform_sources, ring_size: see :class:`Method`.
         summary: one line describing the method.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string; got {name!r}")
     if not callable(rows):
         raise TypeError(f"rows must be callable; got {type(rows).__name__}")
-    method = Method(name, rows, uses_weight_mean, degrees, uniform_sources, summary)
+    method = Method(name, rows, uses_weight_mean, degrees, uniform_sources, summary, ring_size)
     _TABLE[name] = method
     return method
 
 
-register_method("phase", _phase, uses_weight_mean=True, degrees=_phase_degrees,
-                summary="the seed's phase router (SPEC §3–§7)")
+register_method("phase", _phase, uses_weight_mean=True, degrees=_phase_degrees, ring_size=_phase_ring_size,
+                summary="the seed's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)")
 register_method("systematic", _systematic, uniform_sources=True,
                 summary="equally spaced slots on the capacity ring, exact shares (SPEC §11)")
-register_method("hash", _hash, summary="k uniform targets per source, capacity-blind (baseline)")
+register_method("hash", _hash, summary="k uniform targets per source among those of positive capacity (baseline)")
 register_method("weighted_hash", _weighted_hash,
                 summary="k distinct targets drawn in proportion to capacity (baseline)")
 
@@ -205,7 +232,7 @@ def route_uniform(method: str, backend: BackendName, n_src: int, caps: Any, *, k
     """
     m = get_method(method)
     be = get_backend(backend)
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     caps = check_weights(np, "caps", np.asarray(caps))
     k = check_k(k, int(caps.shape[0]))
     return m.rows(be, None, caps, n_src=n_src, row0=0, rows=n_src, k=k, seed=check_seed(seed),
@@ -217,6 +244,7 @@ __all__ = [
     "DEFAULT_ROWS_PER_CALL",
     "DegreesFn",
     "Method",
+    "RingSizeFn",
     "RowsFn",
     "available_methods",
     "get_method",

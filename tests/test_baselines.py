@@ -22,14 +22,16 @@ HASH_STREAM, WEIGHTED_STREAM = 5, 6  # documented in gpu_phase_router.baselines
 # ── plain-Python oracles (Python integers, no xp code) ───────────────────────────────────────
 
 
-def oracle_hash(n_src, n_tgt, k, seed, weights=None):
+def oracle_hash(n_src, n_tgt, k, seed, weights=None, caps=None):
+    """Slot s of source j: the (key mod P)-th target of positive capacity, P of them (all if caps is None)."""
+    positive = list(range(n_tgt)) if caps is None else [t for t in range(n_tgt) if caps[t] > 0]
     rows = []
     for j in range(n_src):
         if weights is not None and weights[j] == 0:
             rows.append([-1] * k)
             continue
         base = at(stream(seed, HASH_STREAM), j)
-        rows.append([at(base, s) % n_tgt for s in range(k)])
+        rows.append([positive[at(base, s) % len(positive)] for s in range(k)])
     return rows
 
 
@@ -54,6 +56,27 @@ def oracle_weighted_hash(caps, n_src, k, seed, weights=None):
 
 
 # ── exact agreement ──────────────────────────────────────────────────────────────────────────
+
+
+def test_hash_never_sends_to_zero_capacity():
+    r = gpr.route(np.ones(1000), [0, 0, 1, 1], k=2, method="hash")
+    assert set(np.unique(r).tolist()) == {2, 3}  # the issue's case: 954 of 2000 slots went to 0 and 1
+    caps = [0.0, 3.0, 0.0, 1.0, 1.0, 0.0, 7.0]
+    w = [1.0, 0.0, 2.0] * 20
+    got = gpr.route(w, caps, k=3, seed=5, method="hash")
+    assert got.tolist() == oracle_hash(60, 7, 3, 5, w, caps)
+    counts = np.bincount(gpr.route(np.ones(4000), caps, k=2, seed=6, method="hash").ravel(), minlength=7)
+    assert counts[[0, 2, 5]].sum() == 0 and counts[[1, 3, 4, 6]].min() > 1700  # uniform over the positive ones
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_src=st.integers(1, 40), n_tgt=st.integers(1, 40), k=st.integers(1, 8), seed=st.integers(0, 2**64 - 1),
+       data=st.data())
+def test_hash_with_zero_capacities_matches_oracle(n_src, n_tgt, k, seed, data):
+    k = min(k, n_tgt)
+    caps = data.draw(st.lists(st.sampled_from([0.0, 1.0, 4.0]), min_size=n_tgt, max_size=n_tgt).filter(any))
+    got = gpr.route(np.ones(n_src), caps, k=k, seed=seed, method="hash")
+    assert got.tolist() == oracle_hash(n_src, n_tgt, k, seed, caps=caps)
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,7 +136,7 @@ def test_hash_route_helper():
     assert r.tolist() == oracle_hash(128, 128, 3, 2)
 
 
-def test_hash_is_capacity_blind_and_may_repeat():
+def test_hash_is_blind_to_positive_capacities_and_may_repeat():
     n, k = 64, 16
     a = gpr.route(target_capacities=np.ones(n), k=k, seed=1, method="hash")
     b = gpr.route(target_capacities=gpr.extreme_hetero_capacities(n), k=k, seed=1, method="hash")

@@ -107,8 +107,10 @@ def test_route_block_phase_equals_full(trial, backend):
     assert mean == blocks.weight_mean(w)
     prefix = 0
     got = []
+    n_ring = blocks.ring_size(cx, n_src=n_src, k=k, density=density)  # V (SPEC §13) when n_tgt < n_src
+    assert (n_ring == n_tgt) == (n_tgt >= n_src)
     for a, b in _cuts(rng, n_src):
-        prefix = int(_host(blocks.source_degrees(wx[:a], weight_mean=mean, n_tgt=n_tgt, density=density)).sum())
+        prefix = int(_host(blocks.source_degrees(wx[:a], weight_mean=mean, n_tgt=n_ring, density=density)).sum())
         r = gpr.route_block(wx[a:b], cx, n_src=n_src, row0=a, k=k, seed=trial, density=density,
                             weight_mean=mean, degree_prefix=prefix, rows_per_call=int(rng.integers(1, 50)))
         assert type(r) is type(wx) and r.dtype == np.int32 and r.shape == (b - a, k)
@@ -173,7 +175,7 @@ def test_block_result_depends_on_global_inputs():
     w, caps = _problem(rng, 300, 50)
     full = gpr.route(w, caps, k=4, seed=3)
     mean = blocks.weight_mean(w)
-    prefix = int(blocks.source_degrees(w[:100], weight_mean=mean, n_tgt=50).sum())
+    prefix = int(blocks.source_degrees(w[:100], weight_mean=mean, n_tgt=blocks.ring_size(caps, n_src=300, k=4)).sum())
     kw = dict(n_src=300, row0=100, k=4, seed=3, weight_mean=mean, degree_prefix=prefix)
     np.testing.assert_array_equal(gpr.route_block(w[100:200], caps, **kw), full[100:200])
     for change in (dict(row0=99), dict(degree_prefix=prefix + 1), dict(n_src=301), dict(weight_mean=mean * 1.5)):
@@ -200,7 +202,8 @@ def _ok_phase(**over):
         (dict(row0=8), ValueError, r"row0 \+ len\(source_weights\)"),
         (dict(degree_prefix=None), TypeError, "degree_prefix"),
         (dict(degree_prefix=-1), ValueError, "degree_prefix"),
-        (dict(degree_prefix=9), ValueError, "degree_prefix"),
+        # above row0 * (ring length): the ring is SPEC §13's virtual ring here (4 targets < 10 sources)
+        (dict(degree_prefix=2 * blocks.ring_size(np.ones(4), n_src=10, k=2) + 1), ValueError, "degree_prefix"),
         (dict(weight_mean=None), TypeError, "weight_mean"),
         (dict(weight_mean=0.0), ValueError, "weight_mean"),
         (dict(weight_mean=float("nan")), ValueError, "weight_mean"),

@@ -273,6 +273,8 @@ def test_spec_vectors(kind):
         [-1, -1, -1, -1], [-1, -1, -1, -1], [5, -1, -1, -1], [3, 7, -1, -1]]
     assert route(source_weights=[1] * 6, target_capacities=[1, 0, 3, 0.5, 10], k=3, seed=1, method="systematic",
                  backend=kind).tolist() == [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
+    assert route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic",
+                 backend=kind).tolist() == [[1], [0], [0]]
 
 
 @pytest.mark.parametrize("n_src,n_tgt,density", [(50, 40, 0.3), (120, 8, 1.0), (8, 120, 0.05)])
@@ -452,3 +454,111 @@ def test_int32_limits():
     with pytest.raises(ValueError, match="n_src"):
         be.phase_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
                       (np.zeros((1, 2), np.int32), np.zeros(1, np.int32)), n_src=1 << 31, k=1, row0=0, select_key=0)
+
+
+# -- banded phase router (SPEC §13) ------------------------------------------------------------
+
+
+def run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=1 << 18) -> np.ndarray:
+    """All rows of the phase router with the in-kernel column map and first-k_out-distinct step."""
+    xp = be.xp
+    return host(_prep.phase_rows(be, np.asarray(c, dtype=np.int64), n_src=len(d), row0=0, rows=len(d), k=k,
+                                 seed=seed, degree_prefix=0, rows_per_call=block_rows,
+                                 d=xp.asarray(np.asarray(d, dtype=np.int64)), col_map=np.asarray(col_map),
+                                 k_out=k_out))
+
+
+def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
+    draws = _reference.route_counts(list(d), list(c), k, seed)
+    return np.array([_reference.first_distinct([int(v) for v in row], list(col_map), k_out) for row in draws],
+                    dtype=np.int32).reshape(len(d), k_out)
+
+
+@pytest.mark.parametrize("config", [{}, *CONFIGS], ids=lambda c: "-".join(f"{v}" for v in c.values()) or "default")
+@pytest.mark.parametrize("n_src,n_cols,n_tgt,k,k_out", [
+    (30, 40, 5, 8, 2), (25, 64, 9, 17, 4), (12, 100, 3, 40, 3), (40, 33, 33, 33, 33), (9, 20, 1, 4, 1),
+])
+def test_mapped_emission_launch_shapes(kind, cpu, config, n_src, n_cols, n_tgt, k, k_out):
+    """Any column map (not only bands), every register width and multi-pass selection: the kernel's
+    first-k_out-distinct step == the CPU kernel's == the reference."""
+    be = make_backend(kind, **config)
+    rng = _case_rng(n_src, n_cols, n_tgt, k, k_out, "mapped")
+    d, c = make_counts(n_src, n_cols, "mixed", rng)
+    col_map = rng.integers(0, n_tgt, n_cols)
+    seed = int(rng.integers(1 << 62))
+    want = mapped_reference(d, c, k, k_out, col_map, seed)
+    assert np.array_equal(run_phase_mapped(cpu, d, c, k, k_out, col_map, seed), want)
+    assert np.array_equal(run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=7), want)
+
+
+@pytest.mark.parametrize("schedule,sched_seed", [(1, 0), (2, 21)])
+def test_mapped_emission_thread_schedules(cpu, schedule, sched_seed):
+    _emulator_or_skip()
+    rng = np.random.default_rng(sched_seed)
+    d, c = make_counts(20, 90, "mixed", rng)
+    col_map = rng.integers(0, 12, 90)
+    for config in (CONFIGS[2], CONFIGS[4], CONFIGS[7]):
+        be = make_backend(EMULATED, schedule=schedule, seed=sched_seed, **config)
+        want = run_phase_mapped(cpu, d, c, 24, 5, col_map, 3)
+        assert np.array_equal(run_phase_mapped(be, d, c, 24, 5, col_map, 3), want)
+
+
+BANDED_CAPS = {
+    "uniform": lambda n, rng: np.ones(n),
+    "strong": lambda n, rng: np.where(np.arange(n) % 10 == 0, 8.0, np.where(np.arange(n) % 5 == 1, 2.0, 1.0)),
+    "zeros": lambda n, rng: np.where(rng.random(n) < 0.3, 0.0, rng.random(n) * 3 + 0.1),
+    "dominant": lambda n, rng: np.where(np.arange(n) == 1, 40.0 * n, 1.0),
+}
+
+
+@pytest.mark.parametrize("caps_kind", list(BANDED_CAPS))
+@pytest.mark.parametrize("n_src,n_tgt,k,density", [(50, 4, 2, 0.5), (200, 8, 2, 0.3), (120, 16, 4, 0.6),
+                                                   (300, 40, 8, 0.9), (64, 63, 3, 0.3)])
+def test_banded_route(kind, cpu, caps_kind, n_src, n_tgt, k, density):
+    """route(method="phase") with n_tgt < n_src on the CUDA backend == CPU == reference (SPEC §13)."""
+    rng = _case_rng(n_src, n_tgt, k, caps_kind, "banded")
+    caps = BANDED_CAPS[caps_kind](n_tgt, rng)
+    w = np.ones(n_src) if n_src % 2 == 0 else rng.random(n_src) * (rng.random(n_src) > 0.2) + 0.0
+    w[0] = 1.0
+    seed = SEEDS[(n_src + k) % len(SEEDS)]
+    want = _reference.route(caps.tolist(), w.tolist(), k=k, seed=seed, density=density)
+    assert np.array_equal(route(w, caps, k=k, seed=seed, density=density, backend="cpu"), want)
+    got = route(w, caps, k=k, seed=seed, density=density, backend=kind, block_rows=37)
+    assert got.dtype == np.int32 and got.shape == (n_src, k)
+    assert np.array_equal(got, want)
+
+
+def test_banded_spec_vector(kind):
+    assert route(np.ones(12), [1, 0, 2, 1], k=2, seed=42, density=1.0, backend=kind).tolist() == [
+        [2, 0], [2, 0], [2, 0], [2, 3], [2, 0], [3, 2], [3, 2], [2, 0], [2, 3], [2, 3], [3, 2], [2, 0]]
+
+
+def test_banded_launch_bookkeeping():
+    """One phase kernel per block of rows, the mapped variant (k_out > 0), no extra kernel or pass."""
+    _emulator_or_skip()
+    be = emulated_backend.make_backend()
+    lay = _prep.band_layout(np.ones(4), 30, 2, 0.5)
+    d = np.full(30, int(np.rint(0.5 * lay.n_cols)))
+    run_phase_mapped(be, d, lay.col_counts, lay.k_draw, 2, lay.col_map, 1, block_rows=8)
+    names = [name for name, _, _ in be._launch.launches]
+    assert names.count("gpr_phase_rows_k8") == 4 and len(names) == 4 + 1 + 1 + 4  # phase, pack, inv_s, perm_t
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mapped_emission_hypothesis(data):
+    """Random counts, column maps, k and k_out at every launch shape: emulated CUDA == reference."""
+    _emulator_or_skip()
+    n_src = data.draw(st.integers(1, 40), label="n_src")
+    n_cols = data.draw(st.integers(1, 60), label="n_cols")
+    n_tgt = data.draw(st.integers(1, n_cols), label="n_tgt")
+    k = data.draw(st.integers(1, n_cols), label="k")
+    k_out = data.draw(st.integers(1, k), label="k_out")
+    d = data.draw(st.lists(st.integers(0, n_cols), min_size=n_src, max_size=n_src), label="d")
+    c = data.draw(st.lists(st.integers(0, n_src), min_size=n_cols, max_size=n_cols), label="c")
+    col_map = data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map")
+    seed = data.draw(st.integers(0, TOP), label="seed")
+    config = data.draw(st.sampled_from([{}, *CONFIGS]), label="config")
+    want = mapped_reference(d, c, k, k_out, col_map, seed)
+    be = make_backend(EMULATED, **config)
+    assert np.array_equal(run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=max(1, n_src // 3)), want)

@@ -102,3 +102,22 @@ def test_demo_cuda_without_gpu_says_how_to_install():
     proc = run_cli([*SMALL, "--backend", "cuda"])
     assert proc.returncode != 0
     assert "gpu_phase_router[cuda12]" in proc.stderr
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--headroom", "0.5"], "--headroom"),
+    (["--headroom", "nan"], "--headroom"),
+    (["--headroom", "1e300"], "--headroom"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--tokens", "-3"], "--tokens"),
+    (["--repeat", "0"], "--repeat"),
+    (["--out", "/proc/nope/x"], "--out"),
+])
+def test_demo_bad_options_are_usage_errors(bad, option, capsys):
+    """Bad values end in argparse's usage error (exit status 2) naming the option, not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main([*SMALL, *bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and option in err and "Traceback" not in err

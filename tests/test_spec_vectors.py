@@ -50,6 +50,12 @@ def test_systematic_vector():
     assert out.tolist() == SYSTEMATIC
 
 
+def test_systematic_vector_on_a_capacity_boundary():
+    assert _reference.route_systematic([1, 2], 3, 1, 4).tolist() == [[1], [0], [0]]
+    out = gpr.route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic")
+    assert out.tolist() == [[1], [0], [0]]
+
+
 def test_route_vector_through_bits():
     """The same vector through the seed's bit-packed low-level entry point."""
     d = _reference.weights_to_counts([1.0] * 8, 1.0, 8)

@@ -60,6 +60,8 @@ class Backend(Protocol):
         k: int,
         row0: int,
         select_key: int,
+        col_map: Any = None,
+        k_out: int | None = None,
     ) -> Array:
         """Phase router rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)``.
 
@@ -69,6 +71,11 @@ class Backend(Protocol):
         positions ``p = (off_s[i] + q) mod n_tgt``, ``q < deg[i]``, with
         ``(phase[i] - ring_start[p]) mod n_src < ring_len[p]``; the row holds the ``k``
         smallest ``(at(at(select_key, j), col), col)`` in ascending order, then ``-1``.
+
+        Banded (SPEC §13), when ``col_map`` (int ``(n_tgt,)``: virtual column → target, host or
+        device) is given: the ``k`` selected columns are mapped through it in that order and the
+        row keeps its first ``k_out`` distinct targets, then ``-1`` → int32 ``(rows, k_out)``. The
+        mapping happens inside the kernel; there is no second pass over the output.
         """
 
     def systematic_rows(self, phase: Any, cum: Any, *, n_src: int, k: int, phi: int) -> Any:

@@ -11,6 +11,7 @@ import numba as nb
 import numpy as np
 
 from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
 
 _G = np.uint64(GOLDEN)
 _M1 = np.uint64(MIX_M1)
@@ -25,6 +26,10 @@ _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+FEISTEL_TASK = 4096  # permutation values per prange task
+SYSTEMATIC_TASK = 256  # systematic rows per prange task
+_NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
+_NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
 
 
 @nb.njit(inline="always", cache=True)
@@ -63,12 +68,21 @@ def _feistel_one(x, n, key, h, mask, inverse):
             return np.int64(y)
 
 
-@nb.njit(parallel=True, cache=True)
-def _feistel_range(start, count, n, key, h, mask, inverse):
-    out = np.empty(count, dtype=np.int64)
-    for i in nb.prange(count):
+@nb.njit(cache=True)
+def _feistel_fill(start, n, key, h, mask, inverse, out):
+    """``out[i] = feistel(start + i)`` (or its inverse), serially."""
+    for i in range(out.shape[0]):
         out[i] = _feistel_one(start + i, n, key, h, mask, inverse)
-    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def _feistel_fill_par(start, n, key, h, mask, inverse, out):
+    """:func:`_feistel_fill` split into tasks of ``FEISTEL_TASK`` values across threads."""
+    count = out.shape[0]
+    for task in nb.prange((count + FEISTEL_TASK - 1) // FEISTEL_TASK):
+        a = task * FEISTEL_TASK
+        b = min(count, a + FEISTEL_TASK)
+        _feistel_fill(start + a, n, key, h, mask, inverse, out[a:b])
 
 
 @nb.njit(inline="always", cache=True)
@@ -208,9 +222,40 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
-@nb.njit(parallel=True, cache=True)
-def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, out):
+@nb.njit(inline="always", cache=True)
+def _emit_distinct(keys, cols, size, k, col_map, out_row):
+    """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
+    keep the first ``len(out_row)`` distinct targets; pad with -1."""
+    if k > SMALL_K:  # the bottom-k is a max-heap: sort it ascending in place
+        for end in range(size - 1, 0, -1):
+            keys[0], keys[end] = keys[end], keys[0]
+            cols[0], cols[end] = cols[end], cols[0]
+            _sift_down(keys, cols, end, 0)
+    k_out = out_row.shape[0]
+    listed = 0
+    for q in range(size):
+        if listed == k_out:
+            break
+        e = col_map[cols[q]]
+        seen = False
+        for r in range(listed):
+            if out_row[r] == e:
+                seen = True
+                break
+        if not seen:
+            out_row[listed] = e
+            listed += 1
+    for q in range(listed, k_out):
+        out_row[q] = -1
+
+
+@nb.njit(cache=True)
+def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+    """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
+    as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
+    first ``out.shape[1]`` distinct ones (SPEC §13)."""
     rows = phase.shape[0]
+    banded = col_map.shape[0] > 0
     n_tgt = ring_col.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
@@ -229,13 +274,29 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             if hi > n_tgt:
                 size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
                                      row_base, cbuf, kbuf, qbuf, keys, cols, size, k)
-            if k <= SMALL_K:
+            if banded:
+                _emit_distinct(keys, cols, size, k, col_map, out[i])
+            elif k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:
                 _emit_sorted(keys, cols, size, out[i])
 
 
 @nb.njit(parallel=True, cache=True)
+def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+    """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
+
+    The serial kernel is compiled once and called per task, so the parallel compile stays small.
+    """
+    rows = phase.shape[0]
+    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        a = task * ROWS_PER_TASK
+        b = min(rows, a + ROWS_PER_TASK)
+        _phase_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n_src, k, row0 + a,
+                    row_key, col_map, out[a:b])
+
+
+@nb.njit(cache=True)
 def _systematic_rows(phase, cum, n_src, k, phi, out):
     rows = phase.shape[0]
     n_tgt = cum.shape[0] - 1
@@ -254,6 +315,16 @@ def _systematic_rows(phase, cum, n_src, k, phi, out):
                 last = t
         for q in range(listed, k):
             out[i, q] = -1
+
+
+@nb.njit(parallel=True, cache=True)
+def _systematic_rows_par(phase, cum, n_src, k, phi, out):
+    """:func:`_systematic_rows` in tasks of ``SYSTEMATIC_TASK`` rows across threads."""
+    rows = phase.shape[0]
+    for task in nb.prange((rows + SYSTEMATIC_TASK - 1) // SYSTEMATIC_TASK):
+        a = task * SYSTEMATIC_TASK
+        b = min(rows, a + SYSTEMATIC_TASK)
+        _systematic_rows(phase[a:b], cum, n_src, k, phi, out[a:b])
 
 
 @nb.njit(cache=True)
@@ -284,22 +355,45 @@ class CpuBackend:
 
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> np.ndarray:
         h, mask = feistel_params(n)
-        return _feistel_range(np.int64(start), np.int64(count), np.int64(n), np.uint64(key), h, mask, inverse)
+        out = np.empty(count, dtype=np.int64)
+        args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
+        for a, b in _rt.row_chunks(count, 4 * FEISTEL_ROUNDS, min_rows=FEISTEL_TASK * _rt.threads()):
+            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
+        return out
 
     def prepare_ring(self, ring_start, ring_len, ring_col):
         return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
                 np.ascontiguousarray(ring_col, dtype=np.int64))
 
-    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key):
+    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
+        """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
+        ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13)."""
         ring_start, ring_len, ring_col = ring
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, np.int64(n_src), np.int64(k),
-                    np.int64(row0), np.uint64(select_key), out)
+        banded = col_map is not None
+        cmap = _NO_MAP
+        if banded:
+            cmap = np.ascontiguousarray(col_map, dtype=np.int64).view()
+            cmap.setflags(write=False)
+        phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
+        rows = phase.shape[0]
+        out = np.empty((rows, k_out if banded else k), dtype=np.int32)
+        scalars = (np.int64(n_src), np.int64(k))
+        key = np.uint64(select_key)
+        for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+            _rt.run(_phase_rows_par, _phase_rows, phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col,
+                    *scalars, np.int64(row0 + a), key, cmap, out[a:b])
         return out
 
     def systematic_rows(self, phase, cum, *, n_src, k, phi):
-        out = np.empty((phase.shape[0], k), dtype=np.int32)
-        _systematic_rows(phase, cum, np.int64(n_src), np.int64(k), np.uint64(phi), out)
+        """Systematic-router rows in chunks of bounded work (a row costs ``k`` binary searches)."""
+        phase = np.ascontiguousarray(phase, dtype=np.int64)
+        cum = np.ascontiguousarray(cum, dtype=np.uint64)
+        rows = phase.shape[0]
+        out = np.empty((rows, k), dtype=np.int32)
+        work = k * (int(cum.shape[0]).bit_length() + 4)
+        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
+            _rt.run(_systematic_rows_par, _systematic_rows, phase[a:b], cum, np.int64(n_src), np.int64(k),
+                    np.uint64(phi), out[a:b])
         return out
 
     def seed_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):

@@ -150,8 +150,11 @@ class CudaBackend:
         return ring_sl, ring_col32
 
     def launch_phase(self, phase: Any, off_s: Any, deg: Any, ring_sl: Any, ring_col32: Any, out: Any, *, n_src: int,
-                     k: int, row0: int, select_key: int) -> None:
-        """The phase router kernel alone, on packed ring arrays (see :meth:`pack_ring`)."""
+                     k: int, row0: int, select_key: int, col_map32: Any = None, k_out: int = 0) -> None:
+        """The phase router kernel alone, on packed ring arrays (see :meth:`pack_ring`).
+
+        With ``col_map32`` (int32 ``[n_tgt]``) and ``k_out > 0`` the kernel maps the ``k`` selected
+        columns to targets and writes each row's first ``k_out`` distinct ones (SPEC §13)."""
         rows = int(phase.shape[0])
         n_tgt = int(ring_col32.shape[0])
         warps, per_block = phase_shape(rows, n_tgt)
@@ -163,23 +166,30 @@ class CudaBackend:
         width = phase_width(k, self.max_width)
         self._launch(f"gpr_phase_rows_k{width}", (_blocks(rows, per_block), 1, 1), (32 * warps, per_block, 1),
                      (phase, off_s, deg, ring_sl, ring_col32, np.int32(rows), np.int32(n_tgt), np.int32(n_src),
-                      np.int32(k), np.int64(row0), np.uint64(select_key), out))
+                      np.int32(k), np.int64(row0), np.uint64(select_key),
+                      ring_col32 if col_map32 is None else col_map32, np.int32(0 if col_map32 is None else k_out),
+                      out))
 
     def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
         """The ring packed once per routing call (:meth:`pack_ring`), shared by every kernel call."""
         return self.pack_ring(ring_start, ring_len, ring_col)
 
     def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring: tuple[Any, Any], *, n_src: int, k: int, row0: int,
-                   select_key: int) -> Any:
+                   select_key: int, col_map: Any = None, k_out: int | None = None) -> Any:
         xp = self.xp
         rows = int(phase.shape[0])
         ring_sl, ring_col32 = ring
         self._check_int32(n_src=n_src, n_tgt=int(ring_col32.shape[0]), rows=rows)
-        out = xp.empty((rows, k), dtype=xp.int32)
+        banded = col_map is not None
+        if banded and not (k_out is not None and 1 <= k_out <= k):
+            raise ValueError(f"k_out must be in [1, k={k}] with col_map; got {k_out}")
+        out = xp.empty((rows, k_out if banded else k), dtype=xp.int32)
         if rows == 0:
             return out
+        # host -> device only (a NumPy map is uploaded, a device map converted there); no read-back
+        col_map32 = xp.ascontiguousarray(xp.asarray(col_map), dtype=xp.int32) if banded else None
         self.launch_phase(self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, out, n_src=n_src,
-                          k=k, row0=row0, select_key=select_key)
+                          k=k, row0=row0, select_key=select_key, col_map32=col_map32, k_out=k_out or 0)
         return out
 
     def systematic_rows(self, phase: Any, cum: Any, *, n_src: int, k: int, phi: int) -> Any:

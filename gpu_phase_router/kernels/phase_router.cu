@@ -1,4 +1,4 @@
-// gpu_phase_router CUDA kernels (SPEC.md §2, §5, §6, §11). Compiled at first use by CuPy (NVRTC);
+// gpu_phase_router CUDA kernels (SPEC.md §2, §5, §6, §11, §13). Compiled at first use by CuPy (NVRTC);
 // the exact same file is compiled by g++ against tests/simt/simt.h and executed on the CPU in the tests.
 //
 // CUDA subset used (everything tests/simt/simt.h emulates; keep to it):
@@ -210,11 +210,34 @@ __device__ __forceinline__ void gpr_warp_merge(u64 (&key)[K], unsigned (&col)[K]
     }
 }
 
+// Banded emission (SPEC §13): the pass's K ranked columns (lane m of warp 0 holds rank pass*K + m)
+// are mapped through col_map and lane 0 appends each target not yet in the row, in rank order, up to
+// k_out. Lane 0 reads back only what it wrote itself. Warp-uniform (every lane takes part in the
+// shuffles); returns the new count of listed targets (meaningful in lane 0).
+template <int K>
+__device__ __forceinline__ int gpr_emit_distinct(unsigned rc, int lane, int pass, int k, int k_out, int listed,
+                                                 const int* __restrict__ col_map, int* __restrict__ orow) {
+    const int e = rc == GPR_SENT_COL ? -1 : col_map[rc];
+#pragma unroll
+    for (int m = 0; m < K; ++m) {
+        const int em = __shfl_sync(GPR_FULL_MASK, e, m);
+        if (lane == 0 && em >= 0 && pass * K + m < k && listed < k_out) {
+            bool seen = false;
+            for (int q = 0; q < listed; ++q) seen = seen || orow[q] == em;
+            if (!seen) orow[listed++] = em;
+        }
+    }
+    return listed;
+}
+
+// col_map / k_out: k_out == 0 writes the k ranked columns as they are (col_map unused); k_out > 0
+// maps them to targets and keeps each row's first k_out distinct ones (SPEC §13), row stride k_out.
 template <int K>
 __device__ __forceinline__ void gpr_phase_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s,
                                                const i64* __restrict__ deg, const int2* __restrict__ ring_sl,
                                                const int* __restrict__ ring_col, int rows, int n_tgt, int n_src,
-                                               int k, i64 row0, u64 select_key, int* __restrict__ out) {
+                                               int k, i64 row0, u64 select_key, const int* __restrict__ col_map,
+                                               int k_out, int* __restrict__ out) {
     __shared__ u64 s_key[GPR_MAX_WARPS][K];
     __shared__ unsigned s_col[GPR_MAX_WARPS][K];
     __shared__ u64 s_tk[GPR_MAX_WARPS];
@@ -237,6 +260,7 @@ __device__ __forceinline__ void gpr_phase_rows(const i64* __restrict__ phase, co
     }
     bool done = !active || d == 0;
     bool has_thr = false;  // pass 0 admits everything
+    int listed = 0;        // banded: targets listed so far in this row (lane 0 of warp 0)
     u64 tk = 0;
     unsigned tc = 0;
     const int n_pass = (k + K - 1) / K;
@@ -301,7 +325,10 @@ __device__ __forceinline__ void gpr_phase_rows(const i64* __restrict__ phase, co
             tk = __shfl_sync(GPR_FULL_MASK, rk, K - 1);
             tc = __shfl_sync(GPR_FULL_MASK, rc, K - 1);
         }
-        if (warp == 0 && active && lane < K) {
+        if (k_out > 0) {  // uniform over the kernel
+            if (warp == 0 && active) listed = gpr_emit_distinct<K>(rc, lane, pass, k, k_out, listed, col_map,
+                                                                   out + row * k_out);
+        } else if (warp == 0 && active && lane < K) {
             const int pos = pass * K + lane;
             if (pos < k) out[row * k + pos] = rc == GPR_SENT_COL ? -1 : (int)rc;
         }
@@ -311,14 +338,18 @@ __device__ __forceinline__ void gpr_phase_rows(const i64* __restrict__ phase, co
             has_thr = true;
         }
     }
+    if (k_out > 0 && warp == 0 && active && lane == 0) {
+        for (int q = listed; q < k_out; ++q) out[row * k_out + q] = -1;
+    }
 }
 
 #define GPR_PHASE_KERNEL(K)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 2) gpr_phase_rows_k##K(                                      \
         const i64* __restrict__ phase, const i64* __restrict__ off_s, const i64* __restrict__ deg,                \
         const int2* __restrict__ ring_sl, const int* __restrict__ ring_col, int rows, int n_tgt, int n_src, int k, \
-        i64 row0, u64 select_key, int* __restrict__ out) {                                                        \
-        gpr_phase_rows<K>(phase, off_s, deg, ring_sl, ring_col, rows, n_tgt, n_src, k, row0, select_key, out);   \
+        i64 row0, u64 select_key, const int* __restrict__ col_map, int k_out, int* __restrict__ out) {             \
+        gpr_phase_rows<K>(phase, off_s, deg, ring_sl, ring_col, rows, n_tgt, n_src, k, row0, select_key, col_map, \
+                          k_out, out);                                                                            \
     }
 
 GPR_PHASE_KERNEL(1)

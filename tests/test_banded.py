@@ -1,0 +1,314 @@
+"""SPEC §13 (banded phase router): the reference against the SPEC vectors and a hand derivation,
+and the CPU backend against the reference."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpu_phase_router as gpr
+from gpu_phase_router import _prep, _reference
+from gpu_phase_router._keys import at, stream
+
+LAYOUT_1 = dict(
+    n_cols=8,
+    k_draw=4,
+    weights=[1.0, 0.0, 2.0, 1.0],
+    widths=[2, 0, 4, 2],
+    counts=[12, 0, 12, 12],
+    col_map=[0, 0, 2, 2, 2, 2, 3, 3],
+)
+ROUTE_1 = [[2], [2], [3], [2], [0], [3], [2], [2], [2], [2], [2], [3]]
+ROUTE_1K2 = [[2, 0], [2, 0], [2, 0], [2, 3], [2, 0], [3, 2], [3, 2], [2, 0], [2, 3], [2, 3], [3, 2], [2, 0]]
+CAPS_2 = [3, 1, 0, 1.5, 0.2]
+ROUTE_2 = [[4, 0], [0, 1], [0, 3], [3, 0], [0, 4], [3, 0]]
+ROUTE_3 = [[3, 0, 1], [-1, -1, -1], [1, 3, 4], [3, 1, 0]]
+
+
+def test_spec_layout_vectors():
+    assert _reference.band_layout([1, 0, 2, 1], 12, 1, 1.0) == LAYOUT_1
+    assert _reference.water_filled_shares([1, 0, 2, 1], 12, 2) == [0.5, 0.0, 1.0, 0.5]
+    lay = _reference.band_layout([1, 0, 2, 1], 12, 2, 1.0)
+    assert lay["weights"] == [2977044472, 0, 11908177887, 2977044472]
+    assert (lay["n_cols"], lay["k_draw"], lay["widths"], lay["counts"]) == (17, 8, [3, 0, 11, 3], [11, 0, 12, 11])
+    lay = _reference.band_layout(CAPS_2, 40, 2, 0.6)
+    assert (lay["n_cols"], lay["widths"], lay["counts"]) == (30, [19, 4, 0, 6, 1], [38, 30, 0, 35, 20])
+    lay = _reference.band_layout(CAPS_2, 40, 1, 0.6)
+    got = (lay["n_cols"], lay["k_draw"], lay["widths"], lay["counts"])
+    assert got == (16, 4, [8, 3, 0, 4, 1], [37, 33, 0, 37, 20])
+
+
+def test_spec_route_vectors_reference():
+    assert _reference.route([1, 0, 2, 1], [1] * 12, k=1, seed=42, density=1.0).tolist() == ROUTE_1
+    assert _reference.route([1, 0, 2, 1], [1] * 12, k=2, seed=42, density=1.0).tolist() == ROUTE_1K2
+    assert _reference.route(CAPS_2, [1] * 40, k=2, seed=7, density=0.6).tolist()[:6] == ROUTE_2
+    assert _reference.route(CAPS_2, [1, 0, 2, 0.5] * 10, k=3, seed=7, density=0.6).tolist()[:4] == ROUTE_3
+
+
+def test_hand_derivation_density_one():
+    """With density 1 and full column intervals every virtual column is a candidate: R_j is the k_draw
+    smallest keys over all V columns, written here from SPEC §5 and §13 directly (no ring machinery)."""
+    col_map = LAYOUT_1["col_map"]
+    for j in range(12):
+        base = at(stream(42, 3), j)
+        drawn = sorted(range(8), key=lambda v: (at(base, v), v))[:4]
+        row: list[int] = []
+        for v in drawn:
+            if col_map[v] not in row:
+                row.append(col_map[v])
+        assert row[:1] == ROUTE_1[j]
+
+
+def test_first_distinct():
+    cm = [0, 0, 1, 2, 2]
+    assert _reference.first_distinct([0, 1, 3, 2], cm, 2) == [0, 2]
+    assert _reference.first_distinct([0, 1, -1, -1], cm, 2) == [0, -1]
+    assert _reference.first_distinct([4, 3, 2, 0], cm, 3) == [2, 1, 0]
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_spec_route_vectors_backend(backend):
+    assert gpr.route(np.ones(12), [1, 0, 2, 1], k=1, seed=42, density=1.0, backend=backend).tolist() == ROUTE_1
+    assert gpr.route(np.ones(12), [1, 0, 2, 1], k=2, seed=42, density=1.0, backend=backend).tolist() == ROUTE_1K2
+    assert gpr.route(np.ones(40), CAPS_2, k=2, seed=7, density=0.6, backend=backend).tolist()[:6] == ROUTE_2
+    got = gpr.route(np.array([1, 0, 2, 0.5] * 10), CAPS_2, k=3, seed=7, density=0.6, backend=backend)
+    assert got.tolist()[:4] == ROUTE_3
+
+
+def test_host_layout_matches_reference():
+    for caps, n_src, k, density in [
+        ([1, 0, 2, 1], 12, 2, 1.0),
+        (CAPS_2, 40, 1, 0.6),
+        ([5.0] * 7, 1000, 3, 0.3),
+        ([1e-3, 1, 1e3], 50, 2, 0.05),
+        ([0, 0, 1], 10, 1, 0.9),
+    ]:
+        want = _reference.band_layout([float(c) for c in caps], n_src, k, density)
+        lay = _prep.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
+        assert lay.n_cols == want["n_cols"] and lay.k_draw == want["k_draw"]
+        assert lay.widths.tolist() == want["widths"]
+        assert lay.col_map.tolist() == want["col_map"]
+        assert lay.col_counts.tolist() == [want["counts"][e] for e in want["col_map"]]
+
+
+def _caps(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "uniform":
+        return np.ones(n)
+    if kind == "zeros":
+        c = rng.random(n) * 4
+        c[rng.random(n) < 0.3] = 0
+        c[rng.integers(n)] = 1.0
+        return c
+    if kind == "strong":
+        return gpr.capacity.strong_hetero_capacities(n, int(rng.integers(100)))
+    return np.where(np.arange(n) == 0, 50.0 * n, 1.0)  # dominant
+
+
+CPU_GRID = [
+    (n_src, n_tgt, k, kind, density)
+    for (n_src, n_tgt), kind, density in itertools.product(
+        [(9, 2), (40, 5), (300, 8), (257, 16), (1200, 64), (3000, 300)],
+        ["uniform", "zeros", "strong", "dominant"],
+        [0.3, 0.7],
+    )
+    for k in sorted({1, 2, 3, 8} & set(range(1, n_tgt + 1)))
+    if n_src * n_tgt * k <= 2_000_000
+]  # the reference is plain Python
+
+
+@pytest.mark.parametrize("n_src,n_tgt,k,kind,density", CPU_GRID)
+def test_cpu_equals_reference(n_src, n_tgt, k, kind, density):
+    rng = np.random.default_rng(zlib.crc32(repr((n_src, n_tgt, k, kind, density)).encode()))
+    caps = _caps(kind, n_tgt, rng)
+    w = np.ones(n_src) if (n_src + k) % 3 else rng.random(n_src) * (rng.random(n_src) > 0.1)
+    w[0] = 1.0
+    seed = int(rng.integers(1 << 63)) * 2 + 1
+    want = _reference.route(caps.tolist(), w.tolist(), k=k, seed=seed, density=density)
+    got = gpr.route(w, caps, k=k, seed=seed, density=density, backend="cpu")
+    assert got.dtype == np.int32 and got.shape == (n_src, k)
+    np.testing.assert_array_equal(got, want)
+    assert ((got >= 0) <= (caps[np.maximum(got, 0)] > 0)).all()  # zero capacity never receives
+
+
+# -- no device-to-host reads on the CUDA path (methods.route_uniform, what a training step calls) --
+
+
+class DeviceOnly(np.ndarray):
+    """A NumPy array standing in for device memory: any read of a value back to the host raises."""
+
+    def _read_back(self, *args, **kwargs):
+        raise AssertionError("a device value was read back to the host")
+
+    __int__ = __float__ = __bool__ = __index__ = _read_back
+    item = tolist = get = _read_back
+
+
+class DeviceXp:
+    """``numpy`` whose array results are :class:`DeviceOnly` (host NumPy inputs are uploads)."""
+
+    def __getattr__(self, name):
+        obj = getattr(np, name)
+        if not callable(obj) or isinstance(obj, type):
+            return obj
+
+        def call(*args, **kwargs):
+            out = obj(*args, **kwargs)
+            return out.view(DeviceOnly) if isinstance(out, np.ndarray) else out
+
+        return call
+
+
+def _device_only_backend():
+    simt = pytest.importorskip("simt.emulated_backend")
+    try:
+        simt.library()
+    except Exception as exc:  # no C++ compiler: the emulator cannot be built
+        pytest.skip(f"SIMT emulator unavailable: {exc}")
+    from gpu_phase_router.backends.cuda import CudaBackend
+
+    return CudaBackend(DeviceXp(), simt.EmulatedLauncher(), name="cuda-device-only")
+
+
+def test_device_only_guard_can_fail():
+    """The guard catches the read-back that the block loop makes for given degrees over several calls."""
+    be = _device_only_backend()
+    d = be.xp.full(20, 3, dtype=np.int64)
+    with pytest.raises(AssertionError, match="read back"):
+        _prep.phase_rows(
+            be,
+            np.full(8, 10, dtype=np.int64),
+            n_src=20,
+            row0=0,
+            rows=20,
+            k=2,
+            seed=1,
+            degree_prefix=0,
+            rows_per_call=7,
+            d=d,
+        )
+
+
+@pytest.mark.parametrize(
+    "n_src,caps,k",
+    [
+        (300, np.ones(8), 2),
+        (257, gpr.capacity.strong_hetero_capacities(16, 1), 4),
+        (100, np.array([1.0, 0.0, 3.0, 0.5]), 1),
+    ],
+)
+def test_route_uniform_banded_reads_nothing_back(n_src, caps, k):
+    from gpu_phase_router import methods
+
+    be = _device_only_backend()
+    want = _reference.route(caps.tolist(), [1.0] * n_src, k=k, seed=9, density=0.3)
+    got = methods.get_method("phase").rows(
+        be,
+        None,
+        caps,
+        n_src=n_src,
+        row0=0,
+        rows=n_src,
+        k=k,
+        seed=9,
+        density=0.3,
+        weight_mean=1.0,
+        degree_prefix=0,
+        rows_per_call=64,
+    )
+    assert isinstance(got, DeviceOnly)
+    np.testing.assert_array_equal(got.view(np.ndarray), want)
+    cpu = methods.route_uniform("phase", "cpu", n_src, caps, k=k, seed=9, density=0.3, rows_per_call=50)
+    np.testing.assert_array_equal(cpu, want)
+
+
+# -- blocks and Dask at banded shapes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("n_src,n_tgt,k,density", [(1000, 16, 2, 0.3), (777, 64, 8, 0.5), (300, 5, 3, 0.2)])
+def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
+    rng = np.random.default_rng(n_src + k)
+    caps = gpr.capacity.strong_hetero_capacities(n_tgt, 3)
+    caps[1] = 0.0
+    w = np.ones(n_src) if uniform else rng.random(n_src) * (rng.random(n_src) > 0.1)
+    whole = gpr.route(w, caps, k=k, seed=11, density=density)
+    assert not (whole == 1).any()  # zero capacity never receives
+    assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.98)
+    n_ring = gpr.blocks.ring_size(caps, n_src=n_src, k=k, density=density)
+    assert n_ring == _prep.band_layout(caps, n_src, k, density).n_cols > n_tgt
+    mean = gpr.blocks.weight_mean(w)
+    cuts = sorted({0, n_src, *rng.integers(0, n_src, 5).tolist()})
+    parts = []
+    for a, b in itertools.pairwise(cuts):
+        prefix = int(gpr.blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=density).sum())
+        parts.append(
+            gpr.route_block(
+                w[a:b],
+                caps,
+                n_src=n_src,
+                row0=a,
+                k=k,
+                seed=11,
+                density=density,
+                weight_mean=mean,
+                degree_prefix=prefix,
+                rows_per_call=97,
+            )
+        )
+        if uniform:  # sources of weight 1 need neither the mean nor the prefix
+            np.testing.assert_array_equal(
+                gpr.route_block(None, caps, n_src=n_src, row0=a, k=k, seed=11, density=density)[: b - a], parts[-1]
+            )
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    wrong = int(gpr.blocks.source_degrees(w[: cuts[1]], weight_mean=mean, n_tgt=n_tgt, density=density).sum())
+    if cuts[1] > 0 and wrong % n_ring:
+        got = gpr.route_block(
+            w[cuts[1] :],
+            caps,
+            n_src=n_src,
+            row0=cuts[1],
+            k=k,
+            seed=11,
+            density=density,
+            weight_mean=mean,
+            degree_prefix=wrong,
+        )
+        assert not np.array_equal(got, whole[cuts[1] :])  # degrees on the n_tgt ring are the wrong prefix
+
+
+@pytest.mark.parametrize("chunks", [(250, 250, 500), (1, 998, 1), (333, 333, 334)])
+def test_dask_equals_whole(chunks):
+    da = pytest.importorskip("dask.array")
+    gdask = pytest.importorskip("gpu_phase_router.dask")
+    rng = np.random.default_rng(len(chunks))
+    caps = np.where(np.arange(16) < 8, 0.5, 1.0)
+    w = rng.random(1000) + 0.5
+    for weights in (w, np.ones(1000)):
+        whole = gpr.route(weights, caps, k=2, seed=5)
+        lazy = gdask.route(da.from_array(weights, chunks=(chunks,)), caps, k=2, seed=5)
+        np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), whole)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_hypothesis_cpu_equals_reference(data):
+    """Random banded shapes: capacities with zeros and wide spreads, any k, density and weights."""
+    n_tgt = data.draw(st.integers(1, 12), label="n_tgt")
+    n_src = data.draw(st.integers(n_tgt + 1, 80), label="n_src")
+    caps = data.draw(st.lists(st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0, 100.0]), min_size=n_tgt, max_size=n_tgt))
+    if not any(caps):
+        caps[0] = 1.0
+    k = data.draw(st.integers(1, n_tgt), label="k")
+    density = data.draw(st.sampled_from([0.05, 0.3, 0.77, 1.0]), label="density")
+    w = data.draw(st.lists(st.sampled_from([0.0, 0.2, 1.0, 5.0]), min_size=n_src, max_size=n_src))
+    if not any(w):
+        w[0] = 1.0
+    seed = data.draw(st.integers(0, (1 << 64) - 1), label="seed")
+    want = _reference.route(caps, w, k=k, seed=seed, density=density)
+    got = gpr.route(np.array(w), np.array(caps), k=k, seed=seed, density=density, backend="cpu")
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,77 @@
+"""Integer overflow: results stay exact (Python-int arithmetic where int64 would wrap) or a
+ValueError names the argument; never a wrong result or a raw OverflowError."""
+
+import numpy as np
+import pytest
+
+import gpu_phase_router as gpr
+from gpu_phase_router import _reference
+from gpu_phase_router._keys import STREAM_SELECT, at, stream
+from gpu_phase_router.blocks import route_block, route_counts_block
+
+
+def test_make_hard_caps_huge_headroom_raises():
+    with pytest.raises(ValueError, match="headroom"):
+        gpr.make_hard_caps(np.ones(4), 1000, 2, headroom=1e300)
+    with pytest.raises(ValueError, match="headroom"):
+        gpr.make_hard_caps(np.array([1.0, 1e-300]), 2**40, 2**20, headroom=2.0**10)
+
+
+def test_make_hard_caps_largest_exact_values():
+    # 2^62 slots in total, shared equally: exactly representable, no overflow
+    hard = gpr.make_hard_caps(np.ones(2), 2**61, 2, headroom=1.0)
+    assert hard.tolist() == [2**61, 2**61]
+    assert hard.tolist() == _reference.hard_caps([1.0, 1.0], 2**61, 2, 1.0)
+
+
+def expected_block_rows(d, c, *, n_src, row0, degree_prefix, k, seed, perm_s, perm_t):
+    """SPEC §3–§5 for the rows of one block, in Python integers (no int64 anywhere)."""
+    n_tgt = len(c)
+    inv_s = [0] * n_tgt
+    for col, pos in enumerate(perm_s):
+        inv_s[pos] = col
+    off_t = [sum(c[:t]) % n_src for t in range(n_tgt)]
+    rows = []
+    start = degree_prefix
+    for i, deg in enumerate(d):
+        off_s = start % n_tgt
+        cands = [inv_s[(off_s + q) % n_tgt] for q in range(deg)]
+        cands = [col for col in cands if _reference.in_ring(perm_t[i], off_t[col], c[col], n_src)]
+        row_base = at(stream(seed, STREAM_SELECT), row0 + i)
+        ranked = sorted((at(row_base, col), col) for col in cands)[:k]
+        rows.append([col for _, col in ranked] + [-1] * (k - len(ranked)))
+        start += deg
+    return rows
+
+
+def test_route_counts_block_prefix_sum_past_2_63_is_exact():
+    n_src = 3 * 2**61
+    c = [n_src - 1, n_src - 2, 2**61 + 5, 7, 0, n_src, 3 * 2**60, 12345]  # sums past 2^63
+    assert sum(c) > 2**63
+    n_tgt = len(c)
+    rng = np.random.default_rng(3)
+    d = rng.integers(0, n_tgt + 1, 40)
+    perm_s = rng.permutation(n_tgt)
+    row0 = n_src - 1000
+    perm_t = [int(v) for v in rng.choice(2**62, 40, replace=False)] + []
+    perm_t = [v % n_src for v in perm_t]
+    kw = {"n_src": n_src, "row0": row0, "degree_prefix": row0 * 3, "k": 3, "seed": 17}
+    got = route_counts_block(d, np.array(c, dtype=np.int64), perm_s=perm_s, perm_t=np.array(perm_t), **kw)
+    want = expected_block_rows(d.tolist(), c, perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))
+
+
+@pytest.mark.parametrize("n_src", [2**63, 2**64, 10**30])
+def test_sizes_past_int64_raise_value_error(n_src):
+    with pytest.raises(ValueError, match="n_src"):
+        route_counts_block([1], [1, 1], n_src=n_src, row0=0, degree_prefix=0, k=1, seed=0)
+    with pytest.raises(ValueError, match="n_src"):
+        route_block([1.0], [1.0, 1.0], n_src=n_src, row0=0, k=1, seed=0, weight_mean=1.0, degree_prefix=0)
+    with pytest.raises(ValueError, match="n_src"):
+        gpr.make_hard_caps([1.0, 1.0], n_src, 1)
+
+
+def test_largest_n_src_routes():
+    n_src = 2**63 - 1
+    got = route_counts_block([2, 1], [n_src, 2**62], n_src=n_src, row0=n_src - 2, degree_prefix=5, k=2, seed=1)
+    assert got.shape == (2, 2) and got.dtype == np.int32

@@ -1,0 +1,307 @@
+"""The CPU backend where real programs run it: forked children, many threads under every Numba
+threading layer, a read-only install, Ctrl-C, and the first-use notice.
+
+Each test runs a child Python process (the behaviour under test is process-wide) with a timeout,
+so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
+
+
+def run_child(
+    code: str, *, env: dict[str, str | None] | None = None, timeout: float = 240, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def layer_available(layer: str) -> bool:
+    code = f"""
+        from numba.np.ufunc import parallel
+        import numba
+        numba.config.THREADING_LAYER = {layer!r}
+        parallel._launch_threads()
+        print(parallel._threading_layer)
+    """
+    res = run_child(code, timeout=120)
+    return res.returncode == 0 and res.stdout.strip() == layer
+
+
+# ── 1. fork after use ────────────────────────────────────────────────────────────────────────────
+
+FORK_CODE = """
+    import multiprocessing, numpy as np
+    import gpu_phase_router as gpr
+
+    def job(seed):
+        return gpr.route(n=3000, k=4, seed=seed, backend="cpu").tobytes()
+
+    if __name__ == "__main__":
+        parent = [job(s) for s in range(4)]   # the parent has used the kernels (threads launched)
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            children = pool.map(job, range(4))
+        assert children == parent, "forked children routed differently"
+        gpr.route(n=3000, k=4, seed=9, backend="cpu", method="systematic")
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            pool.map(job, range(2))
+        print("ok")
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "omp", "workqueue"])
+def test_fork_after_use_routes_in_children(layer, tmp_path):
+    if layer != "default" and not layer_available(layer):
+        pytest.skip(f"Numba threading layer {layer!r} is not available here")
+    script = tmp_path / "fork_job.py"
+    script.write_text(textwrap.dedent(FORK_CODE))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    try:
+        res = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("multiprocessing fork Pool hung after the parent had routed")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+    assert "unsafe" not in res.stderr
+
+
+# ── 2. threads under every threading layer ───────────────────────────────────────────────────────
+
+THREAD_CODE = """
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np
+    import gpu_phase_router as gpr
+    from numba.np.ufunc import parallel
+
+    def job(i):
+        method = "systematic" if i % 3 == 2 else "phase"
+        return gpr.route(n=4000, k=4, seed=i % 4, backend="cpu", method=method).tobytes()
+
+    expected = [job(i) for i in range(16)]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            assert list(ex.map(job, range(16))) == expected
+    print(parallel._threading_layer)
+"""
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "omp", "tbb"])
+def test_threads_route_concurrently_under_every_layer(layer):
+    if not layer_available(layer):
+        pytest.skip(f"Numba threading layer {layer!r} is not available here")
+    try:
+        res = run_child(THREAD_CODE, env={"NUMBA_THREADING_LAYER": layer})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"concurrent routing hung under NUMBA_THREADING_LAYER={layer}")
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-3000:]}"
+    assert res.stdout.strip() == layer
+
+
+def test_threads_without_libgomp_pick_workqueue_and_take_turns():
+    """Where neither TBB nor GNU OpenMP loads, the backend picks workqueue itself and serialises."""
+    code = "import sys\nsys.modules['numba.np.ufunc.omppool'] = None\nsys.modules['numba.np.ufunc.tbbpool'] = None\n"
+    res = run_child(code + textwrap.dedent(THREAD_CODE), env={"NUMBA_THREADING_LAYER": None})
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-3000:]}"
+    assert res.stdout.strip() == "workqueue"
+
+
+def test_dask_threaded_scheduler_under_workqueue():
+    pytest.importorskip("dask")
+    code = """
+        import dask, dask.array as da, numpy as np
+        import gpu_phase_router as gpr
+        from gpu_phase_router.dask import route as dask_route
+        w = np.ones(40000)
+        caps = np.linspace(1, 4, 64)
+        expected = gpr.route(w, caps, k=4, seed=3, backend="cpu")
+        with dask.config.set(scheduler="threads", num_workers=4):
+            got = dask_route(da.from_array(w, chunks=5000), caps, k=4, seed=3).compute()
+        assert (got == expected).all()
+        print("ok")
+    """
+    res = run_child(code, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-3000:]}"
+
+
+# ── 3. read-only install ─────────────────────────────────────────────────────────────────────────
+
+
+def _unshare_command(probe_dir: Path) -> tuple[list[str] | None, str]:
+    """``unshare`` flags that give a private mount namespace here (as root: ``-m``; otherwise a user
+    namespace mapped to root: ``-r -m``), or ``None`` and the reason."""
+    if sys.platform != "linux" or shutil.which("unshare") is None or shutil.which("mount") is None:
+        return None, "needs Linux with unshare(1) and mount(8)"
+    errors = []
+    for flags in (["-m"], ["-r", "-m"]):
+        script = f"mount --bind {probe_dir} {probe_dir} && mount -o remount,bind,ro {probe_dir}"
+        res = subprocess.run(["unshare", *flags, "sh", "-c", script], capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            return ["unshare", *flags], ""
+        errors.append(res.stderr.strip()[:120])
+    return None, f"read-only bind mounts are not permitted here: {'; '.join(errors)}"
+
+
+@pytest.mark.parametrize("prebuilt", [False, True], ids=["cold", "prebuilt-cache"])
+def test_read_only_install_and_home(tmp_path, prebuilt):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    unshare, why = _unshare_command(probe)
+    if unshare is None:
+        pytest.skip(why)
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "home"
+    home.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(
+        {
+            "PYTHONPATH": str(site),
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "TMPDIR": str(tmp),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
+    code = (
+        "import warnings, gpu_phase_router as gpr\n"
+        "print(gpr.__file__)\n"
+        "r = gpr.route(n=500, k=4, seed=1, backend='cpu')\n"
+        "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
+        "print(int(r.sum()), int(s.sum()))\n"
+    )
+    if prebuilt:  # the cache is built where the package lies, before it becomes read-only
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert list((site / "gpu_phase_router" / "backends" / "__pycache__").glob("*.nbi"))
+    ro = (
+        f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && "
+        f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
+    )
+    script = ro + f'exec {sys.executable} -W always -c "$CODE"'
+    env["CODE"] = code
+    res = subprocess.run(
+        [*unshare, "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert "site/gpu_phase_router" in res.stdout.splitlines()[0], "imported the wrong copy of the package"
+    assert res.returncode == 0, res.stderr[-3000:]
+    from gpu_phase_router import route
+
+    want = route(n=500, k=4, seed=1, backend="cpu")
+    want_s = route(n=500, k=4, seed=1, backend="cpu", method="systematic")
+    assert res.stdout.split()[1:] == [str(int(want.sum())), str(int(want_s.sum()))]
+    assert res.stderr.count("read-only") == 1, res.stderr  # one warning naming the fallback
+    cache = list((tmp).rglob("*.nbi"))
+    assert cache, "the fallback cache directory was not used"
+    if prebuilt:
+        assert "compiling" not in res.stderr, "the prebuilt cache was not reused"
+
+
+# ── 4. Ctrl-C ────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_ctrl_c_stops_a_long_route_within_two_seconds():
+    code = """
+        import sys, time
+        import gpu_phase_router as gpr
+        gpr.route(n=2000, k=4, density=1.0, backend="cpu")   # compile / load outside the timed part
+        print("ready", flush=True)
+        t0 = time.perf_counter()
+        try:
+            gpr.route(n=70000, k=4, density=1.0, backend="cpu")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+        print("finished", time.perf_counter() - t0, flush=True)
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read()
+        time.sleep(1.0)
+        assert proc.poll() is None, "the large route finished before SIGINT was sent"
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the child ignored SIGINT for 30 s")
+        waited = time.perf_counter() - t0
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted" in out
+    assert proc.returncode == 3
+    assert waited < 2.0, f"the child took {waited:.1f} s to stop after SIGINT"
+
+
+# ── 5. first use: one notice when compiling ──────────────────────────────────────────────────────
+
+
+def test_compile_notice_once_per_process_and_silent_when_cached(tmp_path):
+    code = """
+        import logging
+        logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s")
+        import gpu_phase_router as gpr
+        gpr.route(n=300, k=4, backend="cpu")
+        gpr.route(n=300, k=4, backend="cpu", method="systematic")
+        gpr.route(n=300, k=40, backend="cpu")
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    cold = run_child(code, env=env, timeout=300)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    notices = [ln for ln in cold.stderr.splitlines() if ln.startswith("LOG gpu_phase_router") and "compiling" in ln]
+    assert len(notices) == 1, cold.stderr
+    warm = run_child(code, env=env, timeout=300)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "compiling" not in warm.stderr, warm.stderr
