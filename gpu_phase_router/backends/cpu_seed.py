@@ -243,9 +243,15 @@ def _walk(cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, remain
             a_acc = np.int64(v1 * rng1 <= (rng1 << _ctlz64(rng1)) - _U1)
             a_rej = np.int64(v1 * rng0 <= (rng0 << _ctlz64(rng0)) - _U1)
             a1 = (a0 & a_acc) | ((1 - a0) & a_rej)  # arithmetic select: no branch on a 50/50 outcome
-            r0 = _mulhi(v0, rng0)
-            r1 = _mulhi(v1, rng0 + np.uint64(a0))
-            if (a0 & (r0 < uk)) | (a1 & (r1 < uk)):  # rare once count >> k
+            rng_b = rng0 + np.uint64(a0)
+            # hi(v * rng) >= hi32(v) * rng >> 32 (exact in 64 bits for rng < 2^32), so a slot hit
+            # (hi < k) needs this cheap bound below k; larger ranges always take the exact test
+            big = rng_b > _M32
+            maybe0 = a0 & ((((v0 >> _U32) * rng0) >> _U32 < uk) | big)
+            maybe1 = a1 & ((((v1 >> _U32) * rng_b) >> _U32 < uk) | big)
+            if maybe0 | maybe1:  # rare once count >> k: exact test
+                r0 = _mulhi(v0, rng0)
+                r1 = _mulhi(v1, rng_b)
                 if a0 & (r0 < uk):
                     out_row[r0] = ring_col[cbuf[q]]
                 if a1 & (r1 < uk):
