@@ -20,6 +20,8 @@ from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
 from numba.extending import intrinsic
 
+from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
+
 ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
 LANES = 16  # ChaCha8 blocks generated per refill (SIMD lanes of the block loop)
@@ -293,7 +295,7 @@ def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
     return cnt
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(cache=True)
 def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -326,6 +328,16 @@ def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, se
                 )
 
 
+@nb.njit(parallel=True, cache=True)
+def _seed_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+    """:func:`_seed_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
+    rows = phase.shape[0]
+    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        a = task * ROWS_PER_TASK
+        b = min(rows, a + ROWS_PER_TASK)
+        _seed_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
+
+
 def seed_rows(
     phase: np.ndarray,
     off_s: np.ndarray,
@@ -345,19 +357,13 @@ def seed_rows(
     def i64(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.int64)
 
-    _seed_rows(
-        i64(phase),
-        i64(off_s),
-        i64(deg),
-        i64(ring_start),
-        i64(ring_len),
-        i64(ring_col),
-        np.int64(n),
-        np.int64(k),
-        np.int64(row0),
-        np.uint64(seed),
-        out,
-    )
+    phase, off_s, deg = i64(phase), i64(off_s), i64(deg)
+    ring = (i64(ring_start), i64(ring_len), i64(ring_col))
+    scalars = (np.int64(n), np.int64(k))
+    # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
+    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+        _rt.run(_seed_rows_par, _seed_rows, phase[a:b], off_s[a:b], deg[a:b], *ring, *scalars, np.int64(row0 + a),
+                np.uint64(seed), out[a:b])
     return out
 
 
