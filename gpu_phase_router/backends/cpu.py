@@ -443,6 +443,12 @@ class CpuBackend:
                     np.uint64(phi), out[a:b])
         return out
 
+    def seed_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
+        """Seed-exact rows (SPEC §14), in ``backends/cpu_seed.py``."""
+        from .cpu_seed import seed_rows
+
+        return seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
+
 
 def load() -> CpuBackend:
     """Entry point used by the backend registry."""

@@ -21,12 +21,13 @@ from .._keys import feistel_params
 from . import CUDA_INSTALL_HINT
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
-KERNEL_FILES = ("phase_router.cu",)
+KERNEL_FILES = ("phase_router.cu", "seed_router.cu")
 NVRTC_OPTIONS = ("--std=c++17",)
 
 INT32_LIMIT = (1 << 31) - (1 << 16)  # n_src and n_tgt bound: kernels use int ring positions
 PHASE_WIDTHS = (1, 2, 4, 8, 16)  # register bottom-K widths compiled (gpr_phase_rows_k<K>)
 MAX_WARPS_PER_BLOCK = 8  # GPR_MAX_WARPS in the kernel source
+SEED_ROWS_PER_BLOCK = 4  # GPR_SEED_ROWS in seed_router.cu: one warp per row
 THREADS = 256  # threads per block of the elementwise kernels
 
 Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple[Any, ...]], None]
@@ -202,6 +203,26 @@ class CudaBackend:
         self._launch("gpr_systematic_rows", (_blocks(rows, THREADS), 1, 1), (THREADS, 1, 1),
                      (self._i64(phase), xp.ascontiguousarray(cum, dtype=xp.uint64), np.int64(rows), np.int32(n_tgt),
                       np.int64(n_src), np.int32(k), np.uint64(phi), out))
+        return out
+
+    def seed_rows(self, phase: Any, off_s: Any, deg: Any, ring_start: Any, ring_len: Any, ring_col: Any, *, n: int,
+                  k: int, row0: int, seed: int) -> Any:
+        """Seed-exact rows (SPEC §14) → int32 ``(rows, k)``: one warp per row (``kernels/seed_router.cu``).
+
+        Arguments as for ``phase_rows``, with ``phase[i] = col_perm_t[j]``, ``deg[i]`` the row's popcount
+        (it may exceed ``n``) and ``n`` the square size; ``seed`` is the crate's kernel seed.
+        """
+        xp = self.xp
+        rows = int(phase.shape[0])
+        lens = int(ring_len.max()) if int(ring_len.shape[0]) else 0
+        self._check_int32(n=n, rows=rows, k=k, ring_len=lens)
+        out = xp.empty((rows, k), dtype=xp.int32)
+        if rows == 0:
+            return out
+        ring_sl, ring_col32 = self.pack_ring(ring_start, ring_len, ring_col)
+        self._launch("gpr_seed_rows", (_blocks(rows, SEED_ROWS_PER_BLOCK), 1, 1), (32, SEED_ROWS_PER_BLOCK, 1),
+                     (self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, np.int32(rows),
+                      np.int32(n), np.int32(k), np.int64(row0), np.uint64(seed), out))
         return out
 
 
