@@ -152,7 +152,8 @@ class RoutingPlan:
         """The plan of SPEC §15 for given routes and hard caps (e.g. a custom router's choice).
 
         Args:
-            experts: integer ``[T, k]`` tensor, experts in ``[0, E)`` or ``-1``.
+            experts: integer ``[T, k]`` tensor, experts in ``[0, E)`` or ``-1`` (checked for CPU
+                tensors only).
             capacity: integer ``[E]`` hard caps ``>= 0`` (a tensor, moved to the device of
                 ``experts``, or host values).
             logits: optional ``[T, E]`` float tensor for the gate weights.
@@ -169,6 +170,10 @@ class RoutingPlan:
         capacity = capacity.to(device=experts.device, dtype=torch.int64)
         if capacity.ndim != 1 or capacity.shape[0] < 1:
             raise ValueError(f"capacity must be 1-D [E] with E >= 1; got shape {tuple(capacity.shape)}")
+        if experts.device.type == "cpu" and experts.numel():  # a range check on a GPU would synchronise
+            lo, hi = int(experts.min()), int(experts.max())
+            if lo < -1 or hi >= capacity.shape[0]:
+                raise ValueError(f"experts must lie in [-1, E) with E = {capacity.shape[0]}; got range [{lo}, {hi}]")
         if buffer_size is None:
             buffer_size = max(1, int(capacity.max()))
         buffer_size = check_int("buffer_size", buffer_size, lo=1)

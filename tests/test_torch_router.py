@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch", reason="torch not installed: gpu_phase_router.torch not exercised")
 
@@ -355,6 +357,42 @@ def test_call_errors_name_the_argument():
     checked = MoERouter(4, 2, validate=True)
     with pytest.raises(ValueError, match="logits must be finite"):
         checked(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
+
+
+def test_from_experts_errors():
+    with pytest.raises(ValueError, match="experts must lie in"):
+        RoutingPlan.from_experts(torch.tensor([[0, 3]]), [1, 1, 1])
+    with pytest.raises(ValueError, match="experts must lie in"):
+        RoutingPlan.from_experts(torch.tensor([[0, -2]]), [1, 1, 1])
+    with pytest.raises(TypeError, match="experts must hold integers"):
+        RoutingPlan.from_experts(torch.zeros(2, 2), [1, 1])
+    with pytest.raises(ValueError, match="capacity must be 1-D"):
+        RoutingPlan.from_experts(torch.zeros(2, 2, dtype=torch.int64), [[1, 1]])
+    with pytest.raises(ValueError, match="logits must have shape"):
+        RoutingPlan.from_experts(torch.zeros(2, 2, dtype=torch.int64), [1, 1], torch.zeros(2, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_tok=st.integers(1, 30),
+    k=st.integers(1, 4),
+    caps=st.lists(st.integers(0, 6), min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_plan_equals_oracle_hypothesis(n_tok, k, caps, data):
+    n_exp = len(caps)
+    experts = data.draw(
+        st.lists(st.lists(st.integers(-1, n_exp - 1), min_size=k, max_size=k), min_size=n_tok, max_size=n_tok)
+    )
+    logits = data.draw(
+        st.lists(st.lists(st.floats(-5, 5), min_size=n_exp, max_size=n_exp), min_size=n_tok, max_size=n_tok)
+    )
+    plan = RoutingPlan.from_experts(torch.tensor(experts), caps, torch.tensor(logits, dtype=torch.float64))
+    slot, loads, weights = oracle_plan(experts, caps, logits)
+    assert plan.slot.tolist() == slot
+    assert plan.tokens_per_expert.tolist() == loads
+    assert plan.buffer_size == max(1, max(caps))
+    assert np.allclose(plan.weights.numpy(), weights, rtol=1e-12, atol=1e-15)
 
 
 # --- imports ---------------------------------------------------------------------------------------------
