@@ -119,8 +119,9 @@ def first_call_probe() -> None:
 def first_call(cache_dir: str) -> dict:
     path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env = dict(os.environ, CUPY_CACHE_DIR=cache_dir, PYTHONPATH=path)
-    res = subprocess.run([sys.executable, __file__, "--probe-first-call"], capture_output=True, text=True, env=env,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, __file__, "--probe-first-call"], capture_output=True, text=True, env=env, check=False
+    )
     if res.returncode != 0:
         return {"error": res.stderr.strip()[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -183,8 +184,15 @@ def bench_shape(cupy, backend, floors, kind: str, n_src: int, n_tgt: int, k: int
     if not cupy.array_equal(out, call()):
         sys.exit(f"kernel-only and whole-call outputs differ at {n_src}x{n_tgt} k={k}")
     candidates = float(cupy.count_nonzero(out >= 0)) / n_src
-    row = {"kind": kind, "n_src": n_src, "n_tgt": n_tgt, "k": k, "density": density,
-           "mean_degree": float(d.mean()), "mean_outputs_per_row": candidates}
+    row = {
+        "kind": kind,
+        "n_src": n_src,
+        "n_tgt": n_tgt,
+        "k": k,
+        "density": density,
+        "mean_degree": float(d.mean()),
+        "mean_outputs_per_row": candidates,
+    }
     row["kernel_us"], _ = median_us(benchmark(kernel, n_repeat=repeat, n_warmup=10))
     row["call_gpu_us"], row["call_cpu_us"] = median_us(benchmark(call, n_repeat=max(10, repeat // 4), n_warmup=3))
     row["floor_empty_us"], _ = median_us(benchmark(floor_empty, n_repeat=repeat, n_warmup=10))
@@ -239,21 +247,30 @@ def bench_torch(cupy, n_src: int, n_tgt: int, k: int, density: float, repeat: in
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
-    res = {"n_src": n_src, "n_tgt": n_tgt, "k": k, "torch": torch.__version__,
-           "call_stream_us": float(np.median(times)), "device": str(out.device),
-           "equal_to_cupy": bool(np.array_equal(out.cpu().numpy(), want))}
+    res = {
+        "n_src": n_src,
+        "n_tgt": n_tgt,
+        "k": k,
+        "torch": torch.__version__,
+        "call_stream_us": float(np.median(times)),
+        "device": str(out.device),
+        "equal_to_cupy": bool(np.array_equal(out.cpu().numpy(), want)),
+    }
     return res
 
 
 def markdown(info: dict, cold: dict, warm: dict, rows: list[dict], torch_row: dict) -> str:
     """The results as a markdown table (what RESULTS.md shows)."""
-    lines = [f"GPU: {info['gpu']} (cc {info['compute_capability']}, {info['sm_count']} SMs), CuPy {info['cupy']}, "
-             f"CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}.",
-             f"First call (fresh process): empty kernel cache {cold.get('first_s', float('nan')):.2f} s, "
-             f"warm cache {warm.get('first_s', float('nan')):.2f} s.", "",
-             "| shape | k | kernel µs | call µs (GPU / host) | empty launch µs | hash call µs | weighted_hash µs "
-             "| systematic µs | phase / hash | goals |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"GPU: {info['gpu']} (cc {info['compute_capability']}, {info['sm_count']} SMs), CuPy {info['cupy']}, "
+        f"CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}.",
+        f"First call (fresh process): empty kernel cache {cold.get('first_s', float('nan')):.2f} s, "
+        f"warm cache {warm.get('first_s', float('nan')):.2f} s.",
+        "",
+        "| shape | k | kernel µs | call µs (GPU / host) | empty launch µs | hash call µs | weighted_hash µs "
+        "| systematic µs | phase / hash | goals |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         goals = []
         if "goal_kernel_us" in r:
@@ -266,19 +283,25 @@ def markdown(info: dict, cold: dict, warm: dict, rows: list[dict], torch_row: di
         def us(key, r=r):
             return f"{r[key]:.1f}" if key in r else "–"
 
-        lines.append(f"| {r['kind']} {r['n_src']}×{r['n_tgt']} | {r['k']} | {r['kernel_us']:.1f} | "
-                     f"{r['call_gpu_us']:.1f} / {r['call_cpu_us']:.1f} | {r['floor_empty_us']:.1f} | "
-                     f"{us('hash_call_cpu_us')} | {us('weighted_hash_call_cpu_us')} | {us('systematic_call_cpu_us')} | "
-                     f"{r.get('phase_over_hash_call', float('nan')):.2f}× | {'; '.join(goals)} |")
+        lines.append(
+            f"| {r['kind']} {r['n_src']}×{r['n_tgt']} | {r['k']} | {r['kernel_us']:.1f} | "
+            f"{r['call_gpu_us']:.1f} / {r['call_cpu_us']:.1f} | {r['floor_empty_us']:.1f} | "
+            f"{us('hash_call_cpu_us')} | {us('weighted_hash_call_cpu_us')} | {us('systematic_call_cpu_us')} | "
+            f"{r.get('phase_over_hash_call', float('nan')):.2f}× | {'; '.join(goals)} |"
+        )
     lines.append("")
     if "skipped" in torch_row:
         lines.append(f"torch stream path: skipped ({torch_row['skipped']}).")
     else:
-        lines.append(f"torch stream path ({torch_row['n_src']}×{torch_row['n_tgt']}, k = {torch_row['k']}, "
-                     f"torch {torch_row['torch']}): whole call {torch_row['call_stream_us']:.1f} µs on a non-default "
-                     f"stream, result equal to CuPy's: {torch_row['equal_to_cupy']}.")
-    lines.append("Call times of the baselines are host wall times (like the phase call's second figure); "
-                 "phase / hash divides host wall times.")
+        lines.append(
+            f"torch stream path ({torch_row['n_src']}×{torch_row['n_tgt']}, k = {torch_row['k']}, "
+            f"torch {torch_row['torch']}): whole call {torch_row['call_stream_us']:.1f} µs on a non-default "
+            f"stream, result equal to CuPy's: {torch_row['equal_to_cupy']}."
+        )
+    lines.append(
+        "Call times of the baselines are host wall times (like the phase call's second figure); "
+        "phase / hash divides host wall times."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -298,8 +321,10 @@ def main() -> None:
 
     cupy, backend = need_gpu()
     info = machine_info(cupy)
-    print(f"# {info['gpu']} (cc {info['compute_capability']}), CuPy {info['cupy']}, "
-          f"CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}")
+    print(
+        f"# {info['gpu']} (cc {info['compute_capability']}), CuPy {info['cupy']}, "
+        f"CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}"
+    )
     check_against_cpu(cupy)
     print("# cuda == cpu on the check shapes")
 
@@ -318,8 +343,10 @@ def main() -> None:
     if args.quick:
         shapes = [s for s in shapes if s in {("square", 16384, 16384, 8), ("moe", 16384, 256, 8)}]
     rows = []
-    header = (f"{'kind':6} {'n_src':>6} {'n_tgt':>6} {'k':>2} {'deg':>7} {'out/row':>7} {'kernel_us':>10} "
-              f"{'call_gpu_us':>11} {'call_cpu_us':>11} {'empty_us':>8} {'write_us':>8}  goal")
+    header = (
+        f"{'kind':6} {'n_src':>6} {'n_tgt':>6} {'k':>2} {'deg':>7} {'out/row':>7} {'kernel_us':>10} "
+        f"{'call_gpu_us':>11} {'call_cpu_us':>11} {'empty_us':>8} {'write_us':>8}  goal"
+    )
     print(header)
     print("-" * len(header))
     for kind, n_src, n_tgt, k in shapes:
@@ -328,15 +355,24 @@ def main() -> None:
         goal = ""
         if "goal_kernel_us" in r:
             goal = f"<= {r['goal_kernel_us']:.0f} {'ok' if r['meets_goal'] else 'MISSED'}"
-        print(f"{kind:6} {n_src:6d} {n_tgt:6d} {k:2d} {r['mean_degree']:7.1f} {r['mean_outputs_per_row']:7.2f} "
-              f"{r['kernel_us']:10.1f} {r['call_gpu_us']:11.1f} {r['call_cpu_us']:11.1f} {r['floor_empty_us']:8.1f} "
-              f"{r['floor_write_us']:8.1f}  {goal}", flush=True)
+        print(
+            f"{kind:6} {n_src:6d} {n_tgt:6d} {k:2d} {r['mean_degree']:7.1f} {r['mean_outputs_per_row']:7.2f} "
+            f"{r['kernel_us']:10.1f} {r['call_gpu_us']:11.1f} {r['call_cpu_us']:11.1f} {r['floor_empty_us']:8.1f} "
+            f"{r['floor_write_us']:8.1f}  {goal}",
+            flush=True,
+        )
 
     torch_row = bench_torch(cupy, 16384, 256, 8, args.density, max(20, args.repeat // 4))
     print(f"# torch stream path: {torch_row}")
-    result = {"machine": info, "first_call": {"cold_cache": cold, "warm_cache": warm}, "density": args.density,
-              "repeat": args.repeat, "timing": "CUDA events via cupyx.profiler.benchmark, medians in microseconds",
-              "rows": rows, "torch": torch_row}
+    result = {
+        "machine": info,
+        "first_call": {"cold_cache": cold, "warm_cache": warm},
+        "density": args.density,
+        "repeat": args.repeat,
+        "timing": "CUDA events via cupyx.profiler.benchmark, medians in microseconds",
+        "rows": rows,
+        "torch": torch_row,
+    }
     table = markdown(info, cold, warm, rows, torch_row)
     print(table)
     if args.out:

@@ -39,22 +39,36 @@ import gpu_phase_router as gpr
 from gpu_phase_router.capacity import CAPACITY_PROFILES
 
 METHODS = ["phase", "systematic", "hash", "weighted_hash"]
-LABELS = {"phase": "phase router", "systematic": "systematic", "hash": "hash (capacity-blind)",
-          "weighted_hash": "weighted hash"}
+LABELS = {
+    "phase": "phase router",
+    "systematic": "systematic",
+    "hash": "hash (capacity-blind)",
+    "weighted_hash": "weighted hash",
+}
 STYLES = {"phase": ("o", "C0"), "systematic": ("D", "C2"), "hash": ("s", "C3"), "weighted_hash": ("^", "C1")}
 
 # Defaults of the seed's experiments: strong profile, N = 1024, k = 2, headroom 1.2, density 0.3.
 BASE = {"profile": "strong", "n": 1024, "k": 2, "headroom": 1.2, "density": 0.3}
 EXPERIMENTS = {
-    "headroom": {"param": "headroom", "values": [1.0, 1.1, 1.2, 1.5, 2.0],
-                 "xlabel": "headroom (hard cap / fair share)"},
+    "headroom": {
+        "param": "headroom",
+        "values": [1.0, 1.1, 1.2, 1.5, 2.0],
+        "xlabel": "headroom (hard cap / fair share)",
+    },
     "k": {"param": "k", "values": [1, 2, 4, 8, 16], "xlabel": "k (experts per token)"},
     "n": {"param": "n", "values": [256, 512, 1024, 2048, 4096], "xlabel": "N (tokens = experts)"},
-    "heterogeneity": {"param": "profile", "values": ["uniform", "mild", "strong", "extreme"],
-                      "xlabel": "capacity profile"},
+    "heterogeneity": {
+        "param": "profile",
+        "values": ["uniform", "mild", "strong", "extreme"],
+        "xlabel": "capacity profile",
+    },
     # Not in the seed: the phase router's density (the other methods ignore it), extreme profile.
-    "density": {"param": "density", "values": [0.05, 0.1, 0.2, 0.3, 0.5], "fixed": {"profile": "extreme"},
-                "xlabel": "density (phase router only)"},
+    "density": {
+        "param": "density",
+        "values": [0.05, 0.1, 0.2, 0.3, 0.5],
+        "fixed": {"profile": "extreme"},
+        "xlabel": "density (phase router only)",
+    },
 }
 SEED_EXPERIMENTS = ["headroom", "k", "n", "heterogeneity"]
 
@@ -114,20 +128,26 @@ def run(seeds: list[int], progress: bool = True) -> dict:
                 row = {}
                 for key in runs[0]:
                     vals = np.array([np.nan if r[key] is None else r[key] for r in runs], dtype=np.float64)
-                    row[key] = {"mean": float(np.nanmean(vals)) if not np.isnan(vals).all() else None,
-                                "std": float(np.nanstd(vals)) if not np.isnan(vals).all() else None}
+                    row[key] = {
+                        "mean": float(np.nanmean(vals)) if not np.isnan(vals).all() else None,
+                        "std": float(np.nanstd(vals)) if not np.isnan(vals).all() else None,
+                    }
                 summary.setdefault(name, {}).setdefault(value, {})[method] = row
     return {
         "meta": {
             "description": "token survival after hard capacity enforcement (SPEC §12); square routing, "
-                           "uniform token weights, route() defaults (density 0.3)",
+            "uniform token weights, route() defaults (density 0.3)",
             "base": BASE,
             "experiments": EXPERIMENTS,
             "methods": METHODS,
             "seeds": seeds,
             "runtime_s": total_s,
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "python": sys.version.split()[0],
+            },
             "versions": _versions(),
         },
         "seed_published": SEED_PUBLISHED,
@@ -146,17 +166,22 @@ def write_csv(result: dict, path: Path) -> None:
     keys = ["survival", "filled", "load_cv", "ratio_std", "corr", "route_s"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["experiment", "param", "value", "method", "seeds"]
-                   + [f"{k}_{s}" for k in keys for s in ("mean", "std")] + ["seed_published_survival"])
+        w.writerow(
+            ["experiment", "param", "value", "method", "seeds"]
+            + [f"{k}_{s}" for k in keys for s in ("mean", "std")]
+            + ["seed_published_survival"]
+        )
         for name, by_value in result["summary"].items():
             exp = result["meta"]["experiments"][name]
             for i, value in enumerate(map(str, exp["values"])):
                 for method in result["meta"]["methods"]:
                     row = by_value[value][method]
                     pub = result["seed_published"].get(name, {}).get(method)
-                    w.writerow([name, exp["param"], value, method, len(result["meta"]["seeds"])]
-                               + [_fmt(row[k][s]) for k in keys for s in ("mean", "std")]
-                               + ["" if pub is None else pub[i]])
+                    w.writerow(
+                        [name, exp["param"], value, method, len(result["meta"]["seeds"])]
+                        + [_fmt(row[k][s]) for k in keys for s in ("mean", "std")]
+                        + ["" if pub is None else pub[i]]
+                    )
 
 
 def _fmt(x):
@@ -166,8 +191,10 @@ def _fmt(x):
 def markdown_table(result: dict) -> str:
     """Survival (%) mean ± std per experiment, with the seed's published numbers beside ours."""
     seeds = len(result["meta"]["seeds"])
-    lines = [f"Survival after enforcement, % (mean ± std over {seeds} seeds); "
-             "*seed* = the seed's published numbers.", ""]
+    lines = [
+        f"Survival after enforcement, % (mean ± std over {seeds} seeds); *seed* = the seed's published numbers.",
+        "",
+    ]
     for name, by_value in result["summary"].items():
         exp = result["meta"]["experiments"][name]
         pub = result["seed_published"].get(name, {})
@@ -192,8 +219,13 @@ def _fixed(name: str) -> str:
     exp = EXPERIMENTS[name]
     cfg = dict(BASE, **exp.get("fixed", {}))
     parts = []
-    for key, label in (("profile", "profile"), ("n", "N"), ("k", "k"), ("headroom", "headroom"),
-                       ("density", "density")):
+    for key, label in (
+        ("profile", "profile"),
+        ("n", "N"),
+        ("k", "k"),
+        ("headroom", "headroom"),
+        ("density", "density"),
+    ):
         if key != exp["param"]:
             parts.append(f"{label} = {cfg[key]}")
     return ", ".join(parts)
@@ -217,8 +249,16 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
             ax.errorbar(x, mean, yerr=std, marker=marker, color=color, label=LABELS[method], capsize=3, lw=1.8)
             pub = result["seed_published"].get(name, {}).get(method)
             if pub is not None:
-                ax.plot(x, pub, ls=":", marker=marker, mfc="none", color=color, alpha=0.8,
-                        label=f"seed's {LABELS[method]} (published)")
+                ax.plot(
+                    x,
+                    pub,
+                    ls=":",
+                    marker=marker,
+                    mfc="none",
+                    color=color,
+                    alpha=0.8,
+                    label=f"seed's {LABELS[method]} (published)",
+                )
         if categorical:
             ax.set_xticks(x, values)
         ax.set_xlabel(exp["xlabel"])
@@ -252,8 +292,12 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="number of seeds (0 .. seeds-1); default 20")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                    help="output folder (default benchmarks/results)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="output folder (default benchmarks/results)",
+    )
     ap.add_argument("--plot-only", action="store_true", help="redraw plots and table from the existing JSON")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)

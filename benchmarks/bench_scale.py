@@ -138,8 +138,14 @@ def run_one(cfg: str, n: int, repeat: int, block_rows: int | None, progress: boo
 
     sampler = TreeRss()
     caps = capacities()
-    rec: dict = {"config": cfg, "n_src": n, "n_tgt": N_TGT, "k": K, "density": DENSITY,
-                 "method": "systematic" if cfg == "systematic" else "phase"}
+    rec: dict = {
+        "config": cfg,
+        "n_src": n,
+        "n_tgt": N_TGT,
+        "k": K,
+        "density": DENSITY,
+        "method": "systematic" if cfg == "systematic" else "phase",
+    }
     times: list[float] = []
     gather = None
     out = None
@@ -151,10 +157,10 @@ def run_one(cfg: str, n: int, repeat: int, block_rows: int | None, progress: boo
             mean = blocks.weight_mean(w)
             d = np.empty(n, dtype=np.int64)
             for a in range(0, n, GEN_BLOCK):
-                d[a:a + GEN_BLOCK] = blocks.source_degrees(w[a:a + GEN_BLOCK], weight_mean=mean, n_tgt=N_TGT,
-                                                           density=DENSITY)
-            c = np.asarray(blocks.source_degrees(caps, weight_mean=blocks.weight_mean(caps), n_tgt=n,
-                                                 density=DENSITY))
+                d[a : a + GEN_BLOCK] = blocks.source_degrees(
+                    w[a : a + GEN_BLOCK], weight_mean=mean, n_tgt=N_TGT, density=DENSITY
+                )
+            c = np.asarray(blocks.source_degrees(caps, weight_mean=blocks.weight_mean(caps), n_tgt=n, density=DENSITY))
             del w
             inputs = d.nbytes + c.nbytes
             gpr.route_counts(d[:1000], np.minimum(c, 1000), k=K, seed=SEED)  # JIT / cache load
@@ -199,11 +205,22 @@ def run_one(cfg: str, n: int, repeat: int, block_rows: int | None, progress: boo
 
         from gpu_phase_router import dask as gdask
 
-        workers = int(cfg[len("dask-"):-1])
-        env = {"NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                      dashboard_address=None, env=env) as cluster, distributed.Client(cluster) as cl:
+        workers = int(cfg[len("dask-") : -1])
+        env = {
+            "NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        with (
+            distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                env=env,
+            ) as cluster,
+            distributed.Client(cluster) as cl,
+        ):
             cl.compute(gdask.route(da.ones(2000, chunks=500), caps, k=K)).result()  # JIT / cache load on workers
             rows = chunk_rows(n)
             w = da.arange(n, chunks=rows, dtype=np.uint64).map_blocks(weights_of_rows, dtype=np.float64).persist()
@@ -225,7 +242,7 @@ def run_one(cfg: str, n: int, repeat: int, block_rows: int | None, progress: boo
                 futs = {f.key: f for f in distributed.futures_of(r)}
                 for f in distributed.as_completed(list(futs.values())):
                     i = f.key[1]
-                    out[starts[i]:starts[i + 1]] = f.result()
+                    out[starts[i] : starts[i + 1]] = f.result()
                 gathers.append(time.perf_counter() - t0)
                 cl.cancel(list(futs.values()))  # forget the routes, so a repeat recomputes them
                 del futs, f
@@ -235,13 +252,20 @@ def run_one(cfg: str, n: int, repeat: int, block_rows: int | None, progress: boo
             gather = statistics.median(gathers)
             peak = sampler.stop()
     t = statistics.median(times)
-    rec.update({
-        "loadavg_1min_after": os.getloadavg()[0],
-        "time_s": t, "times_s": times, "rows_per_s": n / t, "gather_s": gather,
-        "peak_rss_bytes": peak, "input_bytes": inputs, "output_bytes": n * K * 4,
-        "budget_bytes": 1.25 * (inputs + n * K * 4),
-        "sha256": hashlib.sha256(memoryview(out).cast("B")).hexdigest(),
-    })
+    rec.update(
+        {
+            "loadavg_1min_after": os.getloadavg()[0],
+            "time_s": t,
+            "times_s": times,
+            "rows_per_s": n / t,
+            "gather_s": gather,
+            "peak_rss_bytes": peak,
+            "input_bytes": inputs,
+            "output_bytes": n * K * 4,
+            "budget_bytes": 1.25 * (inputs + n * K * 4),
+            "sha256": hashlib.sha256(memoryview(out).cast("B")).hexdigest(),
+        }
+    )
     return rec
 
 
@@ -253,26 +277,50 @@ def machine() -> dict:
     import distributed
     import numba
 
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
-                if ln.startswith("MemTotal")), "?")
-    return {"nproc": os.cpu_count(), "cpu": model, "mem_total": mem, "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__, "dask": dask.__version__,
-            "distributed": distributed.__version__, "platform": platform.platform()}
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemTotal")
+        ),
+        "?",
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "mem_total": mem,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def fmt_row(r: dict) -> str:
     gb = 1e9
     peak = r["peak_rss_bytes"]
-    return (f"{r['n_src']:>11,d} {r['config']:<13} {r['time_s']:>8.2f} {r['rows_per_s'] / 1e6:>8.2f} "
-            f"{'' if r['gather_s'] is None else format(r['gather_s'], '.2f'):>7} "
-            f"{peak / gb:>8.2f} {r['budget_bytes'] / gb:>8.2f} {peak / r['budget_bytes'] * 1.25:>7.2f} "
-            f"{r['sha256'][:12]}")
+    return (
+        f"{r['n_src']:>11,d} {r['config']:<13} {r['time_s']:>8.2f} {r['rows_per_s'] / 1e6:>8.2f} "
+        f"{'' if r['gather_s'] is None else format(r['gather_s'], '.2f'):>7} "
+        f"{peak / gb:>8.2f} {r['budget_bytes'] / gb:>8.2f} {peak / r['budget_bytes'] * 1.25:>7.2f} "
+        f"{r['sha256'][:12]}"
+    )
 
 
-HEADER = (f"{'n_src':>11} {'config':<13} {'time_s':>8} {'Mrows/s':>8} {'gather':>7} {'peak_GB':>8} "
-          f"{'budgetGB':>8} {'peak/io':>7} sha")
+HEADER = (
+    f"{'n_src':>11} {'config':<13} {'time_s':>8} {'Mrows/s':>8} {'gather':>7} {'peak_GB':>8} "
+    f"{'budgetGB':>8} {'peak/io':>7} sha"
+)
 
 
 def main() -> None:
@@ -294,8 +342,10 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     info = machine()
-    print(f"# {info['nproc']} x {info['cpu']}, {info['mem_total']}; numpy {info['numpy']}, numba {info['numba']}, "
-          f"dask {info['dask']}, distributed {info['distributed']}; n_tgt={N_TGT}, k={K}, density={DENSITY}")
+    print(
+        f"# {info['nproc']} x {info['cpu']}, {info['mem_total']}; numpy {info['numpy']}, numba {info['numba']}, "
+        f"dask {info['dask']}, distributed {info['distributed']}; n_tgt={N_TGT}, k={K}, density={DENSITY}"
+    )
     print(HEADER, flush=True)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,8 +353,18 @@ def main() -> None:
             n = int(size)
             for cfg in args.configs:
                 res = Path(tmp) / f"{cfg}-{n}.json"
-                cmd = [sys.executable, __file__, "--one", cfg, "--n", str(n), "--result", str(res),
-                       "--repeat", str(args.repeat if n <= 10**7 else 1)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    cfg,
+                    "--n",
+                    str(n),
+                    "--result",
+                    str(res),
+                    "--repeat",
+                    str(args.repeat if n <= 10**7 else 1),
+                ]
                 if args.block_rows:
                     cmd += ["--block-rows", str(args.block_rows)]
                 if args.no_progress:

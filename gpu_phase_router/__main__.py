@@ -54,10 +54,14 @@ def demo(args: argparse.Namespace) -> int:
     hard = gpr.make_hard_caps(caps, n_tok, k, args.headroom)
     weights = xp.ones(n_tok, dtype=xp.float64)
     caps_dev = xp.asarray(caps)
-    print(f"gpu_phase_router demo: {n_tok} tokens -> {n_exp} experts, k={k}, seed={args.seed}, "
-          f"headroom {args.headroom}x, on {where}")
-    print("capacities: strong heterogeneity (10% of experts at 8x, 20% at 2x, the rest 1x); "
-          f"hard caps total {int(hard.sum())} slots for {n_tok * k} requested\n")
+    print(
+        f"gpu_phase_router demo: {n_tok} tokens -> {n_exp} experts, k={k}, seed={args.seed}, "
+        f"headroom {args.headroom}x, on {where}"
+    )
+    print(
+        "capacities: strong heterogeneity (10% of experts at 8x, 20% at 2x, the rest 1x); "
+        f"hard caps total {int(hard.sum())} slots for {n_tok * k} requested\n"
+    )
 
     rows, loads = [], {}
     for method in gpr.available_methods():
@@ -75,20 +79,34 @@ def demo(args: argparse.Namespace) -> int:
         st = gpr.load_stats(ld, caps)
         enforced = gpr.enforce_capacity(routes, hard)
         loads[method] = ld
-        rows.append((method, st["cv"], st["max_over_mean"], st["ratio_std"], st["corr"], gpr.survival_rate(routes),
-                     gpr.survival_rate(enforced), ms))
+        rows.append(
+            (
+                method,
+                st["cv"],
+                st["max_over_mean"],
+                st["ratio_std"],
+                st["corr"],
+                gpr.survival_rate(routes),
+                gpr.survival_rate(enforced),
+                ms,
+            )
+        )
 
-    head = (f"{'method':<14} {'load CV':>8} {'max/mean':>9} {'ratio sd':>9} {'corr':>6} "
-            f"{'filled':>7} {'survival':>9} {'ms':>7}")
+    head = (
+        f"{'method':<14} {'load CV':>8} {'max/mean':>9} {'ratio sd':>9} {'corr':>6} "
+        f"{'filled':>7} {'survival':>9} {'ms':>7}"
+    )
     print(head)
     print("-" * len(head))
     for m, cv, mm, rsd, corr, filled, surv, ms in rows:
         print(f"{m:<14} {cv:>8.3f} {mm:>9.2f} {rsd:>9.3f} {corr:>6.3f} {filled:>7.1%} {surv:>9.1%} {ms:>7.2f}")
-    print("\nload CV, max/mean: spread of expert loads (capacity differs, so some spread is wanted);\n"
-          "ratio sd: spread of load / fair share (fair = in proportion to capacity; 0 is perfect);\n"
-          "corr: load-capacity correlation; filled: slots holding an expert before enforcement\n"
-          "(-1 padding counts as not served); survival: slots admitted under the hard caps;\n"
-          f"ms: median routing time of {args.repeat} calls after a warm-up call (JIT compile excluded).")
+    print(
+        "\nload CV, max/mean: spread of expert loads (capacity differs, so some spread is wanted);\n"
+        "ratio sd: spread of load / fair share (fair = in proportion to capacity; 0 is perfect);\n"
+        "corr: load-capacity correlation; filled: slots holding an expert before enforcement\n"
+        "(-1 padding counts as not served); survival: slots admitted under the hard caps;\n"
+        f"ms: median routing time of {args.repeat} calls after a warm-up call (JIT compile excluded)."
+    )
 
     try:
         import matplotlib
@@ -111,8 +129,9 @@ def demo(args: argparse.Namespace) -> int:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for method, ld in loads.items():
             per = [transform(ld[caps == c].astype(float), n_tok * k * c / caps.sum()) for c in levels]
-            ax.errorbar(levels, [p.mean() for p in per], yerr=[p.std() for p in per], marker="o", capsize=3,
-                        label=method)
+            ax.errorbar(
+                levels, [p.mean() for p in per], yerr=[p.std() for p in per], marker="o", capsize=3, label=method
+            )
         if name == "capacity_vs_load.png":
             ax.plot(levels, fair, "k--", label="fair share (∝ capacity)")
         else:
@@ -180,22 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu-phase-router", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command")
     d = sub.add_parser(
-        "demo", help="route tokens to heterogeneous experts with every method; print stats, write plots",
+        "demo",
+        help="route tokens to heterogeneous experts with every method; print stats, write plots",
         description="Route tokens to experts with strongly heterogeneous capacities (10% at 8x, 20% at 2x) "
-                    "with every routing method (phase, systematic, hash, weighted_hash); print load statistics, "
-                    "load-capacity correlation and survival after hard capacity enforcement; write "
-                    "capacity_vs_load.png and load_capacity_ratio.png (needs matplotlib: "
-                    f"{PLOT_HINT}).")
+        "with every routing method (phase, systematic, hash, weighted_hash); print load statistics, "
+        "load-capacity correlation and survival after hard capacity enforcement; write "
+        "capacity_vs_load.png and load_capacity_ratio.png (needs matplotlib: "
+        f"{PLOT_HINT}).",
+    )
     d.add_argument("--experts", type=_positive_int, default=512, help="number of experts (targets); default 512")
     d.add_argument("--tokens", type=_positive_int, default=4096, help="number of tokens (sources); default 4096")
     d.add_argument("-k", "--k", type=_positive_int, default=4, help="experts per token; default 4")
     d.add_argument("--seed", type=_seed, default=42, help="routing and capacity-profile seed; default 42")
-    d.add_argument("--headroom", type=_headroom, default=1.2,
-                   help="hard cap = headroom x fair share of the slots (>= 1); default 1.2")
+    d.add_argument(
+        "--headroom",
+        type=_headroom,
+        default=1.2,
+        help="hard cap = headroom x fair share of the slots (>= 1); default 1.2",
+    )
     d.add_argument("--out", default="phase_router_demo", help="folder for the plots; default ./phase_router_demo/")
     d.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per method (median shown); default 5")
-    d.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: the GPU when CuPy and a CUDA device are usable, else the CPU; default auto")
+    d.add_argument(
+        "--backend",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU when CuPy and a CUDA device are usable, else the CPU; default auto",
+    )
     return ap
 
 
@@ -207,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.k > args.experts:
             ap.error(f"argument --k: must be between 1 and --experts={args.experts}; got {args.k}")
         if not args.tokens * args.k * args.headroom < 2.0**62:
-            ap.error(f"argument --headroom: {args.headroom:g} x {args.tokens} tokens x k={args.k} slots is too "
-                     "large for integer hard caps")
+            ap.error(
+                f"argument --headroom: {args.headroom:g} x {args.tokens} tokens x k={args.k} slots is too "
+                "large for integer hard caps"
+            )
         _check_out_dir(ap, args.out)
         return demo(args)
     ap.print_help()

@@ -111,8 +111,9 @@ def array_namespace(*arrays: Any, **named: Any) -> Namespace:
     if not seen:
         return HOST
     if len(seen) > 1:
-        desc = ", ".join(f"{name}: {lib} on {dev[0]}{'' if dev[1] < 0 else ':' + str(dev[1])}"
-                         for (lib, dev), name in seen.items())
+        desc = ", ".join(
+            f"{name}: {lib} on {dev[0]}{'' if dev[1] < 0 else ':' + str(dev[1])}" for (lib, dev), name in seen.items()
+        )
         raise TypeError(
             f"all array arguments must come from one array library on one device (NumPy arrays and Python "
             f"sequences join any one of them); got {desc}. Move them to one place first (e.g. cupy.asarray(x) "
@@ -132,16 +133,20 @@ def check_plain_input(name: str, x: Any) -> None:
     """
     if isinstance(x, np.ma.MaskedArray):
         if np.ma.is_masked(x):
-            raise ValueError(f"{name} is a masked array with {int(np.ma.count_masked(x))} masked entries; the mask "
-                             f"would be ignored, so fill them first (e.g. {name}.filled(0): a zero weight never "
-                             "routes, a zero capacity never receives)")
+            raise ValueError(
+                f"{name} is a masked array with {int(np.ma.count_masked(x))} masked entries; the mask "
+                f"would be ignored, so fill them first (e.g. {name}.filled(0): a zero weight never "
+                "routes, a zero capacity never receives)"
+            )
         return
     if isinstance(x, (list, tuple)):
         try:
             np.shape(x)
         except ValueError:
-            raise ValueError(f"{name} must be an array or a rectangular (non-ragged) sequence of numbers; got a "
-                             "nested sequence whose rows differ in length") from None
+            raise ValueError(
+                f"{name} must be an array or a rectangular (non-ragged) sequence of numbers; got a "
+                "nested sequence whose rows differ in length"
+            ) from None
 
 
 def _torch_host_dtype(t: Any) -> Any:
@@ -217,8 +222,10 @@ def on_caller_stream(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tensor = next((x for x in itertools.chain(args, kwargs.values())
-                       if library_of(x) == TORCH and x.device.type == "cuda"), None)
+        tensor = next(
+            (x for x in itertools.chain(args, kwargs.values()) if library_of(x) == TORCH and x.device.type == "cuda"),
+            None,
+        )
         if tensor is None:
             return fn(*args, **kwargs)
         try:

@@ -28,7 +28,7 @@ def _node_sum(xp: Any, v: Any) -> float:
         step = TREE_EVAL_BLOCK * TREE_EVAL_ROWS
         rows = []
         for a in range(0, n, step):
-            x = v[a:a + step].reshape(-1, TREE_EVAL_BLOCK)
+            x = v[a : a + step].reshape(-1, TREE_EVAL_BLOCK)
             while x.shape[1] > 1:
                 x = x[:, 0::2] + x[:, 1::2]
             rows.append(x[:, 0])
@@ -53,7 +53,7 @@ def tree_partials(xp: Any, values: Any, start: int = 0) -> list[tuple[int, int, 
         level = (pos & -pos).bit_length() - 1 if pos else 64
         while pos + (1 << level) > end:
             level -= 1
-        out.append((level, pos >> level, _node_sum(xp, v[pos - start:pos - start + (1 << level)])))
+        out.append((level, pos >> level, _node_sum(xp, v[pos - start : pos - start + (1 << level)])))
         pos += 1 << level
     return out
 
@@ -91,8 +91,9 @@ def tree_sum(xp: Any, values: Any) -> float:
         return tree_combine(tree_partials(xp, v), v.shape[0])
 
 
-def weights_to_counts(xp: Any, weights: Any, density: float, n_other: int, mean: float | None = None,
-                      name: str = "weights") -> Any:
+def weights_to_counts(
+    xp: Any, weights: Any, density: float, n_other: int, mean: float | None = None, name: str = "weights"
+) -> Any:
     """SPEC §7: int64 counts ``clip(rint(w / mean(w) * density * n_other), 1, n_other)``, 0 for 0.
 
     ``mean`` may be passed in when ``weights`` is one block of a longer vector. Raises
@@ -180,8 +181,20 @@ def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm
     return backend.feistel(row0, rows, n_src, stream(seed, STREAM_PERM_T))
 
 
-def phase_block(backend: Any, d: Any, ring: Any, *, n_src: int, k: int, seed: int, row0: int = 0,
-                degree_prefix: int = 0, perm_t: Any = None, col_map: Any = None, k_out: int | None = None) -> Any:
+def phase_block(
+    backend: Any,
+    d: Any,
+    ring: Any,
+    *,
+    n_src: int,
+    k: int,
+    seed: int,
+    row0: int = 0,
+    degree_prefix: int = 0,
+    perm_t: Any = None,
+    col_map: Any = None,
+    k_out: int | None = None,
+) -> Any:
     """Rows ``row0 .. row0 + len(d) - 1`` of the phase router (SPEC §3–§5) → int32 ``(rows, k)``.
 
     One kernel call. ``d`` holds those rows' degrees and ``degree_prefix`` the sum of all
@@ -194,10 +207,21 @@ def phase_block(backend: Any, d: Any, ring: Any, *, n_src: int, k: int, seed: in
     off_s = exclusive_cumsum_mod(xp, d, ring_size(ring), degree_prefix)
     phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
     if col_map is None:
-        return backend.phase_rows(phase, off_s, d, ring, n_src=n_src, k=k, row0=row0,
-                                  select_key=stream(seed, STREAM_SELECT))
-    return backend.phase_rows(phase, off_s, d, ring, n_src=n_src, k=k, row0=row0,
-                              select_key=stream(seed, STREAM_SELECT), col_map=col_map, k_out=k_out)
+        return backend.phase_rows(
+            phase, off_s, d, ring, n_src=n_src, k=k, row0=row0, select_key=stream(seed, STREAM_SELECT)
+        )
+    return backend.phase_rows(
+        phase,
+        off_s,
+        d,
+        ring,
+        n_src=n_src,
+        k=k,
+        row0=row0,
+        select_key=stream(seed, STREAM_SELECT),
+        col_map=col_map,
+        k_out=k_out,
+    )
 
 
 def ring_size(ring: Any) -> int:
@@ -212,10 +236,26 @@ def uniform_degree(density: float, n_tgt: int) -> int:
     return int(min(max(scaled, 1.0), float(n_tgt)))
 
 
-def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int, seed: int, degree_prefix: int,
-               rows_per_call: int, d: Any = None, w: Any = None, weight_mean: float = 1.0,
-               density: float | None = None, perm_s: Any = None, perm_t: Any = None, col_map: Any = None,
-               k_out: int | None = None) -> Any:
+def phase_rows(
+    backend: Any,
+    c: Any,
+    *,
+    n_src: int,
+    row0: int,
+    rows: int,
+    k: int,
+    seed: int,
+    degree_prefix: int,
+    rows_per_call: int,
+    d: Any = None,
+    w: Any = None,
+    weight_mean: float = 1.0,
+    density: float | None = None,
+    perm_s: Any = None,
+    perm_t: Any = None,
+    col_map: Any = None,
+    k_out: int | None = None,
+) -> Any:
     """Phase-router rows ``row0 .. row0 + rows - 1`` (SPEC §3–§7), ``rows_per_call`` rows per kernel call.
 
     The rows' degrees come from exactly one of: ``d`` (int degrees of these rows), ``w`` (float64
@@ -247,9 +287,19 @@ def phase_rows(backend: Any, c: Any, *, n_src: int, row0: int, rows: int, k: int
             db = weights_to_counts(xp, w[a:b], dens, n_tgt, mean=weight_mean, name="source_weights")
         else:
             db = xp.full(b - a, uniform, dtype=xp.int64)
-        out[a:b] = phase_block(backend, db, ring, n_src=n_src, k=k, seed=seed, row0=row0 + a,
-                               degree_prefix=prefix, perm_t=None if perm_t is None else perm_t[a:b],
-                               col_map=col_map, k_out=k_out)
+        out[a:b] = phase_block(
+            backend,
+            db,
+            ring,
+            n_src=n_src,
+            k=k,
+            seed=seed,
+            row0=row0 + a,
+            degree_prefix=prefix,
+            perm_t=None if perm_t is None else perm_t[a:b],
+            col_map=col_map,
+            k_out=k_out,
+        )
         if b < rows:  # the next call's start: uniform degrees need no read-back from the device
             prefix = (prefix + (uniform * (b - a) if uniform is not None else int(db.sum()))) % n_tgt
     return out
@@ -368,8 +418,9 @@ def systematic_phi(seed: int, n_src: int, k: int) -> int:
     return at(stream(seed, STREAM_SYSTEMATIC), 0) % (n_src * k)
 
 
-def systematic_block(backend: Any, cum: Any, *, n_src: int, k: int, seed: int, row0: int = 0,
-                     rows: int | None = None, perm_t: Any = None) -> Any:
+def systematic_block(
+    backend: Any, cum: Any, *, n_src: int, k: int, seed: int, row0: int = 0, rows: int | None = None, perm_t: Any = None
+) -> Any:
     """Rows ``row0 .. row0 + rows - 1`` of the systematic router (SPEC §11) → int32 ``(rows, k)``."""
     if rows is None:
         rows = n_src - row0 if perm_t is None else perm_t.shape[0]
@@ -385,12 +436,24 @@ def check_systematic_slots(n_src: int, k: int, units_total: int | None = None) -
     if m > 1 << 31:
         raise ValueError(f"method='systematic' needs n_src * k <= 2^31; got {n_src} * {k} = {m}")
     if units_total is not None and m > units_total:
-        raise ValueError(f"method='systematic' needs n_src * k <= U = {units_total} (the total capacity units); "
-                         f"got {n_src} * {k} = {m}")
+        raise ValueError(
+            f"method='systematic' needs n_src * k <= U = {units_total} (the total capacity units); "
+            f"got {n_src} * {k} = {m}"
+        )
 
 
-def systematic_rows(backend: Any, caps: Any, *, n_src: int, k: int, seed: int, row0: int, rows: int,
-                    rows_per_call: int, perm_t: Any = None) -> Any:
+def systematic_rows(
+    backend: Any,
+    caps: Any,
+    *,
+    n_src: int,
+    k: int,
+    seed: int,
+    row0: int,
+    rows: int,
+    rows_per_call: int,
+    perm_t: Any = None,
+) -> Any:
     """Rows ``row0 .. row0 + rows - 1`` of the systematic router, ``rows_per_call`` rows per kernel call.
 
     ``caps`` are host (NumPy) capacities: the units ``cum`` are made on the host and moved to the
@@ -403,6 +466,14 @@ def systematic_rows(backend: Any, caps: Any, *, n_src: int, k: int, seed: int, r
     out = xp.empty((rows, k), dtype=xp.int32)
     for a in range(0, rows, rows_per_call):
         b = min(rows, a + rows_per_call)
-        out[a:b] = systematic_block(backend, cum, n_src=n_src, k=k, seed=seed, row0=row0 + a, rows=b - a,
-                                    perm_t=None if perm_t is None else perm_t[a:b])
+        out[a:b] = systematic_block(
+            backend,
+            cum,
+            n_src=n_src,
+            k=k,
+            seed=seed,
+            row0=row0 + a,
+            rows=b - a,
+            perm_t=None if perm_t is None else perm_t[a:b],
+        )
     return out

@@ -225,8 +225,14 @@ def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
     for e, b in enumerate(widths):
         col_map += [e] * b
     n_cols = len(col_map)
-    return {"n_cols": n_cols, "k_draw": min(k * BAND_OVERSAMPLE, n_cols), "weights": weights, "widths": widths,
-            "counts": counts, "col_map": col_map}
+    return {
+        "n_cols": n_cols,
+        "k_draw": min(k * BAND_OVERSAMPLE, n_cols),
+        "weights": weights,
+        "widths": widths,
+        "counts": counts,
+        "col_map": col_map,
+    }
 
 
 def first_distinct(columns: list[int], col_map: list[int], k: int) -> list[int]:

@@ -102,8 +102,9 @@ def check_weights(xp: Any, name: str, x: Any) -> Any:
     return x
 
 
-def check_int_vector(xp: Any, name: str, x: Any, *, length: int | None = None, lo: int = 0,
-                     hi: int | None = None) -> Any:
+def check_int_vector(
+    xp: Any, name: str, x: Any, *, length: int | None = None, lo: int = 0, hi: int | None = None
+) -> Any:
     """Integer vector (any integer dtype) with values in ``[lo, hi]`` → int64 vector."""
     x = as_vector(xp, name, x)
     if x.dtype.kind not in "iu":
@@ -152,5 +153,7 @@ def check_bits(xp: Any, name: str, words: Any, rows: int, nbits: int, nb_words: 
 def check_uniform_weights(xp: Any, w: Any) -> None:
     """``method="systematic"`` gives every source ``k`` slots: its weights must be equal and positive."""
     if w.shape[0] and (bool((w != w[0]).any()) or float(w[0]) == 0.0):
-        raise ValueError("method='systematic' gives every source exactly k slots, so source_weights must be "
-                         "uniform and positive (or None in route); use method='phase' for weighted sources")
+        raise ValueError(
+            "method='systematic' gives every source exactly k slots, so source_weights must be "
+            "uniform and positive (or None in route); use method='phase' for weighted sources"
+        )

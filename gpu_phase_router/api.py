@@ -67,9 +67,20 @@ def route_counts(
     n_src = vector_length("source_degrees", source_degrees)
     if n_src < 1:
         raise ValueError("source_degrees must not be empty (n_src >= 1)")
-    return route_counts_block(source_degrees, target_counts, n_src=n_src, row0=0, degree_prefix=0, k=k, seed=seed,
-                              perm_s=perm_s, perm_t=perm_t, backend=backend, rows_per_call=rows_per_call,
-                              block_rows=block_rows)
+    return route_counts_block(
+        source_degrees,
+        target_counts,
+        n_src=n_src,
+        row0=0,
+        degree_prefix=0,
+        k=k,
+        seed=seed,
+        perm_s=perm_s,
+        perm_t=perm_t,
+        backend=backend,
+        rows_per_call=rows_per_call,
+        block_rows=block_rows,
+    )
 
 
 def route(
@@ -131,8 +142,19 @@ def route(
     n_src = n_w if n_w is not None else vector_length("target_capacities", target_capacities)
     if n_src < 1:
         raise ValueError(f"{'source_weights' if n_w is not None else 'target_capacities'} must not be empty")
-    return route_block(source_weights, target_capacities, n_src=n_src, row0=0, k=k, seed=seed, density=density,
-                       method=method, backend=backend, rows_per_call=rows_per_call, block_rows=block_rows)
+    return route_block(
+        source_weights,
+        target_capacities,
+        n_src=n_src,
+        row0=0,
+        k=k,
+        seed=seed,
+        density=density,
+        method=method,
+        backend=backend,
+        rows_per_call=rows_per_call,
+        block_rows=block_rows,
+    )
 
 
 @on_caller_stream
@@ -166,9 +188,19 @@ def route_bits(
     n_tgt = check_size("n_tgt", n_tgt)
     d = _popcounts(be, "s_bits", to_backend_array(s_bits, be.xp), n_src, n_tgt)
     c = _popcounts(be, "t_bits", to_backend_array(t_bits, be.xp), n_tgt, n_src)
-    return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=to_backend_array(perm_s, be.xp),
-                                perm_t=to_backend_array(perm_t, be.xp), backend=be.name, rows_per_call=rows_per_call,
-                                block_rows=block_rows))
+    return ns.wrap(
+        route_counts(
+            d,
+            c,
+            k=k,
+            seed=seed,
+            perm_s=to_backend_array(perm_s, be.xp),
+            perm_t=to_backend_array(perm_t, be.xp),
+            backend=be.name,
+            rows_per_call=rows_per_call,
+            block_rows=block_rows,
+        )
+    )
 
 
 def _popcounts(be: Backend, name: str, words: Array, rows: int, nbits: int, nb_words: int | None = None) -> Array:
@@ -180,8 +212,18 @@ def _popcounts(be: Backend, name: str, words: Array, rows: int, nbits: int, nb_w
 
 
 @on_caller_stream
-def phase_router(s_bits: Array, t_bits: Array, n: int, nb_words: int, k: int, col_perm_s: Array, col_perm_t: Array,
-                 seed: int, *, backend: BackendName = "auto") -> Array:
+def phase_router(
+    s_bits: Array,
+    t_bits: Array,
+    n: int,
+    nb_words: int,
+    k: int,
+    col_perm_s: Array,
+    col_perm_t: Array,
+    seed: int,
+    *,
+    backend: BackendName = "auto",
+) -> Array:
     """The seed's low-level square router with caller-given permutations.
 
     Args:
@@ -206,8 +248,9 @@ def phase_router(s_bits: Array, t_bits: Array, n: int, nb_words: int, k: int, co
     return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=be.name))
 
 
-def phase_router_auto(s_bits: Array, t_bits: Array, n: int, k: int, seed: int, *,
-                      backend: BackendName = "auto") -> Array:
+def phase_router_auto(
+    s_bits: Array, t_bits: Array, n: int, k: int, seed: int, *, backend: BackendName = "auto"
+) -> Array:
     """The seed's square router with permutations derived from ``seed`` (SPEC §6).
 
     Returns:

@@ -66,8 +66,7 @@ def hash_block(xp: Any, n_tgt: int, *, k: int, seed: int, row0: int, rows: int, 
     return positive[idx].astype(xp.int32)
 
 
-def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int, total: int,
-                        n_pos: int) -> Any:
+def weighted_hash_block(xp: Any, cum: Any, *, k: int, seed: int, row0: int, rows: int, total: int, n_pos: int) -> Any:
     """Rows of the capacity-weighted hash → int32 ``[rows, k]`` (see the module docstring).
 
     ``k * (k + 1) / 2`` vectorised passes over the rows (a ``k``-wide sort per slot): cheap for

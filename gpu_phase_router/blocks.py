@@ -82,16 +82,19 @@ def _degree_prefix(degree_prefix: Any, row0: int, n_tgt: int, method: str) -> in
     if degree_prefix is None:
         if row0 == 0:
             return 0
-        raise TypeError(f"degree_prefix is required for method={method!r} when row0 > 0: the sum of the degrees of "
-                        "rows [0, row0)")
+        raise TypeError(
+            f"degree_prefix is required for method={method!r} when row0 > 0: the sum of the degrees of rows [0, row0)"
+        )
     return check_int("degree_prefix", degree_prefix, lo=0, hi=row0 * n_tgt)
 
 
 def _mean(weight_mean: Any, method: str) -> float:
     if weight_mean is None:
-        raise TypeError(f"weight_mean is required for method={method!r} when the rows are not all n_src sources: "
-                        "the mean of all n_src source weights (gpu_phase_router.blocks.weight_mean or "
-                        "sum_from_partials(...) / n_src)")
+        raise TypeError(
+            f"weight_mean is required for method={method!r} when the rows are not all n_src sources: "
+            "the mean of all n_src source weights (gpu_phase_router.blocks.weight_mean or "
+            "sum_from_partials(...) / n_src)"
+        )
     if isinstance(weight_mean, bool) or not isinstance(weight_mean, numbers.Real):
         raise TypeError(f"weight_mean must be a real number; got {type(weight_mean).__name__}")
     weight_mean = float(weight_mean)
@@ -109,8 +112,10 @@ def _block_perm_t(xp: Any, perm_t: Array, rows: int, n_src: int) -> Array:
         return check_permutation(xp, "perm_t", perm_t, n_src)
     pt = check_int_vector(xp, "perm_t", perm_t, length=rows, lo=0, hi=n_src - 1)
     if rows and int(xp.unique(pt).shape[0]) != rows:
-        raise ValueError("perm_t (the slice perm_t[row0:row0 + rows]) repeats a value, "
-                         f"so it is not part of a permutation of range({n_src})")
+        raise ValueError(
+            "perm_t (the slice perm_t[row0:row0 + rows]) repeats a value, "
+            f"so it is not part of a permutation of range({n_src})"
+        )
     return pt
 
 
@@ -161,8 +166,7 @@ def route_counts_block(
     """
     if source_degrees is None or target_counts is None:
         raise TypeError("source_degrees and target_counts are required")
-    be, ns = resolve(backend, source_degrees=source_degrees, target_counts=target_counts, perm_s=perm_s,
-                     perm_t=perm_t)
+    be, ns = resolve(backend, source_degrees=source_degrees, target_counts=target_counts, perm_s=perm_s, perm_t=perm_t)
     xp = be.xp
     n_src = check_size("n_src", n_src)
     c = as_vector(np, "target_counts", to_numpy(target_counts))
@@ -178,8 +182,20 @@ def route_counts_block(
     seed = check_seed(seed)
     ps = None if perm_s is None else check_permutation(xp, "perm_s", to_backend_array(perm_s, xp), n_tgt)
     pt = None if perm_t is None else _block_perm_t(xp, to_backend_array(perm_t, xp), rows, n_src)
-    out = _prep.phase_rows(be, c, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, degree_prefix=prefix,
-                           rows_per_call=check_rows_per_call(rows_per_call, block_rows), d=d, perm_s=ps, perm_t=pt)
+    out = _prep.phase_rows(
+        be,
+        c,
+        n_src=n_src,
+        row0=row0,
+        rows=rows,
+        k=k,
+        seed=seed,
+        degree_prefix=prefix,
+        rows_per_call=check_rows_per_call(rows_per_call, block_rows),
+        d=d,
+        perm_s=ps,
+        perm_t=pt,
+    )
     return ns.wrap(out)
 
 
@@ -268,8 +284,20 @@ def route_block(
         else:  # degrees live on the method's ring: n_tgt, or V of SPEC §13 for a banded phase router
             n_ring = m.degree_ring(caps, n_src=n_src, k=k, density=density)
             prefix = _degree_prefix(degree_prefix, row0, n_ring, m.name)
-    out = m.rows(be, w, caps, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, density=density, weight_mean=mean,
-                 degree_prefix=prefix, rows_per_call=per_call)
+    out = m.rows(
+        be,
+        w,
+        caps,
+        n_src=n_src,
+        row0=row0,
+        rows=rows,
+        k=k,
+        seed=seed,
+        density=density,
+        weight_mean=mean,
+        degree_prefix=prefix,
+        rows_per_call=per_call,
+    )
     return ns.wrap(out)
 
 
@@ -308,8 +336,7 @@ def weight_mean(source_weights: Array) -> float:
     return _prep.tree_sum(ns.xp, w) / w.shape[0]
 
 
-def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float = 0.3,
-              method: str = "phase") -> int:
+def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float = 0.3, method: str = "phase") -> int:
     """Length of the target ring on which ``method``'s degrees are counted: for ``"phase"``, ``V``
     of SPEC §13 when ``n_tgt < n_src`` (the banded phase router), else ``n_tgt``. Pass it as
     ``n_tgt`` to :func:`source_degrees` to get a block's ``degree_prefix``::

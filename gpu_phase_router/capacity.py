@@ -80,8 +80,10 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
         raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom))
     top = float(raw.max())
     if not top < 2.0**63:  # also catches inf / nan
-        raise ValueError(f"headroom={headroom} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
-                         "beyond int64 (2^63 - 1); use a smaller headroom")
+        raise ValueError(
+            f"headroom={headroom} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
+            "beyond int64 (2^63 - 1); use a smaller headroom"
+        )
     hard = xp.where(caps == 0, 0, raw.astype(xp.int64)).astype(xp.int64)
     return ns.wrap(hard)
 
@@ -212,14 +214,16 @@ def load_stats(loads: Any, capacities: Any = None) -> dict[str, float]:
     corr = float("nan")
     if ld.std() > 0 and cap.std() > 0:
         corr = float(np.corrcoef(cap, ld)[0, 1])
-    stats.update({
-        "ratio_mean": r_mean,
-        "ratio_std": r_std,
-        "ratio_cv": r_std / r_mean if r_mean > 0 else 0.0,
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-        "corr": corr,
-    })
+    stats.update(
+        {
+            "ratio_mean": r_mean,
+            "ratio_std": r_std,
+            "ratio_cv": r_std / r_mean if r_mean > 0 else 0.0,
+            "ratio_min": float(ratio.min()),
+            "ratio_max": float(ratio.max()),
+            "corr": corr,
+        }
+    )
     return stats
 
 
@@ -237,7 +241,7 @@ def _profile(n: int, seed: int, levels: list[tuple[float, float]], at_least_one:
         count = int(n * share)
         if at_least_one:
             count = max(count, 1)
-        caps[start:start + count] = value
+        caps[start : start + count] = value
         start += count
     np.random.default_rng(seed).shuffle(caps)
     return caps

@@ -52,11 +52,15 @@ from .methods import Method, check_rows_per_call, get_method
 def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
     """A 1-D dask array chunked along its only axis, with known chunk sizes → (n, chunks)."""
     if not isinstance(x, da.Array):
-        raise TypeError(f"{name} must be a dask.array.Array (e.g. dask.array.from_array(x, chunks=...)); "
-                        f"got {type(x).__name__}. For in-memory arrays use gpu_phase_router.route directly.")
+        raise TypeError(
+            f"{name} must be a dask.array.Array (e.g. dask.array.from_array(x, chunks=...)); "
+            f"got {type(x).__name__}. For in-memory arrays use gpu_phase_router.route directly."
+        )
     if x.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D dask array with one entry per source, chunked along that axis "
-                         f"only; got shape {x.shape} with chunks {x.chunks}")
+        raise ValueError(
+            f"{name} must be a 1-D dask array with one entry per source, chunked along that axis "
+            f"only; got shape {x.shape} with chunks {x.chunks}"
+        )
     chunks = x.chunks[0]
     if any(isinstance(c, float) and math.isnan(c) for c in chunks):
         raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first")
@@ -71,8 +75,10 @@ def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
 
 def _check_target(name: str, x: Any) -> np.ndarray:
     if isinstance(x, da.Array):
-        raise TypeError(f"{name} must be a NumPy or CuPy array (it is small and goes to every chunk); got a "
-                        f"dask array: pass {name}.compute()")
+        raise TypeError(
+            f"{name} must be a NumPy or CuPy array (it is small and goes to every chunk); got a "
+            f"dask array: pass {name}.compute()"
+        )
     if x is None:
         raise TypeError(f"{name} is required")
     return to_numpy(x)
@@ -111,18 +117,23 @@ def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
         if lo != hi:
             raise ValueError(
                 f"method={method.name!r} gives every source exactly k slots, so source_weights must be uniform; "
-                f"got values from {lo} to {hi}; use method='phase' for weighted sources")
+                f"got values from {lo} to {hi}; use method='phase' for weighted sources"
+            )
     if not method.uses_weight_mean:
         return None
     return _prep.tree_combine([p for s in stats for p in s[0]], n_src) / n_src
 
 
-def _weight_degree_sum(w: Any, mean: float, caps: np.ndarray, n_src: int, k: int, density: float,
-                       method: Method) -> int:
+def _weight_degree_sum(
+    w: Any, mean: float, caps: np.ndarray, n_src: int, k: int, density: float, method: Method
+) -> int:
     xp = array_namespace(source_weights=w).xp
     assert method.degrees is not None
-    return int(method.degrees(xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, k=k, density=density,
-                              weight_mean=mean).sum())
+    return int(
+        method.degrees(
+            xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, k=k, density=density, weight_mean=mean
+        ).sum()
+    )
 
 
 def _count_degree_sum(d: Any, a: int, n_tgt: int) -> int:
@@ -142,23 +153,66 @@ def _exclusive_prefix(sums: list[int]) -> list[int]:
     return out
 
 
-def _route_weights_chunk(w: Any, *, caps: np.ndarray, mean: float | None, prefixes: list[int] | None, n_src: int,
-                         k: int, seed: int, density: float, method: str, backend: BackendName,
-                         rows_per_call: int, block_info: Any = None) -> Any:
+def _route_weights_chunk(
+    w: Any,
+    *,
+    caps: np.ndarray,
+    mean: float | None,
+    prefixes: list[int] | None,
+    n_src: int,
+    k: int,
+    seed: int,
+    density: float,
+    method: str,
+    backend: BackendName,
+    rows_per_call: int,
+    block_info: Any = None,
+) -> Any:
     loc = block_info[None]
     i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_block(w, caps, n_src=n_src, row0=row0, k=k, seed=seed, density=density, method=method,
-                              weight_mean=mean, degree_prefix=None if prefixes is None else prefixes[i],
-                              backend=backend, rows_per_call=rows_per_call)
+    return blocks.route_block(
+        w,
+        caps,
+        n_src=n_src,
+        row0=row0,
+        k=k,
+        seed=seed,
+        density=density,
+        method=method,
+        weight_mean=mean,
+        degree_prefix=None if prefixes is None else prefixes[i],
+        backend=backend,
+        rows_per_call=rows_per_call,
+    )
 
 
-def _route_counts_chunk(d: Any, *, c: np.ndarray, prefixes: list[int], n_src: int, k: int, seed: int,
-                        perm_s: np.ndarray | None, backend: BackendName, rows_per_call: int,
-                        block_info: Any = None) -> Any:
+def _route_counts_chunk(
+    d: Any,
+    *,
+    c: np.ndarray,
+    prefixes: list[int],
+    n_src: int,
+    k: int,
+    seed: int,
+    perm_s: np.ndarray | None,
+    backend: BackendName,
+    rows_per_call: int,
+    block_info: Any = None,
+) -> Any:
     loc = block_info[None]
     i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_counts_block(d, c, n_src=n_src, row0=row0, degree_prefix=prefixes[i], k=k, seed=seed,
-                                     perm_s=perm_s, backend=backend, rows_per_call=rows_per_call)
+    return blocks.route_counts_block(
+        d,
+        c,
+        n_src=n_src,
+        row0=row0,
+        degree_prefix=prefixes[i],
+        k=k,
+        seed=seed,
+        perm_s=perm_s,
+        backend=backend,
+        rows_per_call=rows_per_call,
+    )
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -236,9 +290,22 @@ def route(
         sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, k, density, m) for p in parts]
         prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
-        _route_weights_chunk, source_weights, caps=caps, mean=mean, prefixes=prefixes, n_src=n_src, k=k, seed=seed,
-        density=density, method=method, backend=backend, rows_per_call=per_call,
-        dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_weights._meta),
+        _route_weights_chunk,
+        source_weights,
+        caps=caps,
+        mean=mean,
+        prefixes=prefixes,
+        n_src=n_src,
+        k=k,
+        seed=seed,
+        density=density,
+        method=method,
+        backend=backend,
+        rows_per_call=per_call,
+        dtype=np.int32,
+        chunks=(chunks, (k,)),
+        new_axis=1,
+        meta=_meta(source_weights._meta),
         token="gpu-phase-route",
     )
 
@@ -285,9 +352,20 @@ def route_counts(
     sums = [dask.delayed(_count_degree_sum, pure=True)(p, a, n_tgt) for p, a in zip(parts, starts, strict=True)]
     prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
     return da.map_blocks(
-        _route_counts_chunk, source_degrees, c=c, prefixes=prefixes, n_src=n_src, k=k, seed=seed, perm_s=perm_s,
-        backend=backend, rows_per_call=per_call,
-        dtype=np.int32, chunks=(chunks, (k,)), new_axis=1, meta=_meta(source_degrees._meta),
+        _route_counts_chunk,
+        source_degrees,
+        c=c,
+        prefixes=prefixes,
+        n_src=n_src,
+        k=k,
+        seed=seed,
+        perm_s=perm_s,
+        backend=backend,
+        rows_per_call=per_call,
+        dtype=np.int32,
+        chunks=(chunks, (k,)),
+        new_axis=1,
+        meta=_meta(source_degrees._meta),
         token="gpu-phase-route-counts",
     )
 

@@ -41,17 +41,31 @@ DEFAULT_ROWS_PER_CALL = 1 << 18  # rows per kernel call: bounds the O(rows) temp
 class RowsFn(Protocol):
     """The signature every method implements (see the module docstring)."""
 
-    def __call__(self, backend: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int,
-                 k: int, seed: int, density: float, weight_mean: float, degree_prefix: int,
-                 rows_per_call: int) -> Array: ...
+    def __call__(
+        self,
+        backend: Backend,
+        w: Array | None,
+        caps: np.ndarray,
+        *,
+        n_src: int,
+        row0: int,
+        rows: int,
+        k: int,
+        seed: int,
+        density: float,
+        weight_mean: float,
+        degree_prefix: int,
+        rows_per_call: int,
+    ) -> Array: ...
 
 
 class DegreesFn(Protocol):
     """int64 degrees of a row range from its weights (their sum over earlier rows is the
     ``degree_prefix`` of a later range)."""
 
-    def __call__(self, xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float,
-                 weight_mean: float) -> Array: ...
+    def __call__(
+        self, xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float, weight_mean: float
+    ) -> Array: ...
 
 
 class RingSizeFn(Protocol):
@@ -99,32 +113,85 @@ class Method:
 # --- the methods -----------------------------------------------------------------------------------
 
 
-def _phase(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int, seed: int,
-           density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
+def _phase(
+    be: Backend,
+    w: Array | None,
+    caps: np.ndarray,
+    *,
+    n_src: int,
+    row0: int,
+    rows: int,
+    k: int,
+    seed: int,
+    density: float,
+    weight_mean: float,
+    degree_prefix: int,
+    rows_per_call: int,
+) -> Array:
     if _prep.bands_apply(n_src, int(caps.shape[0])):  # SPEC §13: virtual ring, first k distinct targets
         lay = _prep.band_layout(caps, n_src, k, density)  # host arithmetic only, cached
-        return _prep.phase_rows(be, lay.col_counts, n_src=n_src, row0=row0, rows=rows, k=lay.k_draw, seed=seed,
-                                degree_prefix=degree_prefix, rows_per_call=rows_per_call, w=w,
-                                weight_mean=weight_mean, density=density, col_map=lay.col_map, k_out=k)
+        return _prep.phase_rows(
+            be,
+            lay.col_counts,
+            n_src=n_src,
+            row0=row0,
+            rows=rows,
+            k=lay.k_draw,
+            seed=seed,
+            degree_prefix=degree_prefix,
+            rows_per_call=rows_per_call,
+            w=w,
+            weight_mean=weight_mean,
+            density=density,
+            col_map=lay.col_map,
+            k_out=k,
+        )
     c = _prep.weights_to_counts(np, caps, density, n_src, name="target_capacities")
-    return _prep.phase_rows(be, c, n_src=n_src, row0=row0, rows=rows, k=k, seed=seed, degree_prefix=degree_prefix,
-                            rows_per_call=rows_per_call, w=w, weight_mean=weight_mean, density=density)
+    return _prep.phase_rows(
+        be,
+        c,
+        n_src=n_src,
+        row0=row0,
+        rows=rows,
+        k=k,
+        seed=seed,
+        degree_prefix=degree_prefix,
+        rows_per_call=rows_per_call,
+        w=w,
+        weight_mean=weight_mean,
+        density=density,
+    )
 
 
 def _phase_ring_size(caps: np.ndarray, *, n_src: int, k: int, density: float) -> int:
     return _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)
 
 
-def _phase_degrees(xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float,
-                   weight_mean: float) -> Array:
+def _phase_degrees(
+    xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float, weight_mean: float
+) -> Array:
     n_ring = _phase_ring_size(caps, n_src=n_src, k=k, density=density)
     return _prep.weights_to_counts(xp, w, density, n_ring, mean=weight_mean, name="source_weights")
 
 
-def _systematic(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int,
-                seed: int, density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
-    return _prep.systematic_rows(be, caps, n_src=n_src, k=k, seed=seed, row0=row0, rows=rows,
-                                 rows_per_call=rows_per_call)
+def _systematic(
+    be: Backend,
+    w: Array | None,
+    caps: np.ndarray,
+    *,
+    n_src: int,
+    row0: int,
+    rows: int,
+    k: int,
+    seed: int,
+    density: float,
+    weight_mean: float,
+    degree_prefix: int,
+    rows_per_call: int,
+) -> Array:
+    return _prep.systematic_rows(
+        be, caps, n_src=n_src, k=k, seed=seed, row0=row0, rows=rows, rows_per_call=rows_per_call
+    )
 
 
 def _zero_weight_rows(out: Array, w: Array | None) -> Array:
@@ -134,8 +201,21 @@ def _zero_weight_rows(out: Array, w: Array | None) -> Array:
     return out
 
 
-def _hash(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int, seed: int,
-          density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
+def _hash(
+    be: Backend,
+    w: Array | None,
+    caps: np.ndarray,
+    *,
+    n_src: int,
+    row0: int,
+    rows: int,
+    k: int,
+    seed: int,
+    density: float,
+    weight_mean: float,
+    degree_prefix: int,
+    rows_per_call: int,
+) -> Array:
     xp = be.xp
     positive = xp.asarray(np.flatnonzero(np.asarray(caps) > 0).astype(np.int64))  # zero capacities never receive
     out = xp.empty((rows, k), dtype=xp.int32)
@@ -145,8 +225,21 @@ def _hash(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: i
     return _zero_weight_rows(out, w)
 
 
-def _weighted_hash(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int, row0: int, rows: int, k: int,
-                   seed: int, density: float, weight_mean: float, degree_prefix: int, rows_per_call: int) -> Array:
+def _weighted_hash(
+    be: Backend,
+    w: Array | None,
+    caps: np.ndarray,
+    *,
+    n_src: int,
+    row0: int,
+    rows: int,
+    k: int,
+    seed: int,
+    density: float,
+    weight_mean: float,
+    degree_prefix: int,
+    rows_per_call: int,
+) -> Array:
     xp = be.xp
     cum = _prep.capacity_cum(np, caps)
     total, n_pos = int(cum[-1]), int(np.count_nonzero(cum[1:] - cum[:-1]))
@@ -161,9 +254,16 @@ def _weighted_hash(be: Backend, w: Array | None, caps: np.ndarray, *, n_src: int
 _TABLE: dict[str, Method] = {}
 
 
-def register_method(name: str, rows: RowsFn | Callable[..., Any], *, uses_weight_mean: bool = False,
-                    degrees: DegreesFn | Callable[..., Any] | None = None, uniform_sources: bool = False,
-                    summary: str = "", ring_size: RingSizeFn | Callable[..., Any] | None = None) -> Method:
+def register_method(
+    name: str,
+    rows: RowsFn | Callable[..., Any],
+    *,
+    uses_weight_mean: bool = False,
+    degrees: DegreesFn | Callable[..., Any] | None = None,
+    uniform_sources: bool = False,
+    summary: str = "",
+    ring_size: RingSizeFn | Callable[..., Any] | None = None,
+) -> Method:
     """Add (or replace) a routing method; it then works in ``route``, ``route_block`` and Dask.
 
     Args:
@@ -181,13 +281,24 @@ def register_method(name: str, rows: RowsFn | Callable[..., Any], *, uses_weight
     return method
 
 
-register_method("phase", _phase, uses_weight_mean=True, degrees=_phase_degrees, ring_size=_phase_ring_size,
-                summary="the seed's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)")
-register_method("systematic", _systematic, uniform_sources=True,
-                summary="equally spaced slots on the capacity ring, exact shares (SPEC §11)")
+register_method(
+    "phase",
+    _phase,
+    uses_weight_mean=True,
+    degrees=_phase_degrees,
+    ring_size=_phase_ring_size,
+    summary="the seed's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)",
+)
+register_method(
+    "systematic",
+    _systematic,
+    uniform_sources=True,
+    summary="equally spaced slots on the capacity ring, exact shares (SPEC §11)",
+)
 register_method("hash", _hash, summary="k uniform targets per source among those of positive capacity (baseline)")
-register_method("weighted_hash", _weighted_hash,
-                summary="k distinct targets drawn in proportion to capacity (baseline)")
+register_method(
+    "weighted_hash", _weighted_hash, summary="k distinct targets drawn in proportion to capacity (baseline)"
+)
 
 
 def available_methods() -> list[str]:
@@ -213,8 +324,17 @@ def check_rows_per_call(rows_per_call: Any, block_rows: Any = None) -> int:
     return DEFAULT_ROWS_PER_CALL if rows_per_call is None else check_int(name, rows_per_call, lo=1)
 
 
-def route_uniform(method: str, backend: BackendName, n_src: int, caps: Any, *, k: int, seed: int,
-                  density: float = 0.3, rows_per_call: int | None = None) -> Array:
+def route_uniform(
+    method: str,
+    backend: BackendName,
+    n_src: int,
+    caps: Any,
+    *,
+    k: int,
+    seed: int,
+    density: float = 0.3,
+    rows_per_call: int | None = None,
+) -> Array:
     """All rows of ``method`` for ``n_src`` sources of weight 1 and host capacities ``caps``.
 
     Validates only host values and reads nothing back from the device, so on the ``cuda``
@@ -235,9 +355,20 @@ def route_uniform(method: str, backend: BackendName, n_src: int, caps: Any, *, k
     n_src = check_size("n_src", n_src)
     caps = check_weights(np, "caps", np.asarray(caps))
     k = check_k(k, int(caps.shape[0]))
-    return m.rows(be, None, caps, n_src=n_src, row0=0, rows=n_src, k=k, seed=check_seed(seed),
-                  density=check_density(density), weight_mean=1.0, degree_prefix=0,
-                  rows_per_call=check_rows_per_call(rows_per_call))
+    return m.rows(
+        be,
+        None,
+        caps,
+        n_src=n_src,
+        row0=0,
+        rows=n_src,
+        k=k,
+        seed=check_seed(seed),
+        density=check_density(density),
+        weight_mean=1.0,
+        degree_prefix=0,
+        rows_per_call=check_rows_per_call(rows_per_call),
+    )
 
 
 __all__ = [

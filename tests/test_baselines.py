@@ -70,8 +70,13 @@ def test_hash_never_sends_to_zero_capacity():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n_src=st.integers(1, 40), n_tgt=st.integers(1, 40), k=st.integers(1, 8), seed=st.integers(0, 2**64 - 1),
-       data=st.data())
+@given(
+    n_src=st.integers(1, 40),
+    n_tgt=st.integers(1, 40),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**64 - 1),
+    data=st.data(),
+)
 def test_hash_with_zero_capacities_matches_oracle(n_src, n_tgt, k, seed, data):
     k = min(k, n_tgt)
     caps = data.draw(st.lists(st.sampled_from([0.0, 1.0, 4.0]), min_size=n_tgt, max_size=n_tgt).filter(any))
@@ -80,8 +85,13 @@ def test_hash_with_zero_capacities_matches_oracle(n_src, n_tgt, k, seed, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n_src=st.integers(1, 40), n_tgt=st.integers(1, 40), k=st.integers(1, 8), seed=st.integers(0, 2**64 - 1),
-       data=st.data())
+@given(
+    n_src=st.integers(1, 40),
+    n_tgt=st.integers(1, 40),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**64 - 1),
+    data=st.data(),
+)
 def test_hash_matches_oracle(n_src, n_tgt, k, seed, data):
     k = min(k, n_tgt)
     w = data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=n_src, max_size=n_src).filter(any))
@@ -91,8 +101,12 @@ def test_hash_matches_oracle(n_src, n_tgt, k, seed, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(caps=st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 100.0]), min_size=1, max_size=30).filter(any),
-       n_src=st.integers(1, 30), k=st.integers(1, 8), seed=st.integers(0, 2**64 - 1))
+@given(
+    caps=st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0, 100.0]), min_size=1, max_size=30).filter(any),
+    n_src=st.integers(1, 30),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**64 - 1),
+)
 def test_weighted_hash_matches_oracle(caps, n_src, k, seed):
     k = min(k, len(caps))
     got = gpr.route(np.ones(n_src), np.array(caps), k=k, seed=seed, method="weighted_hash")
@@ -204,8 +218,10 @@ def test_uniform_hash_is_uniform():
 
 def test_capacity_aware_baseline_tracks_capacity_better_than_blind():
     caps = gpr.strong_hetero_capacities(1024, seed=0)
-    stats = {m: gpr.load_stats(gpr.compute_loads(gpr.route(target_capacities=caps, k=2, method=m), 1024), caps)
-             for m in ("hash", "weighted_hash")}
+    stats = {
+        m: gpr.load_stats(gpr.compute_loads(gpr.route(target_capacities=caps, k=2, method=m), 1024), caps)
+        for m in ("hash", "weighted_hash")
+    }
     assert stats["weighted_hash"]["corr"] > 0.7 > 0.2 > stats["hash"]["corr"]
 
 
@@ -218,9 +234,11 @@ def test_methods_registered():
 
 @pytest.mark.subprocess
 def test_no_torch_or_cupy_import():
-    code = ("import sys, numpy as np, gpu_phase_router as g;"
-            "g.route(n=32, k=2, method='hash'); g.route(n=32, k=2, method='weighted_hash');"
-            "g.enforce_capacity(g.hash_route(32, 2), g.make_hard_caps(np.ones(32), 32, 2));"
-            "print('torch' in sys.modules, 'cupy' in sys.modules)")
+    code = (
+        "import sys, numpy as np, gpu_phase_router as g;"
+        "g.route(n=32, k=2, method='hash'); g.route(n=32, k=2, method='weighted_hash');"
+        "g.enforce_capacity(g.hash_route(32, 2), g.make_hard_caps(np.ones(32), 32, 2));"
+        "print('torch' in sys.modules, 'cupy' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

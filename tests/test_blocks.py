@@ -69,8 +69,10 @@ def test_tree_sum_order_is_adjacent_pairs():
     v = [e, 1.0, e, 0.0]  # adjacent pairs: (e + 1) + (e + 0) = 1.0; halves: (e + e) + (1 + 0) = 1 + 2^-52
     assert _reference.tree_sum(v) == 1.0
     assert _prep.tree_sum(np, np.array(v)) == 1.0
-    assert blocks.sum_from_partials(blocks.sum_partials(np.array(v[:1])) + blocks.sum_partials(np.array(v[1:]), 1),
-                                    4) == 1.0
+    assert (
+        blocks.sum_from_partials(blocks.sum_partials(np.array(v[:1])) + blocks.sum_partials(np.array(v[1:]), 1), 4)
+        == 1.0
+    )
 
 
 def test_sum_from_partials_rejects_gaps_and_overlaps():
@@ -111,8 +113,18 @@ def test_route_block_phase_equals_full(trial, backend):
     assert (n_ring == n_tgt) == (n_tgt >= n_src)
     for a, b in _cuts(rng, n_src):
         prefix = int(_host(blocks.source_degrees(wx[:a], weight_mean=mean, n_tgt=n_ring, density=density)).sum())
-        r = gpr.route_block(wx[a:b], cx, n_src=n_src, row0=a, k=k, seed=trial, density=density,
-                            weight_mean=mean, degree_prefix=prefix, rows_per_call=int(rng.integers(1, 50)))
+        r = gpr.route_block(
+            wx[a:b],
+            cx,
+            n_src=n_src,
+            row0=a,
+            k=k,
+            seed=trial,
+            density=density,
+            weight_mean=mean,
+            degree_prefix=prefix,
+            rows_per_call=int(rng.integers(1, 50)),
+        )
         assert type(r) is type(wx) and r.dtype == np.int32 and r.shape == (b - a, k)
         np.testing.assert_array_equal(_host(r), full[a:b])
         got.append(_host(r))
@@ -131,8 +143,16 @@ def test_route_block_systematic_equals_full(trial, backend):
     if n_src <= 150:
         np.testing.assert_array_equal(full, _reference.route_systematic(caps, n_src, k, trial))
     for a, b in _cuts(rng, n_src):
-        r = gpr.route_block(xp.full(b - a, 2.5), xp.asarray(caps), n_src=n_src, row0=a, k=k, seed=trial,
-                            method="systematic", rows_per_call=int(rng.integers(1, 60)))
+        r = gpr.route_block(
+            xp.full(b - a, 2.5),
+            xp.asarray(caps),
+            n_src=n_src,
+            row0=a,
+            k=k,
+            seed=trial,
+            method="systematic",
+            rows_per_call=int(rng.integers(1, 60)),
+        )
         np.testing.assert_array_equal(_host(r), full[a:b])
 
 
@@ -140,8 +160,12 @@ def test_route_block_default_square_weights():
     """route(source_weights=None) is n_tgt sources of weight 1: ones, n_src = n_tgt, mean 1.0."""
     caps = [1, 1, 1, 8, 8, 2, 2, 1]
     full = gpr.route(target_capacities=caps, k=4, seed=42, density=1.0)
-    rows = [gpr.route_block(np.ones(b - a), caps, n_src=8, row0=a, k=4, seed=42, density=1.0,
-                            weight_mean=1.0, degree_prefix=a * 8) for a, b in [(0, 3), (3, 3), (3, 4), (4, 8)]]
+    rows = [
+        gpr.route_block(
+            np.ones(b - a), caps, n_src=8, row0=a, k=4, seed=42, density=1.0, weight_mean=1.0, degree_prefix=a * 8
+        )
+        for a, b in [(0, 3), (3, 3), (3, 4), (4, 8)]
+    ]
     np.testing.assert_array_equal(np.concatenate(rows), full)
 
 
@@ -162,10 +186,18 @@ def test_route_counts_block_equals_full(trial, given_perms, backend):
         np.testing.assert_array_equal(full, _reference.route_counts(d, c, k, trial, ps, pt))
     dx, cx = xp.asarray(d), xp.asarray(c)
     for a, b in _cuts(rng, n_src):
-        r = gpr.route_counts_block(dx[a:b], cx, n_src=n_src, row0=a, degree_prefix=int(d[:a].sum()), k=k,
-                                   seed=trial, perm_s=None if ps is None else xp.asarray(ps),
-                                   perm_t=None if pt is None else xp.asarray(pt[a:b]),
-                                   rows_per_call=int(rng.integers(1, 50)))
+        r = gpr.route_counts_block(
+            dx[a:b],
+            cx,
+            n_src=n_src,
+            row0=a,
+            degree_prefix=int(d[:a].sum()),
+            k=k,
+            seed=trial,
+            perm_s=None if ps is None else xp.asarray(ps),
+            perm_t=None if pt is None else xp.asarray(pt[a:b]),
+            rows_per_call=int(rng.integers(1, 50)),
+        )
         np.testing.assert_array_equal(_host(r), full[a:b])
 
 

@@ -20,7 +20,8 @@ from gpu_phase_router.capacity import CAPACITY_PROFILES
 
 caps_strategy = st.lists(
     st.one_of(st.just(0.0), st.floats(min_value=1e-3, max_value=1e3, allow_nan=False)),
-    min_size=1, max_size=40,
+    min_size=1,
+    max_size=40,
 ).filter(lambda c: any(v > 0 for v in c))
 
 
@@ -53,8 +54,12 @@ def enforce_by_loop(routes, hard):
 
 
 @settings(max_examples=200, deadline=None)
-@given(caps=caps_strategy, n_src=st.integers(1, 5000), k=st.integers(1, 16),
-       headroom=st.floats(min_value=1.0, max_value=4.0))
+@given(
+    caps=caps_strategy,
+    n_src=st.integers(1, 5000),
+    k=st.integers(1, 16),
+    headroom=st.floats(min_value=1.0, max_value=4.0),
+)
 def test_make_hard_caps_matches_reference(caps, n_src, k, headroom):
     got = gpr.make_hard_caps(np.array(caps), n_src, k, headroom)
     assert got.dtype == np.int64
@@ -68,8 +73,10 @@ def test_make_hard_caps_by_hand():
     assert gpr.make_hard_caps([1e-9, 1.0], 4, 1, 1.0).tolist() == [1, 4]
 
 
-@pytest.mark.parametrize("bad, exc", [(0.99, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
-                                      ("2", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, exc",
+    [(0.99, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("2", TypeError), (True, TypeError)],
+)
 def test_make_hard_caps_rejects_bad_headroom(bad, exc):
     with pytest.raises(exc, match="headroom"):
         gpr.make_hard_caps([1.0, 2.0], 4, 2, bad)
@@ -134,14 +141,17 @@ def test_enforce_capacity_keeps_int64():
     assert got.dtype == np.int64 and got.tolist() == [[1, 1, -1]]
 
 
-@pytest.mark.parametrize("routes, caps, exc, match", [
-    (np.array([[0, 3]]), [1, 1, 1], ValueError, "n_tgt=3"),
-    (np.array([[0, -2]]), [1, 1, 1], ValueError, "-1"),
-    (np.array([0, 1]), [1, 1], ValueError, "2-D"),
-    (np.array([[0.0, 1.0]]), [1, 1], TypeError, "integers"),
-    (np.array([[0, 1]]), [1, -1], ValueError, ">= 0"),
-    (np.array([[0, 1]]), [1.0, 1.0], TypeError, "integers"),
-])
+@pytest.mark.parametrize(
+    "routes, caps, exc, match",
+    [
+        (np.array([[0, 3]]), [1, 1, 1], ValueError, "n_tgt=3"),
+        (np.array([[0, -2]]), [1, 1, 1], ValueError, "-1"),
+        (np.array([0, 1]), [1, 1], ValueError, "2-D"),
+        (np.array([[0.0, 1.0]]), [1, 1], TypeError, "integers"),
+        (np.array([[0, 1]]), [1, -1], ValueError, ">= 0"),
+        (np.array([[0, 1]]), [1.0, 1.0], TypeError, "integers"),
+    ],
+)
 def test_enforce_capacity_rejects_bad_input(routes, caps, exc, match):
     with pytest.raises(exc, match=match):
         gpr.enforce_capacity(routes, caps)
@@ -201,12 +211,15 @@ def test_load_stats_degenerate():
 # ── capacity profiles ─────────────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("name, levels", [
-    ("uniform", {1.0: 1.0}),
-    ("mild", {3.0: 0.2, 1.0: 0.8}),
-    ("strong", {8.0: 0.1, 2.0: 0.2, 1.0: 0.7}),
-    ("extreme", {16.0: 0.05, 1.0: 0.95}),
-])
+@pytest.mark.parametrize(
+    "name, levels",
+    [
+        ("uniform", {1.0: 1.0}),
+        ("mild", {3.0: 0.2, 1.0: 0.8}),
+        ("strong", {8.0: 0.1, 2.0: 0.2, 1.0: 0.7}),
+        ("extreme", {16.0: 0.05, 1.0: 0.95}),
+    ],
+)
 @pytest.mark.parametrize("n", [100, 1000])
 def test_profiles(name, levels, n):
     fn = CAPACITY_PROFILES[name]
@@ -235,8 +248,13 @@ def systematic_slots(caps, n_src, k, seed):
     big_u, m = int(cum[-1]), n_src * k
     _, perm_t = ref.derived_permutations(n_src, len(caps), seed)
     phi = gpr._keys.at(gpr._keys.stream(seed, 4), 0) % m
-    slots = [[int(np.searchsorted(cum.astype(np.int64), ((s * n_src + perm_t[j]) * big_u + phi) // m,
-                                  side="right")) - 1 for s in range(k)] for j in range(n_src)]
+    slots = [
+        [
+            int(np.searchsorted(cum.astype(np.int64), ((s * n_src + perm_t[j]) * big_u + phi) // m, side="right")) - 1
+            for s in range(k)
+        ]
+        for j in range(n_src)
+    ]
     return slots, units, big_u
 
 

@@ -101,9 +101,15 @@ def test_hypothesis_counts(n_src, n_tgt, data, seed, rows_per_call):
     ps = data.draw(st.permutations(range(n_tgt))) if given_perms else None
     pt = data.draw(st.permutations(range(n_src))) if given_perms else None
     want = _reference.route_counts(d, c, k, seed, perm_s=ps, perm_t=pt)
-    got = gpr.route_counts(np.array(d), np.array(c), k=k, seed=seed,
-                           perm_s=None if ps is None else np.array(ps),
-                           perm_t=None if pt is None else np.array(pt), rows_per_call=rows_per_call)
+    got = gpr.route_counts(
+        np.array(d),
+        np.array(c),
+        k=k,
+        seed=seed,
+        perm_s=None if ps is None else np.array(ps),
+        perm_t=None if pt is None else np.array(pt),
+        rows_per_call=rows_per_call,
+    )
     np.testing.assert_array_equal(got, want)
 
 

@@ -25,8 +25,18 @@ def nvcc() -> str:
 def compile_cu(arch: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
     src = tmp_path / "phase_router.cu"
     src.write_text(kernel_source())  # exactly what CuPy hands to NVRTC
-    cmd = [nvcc(), f"-arch={arch}", "-cubin", *NVRTC_OPTIONS, "-Werror", "all-warnings", *extra,
-           "-o", str(tmp_path / f"{arch}.cubin"), str(src)]
+    cmd = [
+        nvcc(),
+        f"-arch={arch}",
+        "-cubin",
+        *NVRTC_OPTIONS,
+        "-Werror",
+        "all-warnings",
+        *extra,
+        "-o",
+        str(tmp_path / f"{arch}.cubin"),
+        str(src),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 

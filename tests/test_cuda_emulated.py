@@ -26,14 +26,14 @@ TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
 CONFIGS = [
-    dict(warps_per_row=1, rows_per_block=1),
-    dict(warps_per_row=1, rows_per_block=8),
-    dict(warps_per_row=2, rows_per_block=2),
-    dict(warps_per_row=4, rows_per_block=1),
-    dict(warps_per_row=8, rows_per_block=1),
-    dict(warps_per_row=1, rows_per_block=4, max_width=2),
-    dict(warps_per_row=8, rows_per_block=1, max_width=1),
-    dict(warps_per_row=2, rows_per_block=4, max_width=4),
+    dict(warps_per_row=1, rows_per_cta=1),
+    dict(warps_per_row=1, rows_per_cta=8),
+    dict(warps_per_row=2, rows_per_cta=2),
+    dict(warps_per_row=4, rows_per_cta=1),
+    dict(warps_per_row=8, rows_per_cta=1),
+    dict(warps_per_row=1, rows_per_cta=4, max_width=2),
+    dict(warps_per_row=8, rows_per_cta=1, max_width=1),
+    dict(warps_per_row=2, rows_per_cta=4, max_width=4),
 ]
 
 
@@ -89,9 +89,22 @@ def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, rows_per_call=1 << 18
     def to(a):
         return None if a is None else xp.asarray(np.asarray(a, dtype=np.int64))
 
-    return host(_prep.phase_rows(be, np.asarray(c, dtype=np.int64), n_src=len(d), row0=0, rows=len(d), k=k,
-                                 seed=seed, degree_prefix=0, rows_per_call=rows_per_call, d=to(d), perm_s=to(perm_s),
-                                 perm_t=to(perm_t)))
+    return host(
+        _prep.phase_rows(
+            be,
+            np.asarray(c, dtype=np.int64),
+            n_src=len(d),
+            row0=0,
+            rows=len(d),
+            k=k,
+            seed=seed,
+            degree_prefix=0,
+            rows_per_call=rows_per_call,
+            d=to(d),
+            perm_s=to(perm_s),
+            perm_t=to(perm_t),
+        )
+    )
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -162,10 +175,20 @@ def test_phase_seeds_and_permutations(kind, seed, perms):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-@pytest.mark.parametrize("n_src,n_tgt,k,pattern", [
-    (1, 1, 1, "full"), (9, 200, 1, "mixed"), (9, 200, 5, "full"), (40, 200, 16, "mixed"), (40, 200, 17, "full"),
-    (33, 150, 150, "full"), (70, 120, 33, "mixed"), (50, 64, 8, "sparse"), (13, 300, 300, "mixed"),
-])
+@pytest.mark.parametrize(
+    "n_src,n_tgt,k,pattern",
+    [
+        (1, 1, 1, "full"),
+        (9, 200, 1, "mixed"),
+        (9, 200, 5, "full"),
+        (40, 200, 16, "mixed"),
+        (40, 200, 17, "full"),
+        (33, 150, 150, "full"),
+        (70, 120, 33, "mixed"),
+        (50, 64, 8, "sparse"),
+        (13, 300, 300, "mixed"),
+    ],
+)
 def test_phase_launch_shapes(kind, cpu, config, n_src, n_tgt, k, pattern):
     """Multi-warp rows (shared-memory merge), several rows per block (inactive rows in the last
     block) and small register widths (many threshold passes) all give the same rows."""
@@ -217,13 +240,22 @@ def test_phase_block_direct(kind, cpu, row0):
     rows = min(13, n_src - row0)
     xp = be.xp
     ring = be.prepare_ring(*_prep.ring_layout(be, xp.asarray(c), n_src, seed))
-    got = _prep.phase_block(be, xp.asarray(d[row0:row0 + rows]), ring, n_src=n_src, k=k, seed=seed, row0=row0,
-                            degree_prefix=int(d[:row0].sum()))
-    assert np.array_equal(host(got), full[row0:row0 + rows])
+    got = _prep.phase_block(
+        be,
+        xp.asarray(d[row0 : row0 + rows]),
+        ring,
+        n_src=n_src,
+        k=k,
+        seed=seed,
+        row0=row0,
+        degree_prefix=int(d[:row0].sum()),
+    )
+    assert np.array_equal(host(got), full[row0 : row0 + rows])
     ring_cpu = cpu.prepare_ring(*_prep.ring_layout(cpu, c, n_src, seed))
-    got_cpu = _prep.phase_block(cpu, d[row0:row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0,
-                                degree_prefix=int(d[:row0].sum()))
-    assert np.array_equal(got_cpu, full[row0:row0 + rows])
+    got_cpu = _prep.phase_block(
+        cpu, d[row0 : row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0, degree_prefix=int(d[:row0].sum())
+    )
+    assert np.array_equal(got_cpu, full[row0 : row0 + rows])
 
 
 def test_phase_default_multiwarp_heuristic(kind):
@@ -267,14 +299,31 @@ def test_phase_hypothesis(data):
 def test_spec_vectors(kind):
     caps = [1, 1, 1, 8, 8, 2, 2, 1]
     assert route(target_capacities=caps, k=4, seed=42, density=1.0, backend=kind).tolist() == [
-        [4, 0, 5, 6], [3, 2, 6, 4], [6, 3, 4, 0], [5, 7, 4, 1], [4, 2, 6, 3], [3, 7, 4, 5], [3, 4, 6, 0], [3, 7, 5, 4]]
+        [4, 0, 5, 6],
+        [3, 2, 6, 4],
+        [6, 3, 4, 0],
+        [5, 7, 4, 1],
+        [4, 2, 6, 3],
+        [3, 7, 4, 5],
+        [3, 4, 6, 0],
+        [3, 7, 5, 4],
+    ]
     assert route(target_capacities=caps, k=4, seed=42, density=0.3, backend=kind).tolist() == [
-        [4, 6, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1], [3, -1, -1, -1],
-        [-1, -1, -1, -1], [-1, -1, -1, -1], [5, -1, -1, -1], [3, 7, -1, -1]]
-    assert route(source_weights=[1] * 6, target_capacities=[1, 0, 3, 0.5, 10], k=3, seed=1, method="systematic",
-                 backend=kind).tolist() == [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
-    assert route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic",
-                 backend=kind).tolist() == [[1], [0], [0]]
+        [4, 6, -1, -1],
+        [-1, -1, -1, -1],
+        [-1, -1, -1, -1],
+        [3, -1, -1, -1],
+        [-1, -1, -1, -1],
+        [-1, -1, -1, -1],
+        [5, -1, -1, -1],
+        [3, 7, -1, -1],
+    ]
+    assert route(
+        source_weights=[1] * 6, target_capacities=[1, 0, 3, 0.5, 10], k=3, seed=1, method="systematic", backend=kind
+    ).tolist() == [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
+    assert route(
+        source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic", backend=kind
+    ).tolist() == [[1], [0], [0]]
 
 
 @pytest.mark.parametrize("n_src,n_tgt,density", [(50, 40, 0.3), (120, 8, 1.0), (8, 120, 0.05)])
@@ -358,8 +407,10 @@ def test_feistel_range(kind, cpu, n, seed):
     assert [int(inv[x]) for x in sample] == [feistel_inverse(x, n, key) for x in sample]
 
 
-@pytest.mark.parametrize("start,count,n", [(5, 10, 100), (0, 0, 10), (999_990, 10, 1_000_000), (1 << 40, 3, 1 << 41),
-                                           ((1 << 61) + 5, 4, 1 << 62)])
+@pytest.mark.parametrize(
+    "start,count,n",
+    [(5, 10, 100), (0, 0, 10), (999_990, 10, 1_000_000), (1 << 40, 3, 1 << 41), ((1 << 61) + 5, 4, 1 << 62)],
+)
 def test_feistel_offsets_and_large_n(kind, cpu, start, count, n):
     be = make_backend(kind)
     key = stream(12, STREAM_PERM_T)
@@ -415,14 +466,16 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
     n_src, k = 30, 4
     caps = np.array([1.0, 0.0, 5.0, 2.5, 0.5, 9.0])
     pt = np.random.default_rng(4).permutation(n_src)
-    want = _reference.route_systematic(caps.tolist(), n_src, k, 77, perm_t=pt.tolist())[row0:row0 + rows]
+    want = _reference.route_systematic(caps.tolist(), n_src, k, 77, perm_t=pt.tolist())[row0 : row0 + rows]
     be = make_backend(kind)
     cum = _prep.capacity_cum(be.xp, be.xp.asarray(caps))
-    got = _prep.systematic_block(be, cum, n_src=n_src, k=k, seed=77, row0=row0,
-                                 perm_t=be.xp.asarray(pt[row0:row0 + rows]))
+    got = _prep.systematic_block(
+        be, cum, n_src=n_src, k=k, seed=77, row0=row0, perm_t=be.xp.asarray(pt[row0 : row0 + rows])
+    )
     assert np.array_equal(host(got), want)
-    got_cpu = _prep.systematic_block(cpu, _prep.capacity_cum(np, caps), n_src=n_src, k=k, seed=77, row0=row0,
-                                     perm_t=pt[row0:row0 + rows])
+    got_cpu = _prep.systematic_block(
+        cpu, _prep.capacity_cum(np, caps), n_src=n_src, k=k, seed=77, row0=row0, perm_t=pt[row0 : row0 + rows]
+    )
     assert np.array_equal(got_cpu, want)
 
 
@@ -452,8 +505,16 @@ def test_launch_bookkeeping():
 def test_int32_limits():
     be = CudaBackend(np, lambda *a: None)
     with pytest.raises(ValueError, match="n_src"):
-        be.phase_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                      (np.zeros((1, 2), np.int32), np.zeros(1, np.int32)), n_src=1 << 31, k=1, row0=0, select_key=0)
+        be.phase_rows(
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            (np.zeros((1, 2), np.int32), np.zeros(1, np.int32)),
+            n_src=1 << 31,
+            k=1,
+            row0=0,
+            select_key=0,
+        )
 
 
 # -- banded phase router (SPEC §13) ------------------------------------------------------------
@@ -462,22 +523,42 @@ def test_int32_limits():
 def run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=1 << 18) -> np.ndarray:
     """All rows of the phase router with the in-kernel column map and first-k_out-distinct step."""
     xp = be.xp
-    return host(_prep.phase_rows(be, np.asarray(c, dtype=np.int64), n_src=len(d), row0=0, rows=len(d), k=k,
-                                 seed=seed, degree_prefix=0, rows_per_call=block_rows,
-                                 d=xp.asarray(np.asarray(d, dtype=np.int64)), col_map=np.asarray(col_map),
-                                 k_out=k_out))
+    return host(
+        _prep.phase_rows(
+            be,
+            np.asarray(c, dtype=np.int64),
+            n_src=len(d),
+            row0=0,
+            rows=len(d),
+            k=k,
+            seed=seed,
+            degree_prefix=0,
+            rows_per_call=block_rows,
+            d=xp.asarray(np.asarray(d, dtype=np.int64)),
+            col_map=np.asarray(col_map),
+            k_out=k_out,
+        )
+    )
 
 
 def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
     draws = _reference.route_counts(list(d), list(c), k, seed)
-    return np.array([_reference.first_distinct([int(v) for v in row], list(col_map), k_out) for row in draws],
-                    dtype=np.int32).reshape(len(d), k_out)
+    return np.array(
+        [_reference.first_distinct([int(v) for v in row], list(col_map), k_out) for row in draws], dtype=np.int32
+    ).reshape(len(d), k_out)
 
 
 @pytest.mark.parametrize("config", [{}, *CONFIGS], ids=lambda c: "-".join(f"{v}" for v in c.values()) or "default")
-@pytest.mark.parametrize("n_src,n_cols,n_tgt,k,k_out", [
-    (30, 40, 5, 8, 2), (25, 64, 9, 17, 4), (12, 100, 3, 40, 3), (40, 33, 33, 33, 33), (9, 20, 1, 4, 1),
-])
+@pytest.mark.parametrize(
+    "n_src,n_cols,n_tgt,k,k_out",
+    [
+        (30, 40, 5, 8, 2),
+        (25, 64, 9, 17, 4),
+        (12, 100, 3, 40, 3),
+        (40, 33, 33, 33, 33),
+        (9, 20, 1, 4, 1),
+    ],
+)
 def test_mapped_emission_launch_shapes(kind, cpu, config, n_src, n_cols, n_tgt, k, k_out):
     """Any column map (not only bands), every register width and multi-pass selection: the kernel's
     first-k_out-distinct step == the CPU kernel's == the reference."""
@@ -512,8 +593,9 @@ BANDED_CAPS = {
 
 
 @pytest.mark.parametrize("caps_kind", list(BANDED_CAPS))
-@pytest.mark.parametrize("n_src,n_tgt,k,density", [(50, 4, 2, 0.5), (200, 8, 2, 0.3), (120, 16, 4, 0.6),
-                                                   (300, 40, 8, 0.9), (64, 63, 3, 0.3)])
+@pytest.mark.parametrize(
+    "n_src,n_tgt,k,density", [(50, 4, 2, 0.5), (200, 8, 2, 0.3), (120, 16, 4, 0.6), (300, 40, 8, 0.9), (64, 63, 3, 0.3)]
+)
 def test_banded_route(kind, cpu, caps_kind, n_src, n_tgt, k, density):
     """route(method="phase") with n_tgt < n_src on the CUDA backend == CPU == reference (SPEC §13)."""
     rng = _case_rng(n_src, n_tgt, k, caps_kind, "banded")
@@ -530,7 +612,19 @@ def test_banded_route(kind, cpu, caps_kind, n_src, n_tgt, k, density):
 
 def test_banded_spec_vector(kind):
     assert route(np.ones(12), [1, 0, 2, 1], k=2, seed=42, density=1.0, backend=kind).tolist() == [
-        [2, 0], [2, 0], [2, 0], [2, 3], [2, 0], [3, 2], [3, 2], [2, 0], [2, 3], [2, 3], [3, 2], [2, 0]]
+        [2, 0],
+        [2, 0],
+        [2, 0],
+        [2, 3],
+        [2, 0],
+        [3, 2],
+        [3, 2],
+        [2, 0],
+        [2, 3],
+        [2, 3],
+        [3, 2],
+        [2, 0],
+    ]
 
 
 def test_banded_launch_bookkeeping():

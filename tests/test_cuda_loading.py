@@ -106,8 +106,9 @@ def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
     fake_cupy = types.ModuleType("cupy")
     fake_cupy.cuda = types.SimpleNamespace(Device=lambda i: Ctx("device", i), ExternalStream=lambda p: Ctx("stream", p))
     fake_torch = types.ModuleType("torch")
-    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda i: types.SimpleNamespace(cuda_stream=1000 + i),
-                                            current_device=lambda: 0)
+    fake_torch.cuda = types.SimpleNamespace(
+        current_stream=lambda i: types.SimpleNamespace(cuda_stream=1000 + i), current_device=lambda: 0
+    )
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     tensor_type = type("Tensor", (), {"__module__": "torch.nn", "device": types.SimpleNamespace(type="cuda", index=1)})

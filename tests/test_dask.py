@@ -34,16 +34,19 @@ def _weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def client():
     """One small two-process cluster on loopback for the whole module."""
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "NUMBA_NUM_THREADS": "1"}
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-                                  dashboard_address=None, env=env) as cluster, distributed.Client(cluster) as c:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, env=env
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
         yield c
 
 
 @pytest.mark.subprocess
 def test_import_does_not_import_dask():
     code = "import sys, gpu_phase_router; assert not any(m == 'dask' or m.startswith('dask.') for m in sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
@@ -89,8 +92,9 @@ def test_distributed_route_counts(client):
     d = rng.integers(0, N_TGT + 1, N_SRC)
     c = rng.integers(0, N_SRC + 1, N_TGT)
     full = gpr.route_counts(d, c, k=2, seed=9)
-    np.testing.assert_array_equal(client.compute(gdask.route_counts(da.from_array(d, chunks=700), c, k=2,
-                                                                     seed=9)).result(), full)
+    np.testing.assert_array_equal(
+        client.compute(gdask.route_counts(da.from_array(d, chunks=700), c, k=2, seed=9)).result(), full
+    )
 
 
 def test_weights_computed_on_workers_and_default_square(client):
@@ -134,8 +138,13 @@ def test_is_lazy():
         (da.ones((10, 2), chunks=(5, 1)), [1.0, 2.0], {}, ValueError, "1-D"),
         (da.ones((10, 1), chunks=(5, 1)), [1.0, 2.0], {}, ValueError, "1-D"),
         (da.ones(0, chunks=5), [1.0, 2.0], {}, ValueError, "empty"),
-        (da.ones(10, chunks=5).astype(bool)[da.ones(10, chunks=5) > 0], [1.0, 2.0], {}, ValueError,
-         "unknown chunk sizes"),
+        (
+            da.ones(10, chunks=5).astype(bool)[da.ones(10, chunks=5) > 0],
+            [1.0, 2.0],
+            {},
+            ValueError,
+            "unknown chunk sizes",
+        ),
         (da.from_array(np.array(["a"] * 4), chunks=2), [1.0, 2.0], {}, TypeError, "source_weights"),
         (da.ones(10, chunks=5), da.ones(2, chunks=1), {}, TypeError, "target_capacities"),
         (da.ones(10, chunks=5), [1.0, -2.0], {}, ValueError, "target_capacities"),

@@ -26,9 +26,11 @@ def run_cli(args, *, block_matplotlib=False, cwd=None):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["MPLBACKEND"] = "Agg"
     if block_matplotlib:
-        code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
-                f"sys.argv = ['gpu-phase-router', *{list(args)!r}]; "
-                "runpy.run_module('gpu_phase_router', run_name='__main__')")
+        code = (
+            "import runpy, sys; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['gpu-phase-router', *{list(args)!r}]; "
+            "runpy.run_module('gpu_phase_router', run_name='__main__')"
+        )
         cmd = [sys.executable, "-c", code]
     else:
         cmd = [sys.executable, "-m", "gpu_phase_router", *args]
@@ -104,16 +106,19 @@ def test_demo_cuda_without_gpu_says_how_to_install():
     assert "gpu_phase_router[cuda12]" in proc.stderr
 
 
-@pytest.mark.parametrize("bad, option", [
-    (["--headroom", "0.5"], "--headroom"),
-    (["--headroom", "nan"], "--headroom"),
-    (["--headroom", "1e300"], "--headroom"),
-    (["--seed", "-1"], "--seed"),
-    (["--seed", str(2**64)], "--seed"),
-    (["--tokens", "-3"], "--tokens"),
-    (["--repeat", "0"], "--repeat"),
-    (["--out", "/proc/nope/x"], "--out"),
-])
+@pytest.mark.parametrize(
+    "bad, option",
+    [
+        (["--headroom", "0.5"], "--headroom"),
+        (["--headroom", "nan"], "--headroom"),
+        (["--headroom", "1e300"], "--headroom"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),
+        (["--tokens", "-3"], "--tokens"),
+        (["--repeat", "0"], "--repeat"),
+        (["--out", "/proc/nope/x"], "--out"),
+    ],
+)
 def test_demo_bad_options_are_usage_errors(bad, option, capsys):
     """Bad values end in argparse's usage error (exit status 2) naming the option, not a traceback."""
     with pytest.raises(SystemExit) as exc:

@@ -50,8 +50,9 @@ def cuda_shuffle_model(values, op, arg, width):
 def test_shuffles_match_cuda_semantics(lib, schedule, seed, src, lane_mask, delta):
     warps = 3
     out = np.full(32 * warps * 12, -1, dtype=np.int32)
-    launcher(lib, schedule, seed)("st_shuffles", (1, 1, 1), (32 * warps, 1, 1),
-                                  (np.int32(src), np.int32(lane_mask), np.uint32(delta), out))
+    launcher(lib, schedule, seed)(
+        "st_shuffles", (1, 1, 1), (32 * warps, 1, 1), (np.int32(src), np.int32(lane_mask), np.uint32(delta), out)
+    )
     out = out.reshape(warps, 32, 3, 4)
     for w in range(warps):
         vals = [100 * (32 * w + lane) + 7 for lane in range(32)]
@@ -79,9 +80,9 @@ def test_ballot_all_any(lib, schedule, seed):
     all_any = np.zeros(128, dtype=np.int32)
     launcher(lib, schedule, seed)("st_ballot", (2, 1, 1), (64, 1, 1), (pred, out, all_any))
     for w in range(4):
-        p = pred[32 * w:32 * w + 32]
+        p = pred[32 * w : 32 * w + 32]
         assert int(out[w]) == sum(int(b) << i for i, b in enumerate(p))
-        assert (all_any[32 * w:32 * w + 32] == 2 * int(p.all()) + int(p.any())).all()
+        assert (all_any[32 * w : 32 * w + 32] == 2 * int(p.all()) + int(p.any())).all()
 
 
 @pytest.mark.parametrize("schedule,seed", SCHEDULES)
@@ -130,8 +131,9 @@ def test_partial_mask_is_reported(lib):
 
 def test_partial_warp_collective_is_reported(lib):
     with pytest.raises(EmulatorError, match="full warp"):
-        launcher(lib)("st_shuffle64", (1, 1, 1), (20, 1, 1), (np.zeros(20, dtype=np.uint64),
-                                                              np.zeros(20, dtype=np.uint64)))
+        launcher(lib)(
+            "st_shuffle64", (1, 1, 1), (20, 1, 1), (np.zeros(20, dtype=np.uint64), np.zeros(20, dtype=np.uint64))
+        )
 
 
 def test_argument_types_are_checked(lib):
@@ -157,8 +159,12 @@ def test_dims(lib):
                 for tz in range(2):
                     for ty in range(2):
                         for tx in range(8):
-                            assert out[t].tolist() == [tx + 10 * ty + 100 * tz, bx + 10 * by + 100 * bz, 8 + 20 + 200,
-                                                       3 + 20 + 200 + 32000]
+                            assert out[t].tolist() == [
+                                tx + 10 * ty + 100 * tz,
+                                bx + 10 * by + 100 * bz,
+                                8 + 20 + 200,
+                                3 + 20 + 200 + 32000,
+                            ]
                             t += 1
 
 

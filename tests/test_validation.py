@@ -74,8 +74,11 @@ def test_route_counts_rejects(kwargs, exc, match):
         (dict(density="x"), TypeError, "density must be a real number"),
         (dict(target_capacities=[1.0] * 4, k=5), ValueError, "k must be between 1 and 4; got 5"),
         (dict(method="bogus"), ValueError, "method must be one of"),
-        (dict(source_weights=[1.0, 2.0], target_capacities=[1.0, 1.0], method="systematic"), ValueError,
-         "source_weights must be\\s+uniform"),
+        (
+            dict(source_weights=[1.0, 2.0], target_capacities=[1.0, 1.0], method="systematic"),
+            ValueError,
+            "source_weights must be\\s+uniform",
+        ),
         (dict(seed=2**64), ValueError, "seed"),
         (dict(target_capacities=[1e308, 1e308]), ValueError, "target_capacities: the mean weight must be finite"),
         (dict(target_capacities=[1e308, 1e308], method="systematic"), ValueError, "target_capacities: the sum"),

@@ -227,8 +227,7 @@ def _compact(x, n_src, rs, rl, rc, cbuf):
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols,
-                  size, k):
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
     Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`). One
@@ -316,11 +315,41 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             x = phase[i]
             lo = off_s[i]
             hi = lo + deg[i]
-            size = _scan_segment(lo, min(hi, n_tgt), x, n_src, ring_start, ring_len, ring_col,
-                                 row_base, cbuf, kbuf, qbuf, keys, cols, 0, k)
+            size = _scan_segment(
+                lo,
+                min(hi, n_tgt),
+                x,
+                n_src,
+                ring_start,
+                ring_len,
+                ring_col,
+                row_base,
+                cbuf,
+                kbuf,
+                qbuf,
+                keys,
+                cols,
+                0,
+                k,
+            )
             if hi > n_tgt:
-                size = _scan_segment(0, hi - n_tgt, x, n_src, ring_start, ring_len, ring_col,
-                                     row_base, cbuf, kbuf, qbuf, keys, cols, size, k)
+                size = _scan_segment(
+                    0,
+                    hi - n_tgt,
+                    x,
+                    n_src,
+                    ring_start,
+                    ring_len,
+                    ring_col,
+                    row_base,
+                    cbuf,
+                    kbuf,
+                    qbuf,
+                    keys,
+                    cols,
+                    size,
+                    k,
+                )
             if banded:
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
             elif k <= SMALL_K:
@@ -339,8 +368,20 @@ def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k,
     for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        _phase_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n_src, k, row0 + a,
-                    row_key, col_map, out[a:b])
+        _phase_rows(
+            phase[a:b],
+            off_s[a:b],
+            deg[a:b],
+            ring_start,
+            ring_len,
+            ring_col,
+            n_src,
+            k,
+            row0 + a,
+            row_key,
+            col_map,
+            out[a:b],
+        )
 
 
 @nb.njit(cache=True)
@@ -409,8 +450,11 @@ class CpuBackend:
         return out
 
     def prepare_ring(self, ring_start, ring_len, ring_col):
-        return (np.ascontiguousarray(ring_start, dtype=np.int64), np.ascontiguousarray(ring_len, dtype=np.int64),
-                np.ascontiguousarray(ring_col, dtype=np.int64))
+        return (
+            np.ascontiguousarray(ring_start, dtype=np.int64),
+            np.ascontiguousarray(ring_len, dtype=np.int64),
+            np.ascontiguousarray(ring_col, dtype=np.int64),
+        )
 
     def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
         """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
@@ -427,8 +471,21 @@ class CpuBackend:
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
         for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
-            _rt.run(_phase_rows_par, _phase_rows, phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col,
-                    *scalars, np.int64(row0 + a), key, cmap, out[a:b])
+            _rt.run(
+                _phase_rows_par,
+                _phase_rows,
+                phase[a:b],
+                off_s[a:b],
+                deg[a:b],
+                ring_start,
+                ring_len,
+                ring_col,
+                *scalars,
+                np.int64(row0 + a),
+                key,
+                cmap,
+                out[a:b],
+            )
         return out
 
     def systematic_rows(self, phase, cum, *, n_src, k, phi):
@@ -439,8 +496,16 @@ class CpuBackend:
         out = np.empty((rows, k), dtype=np.int32)
         work = k * (int(cum.shape[0]).bit_length() + 4)
         for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
-            _rt.run(_systematic_rows_par, _systematic_rows, phase[a:b], cum, np.int64(n_src), np.int64(k),
-                    np.uint64(phi), out[a:b])
+            _rt.run(
+                _systematic_rows_par,
+                _systematic_rows,
+                phase[a:b],
+                cum,
+                np.int64(n_src),
+                np.int64(k),
+                np.uint64(phi),
+                out[a:b],
+            )
         return out
 
     def seed_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir  # type: ignore[import-untyped]
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -362,8 +362,18 @@ def seed_rows(
     scalars = (np.int64(n), np.int64(k))
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
     for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
-        _rt.run(_seed_rows_par, _seed_rows, phase[a:b], off_s[a:b], deg[a:b], *ring, *scalars, np.int64(row0 + a),
-                np.uint64(seed), out[a:b])
+        _rt.run(
+            _seed_rows_par,
+            _seed_rows,
+            phase[a:b],
+            off_s[a:b],
+            deg[a:b],
+            *ring,
+            *scalars,
+            np.int64(row0 + a),
+            np.uint64(seed),
+            out[a:b],
+        )
     return out
 
 

@@ -26,9 +26,9 @@ NVRTC_OPTIONS = ("--std=c++17",)
 
 INT32_LIMIT = (1 << 31) - (1 << 16)  # n_src and n_tgt bound: kernels use int ring positions
 PHASE_WIDTHS = (1, 2, 4, 8, 16)  # register bottom-K widths compiled (gpr_phase_rows_k<K>)
-MAX_WARPS_PER_BLOCK = 8  # GPR_MAX_WARPS in the kernel source
-SEED_ROWS_PER_BLOCK = 4  # GPR_SEED_ROWS in seed_router.cu: one warp per row
-THREADS = 256  # threads per block of the elementwise kernels
+MAX_WARPS_PER_CTA = 8  # GPR_MAX_WARPS in the kernel source
+SEED_ROWS_PER_CTA = 4  # GPR_SEED_ROWS in seed_router.cu: one warp per row
+THREADS = 256  # threads per CTA (CUDA thread block) of the elementwise kernels
 
 Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple[Any, ...]], None]
 
@@ -54,23 +54,23 @@ def phase_width(k: int, max_width: int = PHASE_WIDTHS[-1]) -> int:
 
 
 def phase_shape(rows: int, n_tgt: int) -> tuple[int, int]:
-    """``(warps_per_row, rows_per_block)`` for ``rows`` rows on a target ring of ``n_tgt`` positions.
+    """``(warps_per_row, rows_per_cta)`` for ``rows`` rows on a target ring of ``n_tgt`` positions.
 
     Throughput favours few warps per row (each warp merges its lanes once per row), latency favours
     many; degrees are not known on the host without a synchronisation, so ``n_tgt`` stands in for
     them: one more warp per row for each doubling of ``n_tgt`` beyond 8192, and more warps while
     fewer than 8192 warps would be in flight on a ring of at least 1024 positions per warp. Rows of
-    one warp go four to a block (128 threads) so the per-SM block limit does not cap occupancy.
+    one warp go four to a CTA (128 threads) so the per-SM CTA limit does not cap occupancy.
     Untuned: measure with benchmarks/bench_cuda.py.
     """
     warps = 1
-    while warps < MAX_WARPS_PER_BLOCK and (n_tgt > 8192 * warps or (rows * warps < 8192 and n_tgt >= 1024 * warps)):
+    while warps < MAX_WARPS_PER_CTA and (n_tgt > 8192 * warps or (rows * warps < 8192 and n_tgt >= 1024 * warps)):
         warps *= 2
     return warps, max(1, 4 // warps)
 
 
-def _blocks(count: int, per_block: int) -> int:
-    return (count + per_block - 1) // per_block
+def _ctas(count: int, per_cta: int) -> int:
+    return (count + per_cta - 1) // per_cta
 
 
 class CudaBackend:
@@ -81,12 +81,20 @@ class CudaBackend:
         launch: ``launch(name, grid, block, args)`` runs kernel ``name``; ``args`` holds arrays of
             ``xp`` and NumPy scalars of the exact parameter types.
         name: the backend's registry name.
-        warps_per_row, rows_per_block: fixed launch shape (default: :func:`phase_shape`).
+        warps_per_row, rows_per_cta: fixed launch shape (default: :func:`phase_shape`).
         max_width: largest register list width to use (default 16), to force multi-pass selection.
     """
 
-    def __init__(self, xp: Any, launch: Launch, *, name: str = "cuda", warps_per_row: int | None = None,
-                 rows_per_block: int | None = None, max_width: int = PHASE_WIDTHS[-1]) -> None:
+    def __init__(
+        self,
+        xp: Any,
+        launch: Launch,
+        *,
+        name: str = "cuda",
+        warps_per_row: int | None = None,
+        rows_per_cta: int | None = None,
+        max_width: int = PHASE_WIDTHS[-1],
+    ) -> None:
         if warps_per_row is not None and warps_per_row not in (1, 2, 4, 8):
             raise ValueError(f"warps_per_row must be 1, 2, 4 or 8; got {warps_per_row}")
         if max_width not in PHASE_WIDTHS:
@@ -95,7 +103,7 @@ class CudaBackend:
         self.xp = xp
         self._launch = launch
         self.warps_per_row = warps_per_row
-        self.rows_per_block = rows_per_block
+        self.rows_per_cta = rows_per_cta
         self.max_width = max_width
 
     # -- helpers -----------------------------------------------------------------------------
@@ -123,8 +131,12 @@ class CudaBackend:
         tail = nbits - 64 * (nbw - 1)  # valid bits of the last word, in [1, 64] for nbw = ceil(nbits / 64)
         pad_mask = 0 if tail >= 64 else ((1 << 64) - 1) ^ ((1 << max(tail, 0)) - 1)
         warps = THREADS // 32
-        self._launch("gpr_popcount_rows", (_blocks(rows, warps), 1, 1), (THREADS, 1, 1),
-                     (words, np.int64(rows), np.int32(nbw), np.uint64(pad_mask), counts, bad))
+        self._launch(
+            "gpr_popcount_rows",
+            (_ctas(rows, warps), 1, 1),
+            (THREADS, 1, 1),
+            (words, np.int64(rows), np.int32(nbw), np.uint64(pad_mask), counts, bad),
+        )
         return counts, int(xp.count_nonzero(bad))
 
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> Any:
@@ -132,9 +144,21 @@ class CudaBackend:
         if count == 0:
             return out
         h, mask = feistel_params(n)
-        self._launch("gpr_feistel_range", (min(_blocks(count, THREADS), 1 << 16), 1, 1), (THREADS, 1, 1),
-                     (np.int64(start), np.int64(count), np.uint64(n), np.uint64(key), np.int32(h), np.uint64(mask),
-                      np.int32(1 if inverse else 0), out))
+        self._launch(
+            "gpr_feistel_range",
+            (min(_ctas(count, THREADS), 1 << 16), 1, 1),
+            (THREADS, 1, 1),
+            (
+                np.int64(start),
+                np.int64(count),
+                np.uint64(n),
+                np.uint64(key),
+                np.int32(h),
+                np.uint64(mask),
+                np.int32(1 if inverse else 0),
+                out,
+            ),
+        )
         return out
 
     def pack_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
@@ -144,38 +168,83 @@ class CudaBackend:
         self._check_int32(n_tgt=n_tgt)
         ring_sl = xp.empty((n_tgt, 2), dtype=xp.int32)
         ring_col32 = xp.empty(n_tgt, dtype=xp.int32)
-        self._launch("gpr_pack_ring", (_blocks(n_tgt, THREADS), 1, 1), (THREADS, 1, 1),
-                     (self._i64(ring_start), self._i64(ring_len), self._i64(ring_col), np.int32(n_tgt), ring_sl,
-                      ring_col32))
+        self._launch(
+            "gpr_pack_ring",
+            (_ctas(n_tgt, THREADS), 1, 1),
+            (THREADS, 1, 1),
+            (self._i64(ring_start), self._i64(ring_len), self._i64(ring_col), np.int32(n_tgt), ring_sl, ring_col32),
+        )
         return ring_sl, ring_col32
 
-    def launch_phase(self, phase: Any, off_s: Any, deg: Any, ring_sl: Any, ring_col32: Any, out: Any, *, n_src: int,
-                     k: int, row0: int, select_key: int, col_map32: Any = None, k_out: int = 0) -> None:
+    def launch_phase(
+        self,
+        phase: Any,
+        off_s: Any,
+        deg: Any,
+        ring_sl: Any,
+        ring_col32: Any,
+        out: Any,
+        *,
+        n_src: int,
+        k: int,
+        row0: int,
+        select_key: int,
+        col_map32: Any = None,
+        k_out: int = 0,
+    ) -> None:
         """The phase router kernel alone, on packed ring arrays (see :meth:`pack_ring`).
 
         With ``col_map32`` (int32 ``[n_tgt]``) and ``k_out > 0`` the kernel maps the ``k`` selected
         columns to targets and writes each row's first ``k_out`` distinct ones (SPEC §13)."""
         rows = int(phase.shape[0])
         n_tgt = int(ring_col32.shape[0])
-        warps, per_block = phase_shape(rows, n_tgt)
+        warps, per_cta = phase_shape(rows, n_tgt)
         if self.warps_per_row is not None:
-            warps, per_block = self.warps_per_row, max(1, 4 // self.warps_per_row)
-        if self.rows_per_block is not None:
-            per_block = self.rows_per_block
-        per_block = max(1, min(per_block, MAX_WARPS_PER_BLOCK // warps))
+            warps, per_cta = self.warps_per_row, max(1, 4 // self.warps_per_row)
+        if self.rows_per_cta is not None:
+            per_cta = self.rows_per_cta
+        per_cta = max(1, min(per_cta, MAX_WARPS_PER_CTA // warps))
         width = phase_width(k, self.max_width)
-        self._launch(f"gpr_phase_rows_k{width}", (_blocks(rows, per_block), 1, 1), (32 * warps, per_block, 1),
-                     (phase, off_s, deg, ring_sl, ring_col32, np.int32(rows), np.int32(n_tgt), np.int32(n_src),
-                      np.int32(k), np.int64(row0), np.uint64(select_key),
-                      ring_col32 if col_map32 is None else col_map32, np.int32(0 if col_map32 is None else k_out),
-                      out))
+        self._launch(
+            f"gpr_phase_rows_k{width}",
+            (_ctas(rows, per_cta), 1, 1),
+            (32 * warps, per_cta, 1),
+            (
+                phase,
+                off_s,
+                deg,
+                ring_sl,
+                ring_col32,
+                np.int32(rows),
+                np.int32(n_tgt),
+                np.int32(n_src),
+                np.int32(k),
+                np.int64(row0),
+                np.uint64(select_key),
+                ring_col32 if col_map32 is None else col_map32,
+                np.int32(0 if col_map32 is None else k_out),
+                out,
+            ),
+        )
 
     def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
         """The ring packed once per routing call (:meth:`pack_ring`), shared by every kernel call."""
         return self.pack_ring(ring_start, ring_len, ring_col)
 
-    def phase_rows(self, phase: Any, off_s: Any, deg: Any, ring: tuple[Any, Any], *, n_src: int, k: int, row0: int,
-                   select_key: int, col_map: Any = None, k_out: int | None = None) -> Any:
+    def phase_rows(
+        self,
+        phase: Any,
+        off_s: Any,
+        deg: Any,
+        ring: tuple[Any, Any],
+        *,
+        n_src: int,
+        k: int,
+        row0: int,
+        select_key: int,
+        col_map: Any = None,
+        k_out: int | None = None,
+    ) -> Any:
         xp = self.xp
         rows = int(phase.shape[0])
         ring_sl, ring_col32 = ring
@@ -188,8 +257,20 @@ class CudaBackend:
             return out
         # host -> device only (a NumPy map is uploaded, a device map converted there); no read-back
         col_map32 = xp.ascontiguousarray(xp.asarray(col_map), dtype=xp.int32) if banded else None
-        self.launch_phase(self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, out, n_src=n_src,
-                          k=k, row0=row0, select_key=select_key, col_map32=col_map32, k_out=k_out or 0)
+        self.launch_phase(
+            self._i64(phase),
+            self._i64(off_s),
+            self._i64(deg),
+            ring_sl,
+            ring_col32,
+            out,
+            n_src=n_src,
+            k=k,
+            row0=row0,
+            select_key=select_key,
+            col_map32=col_map32,
+            k_out=k_out or 0,
+        )
         return out
 
     def systematic_rows(self, phase: Any, cum: Any, *, n_src: int, k: int, phi: int) -> Any:
@@ -200,13 +281,37 @@ class CudaBackend:
         out = xp.empty((rows, k), dtype=xp.int32)
         if rows == 0:
             return out
-        self._launch("gpr_systematic_rows", (_blocks(rows, THREADS), 1, 1), (THREADS, 1, 1),
-                     (self._i64(phase), xp.ascontiguousarray(cum, dtype=xp.uint64), np.int64(rows), np.int32(n_tgt),
-                      np.int64(n_src), np.int32(k), np.uint64(phi), out))
+        self._launch(
+            "gpr_systematic_rows",
+            (_ctas(rows, THREADS), 1, 1),
+            (THREADS, 1, 1),
+            (
+                self._i64(phase),
+                xp.ascontiguousarray(cum, dtype=xp.uint64),
+                np.int64(rows),
+                np.int32(n_tgt),
+                np.int64(n_src),
+                np.int32(k),
+                np.uint64(phi),
+                out,
+            ),
+        )
         return out
 
-    def seed_rows(self, phase: Any, off_s: Any, deg: Any, ring_start: Any, ring_len: Any, ring_col: Any, *, n: int,
-                  k: int, row0: int, seed: int) -> Any:
+    def seed_rows(
+        self,
+        phase: Any,
+        off_s: Any,
+        deg: Any,
+        ring_start: Any,
+        ring_len: Any,
+        ring_col: Any,
+        *,
+        n: int,
+        k: int,
+        row0: int,
+        seed: int,
+    ) -> Any:
         """Seed-exact rows (SPEC §14) → int32 ``(rows, k)``: one warp per row (``kernels/seed_router.cu``).
 
         Arguments as for ``phase_rows``, with ``phase[i] = col_perm_t[j]``, ``deg[i]`` the row's popcount
@@ -220,9 +325,24 @@ class CudaBackend:
         if rows == 0:
             return out
         ring_sl, ring_col32 = self.pack_ring(ring_start, ring_len, ring_col)
-        self._launch("gpr_seed_rows", (_blocks(rows, SEED_ROWS_PER_BLOCK), 1, 1), (32, SEED_ROWS_PER_BLOCK, 1),
-                     (self._i64(phase), self._i64(off_s), self._i64(deg), ring_sl, ring_col32, np.int32(rows),
-                      np.int32(n), np.int32(k), np.int64(row0), np.uint64(seed), out))
+        self._launch(
+            "gpr_seed_rows",
+            (_ctas(rows, SEED_ROWS_PER_CTA), 1, 1),
+            (32, SEED_ROWS_PER_CTA, 1),
+            (
+                self._i64(phase),
+                self._i64(off_s),
+                self._i64(deg),
+                ring_sl,
+                ring_col32,
+                np.int32(rows),
+                np.int32(n),
+                np.int32(k),
+                np.int64(row0),
+                np.uint64(seed),
+                out,
+            ),
+        )
         return out
 
 
@@ -247,8 +367,9 @@ class CupyLauncher:
             self._functions[(device, name)] = fn
         return fn
 
-    def __call__(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: tuple[Any, ...]) -> None:
+    def __call__(
+        self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args: tuple[Any, ...]
+    ) -> None:
         self.function(name)(grid, block, args)
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 HEADERS = (HERE / "simt.h", HERE / "launch.h")
-CXXFLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
-            "-Wno-unknown-pragmas")
+CXXFLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas")
 KERNEL_RE = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
 
 
@@ -98,8 +97,17 @@ def load(kernel_files: list[Path], **kwargs) -> ctypes.CDLL:
     """Build (if needed) and load the emulator library for ``kernel_files``."""
     lib = ctypes.CDLL(str(build(kernel_files, **kwargs)))
     lib.simt_launch.restype = ctypes.c_int
-    lib.simt_launch.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
-                                ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int, ctypes.c_ulonglong,
-                                ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.simt_launch.argtypes = [
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_uint),
+        ctypes.POINTER(ctypes.c_uint),
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_ulonglong,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+    ]
     lib.simt_kernels.restype = ctypes.c_char_p
     return lib

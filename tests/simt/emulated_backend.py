@@ -48,16 +48,18 @@ class EmulatedLauncher:
         lib: an emulator library from :func:`simt.build.load` (default: the package's kernels).
     """
 
-    def __init__(self, schedule: int = 0, seed: int = 0, workers: int | None = None,
-                 lib: ctypes.CDLL | None = None) -> None:
+    def __init__(
+        self, schedule: int = 0, seed: int = 0, workers: int | None = None, lib: ctypes.CDLL | None = None
+    ) -> None:
         self.lib = library() if lib is None else lib
         self.schedule = schedule
         self.seed = seed
         self.workers = workers or int(os.environ.get("GPR_SIMT_WORKERS", "0")) or (os.cpu_count() or 1)
         self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
 
-    def __call__(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: tuple[Any, ...]) -> None:
+    def __call__(
+        self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args: tuple[Any, ...]
+    ) -> None:
         sig = []
         values = []
         for a in args:
@@ -77,15 +79,16 @@ class EmulatedLauncher:
         b = (ctypes.c_uint * 3)(*[int(v) for v in block])
         err = ctypes.create_string_buffer(1024)
         self.launches.append((name, tuple(grid), tuple(block)))
-        rc = self.lib.simt_launch(name.encode(), g, b, ptrs, "".join(sig).encode(), self.schedule, self.seed,
-                                  self.workers, err, len(err))
+        rc = self.lib.simt_launch(
+            name.encode(), g, b, ptrs, "".join(sig).encode(), self.schedule, self.seed, self.workers, err, len(err)
+        )
         if rc != 0:
             raise EmulatorError(err.value.decode())
 
 
 def make_backend(*, schedule: int = 0, seed: int = 0, name: str = "cuda-emulated", **options: Any) -> CudaBackend:
     """A :class:`CudaBackend` on NumPy whose kernels run in the emulator; ``options`` go to the backend
-    (``warps_per_row``, ``rows_per_block``, ``max_width``)."""
+    (``warps_per_row``, ``rows_per_cta``, ``max_width``)."""
     return CudaBackend(np, EmulatedLauncher(schedule=schedule, seed=seed), name=name, **options)
 
 
