@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -153,6 +154,12 @@ def inverse_permutation(xp: Any, perm: Any) -> Any:
     return inv
 
 
+def call_ranges(rows: int, rows_per_call: int) -> Iterator[tuple[int, int]]:
+    """Consecutive local row ranges ``(a, b)`` of at most ``rows_per_call`` rows, one per kernel call."""
+    for a in range(0, rows, rows_per_call):
+        yield a, min(rows, a + rows_per_call)
+
+
 def ring_layout(backend: Any, c: Any, n_src: int, seed: int, perm_s: Any = None) -> tuple[Any, Any, Any]:
     """Target intervals laid out in target-ring position order (SPEC §3–§4).
 
@@ -279,8 +286,7 @@ def phase_rows(
             raise TypeError("phase_rows needs density unless degrees d are given")
         dens = density
     uniform = None if d is not None or w is not None else uniform_degree(dens, n_tgt)
-    for a in range(0, rows, rows_per_call):
-        b = min(rows, a + rows_per_call)
+    for a, b in call_ranges(rows, rows_per_call):
         if d is not None:
             db = d[a:b]
         elif w is not None:
@@ -464,8 +470,7 @@ def systematic_rows(
     check_systematic_slots(n_src, k, int(cum[-1]))
     cum = xp.asarray(cum)
     out = xp.empty((rows, k), dtype=xp.int32)
-    for a in range(0, rows, rows_per_call):
-        b = min(rows, a + rows_per_call)
+    for a, b in call_ranges(rows, rows_per_call):
         out[a:b] = systematic_block(
             backend,
             cum,

@@ -128,49 +128,34 @@ def _phase(
     degree_prefix: int,
     rows_per_call: int,
 ) -> Array:
+    col_map = None
     if _prep.bands_apply(n_src, int(caps.shape[0])):  # SPEC §13: virtual ring, first k distinct targets
         lay = _prep.band_layout(caps, n_src, k, density)  # host arithmetic only, cached
-        return _prep.phase_rows(
-            be,
-            lay.col_counts,
-            n_src=n_src,
-            row0=row0,
-            rows=rows,
-            k=lay.k_draw,
-            seed=seed,
-            degree_prefix=degree_prefix,
-            rows_per_call=rows_per_call,
-            w=w,
-            weight_mean=weight_mean,
-            density=density,
-            col_map=lay.col_map,
-            k_out=k,
-        )
-    c = _prep.weights_to_counts(np, caps, density, n_src, name="target_capacities")
+        counts, k_draw, col_map = lay.col_counts, lay.k_draw, lay.col_map
+    else:
+        counts, k_draw = _prep.weights_to_counts(np, caps, density, n_src, name="target_capacities"), k
     return _prep.phase_rows(
         be,
-        c,
+        counts,
         n_src=n_src,
         row0=row0,
         rows=rows,
-        k=k,
+        k=k_draw,
         seed=seed,
         degree_prefix=degree_prefix,
         rows_per_call=rows_per_call,
         w=w,
         weight_mean=weight_mean,
         density=density,
+        col_map=col_map,
+        k_out=None if col_map is None else k,
     )
-
-
-def _phase_ring_size(caps: np.ndarray, *, n_src: int, k: int, density: float) -> int:
-    return _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)
 
 
 def _phase_degrees(
     xp: Any, w: Array, caps: np.ndarray, *, n_src: int, k: int, density: float, weight_mean: float
 ) -> Array:
-    n_ring = _phase_ring_size(caps, n_src=n_src, k=k, density=density)
+    n_ring = _prep.phase_ring_size(caps, n_src=n_src, k=k, density=density)
     return _prep.weights_to_counts(xp, w, density, n_ring, mean=weight_mean, name="source_weights")
 
 
@@ -219,8 +204,7 @@ def _hash(
     xp = be.xp
     positive = xp.asarray(np.flatnonzero(np.asarray(caps) > 0).astype(np.int64))  # zero capacities never receive
     out = xp.empty((rows, k), dtype=xp.int32)
-    for a in range(0, rows, rows_per_call):
-        b = min(rows, a + rows_per_call)
+    for a, b in _prep.call_ranges(rows, rows_per_call):
         out[a:b] = hash_block(xp, int(caps.shape[0]), k=k, seed=seed, row0=row0 + a, rows=b - a, positive=positive)
     return _zero_weight_rows(out, w)
 
@@ -245,8 +229,7 @@ def _weighted_hash(
     total, n_pos = int(cum[-1]), int(np.count_nonzero(cum[1:] - cum[:-1]))
     cum = xp.asarray(cum)
     out = xp.empty((rows, k), dtype=xp.int32)
-    for a in range(0, rows, rows_per_call):
-        b = min(rows, a + rows_per_call)
+    for a, b in _prep.call_ranges(rows, rows_per_call):
         out[a:b] = weighted_hash_block(xp, cum, k=k, seed=seed, row0=row0 + a, rows=b - a, total=total, n_pos=n_pos)
     return _zero_weight_rows(out, w)
 
@@ -286,7 +269,7 @@ register_method(
     _phase,
     uses_weight_mean=True,
     degrees=_phase_degrees,
-    ring_size=_phase_ring_size,
+    ring_size=_prep.phase_ring_size,
     summary="the seed's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)",
 )
 register_method(
