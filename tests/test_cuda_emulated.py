@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simt import build, emulated_backend
+from test_spec_vectors import CAPS, ROUTE_DENSITY_03, ROUTE_DENSITY_1, SYSTEMATIC, SYSTEMATIC_BOUNDARY
 
 from gpu_phase_router import _prep, _reference, api, get_backend, register_backend, route, route_bits, route_counts
 from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feistel_inverse, stream
@@ -82,8 +83,11 @@ def host(x) -> np.ndarray:
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
-def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, rows_per_call=1 << 18) -> np.ndarray:
-    """All rows of the phase router on backend object ``be`` (the shared call loop and preparation)."""
+def run_phase(
+    be, d, c, k, seed, perm_s=None, perm_t=None, rows_per_call=1 << 18, col_map=None, k_out=None
+) -> np.ndarray:
+    """All rows of the phase router on backend object ``be`` (the shared call loop and preparation);
+    with ``col_map`` the in-kernel column map and first-``k_out``-distinct step (SPEC §13)."""
     xp = be.xp
 
     def to(a):
@@ -103,6 +107,8 @@ def run_phase(be, d, c, k, seed, perm_s=None, perm_t=None, rows_per_call=1 << 18
             d=to(d),
             perm_s=to(perm_s),
             perm_t=to(perm_t),
+            col_map=None if col_map is None else np.asarray(col_map),
+            k_out=k_out,
         )
     )
 
@@ -297,33 +303,15 @@ def test_phase_hypothesis(data):
 
 
 def test_spec_vectors(kind):
-    caps = [1, 1, 1, 8, 8, 2, 2, 1]
-    assert route(target_capacities=caps, k=4, seed=42, density=1.0, backend=kind).tolist() == [
-        [4, 0, 5, 6],
-        [3, 2, 6, 4],
-        [6, 3, 4, 0],
-        [5, 7, 4, 1],
-        [4, 2, 6, 3],
-        [3, 7, 4, 5],
-        [3, 4, 6, 0],
-        [3, 7, 5, 4],
-    ]
-    assert route(target_capacities=caps, k=4, seed=42, density=0.3, backend=kind).tolist() == [
-        [4, 6, -1, -1],
-        [-1, -1, -1, -1],
-        [-1, -1, -1, -1],
-        [3, -1, -1, -1],
-        [-1, -1, -1, -1],
-        [-1, -1, -1, -1],
-        [5, -1, -1, -1],
-        [3, 7, -1, -1],
-    ]
-    assert route(
+    """SPEC §10's route vectors (kept once, in test_spec_vectors.py) on the CUDA kernels."""
+    assert route(target_capacities=CAPS, k=4, seed=42, density=1.0, backend=kind).tolist() == ROUTE_DENSITY_1
+    assert route(target_capacities=CAPS, k=4, seed=42, density=0.3, backend=kind).tolist() == ROUTE_DENSITY_03
+    got = route(
         source_weights=[1] * 6, target_capacities=[1, 0, 3, 0.5, 10], k=3, seed=1, method="systematic", backend=kind
-    ).tolist() == [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
-    assert route(
-        source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic", backend=kind
-    ).tolist() == [[1], [0], [0]]
+    )
+    assert got.tolist() == SYSTEMATIC
+    got = route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic", backend=kind)
+    assert got.tolist() == SYSTEMATIC_BOUNDARY
 
 
 @pytest.mark.parametrize("n_src,n_tgt,density", [(50, 40, 0.3), (120, 8, 1.0), (8, 120, 0.05)])
@@ -522,23 +510,7 @@ def test_int32_limits():
 
 def run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=1 << 18) -> np.ndarray:
     """All rows of the phase router with the in-kernel column map and first-k_out-distinct step."""
-    xp = be.xp
-    return host(
-        _prep.phase_rows(
-            be,
-            np.asarray(c, dtype=np.int64),
-            n_src=len(d),
-            row0=0,
-            rows=len(d),
-            k=k,
-            seed=seed,
-            degree_prefix=0,
-            rows_per_call=block_rows,
-            d=xp.asarray(np.asarray(d, dtype=np.int64)),
-            col_map=np.asarray(col_map),
-            k_out=k_out,
-        )
-    )
+    return run_phase(be, d, c, k, seed, rows_per_call=block_rows, col_map=col_map, k_out=k_out)
 
 
 def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:

@@ -27,6 +27,7 @@ ROUTE_DENSITY_03 = [
     [3, 7, -1, -1],
 ]
 SYSTEMATIC = [[2, 4, -1], [0, 4, -1], [2, 4, -1], [3, 4, -1], [2, 4, -1], [0, 4, -1]]
+SYSTEMATIC_BOUNDARY = [[1], [0], [0]]  # caps [1, 2], n_src 3, k 1, seed 4: a slot point exactly on a boundary
 CAPS = [1, 1, 1, 8, 8, 2, 2, 1]
 
 
@@ -67,9 +68,9 @@ def test_systematic_vector():
 
 
 def test_systematic_vector_on_a_capacity_boundary():
-    assert _reference.route_systematic([1, 2], 3, 1, 4).tolist() == [[1], [0], [0]]
+    assert _reference.route_systematic([1, 2], 3, 1, 4).tolist() == SYSTEMATIC_BOUNDARY
     out = gpr.route(source_weights=[1] * 3, target_capacities=[1, 2], k=1, seed=4, method="systematic")
-    assert out.tolist() == [[1], [0], [0]]
+    assert out.tolist() == SYSTEMATIC_BOUNDARY
 
 
 def test_route_vector_through_bits():
