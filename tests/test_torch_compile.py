@@ -160,3 +160,19 @@ def test_cuda_compiled_training_equals_eager(method):
         if method != "topk":
             assert torch.equal(e0, e1) and torch.equal(s0, s1)
         torch.testing.assert_close(loss1, loss0, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dynamic,fullgraph", [(False, True), (None, False)])
+def test_compiled_batch_size_changes(dynamic, fullgraph):
+    """The hard caps depend on T: a new batch size compiles once more (dynamic=False keeps
+    fullgraph=True possible; the default dynamic=None falls back around the caps)."""
+    torch._dynamo.reset()
+    eager = MoELayer("phase")
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", dynamic=dynamic, fullgraph=fullgraph)
+    gen = torch.Generator().manual_seed(2)
+    for n_tok in (T, T // 2, T + 8, T // 2):
+        x = torch.randn(n_tok, D, generator=gen)
+        y0, e0, s0, _ = eager(x)
+        y1, e1, s1, _ = compiled(x)
+        assert torch.equal(e0, e1) and torch.equal(s0, s1)
+        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)

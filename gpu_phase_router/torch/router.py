@@ -76,7 +76,9 @@ class MoERouter(nn.Module):
     ``torch.compile`` traces the router: the content-blind methods' routes are the registered
     custom op ``gpu_phase_router::uniform_routes`` (the step a runtime input, so compiled training
     does not recompile per step), the hard caps are trace-time constants of ``T`` (a new batch
-    size compiles once more), and ``method="topk"`` is plain torch (``fullgraph=True`` works).
+    size compiles once more; with ``fullgraph=True`` and varying ``T`` compile with
+    ``dynamic=False``), and ``method="topk"`` is plain torch. ``fullgraph=True`` works for every
+    method.
 
     Args:
         num_experts: ``E >= 1``.
