@@ -68,21 +68,33 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
     Returns:
         hard: int64 ``[n_tgt]`` in the array library / device of ``rel_caps``.
     """
-    from ._validate import check_int, check_size, check_weights
+    from ._validate import check_int, check_size
 
     n_src = check_size("n_src", n_src)
     k = check_int("k", k, lo=1)
     headroom = _check_headroom(headroom)
+    return hard_caps(rel_caps, n_src, k, headroom)
+
+
+def hard_caps(rel_caps: Any, n_src: int, k: int, factor: float, *, factor_name: str = "headroom") -> Any:
+    """The SPEC §12 hard-cap rule for an already checked ``n_src >= 0``, ``k >= 1`` and factor.
+
+    ``make_hard_caps`` (``headroom >= 1``) and the torch router (``capacity_factor > 0``, SPEC §15)
+    both compute their caps here. Caps beyond int64 raise ``ValueError`` naming ``factor_name``
+    (SPEC §9), never a wrapped value.
+    """
+    from ._validate import check_weights
+
     xp, caps, ns = _namespace(rel_caps, "rel_caps")
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
     total = _prep.tree_sum(xp, caps)
     with np.errstate(over="ignore"):
-        raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom))
+        raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * factor))
     top = float(raw.max())
     if not top < 2.0**63:  # also catches inf / nan
         raise ValueError(
-            f"headroom={headroom} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
-            "beyond int64 (2^63 - 1); use a smaller headroom"
+            f"{factor_name}={factor} with n_src={n_src} and k={k} gives hard caps up to {top:g} slots, "
+            f"beyond int64 (2^63 - 1); use a smaller {factor_name}"
         )
     hard = xp.where(caps == 0, 0, raw.astype(xp.int64)).astype(xp.int64)
     return ns.wrap(hard)

@@ -14,7 +14,7 @@ from gpu_phase_router.backends.cuda import PHASE_WIDTHS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ("env", "install", "tests", "memcheck", "racecheck", "synccheck", "bench")
+STEPS = ("env", "install", "tests", "memcheck", "racecheck", "synccheck", "bench", "compile")
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")]
 

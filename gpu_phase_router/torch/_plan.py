@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._arrays import check_plain_input, to_numpy
 from .._validate import check_int
 
 # --- the plan ---------------------------------------------------------------------------------------
@@ -106,6 +107,8 @@ class RoutingPlan:
                 f"y must be an [E, C, d] tensor with E = {n_exp}, C = {cap}; got "
                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
             )
+        if not (y.dtype.is_floating_point or y.dtype.is_complex):
+            raise TypeError(f"y must have a floating dtype (the weights are fractions); got {y.dtype}")
         d = y.shape[2]
         flat = torch.cat([y.reshape(n_exp * cap, d), y.new_zeros(1, d)])
         gathered = flat.index_select(0, self._position).view(n_tok, k, d)
@@ -137,23 +140,82 @@ class RoutingPlan:
             raise ValueError("experts must be a 2-D [T, k] integer tensor")
         if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
             raise TypeError(f"experts must hold integers; got {experts.dtype}")
-        if not isinstance(capacity, torch.Tensor):
-            capacity = torch.as_tensor(np.asarray(capacity, dtype=np.int64))
-        capacity = capacity.to(device=experts.device, dtype=torch.int64)
-        if capacity.ndim != 1 or capacity.shape[0] < 1:
-            raise ValueError(f"capacity must be 1-D [E] with E >= 1; got shape {tuple(capacity.shape)}")
+        capacity = _check_capacity(capacity, experts.device)
         if experts.device.type == "cpu" and experts.numel():  # a range check on a GPU would synchronise
             lo, hi = int(experts.min()), int(experts.max())
             if lo < -1 or hi >= capacity.shape[0]:
                 raise ValueError(f"experts must lie in [-1, E) with E = {capacity.shape[0]}; got range [{lo}, {hi}]")
+        top = None if capacity.device.type != "cpu" else int(capacity.max())
         if buffer_size is None:
             buffer_size = max(1, int(capacity.max()))
         buffer_size = check_int("buffer_size", buffer_size, lo=1)
+        if top is not None and buffer_size < top:
+            raise ValueError(
+                f"buffer_size must be >= max(capacity) = {top} (each expert's kept slots need a buffer row); "
+                f"got {buffer_size}"
+            )
+        if top is None and capacity.device.type != "meta":  # checked on the device, no synchronisation
+            torch._assert_async(capacity.max() <= buffer_size, "buffer_size must be >= max(capacity)")
+        weight_dtype = _check_weight_dtype(weight_dtype)
         if logits is not None and (logits.ndim != 2 or tuple(logits.shape) != (experts.shape[0], capacity.shape[0])):
             raise ValueError(
                 f"logits must have shape [T, E] = [{experts.shape[0]}, {capacity.shape[0]}]; got {tuple(logits.shape)}"
             )
         return _plan(experts.to(torch.int64), capacity, buffer_size, logits, weight_dtype)
+
+
+def _check_weight_dtype(weight_dtype: Any) -> torch.dtype | None:
+    """``None`` or a floating ``torch.dtype`` (the dtype of weights built without logits)."""
+    if weight_dtype is None:
+        return None
+    if not isinstance(weight_dtype, torch.dtype):
+        raise TypeError(
+            f"weight_dtype must be a floating torch.dtype such as torch.float32; got "
+            f"{type(weight_dtype).__name__} {weight_dtype!r}"
+        )
+    if not weight_dtype.is_floating_point:
+        raise TypeError(f"weight_dtype must be a floating torch.dtype (weights lie in [0, 1]); got {weight_dtype}")
+    return weight_dtype
+
+
+def _check_capacity(capacity: Any, device: torch.device) -> torch.Tensor:
+    """Hard caps: whole numbers ``>= 0`` (checked on the host and for CPU tensors; on a GPU by a
+    device-side assertion) → int64 ``[E]`` on ``device``."""
+    if isinstance(capacity, torch.Tensor):
+        if capacity.dtype == torch.bool or capacity.dtype.is_complex:
+            raise TypeError(f"capacity must hold integers; got {capacity.dtype}")
+        cap = capacity
+        if cap.device.type == "cpu" and cap.numel():
+            _check_capacity_values(to_numpy(cap))
+        elif cap.device.type != "meta" and cap.numel():
+            ok = (cap >= 0).all() & (cap == cap.trunc()).all() if cap.dtype.is_floating_point else (cap >= 0).all()
+            torch._assert_async(ok, "capacity must hold whole numbers >= 0")
+    else:
+        check_plain_input("capacity", capacity)
+        try:
+            values = np.asarray(capacity.data if isinstance(capacity, np.ma.MaskedArray) else capacity)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"capacity must be a 1-D sequence of integers: {exc}") from None
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"capacity must hold integers; got dtype {values.dtype}")
+        if values.size:
+            _check_capacity_values(values)
+        cap = torch.as_tensor(values.astype(np.int64))
+    cap = cap.to(device=device, dtype=torch.int64)
+    if cap.ndim != 1 or cap.shape[0] < 1:
+        raise ValueError(f"capacity must be 1-D [E] with E >= 1; got shape {tuple(cap.shape)}")
+    return cap
+
+
+def _check_capacity_values(values: np.ndarray) -> None:
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or (values != np.floor(values)).any():
+            bad = values[~np.isfinite(values) | (values != np.floor(values))].ravel()[0]
+            raise ValueError(f"capacity must hold whole numbers (hard caps); got {bad}")
+        if (np.abs(values) >= 2.0**63).any():
+            raise ValueError("capacity must hold values below 2^63 (int64)")
+    if (values < 0).any():
+        raise ValueError(f"capacity must be >= 0; got minimum {values.min()}")
 
 
 def _plan(
@@ -202,12 +264,21 @@ def _gate_weights(logits: torch.Tensor, experts: torch.Tensor, kept: torch.Tenso
 
     The softmax denominator over all ``E`` experts cancels in the renormalisation, so this is the
     softmax over the kept chosen logits only: O(T k), not O(T E).
+
+    Non-finite logits never give weights outside ``[0, 1]`` (nor NaN): NaN counts as ``-inf``
+    (weight 0); in a row whose largest kept logit is ``+inf``, the ``+inf`` slots share the
+    weight equally (the softmax limit); a row whose kept logits are all ``-inf``/NaN is all 0.
     """
     work = logits if logits.dtype == torch.float64 else logits.float()
     chosen = work.gather(1, experts.clamp(min=0))
-    masked = chosen.masked_fill(~kept, float("-inf"))
-    top = masked.detach().amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)  # 0 for a row with no kept slot
-    expo = torch.exp(masked - top)
+    neg_inf = torch.full_like(chosen, float("-inf"))
+    masked = torch.where(kept & ~torch.isnan(chosen), chosen, neg_inf)
+    top = masked.detach().amax(dim=1, keepdim=True)
+    at_inf = torch.isposinf(top)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # 0 for a row of -inf or +inf
+    # finite arguments only: exp never sees +inf, so no inf - inf and no NaN gradient
+    arg = torch.where(at_inf, torch.where(torch.isposinf(masked), torch.zeros_like(masked), neg_inf), masked - top)
+    expo = torch.exp(arg)
     total = expo.sum(dim=1, keepdim=True)
     weights = expo / torch.where(total > 0, total, 1.0)  # a row with no kept slot: 0 / 1, no NaN
     return weights.to(logits.dtype)

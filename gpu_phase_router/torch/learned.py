@@ -6,7 +6,8 @@ an explicit tie rule (the lower expert or token index): selection by first-index
 sorts by an integer key that orders float32 values (:func:`order_key`), so the same logits give the
 same plan on every device. The work is torch operations with shapes fixed by ``T``, ``E``, ``k``
 and the number of rounds, with nothing read back to the host; only on the CPU do the rerouting
-rounds look at the tokens that still have an unplaced slot (``COMPACT_ON_CPU``; same result).
+rounds look at the tokens that still have an unplaced slot (``COMPACT_ON_CPU``; same result; not
+under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def learned_topk(
     # dropped the slot is full, so it is out of reach either way) or the expert has no room.
     # On the CPU the rounds look at the tokens with an unplaced slot only (same result, less work);
     # elsewhere at every token, with fixed shapes and no host read.
-    compact = dev.type == "cpu" and COMPACT_ON_CPU
+    compact = dev.type == "cpu" and COMPACT_ON_CPU and not torch.compiler.is_compiling()
     load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
     zero = capacity.new_zeros(1)
     cap_ext = torch.cat([capacity, zero])

@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from .. import _prep
-from .._arrays import on_caller_stream, to_numpy
-from .._validate import SEED_LIMIT, check_density, check_int, check_k, check_seed, check_weights
-from ..methods import available_methods, route_uniform
+from .._arrays import check_plain_input, to_numpy
+from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_seed, check_weights
+from ..methods import available_methods
 from . import learned
-from ._plan import RoutingPlan, _plan
+from ._ops import hard_caps_host, split_seed, uniform_routes
+from ._plan import RoutingPlan, _check_weight_dtype, _plan
 
 LEARNED_METHOD = "topk"
 LEARNED_METHODS = learned.LEARNED_METHODS
@@ -54,19 +55,17 @@ def _check_factor(capacity_factor: Any) -> float:
     return value
 
 
-@on_caller_stream
-def _routes_on_stream(
-    anchor: torch.Tensor, method: str, n_tok: int, caps: np.ndarray, options: dict[str, Any]
-) -> torch.Tensor:
-    """int32 ``[T, k]`` routes on ``anchor``'s device: NumPy/Numba for CPU tensors (shared with
-    ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on torch's current stream
-    (``on_caller_stream``) and shared through DLPack."""
-    if anchor.device.type == "cpu":
-        return torch.from_numpy(route_uniform(method, "cpu", n_tok, caps, **options))
-    out = route_uniform(method, "cuda", n_tok, caps, **options)
-    if isinstance(out, np.ndarray):  # a backend that computed on the host
-        return torch.from_numpy(out).to(anchor.device)
-    return torch.from_dlpack(out)
+def _check_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, (bool, np.bool_)) or not isinstance(device, (str, numbers.Integral)):
+        raise TypeError(f"device must be a torch.device, a device string or index; got {type(device).__name__}")
+    try:
+        return torch.device(device if isinstance(device, str) else int(device))
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'); got {device!r}: {exc}") from None
 
 
 class MoERouter(nn.Module):
@@ -79,14 +78,26 @@ class MoERouter(nn.Module):
     keeps its highest-scoring slots and the others are rerouted to the token's best expert with
     room left. The content-blind methods (``"phase"``, ``"systematic"``, ``"weighted_hash"``,
     ``"hash"``) route without looking at the logits: each call routes with seed ``seed + step``
-    (mod 2^64) and then increments ``step``, so a run that restores ``step`` (an attribute, also
-    saved in ``state_dict``) reproduces its routes.
+    (mod 2^64).
+
+    In training mode (``module.train()``, the default) a call then increments ``step``; in
+    evaluation mode (``module.eval()``) it does not, and the bias is frozen, so evaluating between
+    training steps leaves the training run unchanged. ``seed``, ``step`` (the module's extra state)
+    and ``expert_bias`` are saved in ``state_dict``, so loading a checkpoint resumes exactly.
+
+    ``torch.compile`` traces the router: the content-blind methods' routes are the registered
+    custom op ``gpu_phase_router::uniform_routes`` (the step a runtime input, so compiled training
+    does not recompile per step), the hard caps are trace-time constants of ``T`` (a new batch
+    size compiles once more; with ``fullgraph=True`` and varying ``T`` compile with
+    ``dynamic=False``), and the learned methods are plain torch. ``fullgraph=True`` works for every
+    method.
 
     Args:
         num_experts: ``E >= 1``.
         k: experts per token, ``1 <= k <= E``.
         capacities: optional ``[E]`` relative expert capacities (finite, ``>= 0``, one positive;
-            a sequence, NumPy array or CPU tensor); default all equal. Zero = never receives.
+            a sequence, NumPy array or CPU tensor; a masked array with masked entries is
+            rejected); default all equal. Zero = never receives.
         method: ``"topk"`` (default: learned, capacity-aware), ``"expert_choice"`` (expert ``e``
             takes its ``capacity[e]`` highest-scoring tokens; reads the whole batch, so not for
             autoregressive use; the plan has ``E`` slot columns, column ``e`` for expert ``e``),
@@ -100,7 +111,8 @@ class MoERouter(nn.Module):
             dropped. Either way an expert over its cap drops its lowest-scoring slots.
         reroute_rounds: rerouting rounds ``>= 0`` (default 2).
         bias_rate: the bias step per training call, ``>= 0`` (default ``1e-2``, on the logits).
-        capacity_factor: ``h > 0``; hard caps ``max(1, ceil(cap / sum(cap) * T * k * h))``.
+        capacity_factor: ``h > 0``; hard caps ``max(1, ceil(cap / sum(cap) * T * k * h))``
+            (caps beyond int64 raise ``ValueError``, here for ``T = 1`` and at a call for its ``T``).
         eval_capacity_factor: the factor in eval mode: ``None`` (default) = ``capacity_factor``;
             a float ``> 0``; ``math.inf`` = no hard caps in eval mode (every routed slot kept).
         process_group: ``torch.distributed`` group over which ``balance="bias"`` sums the routed
@@ -108,7 +120,9 @@ class MoERouter(nn.Module):
         seed: base seed in ``[0, 2^64)``.
         density: the phase router's density in ``(0, 1]``; ``None`` = the method's default.
         validate: check in every forward that the logits are finite (costs one synchronisation
-            on CUDA).
+            on CUDA; not done for ``meta`` tensors). Without it, non-finite logits still give
+            weights in ``[0, 1]``: NaN and ``-inf`` count as ``-inf`` (weight 0), ``+inf``
+            logits share their row's weight equally.
     """
 
     def __init__(
@@ -143,12 +157,15 @@ class MoERouter(nn.Module):
                     "capacities must be host values (a sequence, NumPy array or CPU tensor); "
                     f"got a tensor on {capacities.device}"
                 )
+            check_plain_input("capacities", capacities)
             caps = check_weights(np, "capacities", to_numpy(capacities))
             if caps.shape[0] != self.num_experts:
                 raise ValueError(f"capacities must have length num_experts={self.num_experts}; got {caps.shape[0]}")
         self.capacities = np.ascontiguousarray(caps, dtype=np.float64)
-        self._share = self.capacities / _prep.tree_sum(np, self.capacities)
+        self._cap_values = tuple(float(c) for c in self.capacities)
         self.capacity_factor = _check_factor(capacity_factor)
+        hard_caps_host(self._cap_values, 1, self.k, self.capacity_factor)  # caps beyond int64 raise now
+        self._share = self.capacities / _prep.tree_sum(np, self.capacities)
         options = learned.check_options(
             method, balance, overflow, reroute_rounds, bias_rate, eval_capacity_factor, process_group
         )
@@ -160,22 +177,27 @@ class MoERouter(nn.Module):
         self.seed = check_seed(seed)
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
-        self._step = 0
-        self._caps_cache: OrderedDict[tuple[int, str, float], tuple[torch.Tensor, int]] = OrderedDict()
+        # a host (CPU) tensor, not a buffer: it stays on the host when the module moves, so the
+        # routing op reads it without a device synchronisation; compiled graphs take it as input
+        self._step_counter = torch.zeros((), dtype=torch.int64)
+        self._caps_cache: OrderedDict[tuple[tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
-    # step: settable, checkpointed through get_extra_state / set_extra_state
+    # step: settable, checkpointed (with the seed) through get_extra_state / set_extra_state
     @property
     def step(self) -> int:
-        return self._step
+        """Training calls made so far (the next call routes with ``seed + step``)."""
+        return int(self._step_counter)
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step = check_int("step", value, lo=0)
+        self._step_counter.fill_(check_int("step", value, lo=0, hi=(1 << 63) - 1))
 
     def get_extra_state(self) -> dict[str, int]:
-        return {"step": self._step}
+        return {"seed": self.seed, "step": self.step}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
+        if "seed" in state:
+            self.seed = check_seed(state["seed"])
         self.step = state["step"]
 
     def extra_repr(self) -> str:
@@ -186,7 +208,7 @@ class MoERouter(nn.Module):
                 if self.method == LEARNED_METHOD
                 else ""
             )
-            + f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self._step}"
+            + f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self.step}"
         )
 
     def _factor(self) -> float:
@@ -197,28 +219,40 @@ class MoERouter(nn.Module):
 
     def hard_caps(self, num_tokens: int) -> np.ndarray:
         """int64 ``[E]`` hard caps for a batch of ``num_tokens`` tokens (SPEC §15, host), with the
-        current mode's capacity factor; an infinite factor (eval mode) gives ``T`` for
-        ``method="topk"`` and ``T * k`` for the other methods (SPEC §16)."""
-        n_tok = check_int("num_tokens", num_tokens, lo=1)
+        current mode's capacity factor.
+
+        SPEC §12's rule (:func:`gpu_phase_router.capacity.hard_caps`) with ``n_src = T`` and
+        ``headroom`` the factor; ``T = 0`` gives caps of 1 (0 for zero capacities). An infinite
+        factor (eval mode) gives ``T`` for ``method="topk"`` and ``T * k`` for the other methods
+        (SPEC §16).
+        """
+        n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
+        return np.asarray(self._hard_caps(n_tok)[0], dtype=np.int64)
+
+    def _hard_caps(self, n_tok: int) -> tuple[tuple[int, ...], int]:
+        """``(caps, C)`` as host integers for the current mode."""
         factor = self._factor()
         if math.isinf(factor):
-            hard = np.full(self.num_experts, n_tok if self.method == LEARNED_METHOD else n_tok * self.k, np.int64)
-        else:
-            hard = np.maximum(1.0, np.ceil(self._share * n_tok * self.k * factor)).astype(np.int64)
-        return np.where(self.capacities == 0, 0, hard).astype(np.int64)
+            full = n_tok if self.method == LEARNED_METHOD else n_tok * self.k
+            values = tuple(0 if c == 0 else full for c in self._cap_values)
+            return values, max(1, *values)
+        return hard_caps_host(self._cap_values, n_tok, self.k, factor)
 
     def _share_on(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            return torch.tensor(tuple(float(v) for v in self._share), dtype=torch.float64, device=device)
         key = str(device)
         if key not in self._share_cache:
             self._share_cache[key] = torch.from_numpy(self._share).to(device)
         return self._share_cache[key]
 
-    def _caps_on(self, n_tok: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        key = (n_tok, str(device), self._factor())
+    def _caps_on(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            return torch.tensor(values, dtype=torch.int64, device=device)
+        key = (values, str(device))
         hit = self._caps_cache.get(key)
         if hit is None:
-            hard = self.hard_caps(n_tok)
-            hit = (torch.from_numpy(hard).to(device), int(hard.max()))
+            hit = torch.tensor(values, dtype=torch.int64, device=device)
             self._caps_cache[key] = hit
             if len(self._caps_cache) > _CAP_CACHE_SIZE:
                 self._caps_cache.popitem(last=False)
@@ -235,11 +269,13 @@ class MoERouter(nn.Module):
             raise ValueError(
                 f"logits must have E = num_experts = {self.num_experts} columns; got shape {tuple(logits.shape)}"
             )
-        if logits.shape[0] < 1:
-            raise ValueError("logits must have at least one row (T >= 1)")
-        if self.validate and not bool(torch.isfinite(logits.detach()).all()):
+        if self.validate and logits.device.type != "meta" and not bool(torch.isfinite(logits.detach()).all()):
             raise ValueError("logits must be finite (validate=True found NaN or inf)")
         return logits
+
+    def _uniform(self, anchor: torch.Tensor, n_tok: int, step: torch.Tensor, seed: int) -> torch.Tensor:
+        lo, hi = split_seed(seed)
+        return uniform_routes(anchor, step, self.method, n_tok, list(self._cap_values), self.k, lo, hi, self.density)
 
     def routes(self, num_tokens: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The method's int64 ``[T, k]`` routes for ``num_tokens`` tokens and an explicit seed.
@@ -248,13 +284,9 @@ class MoERouter(nn.Module):
         """
         if self.method in LEARNED_METHODS:
             raise ValueError(f"method={self.method!r} routes from logits; call the router with logits")
-        n_tok = check_int("num_tokens", num_tokens, lo=1)
-        seed = check_seed(seed)
-        options: dict[str, Any] = {"k": self.k, "seed": seed}
-        if self.density is not None:
-            options["density"] = self.density
-        anchor = torch.empty(0, device=device)
-        return _routes_on_stream(anchor, self.method, n_tok, self.capacities, options).to(torch.int64)
+        n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
+        anchor = torch.empty(0, device=_check_device(device))
+        return self._uniform(anchor, n_tok, torch.zeros((), dtype=torch.int64), check_seed(seed))
 
     def forward(
         self,
@@ -264,45 +296,53 @@ class MoERouter(nn.Module):
         device: torch.device | str | None = None,
         weight_dtype: torch.dtype | None = None,
     ) -> RoutingPlan:
-        """Route one batch and advance ``step``.
+        """Route one batch; in training mode, then advance ``step``.
 
         Args:
-            logits: ``[T, E]`` router logits (any float dtype, any device), or ``None``.
-            num_tokens: ``T`` when no logits are given (weights are then ``1/k`` per kept slot).
+            logits: ``[T, E]`` router logits (any float dtype, any device, ``T >= 0``), or ``None``.
+            num_tokens: ``T >= 0`` when no logits are given (weights are then ``1/k`` per kept slot).
             device: device of the plan without logits (default CPU).
-            weight_dtype: dtype of the weights without logits (default float32).
+            weight_dtype: floating ``torch.dtype`` of the weights without logits (default float32).
 
         Returns:
-            The :class:`RoutingPlan` (tensors on the logits' device).
+            The :class:`RoutingPlan` (tensors on the logits' device). ``T = 0`` gives an empty plan
+            (``[0, k]`` tensors) whose dispatch and combine work; a ``meta`` device gives a plan of
+            shapes only.
         """
+        weight_dtype = _check_weight_dtype(weight_dtype)
         if logits is not None:
             if num_tokens is not None or device is not None:
                 raise TypeError("give either logits or num_tokens (and device), not both")
             logits = self._check_logits(logits)
+            # int(): the hard caps and C depend on T, so a compiled graph specialises on it
             n_tok, dev = int(logits.shape[0]), logits.device
         else:
             if num_tokens is None:
                 raise TypeError("MoERouter needs logits [T, E] or num_tokens=T")
             if self.method in LEARNED_METHODS:
                 raise ValueError(f"method={self.method!r} needs logits; num_tokens alone cannot choose experts")
-            n_tok = check_int("num_tokens", num_tokens, lo=1)
-            dev = torch.device(device) if device is not None else torch.device("cpu")
-        capacity, buffer_size = self._caps_on(n_tok, dev)
+            n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
+            dev = _check_device(device)
+        cap_values, buffer_size = self._hard_caps(n_tok)
+        capacity = self._caps_on(cap_values, dev)
         if self.method == LEARNED_METHOD:
             assert logits is not None
             rounds = self.reroute_rounds if self.overflow == "reroute" else 0
+            meta = dev.type == "meta"  # a plan of shapes only: a meta view of the bias, no update
             plan = learned.topk_plan(
-                logits, capacity, buffer_size, k=self.k, bias=self.expert_bias, share=self._share_on(dev),
-                balance=self.balance, rounds=rounds, rate=self.bias_rate, update=self.training,
-                process_group=self.process_group,
+                logits, capacity, buffer_size, k=self.k, bias=self.expert_bias.to(dev) if meta else self.expert_bias,
+                share=self._share_on(dev), balance=self.balance, rounds=rounds, rate=self.bias_rate,
+                update=self.training and not meta, process_group=self.process_group,
             )  # fmt: skip
         elif self.method == "expert_choice":
             assert logits is not None
             plan = learned.expert_choice_plan(logits, capacity, buffer_size)
         else:
-            experts = self.routes(n_tok, (self.seed + self._step) % SEED_LIMIT, dev)
+            anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
+            experts = self._uniform(anchor, n_tok, self._step_counter, self.seed)
             plan = _plan(experts, capacity, buffer_size, logits, weight_dtype)
-        self._step += 1
+        if self.training:
+            self._step_counter.add_(1)
         return plan
 
 

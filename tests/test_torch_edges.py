@@ -1,0 +1,236 @@
+"""gpu_phase_router.torch edge inputs and exact resume (SPEC §15): eval calls keep the step, seed
+and step in state_dict (resume in a fresh process), T = 0, non-finite logits, dtype/device
+arguments, and the checks of RoutingPlan.from_experts and combine."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed: gpu_phase_router.torch not exercised")
+
+from gpu_phase_router.capacity import make_hard_caps  # noqa: E402
+from gpu_phase_router.torch import MoERouter, RoutingPlan  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+METHODS = ["phase", "systematic", "weighted_hash", "hash", "topk"]
+HERE = Path(__file__).parent
+
+
+# --- step, state_dict, resume ------------------------------------------------------------------------------
+
+
+def test_eval_calls_do_not_advance_step():
+    router = MoERouter(8, 2, method="hash", seed=5)
+    first = router(num_tokens=64).experts
+    router.eval()
+    evals = [router(num_tokens=64).experts for _ in range(3)]
+    assert router.step == 1 and all(torch.equal(e, evals[0]) for e in evals)
+    router.train()
+    fresh = MoERouter(8, 2, method="hash", seed=5)
+    fresh(num_tokens=64)
+    assert torch.equal(router(num_tokens=64).experts, fresh(num_tokens=64).experts)
+    assert not torch.equal(first, evals[0])  # eval routes with the next training step's seed
+
+
+def test_seed_and_step_in_state_dict():
+    a = MoERouter(8, 2, method="phase", seed=2**64 - 1)
+    for _ in range(3):
+        a(num_tokens=50)
+    state = a.state_dict()
+    b = MoERouter(8, 2, method="phase", seed=0)
+    b.load_state_dict(state)
+    assert b.seed == 2**64 - 1 and b.step == 3
+    assert torch.equal(b(num_tokens=50).experts, a(num_tokens=50).experts)
+
+
+@pytest.mark.subprocess
+def test_resume_in_fresh_process_equals_uninterrupted_run(tmp_path):
+    """N steps with evaluation in between, save, continue in a fresh process from a model built
+    with another seed: same plans and parameters as a run that never stopped nor evaluated."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import _moe_resume as run
+    finally:
+        sys.path.remove(str(HERE))
+    n_first, n_more = 3, 3
+    model, opt = run.make(seed=1234)
+    want = run.train(model, opt, 0, n_first + n_more, evaluate=False)
+    want_params = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = run.make(seed=1234)
+    got = run.train(model, opt, 0, n_first, evaluate=True)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "done": n_first}, ckpt)
+    out = tmp_path / "out.pt"
+    subprocess.run(
+        [sys.executable, str(HERE / "_moe_resume.py"), str(ckpt), str(n_more), str(out)], check=True, timeout=300
+    )
+    resumed = torch.load(out)
+    assert got + resumed["experts"] == want
+    for p_got, p_want in zip(resumed["params"], want_params, strict=True):
+        assert torch.equal(p_got, p_want)
+
+
+# --- T = 0 ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch_gives_empty_plan(method):
+    router = MoERouter(4, 2, [1, 2, 1, 1], method=method)
+    logits = torch.zeros(0, 4, requires_grad=True)
+    plan = router(logits)
+    assert plan.experts.shape == (0, 2) and plan.slot.shape == (0, 2) and plan.weights.shape == (0, 2)
+    assert plan.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert plan.capacity.tolist() == [1, 1, 1, 1] and plan.buffer_size == 1  # SPEC §15 caps at T = 0
+    x = torch.zeros(0, 3, requires_grad=True)
+    buf = plan.dispatch(x)
+    assert buf.shape == (4, 1, 3) and not buf.any()
+    out = plan.combine(buf * 2)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad.shape == (0, 3)
+    if method != "topk":
+        assert router(num_tokens=0).experts.shape == (0, 2)
+
+
+def test_from_experts_empty():
+    plan = RoutingPlan.from_experts(torch.zeros(0, 3, dtype=torch.int64), [2, 1])
+    assert plan.slot.shape == (0, 3) and plan.dispatch(torch.zeros(0, 4)).shape == (2, 2, 4)
+
+
+# --- non-finite logits ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_logits_raise_with_validate(bad):
+    router = MoERouter(4, 2, validate=True, method="topk")
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="logits"):
+        router(logits)
+
+
+@pytest.mark.parametrize("method", ["topk", "phase"])
+def test_nonfinite_logits_without_validation_give_weights_in_unit_interval(method):
+    nan, inf = float("nan"), float("inf")
+    rows = [[nan, 0, 0, 0], [inf, 0, 0, 0], [-inf, 0, 0, 0], [nan, nan, nan, nan], [inf, inf, 0, 0], [-inf] * 4]
+    router = MoERouter(4, 2, method=method, capacity_factor=4.0)
+    logits = torch.tensor(rows, requires_grad=True)
+    plan = router(logits)
+    w = plan.weights
+    assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()
+    sums = w.sum(1)
+    assert torch.all(((sums - 1).abs() < 1e-6) | (sums == 0))
+    plan.combine(plan.dispatch(torch.ones(6, 2))).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_nonfinite_gate_weights_follow_the_softmax_limit():
+    """NaN and -inf count as -inf (weight 0); +inf slots share their row equally."""
+    nan, inf = float("nan"), float("inf")
+    experts = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1], [0, 1]])
+    logits = torch.tensor([[nan, 1.0], [inf, 1.0], [-inf, 1.0], [inf, inf], [nan, -inf]])
+    plan = RoutingPlan.from_experts(experts, [5, 5], logits)
+    assert plan.weights.tolist() == [[0, 1], [1, 0], [0, 1], [0.5, 0.5], [0, 0]]
+
+
+# --- dtype / device arguments ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.bool, "float32", np.float32, 3])
+def test_weight_dtype_must_be_a_floating_torch_dtype(bad):
+    router = MoERouter(4, 2)
+    with pytest.raises(TypeError, match="weight_dtype"):
+        router(num_tokens=16, weight_dtype=bad)
+    with pytest.raises(TypeError, match="weight_dtype"):
+        RoutingPlan.from_experts(torch.zeros(4, 2, dtype=torch.int64), [8, 8, 8, 8], weight_dtype=bad)
+    assert router.step == 0
+
+
+def test_weight_dtype_is_honoured():
+    plan = MoERouter(4, 2, method="phase")(num_tokens=16, weight_dtype=torch.float64)
+    assert plan.weights.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad,exc", [("nope", ValueError), ("cuda:x", ValueError), (1.5, TypeError), (True, TypeError)])
+def test_device_argument_is_checked(bad, exc):
+    with pytest.raises(exc, match="device"):
+        MoERouter(4, 2, method="phase")(num_tokens=16, device=bad)
+
+
+# --- RoutingPlan.from_experts and combine (issue items 1-3, 5) ------------------------------------------------
+
+
+def test_buffer_size_below_largest_cap_raises():
+    with pytest.raises(ValueError, match="buffer_size"):
+        RoutingPlan.from_experts(torch.zeros(4, 1, dtype=torch.int64), [4, 4], buffer_size=2)
+    plan = RoutingPlan.from_experts(torch.zeros(4, 1, dtype=torch.int64), [4, 4], buffer_size=6)
+    assert plan.slot.flatten().tolist() == [0, 1, 2, 3] and plan.buffer_size == 6
+
+
+@pytest.mark.parametrize(
+    "capacity,exc",
+    [
+        ([-1, 2], ValueError),
+        ([1.5, 2.7], ValueError),
+        ([1.0, float("nan")], ValueError),
+        (torch.tensor([1.5, 2.0]), ValueError),
+        (torch.tensor([-1, 2]), ValueError),
+        (np.ma.masked_array([1, 2], mask=[0, 1]), ValueError),
+        ([True, False], TypeError),
+        (["1", "2"], TypeError),
+    ],
+)
+def test_from_experts_capacity_checked(capacity, exc):
+    with pytest.raises(exc, match="capacity"):
+        RoutingPlan.from_experts(torch.zeros(4, 1, dtype=torch.int64), capacity)
+
+
+def test_from_experts_accepts_whole_float_capacity():
+    plan = RoutingPlan.from_experts(torch.zeros(4, 1, dtype=torch.int64), [2.0, 3.0])
+    assert plan.capacity.tolist() == [2, 3] and plan.slot.flatten().tolist() == [0, 1, -1, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_combine_rejects_integer_outputs(dtype):
+    plan = RoutingPlan.from_experts(torch.tensor([[0], [1]]), [1, 1])
+    with pytest.raises(TypeError, match="y must have a floating dtype"):
+        plan.combine(torch.ones(2, 1, 3, dtype=dtype))
+
+
+# --- MoERouter capacities and caps (issue items 4, 6) -------------------------------------------------------
+
+
+def test_masked_capacities_rejected():
+    with pytest.raises(ValueError, match="capacities"):
+        MoERouter(4, 2, np.ma.masked_array([1, 2, 1, 1], mask=[0, 1, 0, 0]))
+    plain = MoERouter(4, 2, np.ma.masked_array([1, 2, 1, 1], mask=[0, 0, 0, 0]))
+    assert plain.capacities.tolist() == [1, 2, 1, 1]
+
+
+def test_hard_caps_beyond_int64_raise():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoERouter(4, 2, capacity_factor=1e300)
+    router = MoERouter(4, 2, method="phase", capacity_factor=1e17)  # 5e16 slots per expert at T = 1: fits int64
+    with pytest.raises(ValueError, match="capacity_factor"):
+        router(num_tokens=1000)  # 5e19 > 2^63
+    with pytest.raises(ValueError, match="capacity_factor"):
+        router.hard_caps(1000)
+    assert router.step == 0
+
+
+@pytest.mark.parametrize("n_tok,h", [(1, 1.0), (37, 1.25), (1000, 3.0), (5, 1.1)])
+def test_router_caps_are_the_capacity_rule(n_tok, h):
+    caps = [3.0, 1.0, 0.0, 0.7, 2.5]
+    router = MoERouter(5, 2, caps, capacity_factor=h)
+    assert router.hard_caps(n_tok).tolist() == make_hard_caps(np.array(caps), n_tok, 2, h).tolist()
+    total = sum(caps)  # a plain oracle of SPEC §15 (small sums: the order does not matter here)
+    want = [0 if c == 0 else max(1, math.ceil(c / total * n_tok * 2 * h)) for c in caps]
+    assert router.hard_caps(n_tok).tolist() == want
