@@ -5,7 +5,8 @@
 experts' hard caps, where each kept slot sits in its expert's buffer, the gate weights, and
 ``dispatch`` / ``combine`` to move activations into expert buffers and back.
 
-Modules: ``_plan`` (the plan and its dispatch/combine), ``router`` (``MoERouter``).
+Modules: ``_plan`` (the plan and its dispatch/combine), ``router`` (``MoERouter``),
+``parallel`` (``ExpertParallel``: experts on several ranks over ``torch.distributed``).
 
 Needs the optional extra ``torch`` (``pip install 'gpu_phase_router[torch]'``); ``import
 gpu_phase_router`` alone never imports torch.
@@ -21,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from ._plan import RoutingPlan
+from .parallel import ExpertParallel, ExpertParallelHandle
 from .router import MoERouter, router_methods
 
-__all__ = ["MoERouter", "RoutingPlan", "router_methods"]
+__all__ = ["ExpertParallel", "ExpertParallelHandle", "MoERouter", "RoutingPlan", "router_methods"]

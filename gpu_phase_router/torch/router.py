@@ -28,7 +28,7 @@ from .. import _prep
 from .._arrays import on_caller_stream, to_numpy
 from .._validate import SEED_LIMIT, check_density, check_int, check_k, check_seed, check_weights
 from ..methods import available_methods, route_uniform
-from ._plan import RoutingPlan, _plan
+from ._plan import RoutingPlan, _plan, host_offsets
 
 LEARNED_METHOD = "topk"
 _CAP_CACHE_SIZE = 8
@@ -123,7 +123,7 @@ class MoERouter(nn.Module):
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
         self._step = 0
-        self._caps_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, int]] = OrderedDict()
+        self._caps_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, int, tuple[int, ...]]] = OrderedDict()
 
     # step: settable, checkpointed through get_extra_state / set_extra_state
     @property
@@ -152,12 +152,13 @@ class MoERouter(nn.Module):
         hard = np.maximum(1.0, np.ceil(self._share * n_tok * self.k * self.capacity_factor)).astype(np.int64)
         return np.where(self.capacities == 0, 0, hard).astype(np.int64)
 
-    def _caps_on(self, n_tok: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    def _caps_on(self, n_tok: int, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+        """(hard caps on ``device``, ``C = max(caps)``, packed offsets), the last two host values."""
         key = (n_tok, str(device))
         hit = self._caps_cache.get(key)
         if hit is None:
             hard = self.hard_caps(n_tok)
-            hit = (torch.from_numpy(hard).to(device), int(hard.max()))
+            hit = (torch.from_numpy(hard).to(device), int(hard.max()), host_offsets(hard))
             self._caps_cache[key] = hit
             if len(self._caps_cache) > _CAP_CACHE_SIZE:
                 self._caps_cache.popitem(last=False)
@@ -226,14 +227,14 @@ class MoERouter(nn.Module):
                 raise ValueError("method='topk' needs logits; num_tokens alone cannot choose experts")
             n_tok = check_int("num_tokens", num_tokens, lo=1)
             dev = torch.device(device) if device is not None else torch.device("cpu")
-        capacity, buffer_size = self._caps_on(n_tok, dev)
+        capacity, buffer_size, offsets = self._caps_on(n_tok, dev)
         if self.method == LEARNED_METHOD:
             assert logits is not None
             experts = torch.topk(logits.detach(), self.k, dim=1).indices
         else:
             experts = self.routes(n_tok, (self.seed + self._step) % SEED_LIMIT, dev)
         self._step += 1
-        return _plan(experts, capacity, buffer_size, logits, weight_dtype)
+        return _plan(experts, capacity, buffer_size, logits, weight_dtype, offsets=offsets)
 
 
 __all__ = ["MoERouter", "router_methods"]
