@@ -14,6 +14,8 @@
 #                compute-sanitizer on benchmarks/sanitize_kernels.py, which launches every kernel
 #                of gpu_phase_router/kernels/*.cu through the package     -> sanitize_<tool>.log
 #   7 bench      benchmarks/bench_cuda.py                  -> bench_cuda.json, bench_cuda.md, bench.log
+#   8 nccl       examples/expert_parallel.py under torchrun on one GPU: ExpertParallel's all-to-all
+#                on NCCL (world size 1: one GPU, no network)              -> nccl.log
 # OUTDIR/summary.md lists each step's status and time; the exit status is 1 if any step failed.
 # Without a usable GPU it prints one line and exits 0. --dry-run prints every step, runs none.
 set -uo pipefail
@@ -34,11 +36,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 cd "$ROOT" || exit 2
 
-STEPS=(env install tests memcheck racecheck synccheck bench)
+STEPS=(env install tests memcheck racecheck synccheck bench nccl)
 # limits add up to 480 s: the whole check stays under 8 minutes even when a step hangs
-declare -A LIMIT=([env]=15 [install]=30 [tests]=240 [memcheck]=60 [racecheck]=60 [synccheck]=35 [bench]=40)
+declare -A LIMIT=([env]=15 [install]=15 [tests]=230 [memcheck]=60 [racecheck]=60 [synccheck]=35 [bench]=40 [nccl]=25)
 declare -A LOG=([env]=env.txt [install]=install.log [tests]=pytest.log [memcheck]=sanitize_memcheck.log
-                [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md")
+                [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md"
+                [nccl]=nccl.log)
 GPU_SKIP='^SKIPPED.*(no CuPy with a usable CUDA|CUDA backend not usable|real GPU run skipped|nvcc not found)'
 
 SAN_ARGS="--error-exitcode 1 --launch-timeout 120"
@@ -50,6 +53,7 @@ declare -A CMD=(
   [racecheck]="compute-sanitizer --tool racecheck --racecheck-report all $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_racecheck.log\" 2>&1"
   [synccheck]="compute-sanitizer --tool synccheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_synccheck.log\" 2>&1"
   [bench]="$PY benchmarks/bench_cuda.py --out \"\$OUT/bench_cuda.json\" --md \"\$OUT/bench_cuda.md\" > \"\$OUT/bench.log\" 2>&1"
+  [nccl]="$PY -m torch.distributed.run --standalone --nproc-per-node 1 examples/expert_parallel.py --backend nccl --steps 3 > \"\$OUT/nccl.log\" 2>&1 && grep -q '^rank 0/1' \"\$OUT/nccl.log\""
 )
 
 if [ "$DRY" = 1 ]; then

@@ -210,3 +210,20 @@ def test_cuda_packed_without_sync():
     out = plan.combine(y, layout="packed")
     assert torch.allclose(out.detach().cpu(), ref, rtol=1e-3, atol=1e-3)
     assert x.grad is not None and w.grad is not None and logits.grad is not None
+
+
+@pytest.mark.gpu
+def test_cuda_grouped_mm_on_packed_buffer_equals_loop():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    plan = MoERouter(8, 2, [4.0, 2, 1, 1, 1, 1, 2, 0.5])(num_tokens=2048, device="cuda")
+    x = torch.randn(2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(8, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    buf = plan.dispatch(x, layout="packed")
+    grouped = torch._grouped_mm(buf, w, offs=plan.offsets_tensor[1:].to(torch.int32))
+    looped = torch.cat([r @ a for r, a in zip(plan.expert_rows(buf), w.unbind(0), strict=True)])
+    assert torch.allclose(grouped.float(), looped.float(), rtol=2e-2, atol=2e-1)
+    grouped.backward(torch.ones_like(grouped))
+    assert x.grad is not None and w.grad is not None
