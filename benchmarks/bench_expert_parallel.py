@@ -8,8 +8,9 @@ experts ``d -> hidden -> d`` on the packed layout (one matmul per expert), forwa
   local expert sees both ranks' rows, so every rank does the same expert FLOPs as ``single``.
 
 The overhead is ``ep2`` step time (the slower rank, median over steps) minus ``single``'s: the
-two all-to-all exchanges each way, the row permutation, and waiting for the other rank. Every
-process runs one torch thread.
+all-to-all exchanges (two forward, two backward), the row permutation, and waiting for the other
+rank. Also reported: CPU time per rank (``time.process_time``; waiting does not count), which a
+busy machine disturbs less. Every process runs one thread (torch and Numba).
 
     python benchmarks/bench_expert_parallel.py            # T = 4096, d = 256, hidden = 512
     python benchmarks/bench_expert_parallel.py --quick    # T = 1024
@@ -35,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 N_EXP, K = 16, 2
 
 
-def _layer_steps(args: argparse.Namespace, world: int) -> list[float]:
-    """Wall seconds of each timed step on this process (``world = 0``: no process group)."""
+def _layer_steps(args: argparse.Namespace, world: int) -> list[list[float]]:
+    """[wall, CPU] seconds of each timed step (``world = 0``: one process, no group); with a group,
+    on rank 0, the slower rank's wall time and the mean CPU time of the ranks."""
     import torch
 
     if str(ROOT) not in sys.path:
@@ -79,17 +81,18 @@ def _layer_steps(args: argparse.Namespace, world: int) -> list[float]:
     for i in range(args.repeats + 2):  # two warm-up steps
         if world:
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if i >= 2:
-            times.append(time.perf_counter() - t0)
+            times.append([time.perf_counter() - t0, time.process_time() - c0])
     if world:
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, times)
         dist.destroy_process_group()
         if rank:
             return []
-        times = [max(ts) for ts in zip(*everyone, strict=True)]  # a step ends when the slower rank ends
+        # a step ends when the slower rank ends; CPU time: the ranks' mean
+        times = [[max(t[0] for t in ts), sum(t[1] for t in ts) / world] for ts in zip(*everyone, strict=True)]
     return times
 
 
@@ -99,12 +102,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(args: argparse.Namespace, world: int) -> list[float]:
+def _run(args: argparse.Namespace, world: int) -> list[list[float]]:
     """Step times from ``world`` worker processes (0: one process without a group)."""
     port = _free_port()
     procs = []
     for rank in range(max(world, 1)):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}  # Numba and torch share OpenMP
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         argv = [sys.executable, __file__, "--worker", str(world), "--tokens", str(args.tokens), "--d", str(args.d)]
         argv += ["--hidden", str(args.hidden), "--repeats", str(args.repeats)]
@@ -112,7 +116,7 @@ def _run(args: argparse.Namespace, world: int) -> list[float]:
     outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"a worker failed: return codes {[p.returncode for p in procs]}")
-    return [float(v) for v in json.loads(outs[0].strip().splitlines()[-1])]
+    return [[float(a), float(b)] for a, b in json.loads(outs[0].strip().splitlines()[-1])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     single = _run(args, 0)
     ep2 = _run(args, 2)
     load_after = os.getloadavg()
-    s_ms, e_ms = 1e3 * statistics.median(single), 1e3 * statistics.median(ep2)
+    s_ms, e_ms = (1e3 * statistics.median(t[0] for t in ts) for ts in (single, ep2))
+    s_cpu, e_cpu = (1e3 * statistics.median(t[1] for t in ts) for ts in (single, ep2))
     res = {
         "config": {
             "tokens_per_rank": args.tokens,
@@ -147,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "load_average": [round(load[0], 2), round(load_after[0], 2)],
         },
-        "single_ms": [round(1e3 * t, 2) for t in single],
-        "ep2_ms": [round(1e3 * t, 2) for t in ep2],
+        "single_wall_cpu_ms": [[round(1e3 * a, 2), round(1e3 * b, 2)] for a, b in single],
+        "ep2_wall_cpu_ms": [[round(1e3 * a, 2), round(1e3 * b, 2)] for a, b in ep2],
         "single_median_ms": round(s_ms, 2),
         "ep2_median_ms": round(e_ms, 2),
         "overhead_ms": round(e_ms - s_ms, 2),
         "overhead_ratio": round(e_ms / s_ms, 3),
+        "single_median_cpu_ms": round(s_cpu, 2),
+        "ep2_median_cpu_ms": round(e_cpu, 2),
+        "overhead_cpu_ms": round(e_cpu - s_cpu, 2),
+        "overhead_cpu_ratio": round(e_cpu / s_cpu, 3),
     }
     print(
         f"MoE FFN layer, forward + backward, packed experts: T = {args.tokens} per rank, E = {N_EXP}, k = {K}, "
@@ -160,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load[0]:.1f} -> {load_after[0]:.1f}"
     )
     print()
-    print("| layer | step ms (median) | overhead |")
-    print("|---|---:|---:|")
-    print(f"| single process, 16 experts | {s_ms:.1f} | |")
+    print("| layer | step wall ms | overhead | step CPU ms per rank | overhead |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| single process, 16 experts | {s_ms:.1f} | | {s_cpu:.1f} | |")
     over = f"{e_ms - s_ms:+.1f} ms ({100 * (e_ms / s_ms - 1):+.0f} %)"
-    print(f"| 2 gloo processes, 8 experts each | {e_ms:.1f} | {over} |")
+    over_cpu = f"{e_cpu - s_cpu:+.1f} ms ({100 * (e_cpu / s_cpu - 1):+.0f} %)"
+    print(f"| 2 gloo processes, 8 experts each | {e_ms:.1f} | {over} | {e_cpu:.1f} | {over_cpu} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("bench_expert_parallel_quick.json" if args.quick else "bench_expert_parallel.json")
     path.write_text(json.dumps(res, indent=1) + "\n")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.repeats = 1024, 2
-    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # Numba's OpenMP layer
+    torch.set_num_threads(args.threads)  # shares the thread count with torch: set both
     grouped = grouped_mm_works()
     load = os.getloadavg()
     rows = [measure(p, args.tokens, args.d, args.hidden, args.k, args.repeats, grouped) for p in PROFILES]
