@@ -19,6 +19,8 @@
 #   8 compile    benchmarks/bench_compile.py --device cuda: torch.compile of the MoE training model,
 #                compiled vs eager step time and equal routes/losses -> bench_compile.json, compile.log
 #                (tests/test_torch_compile.py's CUDA tests run in step 3)
+#   9 nccl       examples/expert_parallel.py under torchrun on one GPU: ExpertParallel's all-to-all
+#                on NCCL (world size 1: one GPU, no network)              -> nccl.log
 # OUTDIR/summary.md lists each step's status and time; the exit status is 1 if any step failed.
 # Without a usable GPU it prints one line and exits 0. --dry-run prints every step, runs none.
 set -uo pipefail
@@ -39,12 +41,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 cd "$ROOT" || exit 2
 
-STEPS=(env install tests memcheck racecheck synccheck bench compile)
-# limits add up to 480 s: the whole check stays under 8 minutes even when a step hangs
-declare -A LIMIT=([env]=15 [install]=30 [tests]=225 [memcheck]=50 [racecheck]=50 [synccheck]=35 [bench]=40 [compile]=35)
+STEPS=(env install tests memcheck racecheck synccheck bench compile nccl)
+# limits add up to 475 s: the whole check stays under 8 minutes even when a step hangs
+declare -A LIMIT=([env]=15 [install]=15 [tests]=210 [memcheck]=50 [racecheck]=50 [synccheck]=35 [bench]=40 [compile]=35 [nccl]=25)
 declare -A LOG=([env]=env.txt [install]=install.log [tests]=pytest.log [memcheck]=sanitize_memcheck.log
                 [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md, learned_router.md"
-                [compile]="compile.log, bench_compile.json")
+                [compile]="compile.log, bench_compile.json" [nccl]=nccl.log)
 GPU_SKIP='^SKIPPED.*(no CuPy with a usable CUDA|CUDA backend not usable|real GPU run skipped|nvcc not found)'
 
 SAN_ARGS="--error-exitcode 1 --launch-timeout 120"
@@ -57,6 +59,7 @@ declare -A CMD=(
   [synccheck]="compute-sanitizer --tool synccheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_synccheck.log\" 2>&1"
   [bench]="$PY benchmarks/bench_cuda.py --out \"\$OUT/bench_cuda.json\" --md \"\$OUT/bench_cuda.md\" > \"\$OUT/bench.log\" 2>&1; r=\$?; $PY benchmarks/bench_learned_router.py --device cuda --tokens 16384 --experts 256 --k 8 --repeats 20 --out \"\$OUT/learned_router_cuda.json\" > \"\$OUT/learned_router.md\" 2>&1 || r=1; exit \$r"
   [compile]="$PY benchmarks/bench_compile.py --device cuda --steps 10 --repeats 3 --out \"\$OUT/bench_compile.json\" > \"\$OUT/compile.log\" 2>&1"
+  [nccl]="$PY -m torch.distributed.run --standalone --nproc-per-node 1 examples/expert_parallel.py --backend nccl --steps 3 > \"\$OUT/nccl.log\" 2>&1 && grep -q '^rank 0/1' \"\$OUT/nccl.log\""
 )
 
 if [ "$DRY" = 1 ]; then

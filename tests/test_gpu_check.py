@@ -14,7 +14,7 @@ from gpu_phase_router.backends.cuda import PHASE_WIDTHS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ("env", "install", "tests", "memcheck", "racecheck", "synccheck", "bench", "compile")
+STEPS = ("env", "install", "tests", "memcheck", "racecheck", "synccheck", "bench", "compile", "nccl")
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")]
 
@@ -50,6 +50,7 @@ def test_gpu_check_dry_run_lists_every_step_and_runs_none(tmp_path):
     for tool in ("memcheck", "racecheck", "synccheck"):
         assert any(f"compute-sanitizer --tool {tool}" in line and "sanitize_kernels.py" in line for line in steps)
     assert any("pytest" in line for line in steps) and any("bench_cuda.py" in line for line in steps)
+    assert any("--backend nccl" in line and "expert_parallel.py" in line for line in steps)
     limits = [int(line.split("limit ")[1].split()[0]) for line in steps]
     assert sum(limits) <= 480  # the whole check fits in 8 minutes
     assert not out.exists()

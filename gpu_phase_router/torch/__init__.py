@@ -6,7 +6,9 @@ experts' hard caps, where each kept slot sits in its expert's buffer, the gate w
 ``dispatch`` / ``combine`` to move activations into expert buffers and back.
 
 Modules: ``_plan`` (the plan and its dispatch/combine), ``router`` (``MoERouter``), ``learned``
-(SPEC §16: the default learned top-k with a capacity bias and rerouting, and expert choice).
+(SPEC §16: the default learned top-k with a capacity bias and rerouting, and expert choice),
+``parallel`` (``ExpertParallel``: experts on several ranks over ``torch.distributed``), ``_ops``
+(the routing custom op that ``torch.compile`` traces).
 
 Needs the optional extra ``torch`` (``pip install 'gpu_phase_router[torch]'``); ``import
 gpu_phase_router`` alone never imports torch.
@@ -22,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from ._plan import RoutingPlan
+from .parallel import ExpertParallel, ExpertParallelHandle
 from .router import MoERouter, router_methods
 
-__all__ = ["MoERouter", "RoutingPlan", "router_methods"]
+__all__ = ["ExpertParallel", "ExpertParallelHandle", "MoERouter", "RoutingPlan", "router_methods"]

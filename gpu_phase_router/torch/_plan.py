@@ -1,19 +1,37 @@
 """The routing plan of SPEC §15: slots, loads, gate weights, dispatch and combine.
 
 All tensors live on the routes' device; shapes are fixed by ``T``, ``k`` and host-known caps, so
-building a plan reads nothing back from a GPU.
+building a plan reads nothing back from a GPU. Two buffer layouts: ``"padded"`` (``[E, C, d]``,
+every expert padded to ``C = max(capacity)``) and ``"packed"`` (``[sum(capacity), d]``, expert
+``e``'s rows at ``offsets[e]:offsets[e + 1]``; SPEC §15).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .._arrays import check_plain_input, to_numpy
 from .._validate import check_int
+
+LAYOUTS = ("padded", "packed")
+Layout = Literal["padded", "packed"]
+
+
+def _check_layout(layout: Any) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    return layout
+
+
+def host_offsets(capacity: Any) -> tuple[int, ...]:
+    """Packed-layout offsets ``(0, cap[0], cap[0] + cap[1], ..., sum(cap))`` of host caps."""
+    caps = np.asarray(capacity, dtype=np.int64).reshape(-1)
+    return (0, *(int(v) for v in np.cumsum(caps)))
+
 
 # --- the plan ---------------------------------------------------------------------------------------
 
@@ -31,7 +49,11 @@ class RoutingPlan:
             kept (no expert, or dropped by the hard cap).
         capacity: int64 ``[E]`` hard caps (SPEC §12 rule with ``n_src = T``).
         tokens_per_expert: int64 ``[E]`` kept slots per expert.
-        buffer_size: ``C = max(capacity)``, a host integer: the dispatch buffer is ``[E, C, d]``.
+        buffer_size: ``C = max(capacity)``, a host integer: the padded buffer is ``[E, C, d]``.
+        offsets: host ``(E + 1)``-tuple of ints, ``offsets[e] = sum(capacity[:e])``: expert
+            ``e``'s rows of the packed buffer ``[offsets[E], d]`` are ``offsets[e]:offsets[e + 1]``.
+        offsets_tensor: the same offsets as an int64 ``[E + 1]`` tensor on the plan's device
+            (e.g. ``offsets_tensor[1:].int()`` for ``torch._grouped_mm``'s ``offs``).
         aux_loss: 0-d float32 capacity-targeted load-balancing loss (SPEC §16), differentiable in
             the logits; ``None`` unless the router was built with ``balance="aux"``.
         z_loss: 0-d float32 ``mean(logsumexp(logits)^2)`` (SPEC §16); ``None`` unless
@@ -44,7 +66,10 @@ class RoutingPlan:
     capacity: torch.Tensor
     tokens_per_expert: torch.Tensor
     buffer_size: int
+    offsets: tuple[int, ...]
+    offsets_tensor: torch.Tensor = field(repr=False)
     _position: torch.Tensor = field(repr=False)  # int64 [T*k]: e * C + slot if kept, else E * C
+    _packed_position: torch.Tensor = field(repr=False)  # int64 [T*k]: offsets[e] + slot if kept, else sum(cap)
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
 
@@ -69,50 +94,85 @@ class RoutingPlan:
         """Share of the ``T * k`` slots not served (no expert or dropped), a 0-d float tensor."""
         return 1.0 - self.tokens_per_expert.sum().to(torch.float32) / float(self.slot.numel())
 
-    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def packed_size(self) -> int:
+        """Rows of the packed buffer, ``sum(capacity) = offsets[E]`` (a host integer)."""
+        return self.offsets[-1]
+
+    def _layout(self, layout: Any) -> tuple[torch.Tensor, int]:
+        """(slot positions with the drop sentinel, rows) of ``layout``."""
+        if _check_layout(layout) == "packed":
+            return self._packed_position, self.packed_size
+        return self._position, self.num_experts * self.buffer_size
+
+    def dispatch(self, x: torch.Tensor, layout: Layout = "padded") -> torch.Tensor:
         """Expert buffers from token activations.
 
         Args:
             x: ``[T, d]`` activations (any dtype; on the plan's device).
+            layout: ``"padded"`` (default) or ``"packed"``.
 
         Returns:
-            ``[E, C, d]``: entry ``(e, c)`` is ``x[t]`` for the kept slot of token ``t`` at
-            position ``c`` of expert ``e``; unused positions are 0. Differentiable in ``x``.
+            ``"padded"``: ``[E, C, d]``, entry ``(e, c)`` is ``x[t]`` for the kept slot of token
+            ``t`` at position ``c`` of expert ``e``. ``"packed"``: ``[sum(capacity), d]``, row
+            ``offsets[e] + c`` is that same ``x[t]``. Unused positions are 0. Differentiable in
+            ``x``; no host read.
         """
-        n_tok, k, n_exp, cap = self.num_tokens, self.k, self.num_experts, self.buffer_size
+        position, rows_out = self._layout(layout)
+        n_tok, k = self.num_tokens, self.k
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != n_tok:
             raise ValueError(
                 f"x must be a [T, d] tensor with T = {n_tok}; got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
-        d = x.shape[1]
-        rows = x.unsqueeze(1).expand(n_tok, k, d).reshape(n_tok * k, d)
-        buf = x.new_zeros(n_exp * cap + 1, d)  # the last row collects the slots that are not kept
-        buf = buf.index_copy(0, self._position, rows)
-        return buf[: n_exp * cap].view(n_exp, cap, d)
+        buf = _scatter_rows(x, position, k, rows_out)
+        return buf if layout == "packed" else buf.view(self.num_experts, self.buffer_size, x.shape[1])
 
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, layout: Layout = "padded") -> torch.Tensor:
         """Token outputs from expert buffers: the weighted sum over each token's kept slots.
 
         Args:
-            y: ``[E, C, d]`` expert outputs (e.g. ``expert(plan.dispatch(x))``).
+            y: expert outputs in ``layout`` (e.g. ``expert(plan.dispatch(x, layout))``):
+                ``[E, C, d]`` for ``"padded"`` (default), ``[sum(capacity), d]`` for ``"packed"``.
+            layout: ``"padded"`` or ``"packed"``.
 
         Returns:
-            ``[T, d]`` in ``y``'s dtype; ``out[t] = sum_s weights[t, s] * y[experts[t, s], slot[t, s]]``
-            over kept slots. Differentiable in ``y`` and in the weights.
+            ``[T, d]`` in ``y``'s dtype; ``out[t] = sum_s weights[t, s] * y[row of (t, s)]`` over
+            kept slots. Differentiable in ``y`` and in the weights; no host read.
         """
-        n_tok, k, n_exp, cap = self.num_tokens, self.k, self.num_experts, self.buffer_size
-        if not isinstance(y, torch.Tensor) or y.ndim != 3 or tuple(y.shape[:2]) != (n_exp, cap):
+        position, rows_in = self._layout(layout)
+        n_exp, cap = self.num_experts, self.buffer_size
+        if layout == "packed":
+            shape_ok = isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[0] == rows_in
+            want = f"a [sum(capacity), d] tensor with sum(capacity) = {rows_in}"
+        else:
+            shape_ok = isinstance(y, torch.Tensor) and y.ndim == 3 and tuple(y.shape[:2]) == (n_exp, cap)
+            want = f"an [E, C, d] tensor with E = {n_exp}, C = {cap}"
+        if not shape_ok:
             raise ValueError(
-                f"y must be an [E, C, d] tensor with E = {n_exp}, C = {cap}; got "
+                f"y must be {want} for layout={layout!r}; got "
                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
             )
         if not (y.dtype.is_floating_point or y.dtype.is_complex):
             raise TypeError(f"y must have a floating dtype (the weights are fractions); got {y.dtype}")
-        d = y.shape[2]
-        flat = torch.cat([y.reshape(n_exp * cap, d), y.new_zeros(1, d)])
-        gathered = flat.index_select(0, self._position).view(n_tok, k, d)
-        return torch.bmm(self.weights.to(y.dtype).unsqueeze(1), gathered).squeeze(1)
+        return _gather_rows(y.reshape(rows_in, y.shape[-1]), position, self.weights)
+
+    def expert_rows(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-expert views of a packed buffer: ``buf[offsets[e]:offsets[e + 1]]`` for each ``e``.
+
+        Args:
+            buf: ``[sum(capacity), ...]`` packed buffer (e.g. ``plan.dispatch(x, "packed")``).
+
+        Returns:
+            ``E`` views (``torch.split`` with the host caps; no copy, no host read).
+        """
+        if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != self.packed_size:
+            raise ValueError(
+                f"buf must be a packed buffer with {self.packed_size} rows; got "
+                f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
+            )
+        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        return tuple(torch.split(buf, sizes))
 
     @classmethod
     def from_experts(
@@ -132,22 +192,33 @@ class RoutingPlan:
             capacity: integer ``[E]`` hard caps ``>= 0`` (a tensor, moved to the device of
                 ``experts``, or host values).
             logits: optional ``[T, E]`` float tensor for the gate weights.
-            buffer_size: ``C``; default ``max(capacity)``, read from the tensor (one
-                synchronisation when ``capacity`` lives on a GPU).
+            buffer_size: ``C``; default ``max(capacity)``.
             weight_dtype: dtype of the weights without logits (default float32).
+
+        ``buffer_size`` and the packed ``offsets`` are host values: taken from ``capacity`` when
+        it is given on the host (values or a CPU tensor), else read from the device tensor (one
+        synchronisation; give host caps to avoid it).
         """
         if not isinstance(experts, torch.Tensor) or experts.ndim != 2:
             raise ValueError("experts must be a 2-D [T, k] integer tensor")
         if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
             raise TypeError(f"experts must hold integers; got {experts.dtype}")
+        host_caps = capacity if not isinstance(capacity, torch.Tensor) or capacity.device.type == "cpu" else None
         capacity = _check_capacity(capacity, experts.device)
+        if host_caps is not None:
+            caps_host = np.asarray(to_numpy(host_caps) if isinstance(host_caps, torch.Tensor) else host_caps)
+        elif capacity.device.type == "meta":
+            raise ValueError("capacity on the meta device has no values: give host caps for a meta plan")
+        else:
+            caps_host = capacity.detach().cpu().numpy()  # one synchronisation: the packed offsets are host values
+        caps_host = caps_host.astype(np.int64).reshape(-1)
         if experts.device.type == "cpu" and experts.numel():  # a range check on a GPU would synchronise
             lo, hi = int(experts.min()), int(experts.max())
             if lo < -1 or hi >= capacity.shape[0]:
                 raise ValueError(f"experts must lie in [-1, E) with E = {capacity.shape[0]}; got range [{lo}, {hi}]")
         top = None if capacity.device.type != "cpu" else int(capacity.max())
         if buffer_size is None:
-            buffer_size = max(1, int(capacity.max()))
+            buffer_size = max(1, int(caps_host.max()))
         buffer_size = check_int("buffer_size", buffer_size, lo=1)
         if top is not None and buffer_size < top:
             raise ValueError(
@@ -161,7 +232,25 @@ class RoutingPlan:
             raise ValueError(
                 f"logits must have shape [T, E] = [{experts.shape[0]}, {capacity.shape[0]}]; got {tuple(logits.shape)}"
             )
-        return _plan(experts.to(torch.int64), capacity, buffer_size, logits, weight_dtype)
+        return _plan(
+            experts.to(torch.int64), capacity, buffer_size, logits, weight_dtype, offsets=host_offsets(caps_host)
+        )
+
+
+def _scatter_rows(x: torch.Tensor, position: torch.Tensor, k: int, rows_out: int) -> torch.Tensor:
+    """``[rows_out, d]``: row ``position[t * k + s]`` is ``x[t]``; ``position == rows_out`` drops."""
+    n_tok, d = x.shape
+    rows = x.unsqueeze(1).expand(n_tok, k, d).reshape(n_tok * k, d)
+    buf = x.new_zeros(rows_out + 1, d)  # the last row collects the slots that are not kept
+    return buf.index_copy(0, position, rows)[:rows_out]
+
+
+def _gather_rows(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[T, d]``: ``sum_s weights[t, s] * y[position[t * k + s]]``, row ``len(y)`` reading 0."""
+    n_tok, k = weights.shape
+    flat = torch.cat([y, y.new_zeros(1, y.shape[1])])
+    gathered = flat.index_select(0, position).view(n_tok, k, y.shape[1])
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), gathered).squeeze(1)
 
 
 def _check_weight_dtype(weight_dtype: Any) -> torch.dtype | None:
@@ -224,8 +313,17 @@ def _plan(
     buffer_size: int,
     logits: torch.Tensor | None,
     weight_dtype: torch.dtype | None,
+    offsets: tuple[int, ...] | None = None,
 ) -> RoutingPlan:
-    """SPEC §15 slots, loads, weights and buffer positions: fixed shapes, no host synchronisation."""
+    """SPEC §15 slots, loads, weights and buffer positions: fixed shapes, no host synchronisation.
+
+    ``offsets`` are the host packed offsets of ``capacity`` (``host_offsets``); without them they
+    are read from ``capacity`` (a synchronisation when it lives on a GPU).
+    """
+    if offsets is None:
+        if capacity.device.type == "meta":
+            raise ValueError("a plan on the meta device needs host offsets (the caps have no values there)")
+        offsets = host_offsets(capacity.detach().cpu().numpy())
     n_tok, k = experts.shape
     n_exp = int(capacity.shape[0])
     dev = experts.device
@@ -242,6 +340,8 @@ def _plan(
     slot = torch.where(kept, rank, -1)
     tokens_per_expert = torch.minimum(start[1:] - start[:-1], capacity)
     position = torch.where(kept, key * buffer_size + rank, n_exp * buffer_size)
+    offsets_tensor = torch.cat([capacity.new_zeros(1), torch.cumsum(capacity, 0)])
+    packed_position = torch.where(kept, offsets_tensor[key] + rank, offsets[-1])  # key E: never kept
     kept2 = kept.view(n_tok, k)
     if logits is None:
         dtype = weight_dtype or torch.float32
@@ -255,7 +355,10 @@ def _plan(
         capacity=capacity,
         tokens_per_expert=tokens_per_expert,
         buffer_size=buffer_size,
+        offsets=offsets,
+        offsets_tensor=offsets_tensor,
         _position=position,
+        _packed_position=packed_position,
     )
 
 

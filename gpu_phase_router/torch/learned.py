@@ -335,8 +335,12 @@ def topk_plan(
     rate: float,
     update: bool,
     process_group: Any = None,
+    offsets: tuple[int, ...] | None = None,
 ) -> RoutingPlan:
-    """The SPEC §16 plan of ``method="topk"``; updates ``bias`` in place when ``update``."""
+    """The SPEC §16 plan of ``method="topk"``; updates ``bias`` in place when ``update``.
+
+    ``offsets``: the host packed offsets of ``capacity`` (read from it when not given).
+    """
     if balance == "bias" and bias.device != logits.device:
         raise ValueError(
             f"expert_bias lives on {bias.device} but the logits on {logits.device}: move the router with .to(device)"
@@ -344,19 +348,21 @@ def topk_plan(
     selected, experts, placed = learned_topk(logits, bias if balance == "bias" else None, k, capacity, rounds)
     if update and balance == "bias":
         update_bias(bias, selected, share, rate, process_group)
-    plan = _plan(torch.where(placed, experts, -1), capacity, buffer_size, logits, None)
+    plan = _plan(torch.where(placed, experts, -1), capacity, buffer_size, logits, None, offsets=offsets)
     aux = z = None
     if balance == "aux":
         aux, z = balance_losses(logits, selected, share)
     return dataclasses.replace(plan, experts=experts, aux_loss=aux, z_loss=z)
 
 
-def expert_choice_plan(logits: torch.Tensor, capacity: torch.Tensor, buffer_size: int) -> RoutingPlan:
+def expert_choice_plan(
+    logits: torch.Tensor, capacity: torch.Tensor, buffer_size: int, offsets: tuple[int, ...] | None = None
+) -> RoutingPlan:
     """The SPEC §16 plan of ``method="expert_choice"``: ``[T, E]`` slots, column ``e`` for expert ``e``."""
     chosen = expert_choice(logits, capacity)
     col = torch.arange(logits.shape[1], device=logits.device, dtype=torch.int64).unsqueeze(0)
     experts = torch.where(chosen, col, -1)
-    return _plan(experts, capacity, buffer_size, logits, None)
+    return _plan(experts, capacity, buffer_size, logits, None, offsets=offsets)
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_see
 from ..methods import available_methods
 from . import learned
 from ._ops import hard_caps_host, split_seed, uniform_routes
-from ._plan import RoutingPlan, _check_weight_dtype, _plan
+from ._plan import RoutingPlan, _check_weight_dtype, _plan, host_offsets
 
 LEARNED_METHOD = "topk"
 LEARNED_METHODS = learned.LEARNED_METHODS
@@ -325,6 +325,7 @@ class MoERouter(nn.Module):
             dev = _check_device(device)
         cap_values, buffer_size = self._hard_caps(n_tok)
         capacity = self._caps_on(cap_values, dev)
+        offsets = host_offsets(cap_values)
         if self.method == LEARNED_METHOD:
             assert logits is not None
             rounds = self.reroute_rounds if self.overflow == "reroute" else 0
@@ -332,15 +333,15 @@ class MoERouter(nn.Module):
             plan = learned.topk_plan(
                 logits, capacity, buffer_size, k=self.k, bias=self.expert_bias.to(dev) if meta else self.expert_bias,
                 share=self._share_on(dev), balance=self.balance, rounds=rounds, rate=self.bias_rate,
-                update=self.training and not meta, process_group=self.process_group,
+                update=self.training and not meta, process_group=self.process_group, offsets=offsets,
             )  # fmt: skip
         elif self.method == "expert_choice":
             assert logits is not None
-            plan = learned.expert_choice_plan(logits, capacity, buffer_size)
+            plan = learned.expert_choice_plan(logits, capacity, buffer_size, offsets)
         else:
             anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
             experts = self._uniform(anchor, n_tok, self._step_counter, self.seed)
-            plan = _plan(experts, capacity, buffer_size, logits, weight_dtype)
+            plan = _plan(experts, capacity, buffer_size, logits, weight_dtype, offsets=offsets)
         if self.training:
             self._step_counter.add_(1)
         return plan
