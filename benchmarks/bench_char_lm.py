@@ -78,7 +78,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run from a source checkout; bench_trai
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_training import NoCapsTopK, machine, router_options  # noqa: E402
+from bench_training import NoCapsTopK, machine, router_options, served_share  # noqa: E402
 
 from gpu_phase_router import capacity as _capacity  # noqa: E402
 from gpu_phase_router.torch import MoERouter  # noqa: E402
@@ -326,7 +326,7 @@ def set_eval_factor(router: nn.Module, factor: float | None) -> bool:
 class Routing:
     """What one MoE layer's routing did in one forward (host values)."""
 
-    served: float  # kept slots / (T * k)
+    served: float  # share of the T * k slots served (bench_training.served_share)
     no_expert: float  # share of tokens with no kept slot
     load: np.ndarray  # float64 [E] kept slots / reference hard cap
     demand: np.ndarray  # float64 [E] slots routed to each expert (kept or not) / reference hard cap
@@ -361,7 +361,7 @@ class MoEFeedForward(nn.Module):
             demand = np.bincount(routed.numpy(), minlength=len(kept)).astype(np.float64)
             caps = np.maximum(self.ref_caps, 1).astype(np.float64)
             self.last = Routing(
-                served=float(kept.sum() / (x.shape[0] * self.k)),
+                served=served_share(plan, self.k),
                 no_expert=float((~plan.kept.any(dim=1)).double().mean()),
                 load=kept / caps,
                 demand=demand / caps,
@@ -513,16 +513,20 @@ def factor_label(factor: float | None) -> str:
 
 
 def _job(args: tuple[Config, str, int]) -> tuple[str, int, dict[str, Any]]:
+    import numba
+
     cfg, name, seed = args
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     return name, seed, train_one(cfg, name, seed)
 
 
 def run(cfg: Config, jobs: int = 1, log: Any = print) -> dict[str, Any]:
     """Train every supported router of ``cfg`` for every seed; the JSON-ready results.
 
-    Torch runs single-threaded in each training process (the model is small; on a shared machine a
-    parallel region can wait for a descheduled thread). ``jobs > 1`` trains in that many processes.
+    Torch and the Numba kernels run single-threaded in each training process (the model is small;
+    on a shared machine a parallel region can wait for a descheduled thread). ``jobs > 1`` trains
+    in that many processes.
     """
     names = [n for n in cfg.routers if router_supported(n)]
     missing = [n for n in cfg.routers if n not in names]
@@ -539,7 +543,9 @@ def run(cfg: Config, jobs: int = 1, log: Any = print) -> dict[str, Any]:
     for name in names:  # compile or load the CPU kernels before any step is timed
         make_router(name, cfg, 0)(torch.zeros(cfg.batch * cfg.context, cfg.num_experts))
     tasks = [(cfg, n, s) for n in names for s in cfg.seeds]
-    saved = torch.get_num_threads()
+    import numba
+
+    saved = torch.get_num_threads(), numba.get_num_threads()
     t0 = time.perf_counter()
     try:
         if jobs > 1:
@@ -557,7 +563,8 @@ def run(cfg: Config, jobs: int = 1, log: Any = print) -> dict[str, Any]:
                 out["runs"][name].append(res)
                 _log_run(log, cfg, name, seed, res)
     finally:
-        torch.set_num_threads(saved)
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
     out["train_seconds"] = time.perf_counter() - t0
     return out
 
@@ -716,9 +723,6 @@ def goals_table(results: dict[str, Any], router: str = "default") -> str:
 
 def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     """Per profile: training curves, validation bits/char per split and eval mode, load / cap per expert."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     profs = list(results)
@@ -877,6 +881,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / ("char_lm_quick.json" if args.quick else "char_lm.json")

@@ -289,12 +289,21 @@ def reference_caps(cfg: Config, num_tokens: int) -> np.ndarray:
 # --- training ---------------------------------------------------------------------------------------------
 
 
+def served_share(plan: RoutingPlan, k: int) -> float:
+    """Share of the ``T * k`` slots served: ``sum_t min(kept slots of t, k) / (T * k)``.
+
+    For top-k routers this is kept slots over ``T * k``; with expert choice (experts pick tokens,
+    a token can get 0 to ``E`` experts) a token counts at most its ``k`` slots.
+    """
+    per_token = plan.kept.sum(dim=1).clamp(max=k)
+    return float(per_token.sum()) / (plan.num_tokens * k)
+
+
 def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
     """Train one model; per-step loss and served share, loads against the caps, final losses.
 
-    *Served*: kept slots over the ``T * k`` slots of a step (for expert choice, whose experts pick
-    tokens, kept slots can exceed ``T * k``). *Load / cap*: an expert's kept slots over its
-    training hard cap; ``nocaps`` is measured against the caps the capped routers get.
+    *Served*: :func:`served_share`. *Load / cap*: an expert's kept slots over its training hard
+    cap; ``nocaps`` is measured against the caps the capped routers get.
     """
     torch.manual_seed(seed)
     router = make_router(router_name, cfg, seed)
@@ -302,7 +311,6 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
     task = Task(cfg, seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     caps = reference_caps(cfg, cfg.tokens)
-    slots = cfg.tokens * cfg.k
     losses, served, no_expert, load_max = [], [], [], []
     routed = np.zeros(cfg.num_experts)
     kept = np.zeros(cfg.num_experts)
@@ -321,7 +329,7 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
         opt.step()
         losses.append(loss.item())
         tpe = plan.tokens_per_expert.numpy()
-        served.append(float(tpe.sum()) / slots)
+        served.append(served_share(plan, cfg.k))
         no_expert.append(float((~plan.kept.any(dim=1)).float().mean()))
         load_max.append(float(np.max(tpe / np.maximum(caps, 1))))
         ex = plan.experts[plan.experts >= 0]
@@ -333,7 +341,7 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
         x, y = task.batch(cfg.eval_tokens, torch.Generator().manual_seed(30_000 + seed))
         pred, plan, _ = model(x)
         eval_loss = float(torch.mean((pred - y) ** 2))
-        eval_served = float(plan.tokens_per_expert.sum()) / (cfg.eval_tokens * cfg.k)
+        eval_served = served_share(plan, cfg.k)
     tail = max(1, cfg.steps // 10)
     return {
         "loss": losses,
@@ -708,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / ("training_quick.json" if args.quick else "training.json")
