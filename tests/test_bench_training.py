@@ -4,6 +4,7 @@ benchmarks/bench_char_lm.py)."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -152,6 +153,11 @@ def test_router_table() -> None:
     assert capped is not None and capped["method"] == "topk"
     offered, missing = bt.supported(bt.ROUTERS)
     assert "nocaps" in offered and "topk" in offered and set(offered) | set(missing) == set(bt.ROUTERS)
+    if "balance" in inspect.signature(bt.MoERouter.__init__).parameters:  # SPEC §16 options
+        assert missing == [] and all(lm.router_supported(n) for n in lm.ROUTERS)
+        assert bt.router_options("bias_reroute") == {"method": "topk", "balance": "bias", "overflow": "reroute"}
+        router = bt.make_router("topk", bt.Config(), 0)
+        assert (router.balance, router.overflow) == (None, "drop")
     assert isinstance(bt.make_router("nocaps", bt.Config(), 0), bt.NoCapsTopK)
     with pytest.raises(ValueError, match="profile"):
         bt.profile_config("other")
