@@ -48,9 +48,11 @@ Run from the repository root::
     python benchmarks/bench_char_lm.py --quick      # 1 profile, 1 seed, 60 steps, small model
     python benchmarks/bench_char_lm.py --jobs 2     # two training processes at once
     python benchmarks/bench_char_lm.py --plot-only  # redraw the plot and tables from the JSON
+    python benchmarks/bench_char_lm.py --routers nocaps default --bias-rate 1e-3 --tag rate1e-3  # a variant
 
 Outputs (``--out``, default ``benchmarks/results``): ``char_lm.json``, ``char_lm_panel.png``, and
-the tables between the ``charlm`` markers of ``benchmarks/TRAINING_RESULTS.md`` (``--md``).
+the tables between the ``charlm`` markers of ``benchmarks/TRAINING_RESULTS.md`` (``--md``); a run
+with ``--tag`` or ``--quick`` writes ``char_lm[_quick][_<tag>].json`` / ``.png`` and no tables.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Config:
     routers: list[str] = field(default_factory=lambda: list(ROUTERS))
     eval_factors: list[float | None] = field(default_factory=lambda: list(EVAL_FACTORS))
     eval_windows: int = 256
+    bias_rate: float | None = None  # MoERouter's bias_rate for balance="bias" (None: its default)
     block: int = 1024
     holdout: float = 0.05
     topic: str = TOPIC
@@ -304,6 +307,8 @@ def make_router(name: str, cfg: Config, seed: int) -> nn.Module:
     opts = router_options(name, ROUTER_OPTIONS)
     if opts is None:
         raise ValueError(f"router {name!r} needs MoERouter options {ROUTER_OPTIONS[name]}")
+    if cfg.bias_rate is not None and opts.get("balance") == "bias":
+        opts = opts | {"bias_rate": cfg.bias_rate}
     return MoERouter(cfg.num_experts, cfg.k, cfg.caps(), capacity_factor=cfg.capacity_factor, seed=seed, **opts)
 
 
@@ -877,6 +882,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seeds", type=int, help="number of model seeds")
     ap.add_argument("--jobs", type=int, default=1, help="training processes at once")
+    ap.add_argument("--bias-rate", type=float, help="bias_rate of the default router (default: MoERouter's)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (e.g. a variant's name)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and tables from the JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
@@ -886,7 +893,8 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / ("char_lm_quick.json" if args.quick else "char_lm.json")
+    stem = "char_lm" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    json_path = out / f"{stem}.json"
     if args.plot_only:
         saved = json.loads(json_path.read_text())
         results, meta = saved["profiles"], saved["meta"]
@@ -900,17 +908,19 @@ def main(argv: list[str] | None = None) -> None:
             base = replace(base, seeds=list(range(args.seeds)))
         if args.routers:
             base = replace(base, routers=args.routers)
+        if args.bias_rate is not None:
+            base = replace(base, bias_rate=args.bias_rate)
         meta = {"machine": machine(), "jobs": args.jobs}
         t0 = time.perf_counter()
         results = {p: run(replace(base, profile=p), jobs=args.jobs) for p in profs}
         meta["seconds"] = time.perf_counter() - t0
         meta["load_end"] = [round(v, 2) for v in os.getloadavg()]
         json_path.write_text(json.dumps({"meta": meta, "profiles": compact(results)}, separators=(",", ":")))
-    plot(results, out / ("char_lm_quick.png" if args.quick else "char_lm_panel.png"))
+    plot(results, out / (f"{stem}.png" if stem != "char_lm" else "char_lm_panel.png"))
     for prof, result in results.items():
         print(f"\nprofile {prof}\n" + table(result) + "\n\n" + eval_table(result))
     print("\n" + goals_table(results))
-    if not args.quick and args.md:
+    if not (args.quick or args.tag) and args.md:
         write_md(results, meta, Path(args.md))
 
 
