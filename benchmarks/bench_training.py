@@ -417,7 +417,8 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             return float(v[m].sum() / cap[m].sum()) if m.any() else float("nan")
 
         final = float(np.mean([r["final_loss"] for r in runs]))
-        drop = curves(results, name)[1]
+        has_curves = name in results.get("curves", {}) or "drop" in runs[0]
+        drop = curves(results, name)[1] if has_curves else np.array([np.nan])
         tail = max(1, len(drop) // 3)
         rows.append(
             {

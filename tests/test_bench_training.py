@@ -185,6 +185,8 @@ def _fake(losses: dict[str, float], served: float = 1.0, load_max: float = 1.0) 
         "mean_no_expert": 0.0,
         "eval_loss": 0.0,
         "ms_per_step": 1.0,
+        "loss": [1.0] * 6,
+        "drop": [0.5, 0.5, 0.0, 0.0, 0.0, 0.0],  # served 100 % over the last third
     }
     return {"capacities": [1.0, 0.5], "runs": {n: [run | {"final_loss": v}] for n, v in losses.items()}}
 
@@ -197,6 +199,7 @@ def test_goals_met_and_missed() -> None:
     strong = bt.goals({"strong": _fake({"nocaps": 1.0, "bias_reroute": 2.0, "topk": 9.0})})
     assert [g["met"] for g in strong] == [True, True, False]  # 2.0 / 9.0 > 0.2
     assert bt.goals({"half": _fake({"nocaps": 1.0})})[0]["met"] is False
+    assert "; 100.000 %)" in good[0]["value"]  # the last third of the steps
 
 
 # --- the character model ----------------------------------------------------------------------------------
