@@ -44,6 +44,17 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -57,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_learned_router: --device cuda but torch sees no CUDA device")
     n_tok, n_exp, k = args.tokens, args.experts, args.k
     caps = [1.0] * (n_exp - n_exp // 2) + [0.5] * (n_exp // 2)
     gen = torch.Generator().manual_seed(0)
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "experts": n_exp,
         "k": k,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,

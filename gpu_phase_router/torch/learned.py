@@ -1,10 +1,12 @@
 """Learned routing with capacity targets (SPEC §16): top-k with a capacity bias, score-based caps,
 room-aware overflow rerouting, expert choice, and the capacity-targeted auxiliary losses.
 
-Every integer decision (experts, kept slots, reroutes, bias updates) compares float32 values through
-an integer key that orders all float32 bit patterns (SPEC §16, "order key"), with explicit tie rules,
-so the same logits give the same plan on every device. All work is torch operations with shapes
-fixed by ``T``, ``E``, ``k`` and the number of rounds: nothing is read back to the host.
+Every integer decision (experts, kept slots, reroutes, bias updates) compares float32 values with
+an explicit tie rule (the lower expert or token index): selection by first-index argmax passes,
+sorts by an integer key that orders float32 values (:func:`order_key`), so the same logits give the
+same plan on every device. The work is torch operations with shapes fixed by ``T``, ``E``, ``k``
+and the number of rounds, with nothing read back to the host; only on the CPU do the rerouting
+rounds look at the tokens that still have an unplaced slot (``COMPACT_ON_CPU``; same result).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ LEARNED_METHODS = ("topk", "expert_choice")
 BALANCES = ("bias", "aux", None)
 OVERFLOWS = ("reroute", "drop")
 
-_I32_MIN = -(2**31)
 _I32_MAX = 2**31 - 1
 _SHIFT = 32
 #: the CPU rounds work on the tokens with an unplaced slot only (a host read, harmless on the CPU);
