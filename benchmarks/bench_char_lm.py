@@ -700,10 +700,11 @@ def eval_table(result: dict[str, Any]) -> str:
 
 
 def goals_table(results: dict[str, Any], router: str = "default") -> str:
-    """The issue's char-LM goals for ``router`` at every eval factor: Δ bits/char ≤ 0.02 and ≥ 99.9 % served."""
+    """The issue's char-LM goals for ``router`` at every eval factor: Δ bits/char ≤ 0.02 and ≥ 99.9 %
+    of the slots served (means over steps / eval batches; the worst one in brackets)."""
     lines = [
         "| profile | eval capacity factor | split | Δ bits/char vs no caps (goal ≤ 0.02) | "
-        "eval slots served, min (goal ≥ 99.9 %) | train slots served, min | met |",
+        "eval slots served, mean (worst batch) | train slots served, mean (worst step) | met |",
         "|---|---|---|---:|---:|---:|---|",
     ]
     for prof, result in results.items():
@@ -718,10 +719,11 @@ def goals_table(results: dict[str, Any], router: str = "default") -> str:
                 e = row[split]
                 if e is None or "delta" not in e:
                     continue
-                ok = e["delta"] <= GOAL_BITS and e["served_min"] >= GOAL_SERVED and row["served_min"] >= GOAL_SERVED
+                ok = e["delta"] <= GOAL_BITS and min(e["served_mean"], row["served_mean"]) >= GOAL_SERVED
                 lines.append(
-                    f"| {prof} | {fac} | {split} | {e['delta']:+.3f} | {e['served_min']:.2f} % | "
-                    f"{row['served_min']:.2f} % | {'yes' if ok else 'no'} |"
+                    f"| {prof} | {fac} | {split} | {e['delta']:+.3f} | {e['served_mean']:.2f} % "
+                    f"({e['served_min']:.2f} %) | {row['served_mean']:.2f} % ({row['served_min']:.2f} %) | "
+                    f"{'yes' if ok else '**no**'} |"
                 )
     return "\n".join(lines)
 
