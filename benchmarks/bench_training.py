@@ -11,25 +11,35 @@ two-layer MLP experts run as batched matrix products on the ``[E, C, d]`` buffer
 ``RoutingPlan.dispatch``, and ``RoutingPlan.combine``. A dropped slot contributes nothing, so a
 token with no kept slot is predicted from the residual path alone. Loss: mean squared error.
 
-Routers (``gpu_phase_router.torch.MoERouter``, same capacity enforcement for all): the package's
-``phase``, ``systematic``, ``weighted_hash``, ``hash`` (their routes ignore the input; the gate
-only weighs the chosen experts) and the learned baseline ``topk`` (softmax + ``torch.topk``),
-without and with the usual load-balancing auxiliary loss (Switch Transformer:
-``E * sum_e f_e P_e``, coefficient 0.01). Capacities: half the experts at capacity 1, half at 0.5
-("mixed GPU types"); hard caps from ``capacity_factor`` (SPEC §15).
+Routers: ``nocaps``, the reference: learned top-k (``torch.topk`` of the logits, softmax gate
+over the chosen experts) with no caps at all, every slot served and experts overloaded as the gate
+likes. The rest are ``gpu_phase_router.torch.MoERouter`` with the capacity enforcement of SPEC
+§15/§16: the package's content-blind ``phase``, ``systematic``, ``weighted_hash``, ``hash`` (their
+routes ignore the input; the gate only weighs the chosen experts); capped learned top-k
+``topk`` (``method="topk", balance=None, overflow="drop"``), also with the usual Switch
+Transformer load-balancing loss towards *equal* loads (``topk_aux``: ``E * sum_e f_e P_e``,
+coefficient 0.01); the capacity-aware options of ``method="topk"`` (SPEC §16): ``balance`` in
+``bias`` / ``aux`` / ``None`` times ``overflow`` in ``reroute`` / ``drop`` (``bias_reroute`` is the
+default ``MoERouter``; ``aux_*`` add ``0.01 * plan.aux_loss + 0.001 * plan.z_loss`` to the loss);
+and ``expert_choice``. Routers this version of ``MoERouter`` lacks are skipped and listed.
+
+Capacity profiles: ``half`` (8 experts, half at capacity 1, half at 0.5: "mixed GPU types") and
+``strong`` (16 experts, ``capacity.strong_hetero_capacities(16, seed=0)``: 10 % at 8x, 20 % at 2x);
+hard caps from ``capacity_factor`` (SPEC §15).
 
 Also times the CPU ``MoERouter`` forward at 16384 tokens x 64 experts, k = 2 against the bare
 routing call.
 
 Run from the repository root::
 
-    python benchmarks/bench_training.py            # full run (3 model seeds, 300 steps), then timing
-    python benchmarks/bench_training.py --quick    # 1 seed, 150 steps, no timing
+    python benchmarks/bench_training.py            # both profiles (3 model seeds, 300 steps), then timing
+    python benchmarks/bench_training.py --quick    # half profile, 1 seed, 150 steps, no timing
+    python benchmarks/bench_training.py --profiles strong --no-timing
     python benchmarks/bench_training.py --plot-only
     python benchmarks/bench_training.py --timing-only  # rerun only the forward timing
 
 Outputs (``--out``, default ``benchmarks/results``): ``training.json`` (compact), ``training_panel.png``
-and ``benchmarks/TRAINING_RESULTS.md`` (``--md``).
+(half profile), ``training_panel_strong.png`` and the tables of ``benchmarks/TRAINING_RESULTS.md`` (``--md``).
 """
 
 from __future__ import annotations
@@ -52,20 +62,77 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout
     sys.path.insert(0, str(ROOT))
 
+from gpu_phase_router import capacity as _capacity  # noqa: E402
 from gpu_phase_router.methods import route_uniform  # noqa: E402
-from gpu_phase_router.torch import MoERouter  # noqa: E402
+from gpu_phase_router.torch import MoERouter, RoutingPlan, router_methods  # noqa: E402
 
-ROUTERS = ["phase", "systematic", "weighted_hash", "hash", "topk", "topk_aux"]
+ROUTERS = [
+    "nocaps",
+    "phase",
+    "systematic",
+    "weighted_hash",
+    "hash",
+    "topk",
+    "topk_aux",
+    "bias_reroute",
+    "bias_drop",
+    "aux_reroute",
+    "aux_drop",
+    "none_reroute",
+    "expert_choice",
+]
 LABELS = {
+    "nocaps": "learned top-k, no caps (reference)",
     "phase": "phase",
     "systematic": "systematic",
     "weighted_hash": "weighted hash",
     "hash": "hash (capacity-blind)",
-    "topk": "learned top-k",
-    "topk_aux": "learned top-k + aux loss",
+    "topk": "capped top-k (drop)",
+    "topk_aux": "capped top-k + Switch aux loss",
+    "bias_reroute": "top-k, bias + reroute (default)",
+    "bias_drop": "top-k, bias + drop",
+    "aux_reroute": "top-k, capacity aux loss + reroute",
+    "aux_drop": "top-k, capacity aux loss + drop",
+    "none_reroute": "top-k, no balancing + reroute",
+    "expert_choice": "expert choice",
 }
-COLORS = {"phase": "C0", "systematic": "C2", "weighted_hash": "C1", "hash": "C3", "topk": "C4", "topk_aux": "C5"}
-AUX_COEF = 0.01
+COLORS = {
+    "nocaps": "k",
+    "phase": "C0",
+    "systematic": "C2",
+    "weighted_hash": "C1",
+    "hash": "C7",
+    "topk": "C4",
+    "topk_aux": "C5",
+    "bias_reroute": "C3",
+    "bias_drop": "C9",
+    "aux_reroute": "C6",
+    "aux_drop": "C8",
+    "none_reroute": "tab:olive",
+    "expert_choice": "tab:brown",
+}
+# MoERouter options of each router (nocaps is built here: NoCapsTopK)
+ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
+    "phase": {"method": "phase"},
+    "systematic": {"method": "systematic"},
+    "weighted_hash": {"method": "weighted_hash"},
+    "hash": {"method": "hash"},
+    "topk": {"method": "topk", "balance": None, "overflow": "drop"},
+    "topk_aux": {"method": "topk", "balance": None, "overflow": "drop"},
+    "bias_reroute": {"method": "topk", "balance": "bias", "overflow": "reroute"},
+    "bias_drop": {"method": "topk", "balance": "bias", "overflow": "drop"},
+    "aux_reroute": {"method": "topk", "balance": "aux", "overflow": "reroute"},
+    "aux_drop": {"method": "topk", "balance": "aux", "overflow": "drop"},
+    "none_reroute": {"method": "topk", "balance": None, "overflow": "reroute"},
+    "expert_choice": {"method": "expert_choice"},
+}
+AUX_COEF = 0.01  # Switch loss (topk_aux) and plan.aux_loss (aux_*)
+Z_COEF = 1e-3  # plan.z_loss (aux_*)
+PROFILES = ["half", "strong"]
+# the issue's goals for the default router
+GOAL_SERVED = 99.9  # % of slots, both profiles
+GOAL_RATIO = {"half": 1.1, "strong": 2.5}  # final loss / no caps
+GOAL_VS_CAPPED = 0.2  # strong profile: final loss / capped top-k
 
 
 @dataclass
@@ -87,12 +154,24 @@ class Config:
     routers: list[str] = field(default_factory=lambda: list(ROUTERS))
     capacities: list[float] | None = None
     eval_tokens: int = 4096
+    profile: str = "half"
 
     def caps(self) -> np.ndarray:
         if self.capacities is not None:
             return np.asarray(self.capacities, dtype=np.float64)
         half = self.num_experts // 2
         return np.array([1.0] * half + [0.5] * (self.num_experts - half))
+
+
+def profile_config(profile: str, base: Config | None = None) -> Config:
+    """``base`` (default ``Config()``) at a capacity profile: ``half`` or ``strong``."""
+    base = base or Config()
+    if profile == "half":
+        return replace(base, profile="half", num_experts=8, capacities=None)
+    if profile == "strong":
+        caps = _capacity.strong_hetero_capacities(16, seed=0)
+        return replace(base, profile="strong", num_experts=16, capacities=caps.tolist())
+    raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
 
 
 QUICK = Config(steps=150, seeds=[0])
@@ -148,19 +227,91 @@ def aux_loss(logits: torch.Tensor, experts: torch.Tensor, num_experts: int) -> t
     return num_experts * (f * p).sum()
 
 
+# --- routers -----------------------------------------------------------------------------------------------
+
+
+class NoCapsTopK(nn.Module):
+    """Learned top-k with no caps: each token's ``k`` largest logits, softmax gate over the chosen
+    experts, every slot served. The plan's caps are the batch's actual loads (read on the host), so
+    experts take whatever the gate sends them."""
+
+    def __init__(self, num_experts: int, k: int) -> None:
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+
+    def forward(self, logits: torch.Tensor) -> RoutingPlan:
+        experts = torch.topk(logits.detach(), self.k, dim=1).indices
+        loads = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        return RoutingPlan.from_experts(experts, loads, logits, buffer_size=max(1, int(loads.max())))
+
+
+def router_options(name: str, options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The ``MoERouter`` options of router ``name`` in this version of ``MoERouter``; None if it lacks them.
+
+    A ``MoERouter`` without the ``balance`` / ``overflow`` options (SPEC §15 only) still offers
+    capped top-k as plain ``method="topk"``, which drops the slots over a cap by batch position.
+    """
+    import inspect
+
+    opts = (options or ROUTER_OPTIONS)[name]
+    if opts["method"] not in router_methods():
+        return None
+    params = inspect.signature(MoERouter.__init__).parameters
+    if all(key in params for key in opts):
+        return opts
+    if opts.get("balance", "") is None and opts.get("overflow") == "drop" and "balance" not in params:
+        return {"method": "topk"}
+    return None
+
+
+def make_router(name: str, cfg: Config, seed: int) -> nn.Module:
+    """Router ``name`` for ``cfg``: ``NoCapsTopK`` for ``nocaps``, else a ``MoERouter``."""
+    if name == "nocaps":
+        return NoCapsTopK(cfg.num_experts, cfg.k)
+    opts = router_options(name)
+    if opts is None:
+        raise ValueError(f"router {name!r} needs MoERouter options {ROUTER_OPTIONS[name]}")
+    return MoERouter(cfg.num_experts, cfg.k, cfg.caps(), capacity_factor=cfg.capacity_factor, seed=seed, **opts)
+
+
+def supported(names: list[str]) -> tuple[list[str], list[str]]:
+    """``(offered, missing)``: the routers of ``names`` this ``MoERouter`` offers, and the others."""
+    ok = [n for n in names if n == "nocaps" or router_options(n) is not None]
+    return ok, [n for n in names if n not in ok]
+
+
+def reference_caps(cfg: Config, num_tokens: int) -> np.ndarray:
+    """int64 ``[E]`` training hard caps of ``cfg`` at ``num_tokens`` tokens (SPEC §15)."""
+    ref = MoERouter(cfg.num_experts, cfg.k, cfg.caps(), method="systematic", capacity_factor=cfg.capacity_factor)
+    return ref.hard_caps(num_tokens)
+
+
 # --- training ---------------------------------------------------------------------------------------------
 
 
+def served_share(plan: RoutingPlan, k: int) -> float:
+    """Share of the ``T * k`` slots served: ``sum_t min(kept slots of t, k) / (T * k)``.
+
+    For top-k routers this is kept slots over ``T * k``; with expert choice (experts pick tokens,
+    a token can get 0 to ``E`` experts) a token counts at most its ``k`` slots.
+    """
+    per_token = plan.kept.sum(dim=1).clamp(max=k)
+    return float(per_token.sum()) / (plan.num_tokens * k)
+
+
 def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
-    """Train one model; per-step loss and drop rate, mean loads, final losses."""
+    """Train one model; per-step loss and served share, loads against the caps, final losses.
+
+    *Served*: :func:`served_share`. *Load / cap*: an expert's kept slots over its training hard
+    cap; ``nocaps`` is measured against the caps the capped routers get.
+    """
     torch.manual_seed(seed)
-    method = "topk" if router_name.startswith("topk") else router_name
-    caps = cfg.caps()
-    router = MoERouter(cfg.num_experts, cfg.k, caps, method=method, capacity_factor=cfg.capacity_factor, seed=seed)
+    router = make_router(router_name, cfg, seed)
     model = MoEModel(cfg, router)
     task = Task(cfg, seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses, drops, no_expert = [], [], []
+    caps = reference_caps(cfg, cfg.tokens)
+    losses, served, no_expert, load_max = [], [], [], []
     routed = np.zeros(cfg.num_experts)
     kept = np.zeros(cfg.num_experts)
     t0 = time.perf_counter()
@@ -168,34 +319,44 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
         x, y = task.batch(cfg.tokens)
         pred, plan, logits = model(x)
         loss = torch.mean((pred - y) ** 2)
-        total = loss + AUX_COEF * aux_loss(logits, plan.experts, cfg.num_experts) if router_name == "topk_aux" else loss
+        total = loss
+        if router_name == "topk_aux":
+            total = loss + AUX_COEF * aux_loss(logits, plan.experts, cfg.num_experts)
+        elif router_name.startswith("aux_"):
+            total = loss + AUX_COEF * plan.aux_loss + Z_COEF * plan.z_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         losses.append(loss.item())
-        drops.append(float(plan.drop_rate()))
+        tpe = plan.tokens_per_expert.numpy()
+        served.append(served_share(plan, cfg.k))
         no_expert.append(float((~plan.kept.any(dim=1)).float().mean()))
+        load_max.append(float(np.max(tpe / np.maximum(caps, 1))))
         ex = plan.experts[plan.experts >= 0]
         routed += np.bincount(ex.numpy(), minlength=cfg.num_experts)
-        kept += plan.tokens_per_expert.numpy()
+        kept += tpe
     seconds = time.perf_counter() - t0
+    model.eval()
     with torch.no_grad():
         x, y = task.batch(cfg.eval_tokens, torch.Generator().manual_seed(30_000 + seed))
         pred, plan, _ = model(x)
         eval_loss = float(torch.mean((pred - y) ** 2))
-        eval_drop = float(plan.drop_rate())
+        eval_served = served_share(plan, cfg.k)
     tail = max(1, cfg.steps // 10)
     return {
         "loss": losses,
-        "drop": drops,
+        "drop": [1.0 - v for v in served],
         "no_expert": no_expert,
         "routed_per_step": (routed / cfg.steps).tolist(),
         "kept_per_step": (kept / cfg.steps).tolist(),
-        "capacity": router.hard_caps(cfg.tokens).tolist(),
+        "capacity": caps.tolist(),
         "final_loss": float(np.mean(losses[-tail:])),
         "eval_loss": eval_loss,
-        "eval_drop": eval_drop,
-        "mean_drop": float(np.mean(drops)),
+        "eval_drop": 1.0 - eval_served,
+        "mean_drop": 1.0 - float(np.mean(served)),
+        "served_min": float(np.min(served)),
+        "served_mean": float(np.mean(served)),
+        "load_max": float(np.max(load_max)),
         "mean_no_expert": float(np.mean(no_expert)),
         "ms_per_step": 1e3 * seconds / cfg.steps,
     }
@@ -221,13 +382,18 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
 
 
 def _run(cfg: Config, log: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"config": asdict(cfg), "capacities": cfg.caps().tolist(), "runs": {}}
-    for name in cfg.routers:
+    names, missing = supported(cfg.routers)
+    if missing and log:
+        log(f"not offered by this MoERouter, skipped: {missing}")
+    out: dict[str, Any] = {"config": asdict(cfg), "capacities": cfg.caps().tolist(), "runs": {}, "missing": missing}
+    for name in names:  # compile or load the CPU kernels before any step is timed
+        make_router(name, cfg, 0)(torch.zeros(cfg.tokens, cfg.num_experts))
+    for name in names:
         runs = [train_one(cfg, name, s) for s in cfg.seeds]
         out["runs"][name] = runs
         if log:
             log(
-                f"{name:<14} drop {100 * np.mean([r['mean_drop'] for r in runs]):5.1f} %  "
+                f"{cfg.profile:<6} {name:<14} served {100 * np.mean([r['served_mean'] for r in runs]):6.2f} %  "
                 f"final loss {np.mean([r['final_loss'] for r in runs]):.4f}  "
                 f"eval loss {np.mean([r['eval_loss'] for r in runs]):.4f}  "
                 f"{np.mean([r['ms_per_step'] for r in runs]):.1f} ms/step"
@@ -236,9 +402,11 @@ def _run(cfg: Config, log: Any) -> dict[str, Any]:
 
 
 def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per router: means over seeds (and steps)."""
+    """One row per router: means over seeds (and steps); ``ratio``: final loss over ``nocaps``'s."""
     caps = np.asarray(results["capacities"])
-    big, small = caps == caps.max(), caps < caps.max()
+    big, small = caps == caps.max(), caps == caps.min()
+    ref = results["runs"].get("nocaps")
+    ref_loss = float(np.mean([r["final_loss"] for r in ref])) if ref else float("nan")
     rows = []
     for name, runs in results["runs"].items():
         cap = np.mean([r["capacity"] for r in runs], axis=0)
@@ -248,22 +416,87 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         def share(v: np.ndarray, m: np.ndarray, cap: np.ndarray = cap) -> float:
             return float(v[m].sum() / cap[m].sum()) if m.any() else float("nan")
 
+        final = float(np.mean([r["final_loss"] for r in runs]))
+        has_curves = name in results.get("curves", {}) or "drop" in runs[0]
+        drop = curves(results, name)[1] if has_curves else np.array([np.nan])
+        tail = max(1, len(drop) // 3)
         rows.append(
             {
                 "router": name,
                 "drop_pct": 100 * float(np.mean([r["mean_drop"] for r in runs])),
+                "served_pct": 100 * float(np.mean([r.get("served_mean", 1 - r["mean_drop"]) for r in runs])),
+                "served_min_pct": 100 * float(np.min([r.get("served_min", np.nan) for r in runs])),
+                "served_tail_pct": 100 * (1 - float(np.mean(drop[-tail:]))),  # the last third of the steps
+                "load_max": float(np.max([r.get("load_max", np.nan) for r in runs])),
                 "no_expert_pct": 100 * float(np.mean([r["mean_no_expert"] for r in runs])),
                 "routed_over_cap_big": share(routed, big),
                 "routed_over_cap_small": share(routed, small),
                 "kept_over_cap_big": share(kept, big),
                 "kept_over_cap_small": share(kept, small),
-                "final_loss": float(np.mean([r["final_loss"] for r in runs])),
+                "final_loss": final,
                 "final_loss_sd": float(np.std([r["final_loss"] for r in runs])),
+                "ratio": final / ref_loss,
                 "eval_loss": float(np.mean([r["eval_loss"] for r in runs])),
                 "ms_per_step": float(np.mean([r["ms_per_step"] for r in runs])),
             }
         )
     return rows
+
+
+def goals(profiles: dict[str, dict[str, Any]], router: str = "bias_reroute") -> list[dict[str, Any]]:
+    """The issue's goals for ``router`` on each profile: measured value, goal, met."""
+    out = []
+    for prof, results in profiles.items():
+        rows = {r["router"]: r for r in summary(results)}
+        row = rows.get(router)
+        if row is None:
+            out.append({"profile": prof, "goal": f"{router} measured", "value": "missing", "met": False})
+            continue
+        out.append(
+            {
+                "profile": prof,
+                "goal": f"slots served over training >= {GOAL_SERVED} % (mean over steps; worst step; last third)",
+                "value": f"{row['served_pct']:.3f} % ({row['served_min_pct']:.2f} %; {row['served_tail_pct']:.3f} %)",
+                "met": row["served_pct"] >= GOAL_SERVED,
+            }
+        )
+        if prof == "half":
+            out.append(
+                {
+                    "profile": prof,
+                    "goal": "no expert above its cap in any step (max kept / cap <= 1)",
+                    "value": f"{row['load_max']:.3f}",
+                    "met": row["load_max"] <= 1.0,
+                }
+            )
+        limit = GOAL_RATIO.get(prof)
+        if limit is not None:
+            out.append(
+                {
+                    "profile": prof,
+                    "goal": f"final loss <= {limit}x no caps",
+                    "value": f"{row['ratio']:.2f}x",
+                    "met": row["ratio"] <= limit,
+                }
+            )
+        if prof == "strong" and "topk" in rows:
+            vs = row["final_loss"] / rows["topk"]["final_loss"]
+            out.append(
+                {
+                    "profile": prof,
+                    "goal": f"final loss <= {GOAL_VS_CAPPED}x capped top-k",
+                    "value": f"{vs:.3f}x",
+                    "met": vs <= GOAL_VS_CAPPED,
+                }
+            )
+    return out
+
+
+def goals_table(profiles: dict[str, dict[str, Any]]) -> str:
+    lines = ["| profile | goal (default router) | measured | met |", "|---|---|---:|---|"]
+    for g in goals(profiles):
+        lines.append(f"| {g['profile']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |")
+    return "\n".join(lines)
 
 
 # --- router forward timing --------------------------------------------------------------------------------
@@ -345,7 +578,7 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     """Loss curve, drop rate per step and load vs capacity per expert; saved to ``path`` if given."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     win = max(1, results["config"]["steps"] // 40)
     kernel = np.ones(win) / win
     for name in results["runs"]:
@@ -372,16 +605,17 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
         )
     axes[2].axhline(1.0, color="k", ls="--", lw=1)
     rel = results["capacities"]
-    axes[2].set_xticks(range(n_exp), [f"{e}\n({c:g})" for e, c in enumerate(rel)])
+    axes[2].set_xticks(range(n_exp), [f"{e}\n({c:g})" for e, c in enumerate(rel)], fontsize=7)
     axes[2].set(
         xlabel="expert (relative capacity)",
         ylabel="routed slots / hard cap (mean per step)",
         title="load vs capacity (above 1: drops)",
     )
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
     cfg = results["config"]
+    profile = {"half": "half at half capacity", "strong": "10 % at 8x, 20 % at 2x"}.get(cfg.get("profile", "half"))
     fig.suptitle(
-        f"MoE training, {cfg['num_experts']} experts (half at half capacity), k={cfg['k']}, "
+        f"MoE training, {cfg['num_experts']} experts ({profile}), k={cfg['k']}, "
         f"{cfg['tokens']} tokens/step, capacity factor {cfg['capacity_factor']}, "
         f"{len(cfg['seeds'])} seed(s)",
         fontsize=10,
@@ -393,19 +627,23 @@ def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Markdown table of :func:`summary`."""
+    """Markdown table of :func:`summary` (and the routers this ``MoERouter`` did not offer)."""
     lines = [
-        "| router | slots not served | tokens with no expert | routed / cap, 1x experts | "
-        "routed / cap, 0.5x experts | final train loss | eval loss | ms / step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| router | slots served, mean (min step) | tokens with no expert | max kept / cap, any step | "
+        "routed / cap, largest experts | routed / cap, smallest experts | final train loss | × no caps | "
+        "eval loss | ms / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary(results):
         lines.append(
-            f"| {LABELS.get(r['router'], r['router'])} | {r['drop_pct']:.1f} % | {r['no_expert_pct']:.1f} % | "
+            f"| {LABELS.get(r['router'], r['router'])} | {r['served_pct']:.2f} % ({r['served_min_pct']:.2f} %) | "
+            f"{r['no_expert_pct']:.1f} % | {r['load_max']:.2f} | "
             f"{r['routed_over_cap_big']:.2f} | {r['routed_over_cap_small']:.2f} | "
-            f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['eval_loss']:.4f} | "
+            f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['ratio']:.2f} | {r['eval_loss']:.4f} | "
             f"{r['ms_per_step']:.1f} |"
         )
+    for name in results.get("missing", []):
+        lines.append(f"| {LABELS.get(name, name)} | not offered by this `MoERouter` | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -425,15 +663,21 @@ def timing_table(rows: list[dict[str, Any]]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
+    """CPU model, AVX2 / AVX-512, cores, load average, versions."""
+    cpu, flags = platform.processor(), ""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+            lines = fh.readlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "avx2": " avx2 " in f" {flags} ",
+        "avx512": " avx512f " in f" {flags} ",
         "cores": os.cpu_count(),
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -465,7 +709,8 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, 150 steps, no timing")
+    ap.add_argument("--quick", action="store_true", help="half profile, 1 seed, 150 steps, no timing")
+    ap.add_argument("--profiles", nargs="+", choices=PROFILES)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seeds", type=int, help="number of model seeds")
     ap.add_argument("--routers", nargs="+", choices=ROUTERS)
@@ -475,57 +720,77 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "training.json"
+    json_path = out / ("training_quick.json" if args.quick else "training.json")
     if args.plot_only or args.timing_only:
-        results = json.loads(json_path.read_text())
+        saved = json.loads(json_path.read_text())
         if args.timing_only:
-            results["timing"] = timing()
-            json_path.write_text(json.dumps(results, separators=(",", ":")))
+            saved["timing"] = timing()
+            json_path.write_text(json.dumps(saved, separators=(",", ":")))
     else:
-        cfg = QUICK if args.quick else Config()
+        base = QUICK if args.quick else Config()
         if args.steps:
-            cfg = replace(cfg, steps=args.steps)
+            base = replace(base, steps=args.steps)
         if args.seeds:
-            cfg = replace(cfg, seeds=list(range(args.seeds)))
+            base = replace(base, seeds=list(range(args.seeds)))
         if args.routers:
-            cfg = replace(cfg, routers=args.routers)
+            base = replace(base, routers=args.routers)
+        profs = args.profiles or (["half"] if args.quick else PROFILES)
+        saved = {"machine": machine(), "profiles": {}}
         t0 = time.perf_counter()
-        results = run(cfg)
-        results["train_seconds"] = time.perf_counter() - t0
-        results["machine"] = machine()
+        for prof in profs:
+            saved["profiles"][prof] = compact(run(profile_config(prof, base)))
+        saved["train_seconds"] = time.perf_counter() - t0
+        saved["load_end"] = [round(v, 2) for v in os.getloadavg()]
         if not (args.quick or args.no_timing):
-            results["timing"] = timing()
-        json_path.write_text(json.dumps(compact(results), separators=(",", ":")))
-    plot(results, out / "training_panel.png")
-    print(table(results))
-    if results.get("timing"):
-        print(timing_table(results["timing"]))
-    if (args.timing_only or not args.plot_only) and args.md:
-        write_md(results, Path(args.md))
+            saved["timing"] = timing()
+        json_path.write_text(json.dumps(saved, separators=(",", ":")))
+    for prof, results in saved["profiles"].items():
+        suffix = "_quick" if args.quick else ("" if prof == "half" else f"_{prof}")
+        plot(results, out / f"training_panel{suffix}.png")
+        print(f"\nprofile {prof}\n{table(results)}")
+    print("\n" + goals_table(saved["profiles"]))
+    if saved.get("timing"):
+        print(timing_table(saved["timing"]))
+    if not args.quick and args.md:
+        write_md(saved, Path(args.md))
 
 
-def write_md(results: dict[str, Any], path: Path) -> None:
+def write_md(saved: dict[str, Any], path: Path) -> None:
     """The tables of a run, with its configuration and machine; prose lives in the committed file."""
-    cfg = results["config"]
-    m = results.get("machine", {})
+    m = saved.get("machine", {})
+    first = next(iter(saved["profiles"].values()))
+    cfg = first["config"]
     parts = [
         "<!-- generated by benchmarks/bench_training.py: tables between the markers are rewritten -->",
-        f"Configuration: {cfg['num_experts']} experts (relative capacities {results['capacities']}), k = {cfg['k']}, "
-        f"{cfg['tokens']} tokens per step, {cfg['steps']} steps, capacity factor {cfg['capacity_factor']}, "
-        f"Adam lr {cfg['lr']}, model seeds {cfg['seeds']}; machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-        f"torch {m.get('torch', '?')}; training single-threaded (torch and Numba), "
-        f"{results.get('train_seconds', float('nan')):.0f} s in all.",
-        "",
-        table(results),
+        f"Configuration: k = {cfg['k']}, {cfg['tokens']} tokens per step, {cfg['steps']} steps, capacity factor "
+        f"{cfg['capacity_factor']}, Adam lr {cfg['lr']}, model seeds {cfg['seeds']}; machine: {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores, AVX2 {'yes' if m.get('avx2') else 'no'}, AVX-512 "
+        f"{'yes' if m.get('avx512') else 'no'}, load average {m.get('load_avg', '?')} at the start and "
+        f"{saved.get('load_end', '?')} at the end, torch {m.get('torch', '?')}; training single-threaded (torch "
+        f"and Numba), {saved.get('train_seconds', float('nan')):.0f} s in all.",
     ]
-    if results.get("timing"):
+    for prof, results in saved["profiles"].items():
         parts += [
             "",
-            "CPU router forward at 16384 tokens x 64 experts, k = 2 (same capacities profile):",
+            f"**Profile `{prof}`**: {results['config']['num_experts']} experts, relative capacities "
+            f"{[float(f'{c:g}') for c in results['capacities']]}.",
             "",
-            timing_table(results["timing"]),
+            table(results),
+        ]
+    parts += ["", "Goals (the default router, `bias_reroute`):", "", goals_table(saved["profiles"])]
+    if saved.get("timing"):
+        parts += [
+            "",
+            "CPU router forward at 16384 tokens x 64 experts, k = 2 (half profile)"
+            + (f" ({saved['timing_note']})" if saved.get("timing_note") else "")
+            + ":",
+            "",
+            timing_table(saved["timing"]),
         ]
     block = "\n".join(parts)
     start, end = "<!-- tables:start -->", "<!-- tables:end -->"

@@ -1,0 +1,218 @@
+"""The training benchmarks' own pieces: the standard-library text and its splits, the no-caps
+reference router, the router table, and the goal checks (benchmarks/bench_training.py,
+benchmarks/bench_char_lm.py)."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import bench_char_lm as lm  # noqa: E402
+import bench_training as bt  # noqa: E402
+
+# --- the text -------------------------------------------------------------------------------------------
+
+FILES = {
+    "b.py": "import os\n" * 40,
+    "a.py": "def f(x):\n    return x\n" * 30,
+    "email/__init__.py": "EMAILTOPIC = 'header'\n" * 20,
+    "email/mime/text.py": "MIMEPART = 1\n" * 20,
+    "emailx.py": "NOTTOPIC = 2\n" * 20,  # shares the prefix, is not in the package
+    "pkg/z.py": "class Z:\n    pass\n" * 30,
+    "test/t.py": "SKIPPED_TEST = 1\n",
+    "pkg/tests/u.py": "SKIPPED_TESTS = 1\n",
+    "site-packages/s.py": "SKIPPED_SITE = 1\n",
+    "encodings/cp.py": "SKIPPED_CODEC = 1\n",
+    "pkg/notes.txt": "not python\n",
+}
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> str:
+    for rel, text in FILES.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    lm.load_corpus.cache_clear()
+    return str(tmp_path)
+
+
+def decode(ids: np.ndarray) -> str:
+    inverse = {int(v): chr(c) for c, v in enumerate(lm._LUT) if v}
+    return "".join(inverse.get(int(i), "?") for i in ids)
+
+
+def test_files_sorted_without_skipped_folders(library: str) -> None:
+    files = lm.stdlib_files(library)
+    assert files == sorted(files)
+    assert files == ["a.py", "b.py", "email/__init__.py", "email/mime/text.py", "emailx.py", "pkg/z.py"]
+
+
+def test_encode_ids() -> None:
+    assert lm.encode("A \n\t~\u00e9").tolist() == [34, 1, 96, 97, 95, 0]
+    assert lm.VOCAB == 98
+
+
+def test_topic_split_excluded_from_training(library: str) -> None:
+    corpus = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    assert corpus.topic_files == ("email/__init__.py", "email/mime/text.py")
+    assert "emailx.py" in corpus.train_files
+    train, topic = decode(corpus.train), decode(corpus.topic)
+    assert "EMAILTOPIC" in topic and "MIMEPART" in topic
+    assert "EMAILTOPIC" not in train and "MIMEPART" not in train
+    assert "NOTTOPIC" in train and "SKIPPED" not in train + topic
+    # the files in sorted order, joined by newlines
+    assert train.startswith(FILES["a.py"] + "\n" + FILES["b.py"])
+
+
+def test_random_split_blocks_disjoint_and_windows_inside(library: str) -> None:
+    corpus = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    n_blocks = corpus.train.shape[0] // 64
+    both = np.concatenate([corpus.blocks, corpus.heldout])
+    assert sorted(both.tolist()) == [64 * i for i in range(n_blocks)]
+    assert corpus.heldout.shape[0] == round(0.2 * n_blocks)
+    starts = lm.train_starts(corpus, 500, 16, np.random.default_rng(1))
+    block_of = starts // 64
+    assert set(block_of.tolist()) <= set((corpus.blocks // 64).tolist())
+    assert np.all(starts + 17 <= (block_of + 1) * 64)  # the window and its target stay in the block
+    x, y = lm.train_batch(corpus, 8, 16, np.random.default_rng(2))
+    assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_corpus_deterministic(library: str) -> None:
+    first = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    lm.load_corpus.cache_clear()
+    again = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    assert first is not again
+    for name in ("train", "blocks", "heldout", "topic"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    other = lm.load_corpus(library, topic="email", block=64, holdout=0.2, seed=1)
+    assert not np.array_equal(first.heldout, other.heldout)
+
+
+def test_eval_windows(library: str) -> None:
+    corpus = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    x, y = lm.eval_windows(corpus, "topic", 5, 16)
+    assert x.shape == (5, 16) and int(x[0, 0]) == int(corpus.topic[0])
+    assert int(y[-1, -1]) == int(corpus.topic[-1])  # evenly spread up to the end of the topic text
+    x, _ = lm.eval_windows(corpus, "random", 3, 16)
+    firsts = {int(corpus.train[s]) for s in corpus.heldout}
+    assert {int(v) for v in x[:, 0]} <= firsts
+    with pytest.raises(ValueError, match="split"):
+        lm.eval_windows(corpus, "other", 3, 16)
+
+
+def test_corpus_bad_arguments(library: str) -> None:
+    with pytest.raises(ValueError, match="topic"):
+        lm.load_corpus(library, topic="nosuchpackage")
+    with pytest.raises(ValueError, match="holdout"):
+        lm.load_corpus(library, holdout=1.0)
+    with pytest.raises(ValueError, match="root"):
+        lm.stdlib_files(Path(library) / "a.py")
+
+
+def test_real_standard_library_has_the_topic() -> None:
+    files = lm.stdlib_files()
+    assert any(lm.in_topic(f, lm.TOPIC) for f in files)
+    assert not any(f.startswith(("test/", "site-packages/")) for f in files)
+
+
+# --- routers --------------------------------------------------------------------------------------------
+
+
+def test_nocaps_serves_every_slot() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 6, generator=gen)
+    logits[:, 0] += 5.0  # every token wants expert 0: far above any fair cap
+    router = bt.NoCapsTopK(6, 2)
+    plan = router(logits)
+    assert bool(plan.kept.all())
+    assert int(plan.tokens_per_expert.sum()) == 600 and int(plan.tokens_per_expert[0]) == 300
+    top = torch.topk(logits, 2, dim=1)
+    assert torch.equal(plan.experts, top.indices)
+    assert torch.allclose(plan.weights, torch.softmax(top.values, dim=1), atol=1e-6)
+    x = torch.randn(300, 4, generator=gen)
+    assert torch.allclose(plan.combine(plan.dispatch(x)), x, atol=1e-5)  # weights sum to 1, all kept
+
+
+def test_router_table() -> None:
+    assert bt.router_options("systematic") == {"method": "systematic"}
+    capped = bt.router_options("topk")
+    assert capped is not None and capped["method"] == "topk"
+    offered, missing = bt.supported(bt.ROUTERS)
+    assert "nocaps" in offered and "topk" in offered and set(offered) | set(missing) == set(bt.ROUTERS)
+    if "balance" in inspect.signature(bt.MoERouter.__init__).parameters:  # SPEC §16 options
+        assert missing == [] and all(lm.router_supported(n) for n in lm.ROUTERS)
+        assert bt.router_options("bias_reroute") == {"method": "topk", "balance": "bias", "overflow": "reroute"}
+        router = bt.make_router("topk", bt.Config(), 0)
+        assert (router.balance, router.overflow) == (None, "drop")
+    assert isinstance(bt.make_router("nocaps", bt.Config(), 0), bt.NoCapsTopK)
+    with pytest.raises(ValueError, match="profile"):
+        bt.profile_config("other")
+    strong = bt.profile_config("strong")
+    assert strong.num_experts == 16 and sorted(strong.caps().tolist())[-1] == 8.0
+
+
+def test_training_run_reports_served_and_loads() -> None:
+    cfg = bt.Config(steps=3, tokens=64, seeds=[0], routers=["nocaps", "systematic"], eval_tokens=64)
+    res = bt.run(cfg, log=None)
+    rows = {r["router"]: r for r in bt.summary(res)}
+    assert rows["nocaps"]["served_pct"] == 100.0 and rows["nocaps"]["ratio"] == 1.0
+    assert rows["systematic"]["served_pct"] == 100.0 and rows["systematic"]["load_max"] <= 1.0
+
+
+def _fake(losses: dict[str, float], served: float = 1.0, load_max: float = 1.0) -> dict:
+    run = {
+        "capacity": [2, 1],
+        "routed_per_step": [1, 1],
+        "kept_per_step": [1, 1],
+        "mean_drop": 1 - served,
+        "served_mean": served,
+        "served_min": served,
+        "load_max": load_max,
+        "mean_no_expert": 0.0,
+        "eval_loss": 0.0,
+        "ms_per_step": 1.0,
+        "loss": [1.0] * 6,
+        "drop": [0.5, 0.5, 0.0, 0.0, 0.0, 0.0],  # served 100 % over the last third
+    }
+    return {"capacities": [1.0, 0.5], "runs": {n: [run | {"final_loss": v}] for n, v in losses.items()}}
+
+
+def test_goals_met_and_missed() -> None:
+    good = bt.goals({"half": _fake({"nocaps": 1.0, "bias_reroute": 1.05})})
+    assert [g["met"] for g in good] == [True, True, True]
+    bad = bt.goals({"half": _fake({"nocaps": 1.0, "bias_reroute": 1.2}, served=0.99, load_max=1.01)})
+    assert [g["met"] for g in bad] == [False, False, False]
+    strong = bt.goals({"strong": _fake({"nocaps": 1.0, "bias_reroute": 2.0, "topk": 9.0})})
+    assert [g["met"] for g in strong] == [True, True, False]  # 2.0 / 9.0 > 0.2
+    assert bt.goals({"half": _fake({"nocaps": 1.0})})[0]["met"] is False
+    assert "; 100.000 %)" in good[0]["value"]  # the last third of the steps
+
+
+# --- the character model ----------------------------------------------------------------------------------
+
+
+def test_char_lm_tiny_run(library: str) -> None:
+    corpus = lm.load_corpus(library, topic="email", block=64, holdout=0.2)
+    cfg = lm.Config(d_model=16, heads=2, hidden=16, context=16, batch=4, steps=2, seeds=[0], eval_windows=8, block=64)
+    res = lm.train_one(cfg, "nocaps", 0, corpus)
+    assert res["served_min"] == 1.0 and len(res["loss"]) == 2
+    ev = res["eval"]["train"]
+    for split in ("random", "topic"):
+        assert ev[split]["served_min"] == 1.0 and 0 < ev[split]["bits"] < 10
+    assert np.asarray(res["load_max"]).shape == (cfg.layers, 8)
+    sysres = lm.train_one(cfg, "systematic", 0, corpus)
+    assert sysres["served_min"] == 1.0 and np.max(sysres["load_max"]) <= 1.0
