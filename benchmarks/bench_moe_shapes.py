@@ -142,7 +142,7 @@ def time_route(reps: int) -> dict:
             "p10_ms": round(float(np.percentile(times, 10)) * 1e3, 3),
             "median_ms": round(float(np.median(times)) * 1e3, 3),
         }
-    lay = gpr._prep.band_layout(caps, 16384, 2, 0.3)
+    lay = gpr.methods.phase.band_layout(caps, 16384, 2, 0.3)
     res["ring"] = {"V": lay.n_cols, "k_draw": lay.k_draw}
     return res
 

@@ -85,18 +85,25 @@ def as_vector(xp: Any, name: str, x: Any) -> Any:
     return x
 
 
-def check_weights(xp: Any, name: str, x: Any) -> Any:
-    """Finite, non-negative real weights with at least one positive entry → float64 vector."""
+def check_nonnegative_weights(xp: Any, name: str, x: Any) -> Any:
+    """Finite, non-negative real weights → float64 vector (may be empty or all zero: one row range)."""
     x = as_vector(xp, name, x)
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
+    x = x.astype(xp.float64, copy=False)
+    if x.shape[0]:
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+        if bool((x < 0).any()):
+            raise ValueError(f"{name} must be >= 0; got minimum {float(x.min())}")
+    return x
+
+
+def check_weights(xp: Any, name: str, x: Any) -> Any:
+    """Finite, non-negative real weights with at least one positive entry → float64 vector."""
+    x = check_nonnegative_weights(xp, name, x)
     if x.shape[0] < 1:
         raise ValueError(f"{name} must not be empty")
-    x = x.astype(xp.float64, copy=False)
-    if not bool(xp.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-    if bool((x < 0).any()):
-        raise ValueError(f"{name} must be >= 0; got minimum {float(x.min())}")
     if not bool((x > 0).any()):
         raise ValueError(f"{name} must have at least one positive entry; got all zeros")
     return x

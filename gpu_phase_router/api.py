@@ -17,13 +17,15 @@ from ._validate import (
     check_bits,
     check_int,
     check_int_vector,
+    check_k,
     check_permutation,
     check_seed,
     check_size,
     vector_length,
 )
 from .backends import Backend, BackendName, get_backend, resolve
-from .blocks import route_block, route_counts_block
+from .blocks import counts_rows, route_block, route_counts_block
+from .methods import RowRange
 
 DEFAULT_N = 1024
 
@@ -245,7 +247,8 @@ def phase_router(
     c = _popcounts(be, "t_bits", to_backend_array(t_bits, xp), n, n, nb_words)
     ps = check_permutation(xp, "col_perm_s", to_backend_array(col_perm_s, xp), n)
     pt = check_permutation(xp, "col_perm_t", to_backend_array(col_perm_t, xp), n)
-    return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=be.name))
+    rr = RowRange(None, n, 0, n, check_k(k, n), check_seed(seed))  # counts and permutations are valid here
+    return ns.wrap(counts_rows(be, d, c, rr, perm_s=ps, perm_t=pt))
 
 
 def phase_router_auto(
@@ -288,6 +291,15 @@ def popcount_rows(words: Array, nbits: int, *, backend: BackendName = "auto") ->
     return ns.wrap(_popcounts(be, "words", w, rows, nbits))
 
 
+def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The seed's helper: ``n`` sources to ``n`` targets by the uniform hash → int32 ``[n, k]``.
+
+    Same as ``route(n=n, k=k, seed=seed, method="hash")`` (``k`` independent uniform targets
+    per source, duplicates possible; the values differ from the seed's NumPy generator).
+    """
+    return route(n=n, k=k, seed=seed, method="hash", backend="cpu")
+
+
 def left_aligned_bits(ones_per_row: Array, nbits: int) -> np.ndarray:
     """Bit-packed rows whose first ``ones_per_row[i]`` bits are set (the seed's ``build_bits``).
 
@@ -319,6 +331,7 @@ def pack_bits(dense: Array) -> np.ndarray:
 
 __all__ = [
     "auto_permutation",
+    "hash_route",
     "left_aligned_bits",
     "pack_bits",
     "phase_router",

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _prep
 from ._arrays import Namespace, array_namespace, to_numpy
+from ._tree import tree_sum
 
 
 def _namespace(x: Any, name: str) -> tuple[Any, Any, Namespace]:
@@ -57,7 +57,7 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
 
     ``hard[t] = 0`` if ``rel_caps[t] == 0``, else
     ``max(1, ceil(rel_caps[t] / sum(rel_caps) * n_src * k * headroom))``; the sum is
-    :func:`gpu_phase_router._prep.tree_sum`, so host and device give the same caps.
+    :func:`gpu_phase_router._tree.tree_sum`, so host and device give the same caps.
 
     Args:
         rel_caps: ``[n_tgt]`` finite relative capacities ``>= 0``, at least one positive.
@@ -75,7 +75,7 @@ def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> 
     headroom = _check_headroom(headroom)
     xp, caps, ns = _namespace(rel_caps, "rel_caps")
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
-    total = _prep.tree_sum(xp, caps)
+    total = tree_sum(xp, caps)
     with np.errstate(over="ignore"):
         raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * headroom))
     top = float(raw.max())

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpu_phase_router as gpr
-from gpu_phase_router import _prep, _reference
+from gpu_phase_router import _reference
 from gpu_phase_router._keys import at, stream
+from gpu_phase_router.methods import RowRange, phase
 
 LAYOUT_1 = dict(
     n_cols=8,
@@ -89,7 +90,7 @@ def test_host_layout_matches_reference():
         ([0, 0, 1], 10, 1, 0.9),
     ]:
         want = _reference.band_layout([float(c) for c in caps], n_src, k, density)
-        lay = _prep.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
+        lay = phase.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
         assert lay.n_cols == want["n_cols"] and lay.k_draw == want["k_draw"]
         assert lay.widths.tolist() == want["widths"]
         assert lay.col_map.tolist() == want["col_map"]
@@ -179,18 +180,7 @@ def test_device_only_guard_can_fail():
     be = _device_only_backend()
     d = be.xp.full(20, 3, dtype=np.int64)
     with pytest.raises(AssertionError, match="read back"):
-        _prep.phase_rows(
-            be,
-            np.full(8, 10, dtype=np.int64),
-            n_src=20,
-            row0=0,
-            rows=20,
-            k=2,
-            seed=1,
-            degree_prefix=0,
-            rows_per_call=7,
-            d=d,
-        )
+        phase.phase_rows(be, np.full(8, 10, dtype=np.int64), RowRange(None, 20, 0, 20, 2, 1, rows_per_call=7), k=2, d=d)
 
 
 @pytest.mark.parametrize(
@@ -206,20 +196,7 @@ def test_route_uniform_banded_reads_nothing_back(n_src, caps, k):
 
     be = _device_only_backend()
     want = _reference.route(caps.tolist(), [1.0] * n_src, k=k, seed=9, density=0.3)
-    got = methods.get_method("phase").rows(
-        be,
-        None,
-        caps,
-        n_src=n_src,
-        row0=0,
-        rows=n_src,
-        k=k,
-        seed=9,
-        density=0.3,
-        weight_mean=1.0,
-        degree_prefix=0,
-        rows_per_call=64,
-    )
+    got = methods.get_method("phase").rows(be, RowRange(caps, n_src, 0, n_src, k, 9, density=0.3, rows_per_call=64))
     assert isinstance(got, DeviceOnly)
     np.testing.assert_array_equal(got.view(np.ndarray), want)
     cpu = methods.route_uniform("phase", "cpu", n_src, caps, k=k, seed=9, density=0.3, rows_per_call=50)
@@ -240,7 +217,7 @@ def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
     assert not (whole == 1).any()  # zero capacity never receives
     assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.98)
     n_ring = gpr.blocks.ring_size(caps, n_src=n_src, k=k, density=density)
-    assert n_ring == _prep.band_layout(caps, n_src, k, density).n_cols > n_tgt
+    assert n_ring == phase.band_layout(caps, n_src, k, density).n_cols > n_tgt
     mean = gpr.blocks.weight_mean(w)
     cuts = sorted({0, n_src, *rng.integers(0, n_src, 5).tolist()})
     parts = []

@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+from _grid import CUDA_KINDS, EMULATED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simt import build, emulated_backend
@@ -20,9 +21,8 @@ from test_spec_vectors import CAPS, ROUTE_DENSITY_03, ROUTE_DENSITY_1, SYSTEMATI
 from gpu_phase_router import _prep, _reference, api, get_backend, register_backend, route, route_bits, route_counts
 from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feistel_inverse, stream
 from gpu_phase_router.backends.cuda import CudaBackend, phase_shape, phase_width
+from gpu_phase_router.methods import RowRange, phase, systematic
 
-EMULATED = "cuda-emulated"
-KINDS = [EMULATED, pytest.param("cuda", marks=pytest.mark.gpu)]
 TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
@@ -60,7 +60,7 @@ def _cuda_or_skip():
         pytest.skip(f"real GPU run skipped: {exc}")
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=CUDA_KINDS)
 def kind(request) -> str:
     """Backend name for the public API, registering the emulated backend on first use."""
     if request.param == EMULATED:
@@ -94,21 +94,15 @@ def run_phase(
         return None if a is None else xp.asarray(np.asarray(a, dtype=np.int64))
 
     return host(
-        _prep.phase_rows(
+        phase.phase_rows(
             be,
             np.asarray(c, dtype=np.int64),
-            n_src=len(d),
-            row0=0,
-            rows=len(d),
+            RowRange(None, len(d), 0, len(d), k_out or k, seed, rows_per_call=rows_per_call),
             k=k,
-            seed=seed,
-            degree_prefix=0,
-            rows_per_call=rows_per_call,
             d=to(d),
             perm_s=to(perm_s),
             perm_t=to(perm_t),
             col_map=None if col_map is None else np.asarray(col_map),
-            k_out=k_out,
         )
     )
 
@@ -236,7 +230,7 @@ def test_phase_blocks_of_rows(kind, rows_per_call, perms):
 
 @pytest.mark.parametrize("row0", [1, 17, 40])
 def test_phase_block_direct(kind, cpu, row0):
-    """_prep.phase_block on one block (as a distributed worker would call it) == that block of the full route."""
+    """phase.phase_block on one block (as a distributed worker would call it) == that block of the full route."""
     be = make_backend(kind)
     rng = np.random.default_rng(row0)
     n_src, n_tgt, k = 55, 80, 9
@@ -245,8 +239,8 @@ def test_phase_block_direct(kind, cpu, row0):
     full = _reference.route_counts(d.tolist(), c.tolist(), k, seed)
     rows = min(13, n_src - row0)
     xp = be.xp
-    ring = be.prepare_ring(*_prep.ring_layout(be, xp.asarray(c), n_src, seed))
-    got = _prep.phase_block(
+    ring = be.prepare_ring(*phase.ring_layout(be, xp.asarray(c), n_src, seed))
+    got = phase.phase_block(
         be,
         xp.asarray(d[row0 : row0 + rows]),
         ring,
@@ -257,8 +251,8 @@ def test_phase_block_direct(kind, cpu, row0):
         degree_prefix=int(d[:row0].sum()),
     )
     assert np.array_equal(host(got), full[row0 : row0 + rows])
-    ring_cpu = cpu.prepare_ring(*_prep.ring_layout(cpu, c, n_src, seed))
-    got_cpu = _prep.phase_block(
+    ring_cpu = cpu.prepare_ring(*phase.ring_layout(cpu, c, n_src, seed))
+    got_cpu = phase.phase_block(
         cpu, d[row0 : row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0, degree_prefix=int(d[:row0].sum())
     )
     assert np.array_equal(got_cpu, full[row0 : row0 + rows])
@@ -457,11 +451,11 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
     want = _reference.route_systematic(caps.tolist(), n_src, k, 77, perm_t=pt.tolist())[row0 : row0 + rows]
     be = make_backend(kind)
     cum = _prep.capacity_cum(be.xp, be.xp.asarray(caps))
-    got = _prep.systematic_block(
+    got = systematic.systematic_block(
         be, cum, n_src=n_src, k=k, seed=77, row0=row0, perm_t=be.xp.asarray(pt[row0 : row0 + rows])
     )
     assert np.array_equal(host(got), want)
-    got_cpu = _prep.systematic_block(
+    got_cpu = systematic.systematic_block(
         cpu, _prep.capacity_cum(np, caps), n_src=n_src, k=k, seed=77, row0=row0, perm_t=pt[row0 : row0 + rows]
     )
     assert np.array_equal(got_cpu, want)
@@ -603,7 +597,7 @@ def test_banded_launch_bookkeeping():
     """One phase kernel per block of rows, the mapped variant (k_out > 0), no extra kernel or pass."""
     _emulator_or_skip()
     be = emulated_backend.make_backend()
-    lay = _prep.band_layout(np.ones(4), 30, 2, 0.5)
+    lay = phase.band_layout(np.ones(4), 30, 2, 0.5)
     d = np.full(30, int(np.rint(0.5 * lay.n_cols)))
     run_phase_mapped(be, d, lay.col_counts, lay.k_draw, 2, lay.col_map, 1, block_rows=8)
     names = [name for name, _, _ in be._launch.launches]
