@@ -14,7 +14,7 @@ for m in phase / weighted_hash / systematic and reports, per method:
   the goal for phase is at most 1 point below ``weighted_hash``.
 
 It also times ``route`` at 16384 × 64, k=2 on the CPU backend (best, 10th percentile and median of
-200 calls after a warm-up; goal <= 2 ms on 2 cores) and re-checks the seed's square survival table
+200 calls after a warm-up; goal <= 2 ms on 2 cores) and re-checks the crate's square survival table
 (``bench_moe.py``: square shapes do not use bands, so the phase router's numbers must stay within
 2.5 points of ``results/moe_survival.json``).
 
@@ -148,7 +148,7 @@ def time_route(reps: int) -> dict:
 
 
 def square_check(seeds: list[int]) -> dict:
-    """The phase router's points of the seed's four experiments vs the stored bench_moe results."""
+    """The phase router's points of the crate's four experiments vs the stored bench_moe results."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_moe
 

@@ -9,7 +9,6 @@ the summation tree in :mod:`gpu_phase_router._tree`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -80,10 +79,9 @@ def inverse_permutation(xp: Any, perm: Any) -> Any:
     return inv
 
 
-def call_ranges(rows: int, rows_per_call: int) -> Iterator[tuple[int, int]]:
+def call_ranges(rows: int, rows_per_call: int) -> list[tuple[int, int]]:
     """Consecutive local row ranges ``(a, b)`` of at most ``rows_per_call`` rows, one per kernel call."""
-    for a in range(0, rows, rows_per_call):
-        yield a, min(rows, a + rows_per_call)
+    return [(a, min(rows, a + rows_per_call)) for a in range(0, rows, rows_per_call)]
 
 
 def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm_t: Any = None) -> Any:

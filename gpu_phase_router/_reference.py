@@ -39,7 +39,7 @@ def popcount_rows(words: list[list[int]], nbits: int) -> list[int]:
 
 
 def tree_sum(values: list[float]) -> float:
-    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``_prep.tree_sum``).
+    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``_tree.tree_sum``).
 
     The vector is padded with zeros to a power of two and element ``2i`` is added to element
     ``2i + 1`` (adjacent pairs), level by level, until one value is left.
@@ -105,7 +105,7 @@ def candidate_sets(d, c, perm_s, perm_t) -> list[list[int]]:
 
 
 def candidate_sets_materialised(d, c, perm_s, perm_t) -> list[list[int]]:
-    """SPEC §4 by dense matrices, as the seed's legacy path: ``C_j = {col : S'=1 and T'=1}``.
+    """SPEC §4 by dense matrices, as the crate's legacy path: ``C_j = {col : S'=1 and T'=1}``.
 
     ``S'[j, col]`` is 1 when column ``col`` sits at one of the ``d[j]`` ring positions that
     follow ``off_s[j]`` on the target ring (after ``perm_s``); ``T'[j, col]`` is 1 when the

@@ -32,8 +32,6 @@ Example — rows ``[a, b)`` of ``route(w, caps, k=4, seed=7)``::
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -49,13 +47,16 @@ from ._validate import (
     check_k,
     check_nonnegative_weights,
     check_permutation,
+    check_real,
+    check_route_options,
+    check_rows_per_call,
     check_seed,
     check_size,
     check_uniform_weights,
     check_weights,
 )
 from .backends import Backend, BackendName, resolve
-from .methods import RowRange, check_rows_per_call, get_method
+from .methods import RowRange, get_method
 from .methods.phase import phase_rows
 
 Partial = tuple[int, int, float]
@@ -85,12 +86,7 @@ def _mean(weight_mean: Any, method: str) -> float:
             "the mean of all n_src source weights (gpu_phase_router.blocks.weight_mean or "
             "sum_from_partials(...) / n_src)"
         )
-    if isinstance(weight_mean, bool) or not isinstance(weight_mean, numbers.Real):
-        raise TypeError(f"weight_mean must be a real number; got {type(weight_mean).__name__}")
-    weight_mean = float(weight_mean)
-    if not (math.isfinite(weight_mean) and weight_mean > 0):
-        raise ValueError(f"weight_mean must be finite and > 0; got {weight_mean}")
-    return weight_mean
+    return check_real("weight_mean", weight_mean, lo=0.0, lo_open=True)
 
 
 def _block_perm_t(xp: Any, perm_t: Array, rows: int, n_src: int) -> Array:
@@ -253,16 +249,7 @@ def route_block(
     whole = rows == n_src
     if whole and w is not None and not bool((w > 0).any()):
         raise ValueError("source_weights must have at least one positive entry; got all zeros")
-    rr = RowRange(
-        caps,
-        n_src,
-        row0,
-        rows,
-        check_k(k, n_tgt),
-        check_seed(seed),
-        density=check_density(density),
-        rows_per_call=check_rows_per_call(rows_per_call, block_rows),
-    )
+    k, seed, density, per_call = check_route_options(k, n_tgt, seed, density, rows_per_call, block_rows)
     if m.uniform_sources and w is not None:
         check_uniform_weights(xp, w)
         w = None  # every source gets k slots: the value of the weight does not matter
@@ -274,14 +261,16 @@ def route_block(
     prefix = 0
     if m.degrees is not None:
         if w is None and degree_prefix is None:  # sources of weight 1 all have the same degree
-            one = m.degrees(np, np.ones(1), rr)
+            one = m.degrees(np, np.ones(1), RowRange(caps, n_src, row0, rows, k, seed, density=density))
             prefix = row0 * int(one[0])
         elif degree_prefix is None:  # 0 for the first row, else the error naming degree_prefix
             prefix = _degree_prefix(None, row0, 0, m.name)
         else:  # degrees live on the method's ring: n_tgt, or V of SPEC §13 for a banded phase router
-            prefix = _degree_prefix(degree_prefix, row0, m.ring_size(rr), m.name)
-    rr = replace(rr, w=w, weight_mean=mean, degree_prefix=prefix)
-    m.validate(rr)
+            ring = m.ring_size(RowRange(caps, n_src, row0, rows, k, seed, density=density))
+            prefix = _degree_prefix(degree_prefix, row0, ring, m.name)
+    rr = RowRange(caps, n_src, row0, rows, k, seed, density, w, mean, prefix, per_call)
+    if m.check is not None:
+        m.check(rr)
     return ns.wrap(m.rows(be, rr))
 
 

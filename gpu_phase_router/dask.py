@@ -44,11 +44,12 @@ from ._validate import (
     check_k,
     check_nonnegative_weights,
     check_permutation,
+    check_rows_per_call,
     check_seed,
     check_weights,
 )
 from .backends import BackendName
-from .methods import Method, RowRange, check_rows_per_call, get_method
+from .methods import Method, RowRange, get_method
 
 
 def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
@@ -280,7 +281,8 @@ def route(
     seed = check_seed(seed)
     density = check_density(density)
     per_call = check_rows_per_call(rows_per_call, block_rows)
-    m.validate(RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call))
+    if m.check is not None:
+        m.check(RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call))
 
     parts, mean = _weight_reductions(source_weights, n_src, chunks, m)
     prefixes = None

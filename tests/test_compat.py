@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpu_phase_router.compat as prr
-from gpu_phase_router import _seed_reference as ref
+from gpu_phase_router import _crate_reference as ref
 
 
 def _crate_build_bits(ones, n):

@@ -508,11 +508,11 @@ class CpuBackend:
             )
         return out
 
-    def seed_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
-        """Seed-exact rows (SPEC §14), in ``backends/cpu_seed.py``."""
-        from .cpu_seed import seed_rows
+    def crate_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
+        """Crate-exact rows (SPEC §14), in ``backends/cpu_crate.py``."""
+        from .cpu_crate import crate_rows
 
-        return seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
+        return crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
 
 
 def load() -> CpuBackend:

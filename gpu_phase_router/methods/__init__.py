@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._arrays import Array
-from .._validate import check_density, check_int, check_k, check_seed, check_size, check_weights
+from .._validate import check_route_options, check_rows_per_call, check_size, check_weights
 from ..backends import Backend, BackendName, get_backend
 from . import hashing, phase, systematic
 from ._row_range import DEFAULT_ROWS_PER_CALL, RowRange
@@ -99,11 +99,6 @@ class Method:
         """Whether a row range after the first needs ``degree_prefix``."""
         return self.degrees is not None
 
-    def validate(self, rr: RowRange) -> None:
-        """Run the method's own checks (``check``) on ``rr``."""
-        if self.check is not None:
-            self.check(rr)
-
 
 _TABLE: dict[str, Method] = {}
 
@@ -142,7 +137,7 @@ register_method(
     uses_weight_mean=True,
     degrees=phase.degrees,
     ring=phase.ring_size,
-    summary="the seed's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)",
+    summary="the crate's phase router (SPEC §3–§7; banded, §13, when n_tgt < n_src)",
 )
 register_method(
     "systematic",
@@ -169,17 +164,6 @@ def get_method(name: Any) -> Method:
     if not isinstance(name, str) or name not in _TABLE:
         raise ValueError(f"method must be one of {available_methods()}; got {name!r}")
     return _TABLE[name]
-
-
-def check_rows_per_call(rows_per_call: Any, block_rows: Any = None) -> int:
-    """``rows_per_call`` (``None``: the default); ``block_rows`` is its former name."""
-    if block_rows is not None:
-        if rows_per_call is not None:
-            raise TypeError("give rows_per_call only (block_rows is its former name)")
-        rows_per_call, name = block_rows, "block_rows"
-    else:
-        name = "rows_per_call"
-    return DEFAULT_ROWS_PER_CALL if rows_per_call is None else check_int(name, rows_per_call, lo=1)
 
 
 def route_uniform(
@@ -212,17 +196,10 @@ def route_uniform(
     be = get_backend(backend)
     n_src = check_size("n_src", n_src)
     caps = check_weights(np, "caps", np.asarray(caps))
-    rr = RowRange(
-        caps,
-        n_src,
-        0,
-        n_src,
-        check_k(k, int(caps.shape[0])),
-        check_seed(seed),
-        density=check_density(density),
-        rows_per_call=check_rows_per_call(rows_per_call),
-    )
-    m.validate(rr)
+    k, seed, density, per_call = check_route_options(k, int(caps.shape[0]), seed, density, rows_per_call)
+    rr = RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call)
+    if m.check is not None:
+        m.check(rr)
     return m.rows(be, rr)
 
 
@@ -235,6 +212,7 @@ __all__ = [
     "RowRange",
     "RowsFn",
     "available_methods",
+    "check_rows_per_call",
     "get_method",
     "register_method",
     "route_uniform",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-DEFAULT_ROWS_PER_CALL = 1 << 18  # rows per kernel call: bounds the O(rows) temporaries
+from .._validate import DEFAULT_ROWS_PER_CALL
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,6 @@ class RowRange:
         """Number of targets (``len(caps)``)."""
         assert self.caps is not None
         return int(self.caps.shape[0])
-
-    def but(self, **changes: Any) -> RowRange:
-        """A copy with ``changes`` applied (``dataclasses.replace``)."""
-        return replace(self, **changes)
 
 
 __all__ = ["DEFAULT_ROWS_PER_CALL", "RowRange"]

@@ -9,13 +9,13 @@ so a row depends only on ``(seed, j)`` — no global RNG state, any split of the
 blocks (or GPU threads) gives the same table, and NumPy and CuPy compute the same integers
 (the code below is written once against the array module ``xp``, in uint64 arithmetic).
 
-* ``method="hash"`` (stream 5) — the seed's capacity-blind baseline: ``k`` independent uniform
-  targets per source, **with replacement** like the seed's ``rng.integers(0, n, (n, k))``, so a
+* ``method="hash"`` (stream 5) — the crate's capacity-blind baseline: ``k`` independent uniform
+  targets per source, **with replacement** like the crate's ``rng.integers(0, n, (n, k))``, so a
   row may name a target twice (probability about ``k^2 / (2 P)`` per row); each occurrence is a
   separate slot for enforcement and survival. It is blind to the *size* of capacities but, like
   every method, never sends a slot to a zero-capacity target: with ``pos`` the ``P`` targets of
   positive capacity in ascending order, slot ``s`` takes ``pos[key(j, s) mod P]`` (SPEC §12).
-  With all capacities positive that is ``key(j, s) mod n_tgt``, the seed's rule.
+  With all capacities positive that is ``key(j, s) mod n_tgt``, the crate's rule.
 * ``method="weighted_hash"`` (stream 6) — capacity-aware: ``k`` **distinct** targets per
   source, drawn one after another with probability proportional to capacity among the targets
   not yet drawn (successive sampling without replacement — the same distribution as the

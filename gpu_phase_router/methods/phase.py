@@ -151,7 +151,7 @@ def phase_rows(
 
 # -- SPEC §13: banded phase router ------------------------------------------------------------
 
-BAND_OVERSAMPLE = 4  # virtual columns drawn per output slot (the seed's oversampling)
+BAND_OVERSAMPLE = 4  # virtual columns drawn per output slot (the crate's oversampling)
 BAND_FILL = 2  # expected candidates per source, in units of k_draw
 BAND_MAX_COLUMNS = 1 << 20  # cap on the virtual ring (reached only for tiny densities)
 
@@ -284,7 +284,7 @@ def rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="phase"`` (see :mod:`gpu_phase_router.methods`)."""
     caps = rr.caps
     assert caps is not None
-    if bands_apply(rr.n_src, rr.n_tgt):  # SPEC §13: virtual ring, first k distinct targets
+    if bands_apply(rr.n_src, int(caps.shape[0])):  # SPEC §13: virtual ring, first k distinct targets
         lay = band_layout(caps, rr.n_src, rr.k, rr.density)  # host arithmetic only, cached
         counts, col_map = lay.on(be)  # device copies made once per layout and device
         return phase_rows(be, counts, rr, k=lay.k_draw, col_map=col_map)

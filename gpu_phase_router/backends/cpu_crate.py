@@ -1,4 +1,4 @@
-"""Numba kernels of seed-exact mode (SPEC.md §14): the seed crate's per-row ChaCha8 reservoir.
+"""Numba kernels of crate-exact mode (SPEC.md §14): the crate's per-row ChaCha8 reservoir.
 
 Rows run in parallel (``numba.prange`` over tasks of :data:`ROWS_PER_TASK` rows, buffers allocated
 once per task). Per row ``j``: the row's ring positions are tested in chunks, branch-free, and the
@@ -296,7 +296,7 @@ def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
 
 
 @nb.njit(cache=True)
-def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
@@ -329,16 +329,16 @@ def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, se
 
 
 @nb.njit(parallel=True, cache=True)
-def _seed_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
-    """:func:`_seed_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
+def _crate_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+    """:func:`_crate_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
     rows = phase.shape[0]
     for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        _seed_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
+        _crate_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
 
 
-def seed_rows(
+def crate_rows(
     phase: np.ndarray,
     off_s: np.ndarray,
     deg: np.ndarray,
@@ -351,7 +351,7 @@ def seed_rows(
     row0: int,
     seed: int,
 ) -> np.ndarray:
-    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
+    """Crate-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.crate_rows``)."""
     out = np.empty((phase.shape[0], k), dtype=np.int32)
 
     def i64(a: np.ndarray) -> np.ndarray:
@@ -363,8 +363,8 @@ def seed_rows(
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
     for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
         _rt.run(
-            _seed_rows_par,
-            _seed_rows,
+            _crate_rows_par,
+            _crate_rows,
             phase[a:b],
             off_s[a:b],
             deg[a:b],

@@ -1,9 +1,9 @@
-"""Seed-exact mode (SPEC §14): the seed crate's own outputs, on the oracle, the CPU and the CUDA kernel.
+"""Crate-exact mode (SPEC §14): the crate's own outputs, on the oracle, the CPU and the CUDA kernel.
 
-``tests/data/seed_vectors/`` holds 586 exact outputs of the crate ``phase_router_rs`` (MIT). Every
-vector is checked on the plain-Python oracle (:mod:`gpu_phase_router._seed_reference`, the large
+``tests/data/crate_vectors/`` holds 586 exact outputs of the crate ``phase_router_rs`` (MIT). Every
+vector is checked on the plain-Python oracle (:mod:`gpu_phase_router._crate_reference`, the large
 ones marked ``slow``), through :mod:`gpu_phase_router.compat` on the CPU backend, and on the CUDA
-backend's host code with ``kernels/seed_router.cu`` run by the SIMT emulator (``big.jsonl`` there
+backend's host code with ``kernels/crate_router.cu`` run by the SIMT emulator (``big.jsonl`` there
 is ``slow``); the real GPU runs them too where one exists. Randomized cases (Hypothesis) check
 oracle == CPU == emulated CUDA beyond the vectors, including set bits beyond column ``n``.
 """
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from simt import build, emulated_backend
 
 import gpu_phase_router.compat as prr
-from gpu_phase_router import _seed_reference as ref
+from gpu_phase_router import _crate_reference as ref
 from gpu_phase_router import get_backend, register_backend
 
-DATA = Path(__file__).resolve().parent / "data" / "seed_vectors"
+DATA = Path(__file__).resolve().parent / "data" / "crate_vectors"
 EMULATED = "cuda-emulated"
 FILES = ("kernel", "auto", "uniform_dispatch", "big")
 REF_FAST_N = 300  # the oracle runs larger vectors only in the slow suite
@@ -235,12 +235,12 @@ def test_emulated_schedules_agree(emulated):
     """The seed kernel's warp collectives give one result under every emulated thread schedule."""
     c = VECTORS["auto"][40]
     want = _expected(c)
-    from gpu_phase_router import _seed
+    from gpu_phase_router import _crate
 
     n = c["n"]
     for schedule in (1, 2):
         be = emulated_backend.make_backend(schedule=schedule, seed=7)
-        got = _seed.route_counts(
+        got = _crate.route_counts(
             be,
             np.asarray(c["ones_s"], dtype=np.int64),
             np.asarray(c["ones_t"], dtype=np.int64),
