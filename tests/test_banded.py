@@ -289,3 +289,37 @@ def test_hypothesis_cpu_equals_reference(data):
     want = _reference.route(caps, w, k=k, seed=seed, density=density)
     got = gpr.route(np.array(w), np.array(caps), k=k, seed=seed, density=density, backend="cpu")
     np.testing.assert_array_equal(got, want)
+
+
+def test_band_layout_device_copies_are_uploaded_once():
+    """A warm banded route on a device backend uploads nothing: the layout's device copies are
+    kept with the (cached) host layout."""
+    from gpu_phase_router import methods
+
+    be = _device_only_backend()
+    xp = be.xp
+    uploads = []
+
+    class Counting:
+        def __getattr__(self, name):
+            obj = getattr(xp, name)
+            if name in ("asarray", "array", "ascontiguousarray"):
+
+                def call(a, *args, **kwargs):
+                    if isinstance(a, np.ndarray) and not isinstance(a, DeviceOnly):
+                        uploads.append(name)
+                    return obj(a, *args, **kwargs)
+
+                return call
+            return obj
+
+    be.xp = Counting()
+    caps = np.array([3.0, 1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 4.0])
+    rr = RowRange(caps, 300, 0, 300, 2, 1, density=0.3)
+    methods.get_method("phase").rows(be, rr)  # cold: the layout's arrays go to the device once
+    assert uploads, "the cold call uploads the layout"
+    uploads.clear()
+    got = methods.get_method("phase").rows(be, RowRange(caps, 300, 0, 300, 2, 2, density=0.3))
+    assert uploads == []
+    want = _reference.route(caps.tolist(), [1.0] * 300, k=2, seed=2, density=0.3)
+    np.testing.assert_array_equal(got.view(np.ndarray), want)
