@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 
-from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from .._keys import FEISTEL_ROUNDS, feistel_params
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
-
-_G = np.uint64(GOLDEN)
-_M1 = np.uint64(MIX_M1)
-_M2 = np.uint64(MIX_M2)
-_S27 = np.uint64(27)
-_S30 = np.uint64(30)
-_S31 = np.uint64(31)
-_S32 = np.uint64(32)
-_ZERO = np.uint64(0)
-_ONE = np.uint64(1)
-_KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+from ._numba_prims import KEY_MAX as _KEY_MAX
+from ._numba_prims import U0 as _ZERO
+from ._numba_prims import U1 as _ONE
+from ._numba_prims import U32 as _S32
+from ._numba_prims import at as _at
+from ._numba_prims import cttz as _cttz
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
@@ -35,18 +27,6 @@ FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
-
-
-@nb.njit(inline="always", cache=True)
-def _mix64(z):
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
-
-
-@nb.njit(inline="always", cache=True)
-def _at(base, i):
-    return _mix64(base + _G * (np.uint64(i) + _ONE))
 
 
 @nb.njit(cache=True)
@@ -186,18 +166,6 @@ def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
         elif size < k or kbuf[q] <= keys[0]:
             size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
     return size
-
-
-@intrinsic
-def _cttz(typingctx, x):
-    """Index of the lowest set bit of a non-zero uint64 (one ``tzcnt``)."""
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
-
-    return types.uint64(types.uint64), codegen
 
 
 @nb.njit(inline="always", cache=True)

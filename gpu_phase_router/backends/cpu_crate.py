@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
+from ._numba_prims import M32 as _M32
+from ._numba_prims import U1 as _U1
+from ._numba_prims import U32 as _U32
+from ._numba_prims import ctlz as _ctlz64
 
 ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
 LANES = 16  # ChaCha8 blocks generated per refill (SIMD lanes of the block loop)
 
-_M32 = np.uint64(0xFFFFFFFF)
-_U1 = np.uint64(1)
-_U32 = np.uint64(32)
+
 _PCG_MUL = np.uint64(6364136223846793005)
 _PCG_INC = np.uint64(11634580027462260723)
 _C0 = np.uint32(0x61707865)
@@ -189,17 +188,6 @@ def _mulhi(v, r):
     t = v1 * r0 + ((v0 * r0) >> _U32)
     w1 = (t & _M32) + v0 * r1
     return v1 * r1 + (t >> _U32) + (w1 >> _U32)
-
-
-@intrinsic
-def _ctlz64(typingctx, x):
-    """``leading_zeros`` of a uint64 (LLVM ``ctlz``; 64 for 0)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
-
-    return sig, codegen
 
 
 @nb.njit(inline="always", cache=True)
