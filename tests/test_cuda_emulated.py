@@ -514,10 +514,13 @@ def run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=1 << 18) -> n
 
 
 def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
+    """First k_out distinct targets of each row's k drawn columns, short rows of positive degree then
+    completed (SPEC §13; ``col_map`` ascending, as a band layout's)."""
     draws = _reference.route_counts(list(d), list(c), k, seed)
-    return np.array(
-        [_reference.first_distinct([int(v) for v in row], list(col_map), k_out) for row in draws], dtype=np.int32
-    ).reshape(len(d), k_out)
+    cm = [int(v) for v in col_map]
+    rows = [_reference.first_distinct([int(v) for v in row], cm, k_out) for row in draws]
+    rows = [_reference.complete_row(row, cm, j, seed) if d[j] > 0 else row for j, row in enumerate(rows)]
+    return np.array(rows, dtype=np.int32).reshape(len(d), k_out)
 
 
 @pytest.mark.parametrize("config", [{}, *CONFIGS], ids=lambda c: "-".join(f"{v}" for v in c.values()) or "default")
@@ -532,12 +535,13 @@ def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
     ],
 )
 def test_mapped_emission_launch_shapes(kind, cpu, config, n_src, n_cols, n_tgt, k, k_out):
-    """Any column map (not only bands), every register width and multi-pass selection: the kernel's
-    first-k_out-distinct step == the CPU kernel's == the reference."""
+    """Any ascending column map (bands of any width, absent targets), every register width and
+    multi-pass selection: the kernel's first-k_out-distinct and completion steps == the CPU kernel's
+    == the reference."""
     be = make_backend(kind, **config)
     rng = _case_rng(n_src, n_cols, n_tgt, k, k_out, "mapped")
     d, c = make_counts(n_src, n_cols, "mixed", rng)
-    col_map = rng.integers(0, n_tgt, n_cols)
+    col_map = np.sort(rng.integers(0, n_tgt, n_cols))
     seed = int(rng.integers(1 << 62))
     want = mapped_reference(d, c, k, k_out, col_map, seed)
     assert np.array_equal(run_phase_mapped(cpu, d, c, k, k_out, col_map, seed), want)
@@ -549,7 +553,7 @@ def test_mapped_emission_thread_schedules(cpu, schedule, sched_seed):
     _emulator_or_skip()
     rng = np.random.default_rng(sched_seed)
     d, c = make_counts(20, 90, "mixed", rng)
-    col_map = rng.integers(0, 12, 90)
+    col_map = np.sort(rng.integers(0, 12, 90))
     for config in (CONFIGS[2], CONFIGS[4], CONFIGS[7]):
         be = make_backend(EMULATED, schedule=schedule, seed=sched_seed, **config)
         want = run_phase_mapped(cpu, d, c, 24, 5, col_map, 3)
@@ -613,7 +617,7 @@ def test_banded_launch_bookkeeping():
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mapped_emission_hypothesis(data):
-    """Random counts, column maps, k and k_out at every launch shape: emulated CUDA == reference."""
+    """Random counts, ascending column maps, k and k_out at every launch shape: emulated CUDA == reference."""
     _emulator_or_skip()
     n_src = data.draw(st.integers(1, 40), label="n_src")
     n_cols = data.draw(st.integers(1, 60), label="n_cols")
@@ -622,7 +626,7 @@ def test_mapped_emission_hypothesis(data):
     k_out = data.draw(st.integers(1, k), label="k_out")
     d = data.draw(st.lists(st.integers(0, n_cols), min_size=n_src, max_size=n_src), label="d")
     c = data.draw(st.lists(st.integers(0, n_src), min_size=n_cols, max_size=n_cols), label="c")
-    col_map = data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map")
+    col_map = sorted(data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map"))
     seed = data.draw(st.integers(0, TOP), label="seed")
     config = data.draw(st.sampled_from([{}, *CONFIGS]), label="config")
     want = mapped_reference(d, c, k, k_out, col_map, seed)
