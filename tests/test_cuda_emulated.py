@@ -570,7 +570,16 @@ BANDED_CAPS = {
 
 @pytest.mark.parametrize("caps_kind", list(BANDED_CAPS))
 @pytest.mark.parametrize(
-    "n_src,n_tgt,k,density", [(50, 4, 2, 0.5), (200, 8, 2, 0.3), (120, 16, 4, 0.6), (300, 40, 8, 0.9), (64, 63, 3, 0.3)]
+    "n_src,n_tgt,k,density",
+    [
+        (50, 4, 2, 0.5),
+        (200, 8, 2, 0.3),
+        (120, 16, 4, 0.6),
+        (300, 40, 8, 0.9),
+        (64, 63, 3, 0.3),
+        (90, 12, 9, 0.5),  # k >= 9: k_draw = 36 spans three passes of K = 16 and the last is partial
+        (70, 20, 12, 0.8),
+    ],
 )
 def test_banded_route(kind, cpu, caps_kind, n_src, n_tgt, k, density):
     """route(method="phase") with n_tgt < n_src on the CUDA backend == CPU == reference (SPEC §13)."""
@@ -601,6 +610,28 @@ def test_banded_spec_vector(kind):
         [3, 2],
         [2, 0],
     ]
+
+
+def test_banded_fill_vectors(kind):
+    """SPEC §13 fill-completion vectors (amendment 1): short rows completed by draws and by the walk."""
+    from test_banded import CAPS_FILL, ROUTE_FILL, ROUTE_FILL_P2, W_FILL
+
+    got = route(np.array(W_FILL), CAPS_FILL, k=3, seed=2, density=0.5, backend=kind, block_rows=5)
+    assert got.tolist() == ROUTE_FILL
+    assert route(np.ones(6), [3, 0, 1], k=3, seed=1, density=0.3, backend=kind).tolist() == ROUTE_FILL_P2
+
+
+@pytest.mark.parametrize("caps", [[8, 2, 2, 1, 1, 1, 1, 1], [7] + [1] * 7, [1e6, 1, 1e-6, 1e-6, 1e-6]])
+def test_banded_fill_guarantee(kind, cpu, caps):
+    """Dominant capacities (many short rows before completion): CUDA == CPU == reference, all filled."""
+    caps = np.array(caps, dtype=np.float64)
+    w = np.ones(160)
+    w[::9] = 0.0
+    for k, seed in ((2, 0), (3, TOP)):
+        want = _reference.route(caps.tolist(), w.tolist(), k=k, seed=seed, density=0.3)
+        got = route(w, caps, k=k, seed=seed, density=0.3, backend=kind, block_rows=41)
+        assert np.array_equal(got, want)
+        assert ((got >= 0).sum(axis=1) == np.where(w > 0, min(k, int((caps > 0).sum())), 0)).all()
 
 
 def test_banded_launch_bookkeeping():
