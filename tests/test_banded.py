@@ -480,3 +480,22 @@ def test_subnormal_density():
     w[3] = 0
     got = gpr.route(w, np.ones(3), k=2, seed=1, density=5e-324)
     assert ((got >= 0).sum(axis=1) == np.where(w > 0, 2, 0)).all()
+
+
+@pytest.mark.parametrize("n,k", [(8, 2), (16, 4), (40, 9)])
+def test_square_shape_is_not_banded(n, k):
+    """n_tgt == n_src is SPEC §7 unchanged (§13 applies only when n_tgt < n_src): the routes are §3–§5 on
+    the §7 counts, written out here, and the degree ring is n_tgt."""
+    rng = np.random.default_rng(n)
+    caps = rng.random(n) * 4 + 0.1
+    caps[1] = 0.0
+    w = rng.random(n) + 0.5
+    w[2] = 0.0
+    d = _reference.weights_to_counts(w.tolist(), 0.6, n)
+    c = _reference.weights_to_counts(caps.tolist(), 0.6, n)
+    want = _reference.route_counts(d, c, k, 21)
+    assert (want < 0).any()  # the plain router leaves short rows; the banded one would complete them
+    np.testing.assert_array_equal(gpr.route(w, caps, k=k, seed=21, density=0.6, backend="cpu"), want)
+    np.testing.assert_array_equal(gpr.route(w, caps, k=k, seed=21, density=0.6, rows_per_call=3), want)
+    assert gpr.blocks.ring_size(caps, n_src=n, k=k, density=0.6) == n
+    assert not _prep.bands_apply(n, n) and _prep.bands_apply(n + 1, n) and not _prep.bands_apply(n, n + 1)
