@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _crate
-from ._arrays import HOST, to_backend_array, to_numpy
+from ._arrays import HOST, check_plain_input, to_backend_array, to_numpy
 from ._validate import check_bits, check_int, check_permutation, check_real, check_seed, check_weights
 from .backends import get_backend, resolve
 from .capacity import (
@@ -212,14 +212,29 @@ def _first_distinct(xp: Any, routes: Any, width: int, k: int) -> Any:
 
 
 def build_bits(ones_per_row: Any, n: int) -> np.ndarray:
-    """Flat uint64 ``(n * ceil(n / 64),)``: row ``i`` has its ``min(ones_per_row[i], n)`` low bits set."""
+    """Flat uint64 ``(n * ceil(n / 64),)``: row ``i`` has its ``min(ones_per_row[i], n)`` low bits set.
+
+    Args:
+        ones_per_row: ``[>= n]`` counts (integers, or floats truncated as the crate's ``int()``); the
+            first ``n`` must be finite and ``>= 0``. A masked array with masked entries raises.
+        n: bits per row, ``>= 1``.
+
+    Raises:
+        ValueError: naming ``ones_per_row`` for a NaN, infinite or negative count or masked entries.
+    """
     n = check_int("n", n, lo=1)
+    check_plain_input("ones_per_row", ones_per_row)  # masked entries would be read as their data
     ones = np.asarray(to_numpy(ones_per_row))
     if ones.ndim != 1 or ones.shape[0] < n:
         raise ValueError(f"ones_per_row must be 1-D with at least n={n} entries; got shape {ones.shape}")
     if ones.dtype.kind not in "iuf":
         raise TypeError(f"ones_per_row must hold numbers; got dtype {ones.dtype}")
-    ones = np.clip(ones[:n].astype(np.int64), 0, n)
+    ones = ones[:n]
+    if ones.dtype.kind == "f" and not bool(np.isfinite(ones).all()):
+        raise ValueError("ones_per_row must be finite (no NaN or inf) in its first n entries")
+    if bool((ones < 0).any()):
+        raise ValueError(f"ones_per_row must be >= 0 in its first n entries; got minimum {ones.min()}")
+    ones = np.minimum(ones, n).astype(np.int64)  # clip first: a float above 2^63 stays in range
     nbw = (n + 63) // 64
     bit = np.arange(nbw * 64, dtype=np.int64)
     mask = (bit[None, :] < ones[:, None]).reshape(n, nbw, 64)

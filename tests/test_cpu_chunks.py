@@ -55,3 +55,30 @@ def test_feistel_chunked_equal_reference(tiny_chunks):
     got = be.feistel(5, 20000, 30011, key)
     want = [feistel(5 + i, 30011, key) for i in range(20000)]
     np.testing.assert_array_equal(got, want)
+
+
+def _seed_bits(ones: np.ndarray, n: int) -> np.ndarray:
+    """Flat uint64 rows with bits ``0 .. ones[i] - 1`` set (written here, not taken from compat)."""
+    nbw = (n + 63) // 64
+    words = np.zeros((n, nbw), dtype=np.uint64)
+    for i, o in enumerate(ones.tolist()):
+        for w in range(nbw):
+            lo, hi = 64 * w, min(64 * w + 64, o)
+            if hi > lo:
+                words[i, w] = np.uint64((1 << (hi - lo)) - 1)
+    return words.reshape(-1)
+
+
+def test_crate_exact_chunked_equal_oracle(tiny_chunks):
+    """Crate-exact mode (SPEC §14): every chunk seeds row j's ChaCha stream with seed + j, so tiny chunks
+    give the oracle's rows (a chunk that passed its first row's offset for every row would not)."""
+    import gpu_phase_router.compat as prr
+    from gpu_phase_router import _crate_reference as ref
+
+    rng = np.random.default_rng(23)
+    n = 300
+    s_bits = _seed_bits(rng.integers(0, 40, n), n)
+    t_bits = _seed_bits(rng.integers(0, 120, n), n)
+    want = ref.phase_router_auto(s_bits, t_bits, n, 3, 77)
+    assert (want >= 0).sum() > 300  # rows hold candidates, so a wrong stream changes them
+    np.testing.assert_array_equal(prr.phase_router_auto(s_bits, t_bits, n, 3, 77, backend="cpu"), want)

@@ -21,6 +21,7 @@ def test_prelude_holds_the_python_values():
         "GPR_MIX_M1": _keys.MIX_M1,
         "GPR_MIX_M2": _keys.MIX_M2,
         "GPR_FEISTEL_ROUNDS": _keys.FEISTEL_ROUNDS,
+        "GPR_FILL_TRIES": _keys.FILL_TRIES,
         "GPR_MAX_WARPS": cuda.MAX_WARPS_PER_CTA,
         "GPR_CRATE_ROWS": cuda.CRATE_ROWS_PER_CTA,
     }

@@ -91,6 +91,45 @@ def test_fork_after_use_routes_in_children(layer, tmp_path):
     assert "unsafe" not in res.stderr
 
 
+FORK_FAST_CODE = """
+    import os, signal
+    import gpu_phase_router as gpr
+    from gpu_phase_router.backends import _numba_runtime as rt
+    from numba.np.ufunc import parallel
+
+    want = gpr.route(n=3000, k=4, seed=1, backend="cpu").tobytes()  # launches the threading layer
+    layer = parallel._threading_layer
+    gnu = False
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        gnu = omppool.openmp_vendor == "GNU"
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a kernel hung in the child ends it (SIGALRM) instead of stalling the test
+        if gnu and not rt.serial_only():
+            os._exit(3)  # forked after GNU OpenMP ran: the serial path must be on before any kernel
+        os._exit(0 if gpr.route(n=3000, k=4, seed=1, backend="cpu").tobytes() == want else 4)
+    _, status = os.waitpid(pid, 0)
+    print(layer, gnu, os.waitstatus_to_exitcode(status))
+"""
+FORK_FAILURES = {3: "serial path off in a child forked after GNU OpenMP", 4: "the child routed differently"}
+
+
+@pytest.mark.parametrize("layer", ["default", "omp"])
+def test_fork_child_fails_fast(layer):
+    """A plain os.fork after use: the child checks the fork-unsafe flag before it runs any kernel and
+    routes under a 20 s alarm, so a broken fork path fails here within seconds, not by a timeout."""
+    if layer != "default" and not layer_available(layer):
+        pytest.skip(f"Numba threading layer {layer!r} is not available here")
+    res = run_child(FORK_FAST_CODE, env={"NUMBA_THREADING_LAYER": None if layer == "default" else layer})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got_layer, gnu, code = res.stdout.split()[-3:]
+    assert layer in ("default", got_layer)
+    if int(code) == -signal.SIGALRM:
+        pytest.fail(f"forked child hung in a kernel under {got_layer} (GNU OpenMP: {gnu})")
+    assert int(code) == 0, FORK_FAILURES.get(int(code), f"child exit status {code}")
+
+
 # ── 2. threads under every threading layer ───────────────────────────────────────────────────────
 
 THREAD_CODE = """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .._keys import FEISTEL_ROUNDS, feistel_params
+from .._keys import FEISTEL_ROUNDS, FILL_TRIES, feistel_params
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
 from ._numba_prims import KEY_MAX as _KEY_MAX
 from ._numba_prims import U0 as _ZERO
@@ -263,6 +263,45 @@ def _emit_distinct(keys, cols, size, k, col_map, out_row):
         out_row[q] = -1
 
 
+@nb.njit(inline="always", cache=True)
+def _listed_before(out_row, listed, e):
+    for r in range(listed):
+        if out_row[r] == e:
+            return True
+    return False
+
+
+@nb.njit(cache=True)
+def _complete_row(row_base, col_map, out_row):
+    """SPEC §13 fill completion of a short row (one of a source of positive degree): capacity-weighted
+    draws ``col_map[key(j, V + r) mod V]`` for ``r < FILL_TRIES``, then the targets of positive capacity
+    in ascending order, cyclically from the band of the first draw, each appended when not yet listed."""
+    k_out = out_row.shape[0]
+    listed = 0
+    while listed < k_out and out_row[listed] >= 0:
+        listed += 1
+    n_cols = np.uint64(col_map.shape[0])
+    for r in range(FILL_TRIES):
+        if listed == k_out:
+            return
+        e = col_map[_at(row_base, n_cols + np.uint64(r)) % n_cols]
+        if not _listed_before(out_row, listed, e):
+            out_row[listed] = e
+            listed += 1
+    first = col_map[_at(row_base, n_cols) % n_cols]
+    e = first
+    for _ in range(col_map.shape[0]):  # at most one step per band
+        if listed == k_out:
+            return
+        if not _listed_before(out_row, listed, e):
+            out_row[listed] = e
+            listed += 1
+        nxt = np.searchsorted(col_map, e, side="right")  # the next band (bands are contiguous, ascending)
+        e = col_map[nxt if nxt < col_map.shape[0] else 0]
+        if e == first:
+            return
+
+
 @nb.njit(cache=True)
 def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
@@ -320,6 +359,8 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                 )
             if banded:
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
+                if deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
+                    _complete_row(row_base, col_map, out[i])
             elif k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from .._keys import FEISTEL_ROUNDS, FILL_TRIES, GOLDEN, MIX_M1, MIX_M2, feistel_params
 from . import CUDA_INSTALL_HINT
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
@@ -40,12 +40,14 @@ def kernel_paths() -> list[Path]:
 
 def kernel_constants() -> dict[str, int]:
     """The constants the ``.cu`` files share with Python, by macro name; the Python names are the
-    one source (SplitMix64 of SPEC §5, the Feistel rounds of SPEC §6, the launch shapes)."""
+    one source (SplitMix64 of SPEC §5, the Feistel rounds of SPEC §6, the fill draws of SPEC §13,
+    the launch shapes)."""
     return {
         "GPR_GOLDEN": GOLDEN,
         "GPR_MIX_M1": MIX_M1,
         "GPR_MIX_M2": MIX_M2,
         "GPR_FEISTEL_ROUNDS": FEISTEL_ROUNDS,
+        "GPR_FILL_TRIES": FILL_TRIES,
         "GPR_MAX_WARPS": MAX_WARPS_PER_CTA,
         "GPR_CRATE_ROWS": CRATE_ROWS_PER_CTA,
     }

@@ -231,6 +231,41 @@ __device__ __forceinline__ int gpr_emit_distinct(unsigned rc, int lane, int pass
     return listed;
 }
 
+// Fill completion of a short banded row (SPEC §13), one thread: capacity-weighted draws
+// col_map[key(j, V + r) mod V] for r < GPR_FILL_TRIES, then every target of positive capacity in
+// ascending order, cyclically from the band of the first draw, each appended when not yet listed
+// (bands are contiguous and ascending, so the next band starts where col_map first exceeds e).
+// GPR_FILL_TRIES comes from the generated prelude.
+
+__device__ __forceinline__ bool gpr_listed(const int* __restrict__ orow, int listed, int e) {
+    bool seen = false;
+    for (int q = 0; q < listed; ++q) seen = seen || orow[q] == e;
+    return seen;
+}
+
+__device__ int gpr_complete_row(int* __restrict__ orow, int listed, int k_out, u64 row_base,
+                                const int* __restrict__ col_map, int n_cols) {
+    const u64 nc = (u64)n_cols;
+    for (int r = 0; r < GPR_FILL_TRIES && listed < k_out; ++r) {
+        const int e = col_map[gpr_at(row_base, nc + (u64)r) % nc];
+        if (!gpr_listed(orow, listed, e)) orow[listed++] = e;
+    }
+    const int first = col_map[gpr_at(row_base, nc) % nc];
+    int e = first;
+    for (int step = 0; step < n_cols && listed < k_out; ++step) {  // at most one step per band
+        if (!gpr_listed(orow, listed, e)) orow[listed++] = e;
+        int lo = 0, hi = n_cols;  // first column of the next band: the first v with col_map[v] > e
+        while (lo < hi) {
+            const int mid = lo + ((hi - lo) >> 1);
+            if (col_map[mid] <= e) lo = mid + 1;
+            else hi = mid;
+        }
+        e = col_map[lo < n_cols ? lo : 0];
+        if (e == first) break;
+    }
+    return listed;
+}
+
 // col_map / k_out: k_out == 0 writes the k ranked columns as they are (col_map unused); k_out > 0
 // maps them to targets and keeps each row's first k_out distinct ones (SPEC §13), row stride k_out.
 template <int K>
@@ -340,7 +375,9 @@ __device__ __forceinline__ void gpr_phase_rows(const i64* __restrict__ phase, co
         }
     }
     if (k_out > 0 && warp == 0 && active && lane == 0) {
-        for (int q = listed; q < k_out; ++q) out[row * k_out + q] = -1;
+        int* orow = out + row * k_out;
+        if (d > 0 && listed < k_out) listed = gpr_complete_row(orow, listed, k_out, row_base, col_map, n_tgt);
+        for (int q = listed; q < k_out; ++q) orow[q] = -1;
     }
 }
 

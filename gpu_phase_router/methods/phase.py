@@ -251,8 +251,8 @@ def band_weights(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
 def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -> BandLayout:
     caps = np.frombuffer(caps_bytes, dtype=np.float64)
     n_tgt = caps.shape[0]
-    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
-    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
+    want = BAND_FILL * (k * BAND_OVERSAMPLE) / density  # inf for a subnormal density: V0 = V_MAX
+    v0 = max(n_tgt, BAND_MAX_COLUMNS if want >= BAND_MAX_COLUMNS else math.ceil(want))
     if not math.isfinite(tree_sum(np, caps)):
         raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
     weights = band_weights(caps, n_src, k)
