@@ -197,7 +197,7 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
         "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
         "print(int(r.sum()), int(s.sum()))\n"
     )
-    if prebuilt:  # the cache is built where the package lies, before it becomes read-only
+    if prebuilt:  # the cache is built in the user cache folder, before it becomes read-only
         res = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -208,7 +208,8 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
             check=False,
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        assert list((site / "gpu_phase_router" / "backends" / "__pycache__").glob("*.nbi"))
+        assert list((home / ".cache" / "gpu_phase_router").rglob("*.nbi")), "not cached in the user cache folder"
+        assert not list((site / "gpu_phase_router").rglob("*.nbi")), "cache files written into the package folder"
     ro = (
         f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && "
         f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "

@@ -26,11 +26,13 @@ _S32 = np.uint64(32)
 _ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+SHORT_DEG = 64  # banded rows of at most this many ring positions take the selection of _select_short
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
@@ -269,6 +271,65 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
 
 
 @nb.njit(inline="always", cache=True)
+def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
+    """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
+
+    The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
+    compacted branch-free and keyed; then the smallest ``(key, col)`` is taken again and again
+    (one branch-free pass each), so a row costs ``O(d)`` per emitted target instead of an
+    insertion sort. Only the prefix the emission reads is produced: taking stops once it names
+    ``k_out`` distinct targets (the emission of that prefix equals the emission of the whole
+    bottom-k), or at ``k`` columns. Returns the prefix length ``size``: ``(keys, cols)[:size]`` is
+    the start of the sorted bottom-k, and all of it when the row names fewer than ``k_out`` targets.
+    """
+    n_tgt = ring_col.shape[0]
+    cnt = 0
+    for q in range(d):
+        pos = lo + q
+        if pos >= n_tgt:
+            pos -= n_tgt
+        diff = x - ring_start[pos]
+        if diff < 0:
+            diff += n_src
+        cbuf[cnt] = ring_col[pos]
+        cnt += diff < ring_len[pos]
+    for q in range(cnt):
+        kbuf[q] = _at(row_base, cbuf[q])
+    want = min(k, cnt)
+    size = 0
+    distinct = 0
+    last_k = _ZERO
+    last_c = np.int64(-1)
+    while size < want:
+        best_k = _KEY_MAX  # smallest key after (last_k, last_c): a min-reduction, vectorisable
+        for q in range(cnt):
+            kq = kbuf[q]
+            after = (kq > last_k) | ((kq == last_k) & (cbuf[q] > last_c))
+            best_k = min(best_k, kq if after else _KEY_MAX)
+        best_c = _I64_MAX  # its smallest column (ties of 64-bit keys are rare, but ordered by column)
+        for q in range(cnt):
+            kq = kbuf[q]
+            cq = cbuf[q]
+            after = (kq > last_k) | ((kq == last_k) & (cq > last_c))
+            best_c = min(best_c, cq if after & (kq == best_k) else _I64_MAX)
+        keys[size] = best_k
+        cols[size] = best_c
+        size += 1
+        last_k = best_k
+        last_c = best_c
+        e = col_map[best_c]
+        new = True
+        for r in range(size - 1):
+            if col_map[cols[r]] == e:
+                new = False
+                break
+        distinct += new
+        if distinct == k_out:
+            break
+    return size
+
+
+@nb.njit(inline="always", cache=True)
 def _emit_distinct(keys, cols, size, k, col_map, out_row):
     """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
     keep the first ``len(out_row)`` distinct targets; pad with -1."""
@@ -315,6 +376,27 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             x = phase[i]
             lo = off_s[i]
             hi = lo + deg[i]
+            if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
+                k_out = out.shape[1]
+                size = _select_short(
+                    lo,
+                    deg[i],
+                    x,
+                    n_src,
+                    ring_start,
+                    ring_len,
+                    ring_col,
+                    row_base,
+                    k,
+                    k_out,
+                    col_map,
+                    cbuf,
+                    kbuf,
+                    keys,
+                    cols,
+                )
+                _emit_distinct(keys, cols, size, k, col_map, out[i])
+                continue
             size = _scan_segment(
                 lo,
                 min(hi, n_tgt),
@@ -445,8 +527,10 @@ class CpuBackend:
         h, mask = feistel_params(n)
         out = np.empty(count, dtype=np.int64)
         args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
-        for a, b in _rt.row_chunks(count, 4 * FEISTEL_ROUNDS, min_rows=FEISTEL_TASK * _rt.threads()):
-            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
+        work = 4 * FEISTEL_ROUNDS
+        t = _rt.threads_for(count * work)
+        for a, b in _rt.row_chunks(count, work, min_rows=FEISTEL_TASK * t, n_threads=t):
+            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b], n_threads=t)
         return out
 
     def prepare_ring(self, ring_start, ring_len, ring_col):
@@ -470,7 +554,9 @@ class CpuBackend:
         out = np.empty((rows, k_out if banded else k), dtype=np.int32)
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
-        for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+        work = deg + (k + 16)
+        t = _rt.threads_for(int(deg.sum()) + rows * (k + 16))
+        for a, b in _rt.row_chunks(rows, work, min_rows=ROWS_PER_TASK * t, n_threads=t):
             _rt.run(
                 _phase_rows_par,
                 _phase_rows,
@@ -485,6 +571,7 @@ class CpuBackend:
                 key,
                 cmap,
                 out[a:b],
+                n_threads=t,
             )
         return out
 
@@ -495,7 +582,8 @@ class CpuBackend:
         rows = phase.shape[0]
         out = np.empty((rows, k), dtype=np.int32)
         work = k * (int(cum.shape[0]).bit_length() + 4)
-        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
+        t = _rt.threads_for(rows * work)
+        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * t, n_threads=t):
             _rt.run(
                 _systematic_rows_par,
                 _systematic_rows,
@@ -505,6 +593,7 @@ class CpuBackend:
                 np.int64(k),
                 np.uint64(phi),
                 out[a:b],
+                n_threads=t,
             )
         return out
 
