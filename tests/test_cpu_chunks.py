@@ -106,3 +106,13 @@ def test_feistel_chunked_equal_reference(tiny_chunks):
     got = be.feistel(5, 20000, 30011, key)
     want = [feistel(5 + i, 30011, key) for i in range(20000)]
     np.testing.assert_array_equal(got, want)
+
+
+def test_seed_exact_chunked_equal_crate_vectors(tiny_chunks):
+    """Seed-exact mode (SPEC §14) in many small chunks, parallel or serial: the crate's own outputs."""
+    from test_seed_vectors import VECTORS, _check, _run
+
+    cases = [c for c in VECTORS["kernel"] if c["n"] >= 100][:12] + VECTORS["big"][:1]
+    assert len(cases) == 13
+    for c in cases:
+        _check(c, _run(c, "cpu"))

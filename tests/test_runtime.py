@@ -55,12 +55,17 @@ def layer_available(layer: str) -> bool:
 FORK_CODE = """
     import multiprocessing, numpy as np
     import gpu_phase_router as gpr
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(seed):
         return gpr.route(n=3000, k=4, seed=seed, backend="cpu").tobytes()
 
     if __name__ == "__main__":
         parent = [job(s) for s in range(4)]   # the parent has used the kernels (threads launched)
+        from numba.np.ufunc import parallel
+        assert parallel._is_initialized, "the parent never launched Numba's thread pool"
         with multiprocessing.get_context("fork").Pool(2) as pool:
             children = pool.map(job, range(4))
         assert children == parent, "forked children routed differently"
@@ -98,6 +103,9 @@ THREAD_CODE = """
     import numpy as np
     import gpu_phase_router as gpr
     from numba.np.ufunc import parallel
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(i):
         method = "systematic" if i % 3 == 2 else "phase"

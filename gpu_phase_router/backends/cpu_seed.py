@@ -361,7 +361,8 @@ def seed_rows(
     ring = (i64(ring_start), i64(ring_len), i64(ring_col))
     scalars = (np.int64(n), np.int64(k))
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
-    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+    t = _rt.threads_for(int(deg.sum()) + phase.shape[0] * (k + 16))
+    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * t, n_threads=t):
         _rt.run(
             _seed_rows_par,
             _seed_rows,
@@ -373,6 +374,7 @@ def seed_rows(
             np.int64(row0 + a),
             np.uint64(seed),
             out[a:b],
+            n_threads=t,
         )
     return out
 
