@@ -97,7 +97,7 @@ def _less(ka, ca, kb, cb):
     return ka < kb or (ka == kb and ca < cb)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _sift_down(keys, cols, size, i):
     """Restore the max-heap property of ``(keys, cols)[:size]`` below index ``i``."""
     while True:
@@ -156,7 +156,7 @@ def _offer_sorted(keys, cols, size, k, key, col):
     return size
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _emit_sorted(keys, cols, size, out_row):
     """Heap-sort the bottom-k heap ascending into ``out_row`` and pad with -1."""
     for end in range(size - 1, 0, -1):
@@ -177,7 +177,7 @@ def _emit_ascending(cols, size, out_row):
         out_row[q] = -1
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
     """Offer the candidates ``qs[:n_q]`` (indices into ``kbuf``/``cbuf``) to the bottom-k."""
     for i in range(n_q):
@@ -228,7 +228,7 @@ def _compact(x, n_src, rs, rl, rc, cbuf):
     return np.int64(cnt)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
@@ -261,7 +261,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
             bound = _KEY_MAX
             hits = cnt
         if hits:
-            n_q = 0
+            n_q = np.int64(0)
             for q in range(cnt):
                 qbuf[n_q] = q
                 n_q += kbuf[q] <= bound
@@ -270,7 +270,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
 
@@ -329,7 +329,7 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     return size
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _emit_distinct(keys, cols, size, k, col_map, out_row):
     """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
     keep the first ``len(out_row)`` distinct targets; pad with -1."""
@@ -364,6 +364,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
     rows = phase.shape[0]
     banded = col_map.shape[0] > 0
     n_tgt = ring_col.shape[0]
+    zero = np.int64(0)  # typed like ``size`` and ``lo``: both scans share one compiled _scan_segment
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
@@ -411,12 +412,12 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                 qbuf,
                 keys,
                 cols,
-                0,
+                zero,
                 k,
             )
             if hi > n_tgt:
                 size = _scan_segment(
-                    0,
+                    zero,
                     hi - n_tgt,
                     x,
                     n_src,
