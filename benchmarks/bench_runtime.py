@@ -3,7 +3,7 @@
 * cold: first ``route()`` in a fresh process with an empty ``NUMBA_CACHE_DIR`` (compiles), wall and
   CPU seconds; ``systematic`` afterwards in the same process;
 * warm: first ``route()`` in a fresh process whose cache is filled (loads);
-* the first ``MoERouter(64, 2)`` forward of 4096 tokens (banded phase router) in a fresh process,
+* the first ``MoERouter(64, 2, method="phase")`` forward of 4096 tokens (banded phase router) in a fresh process,
   cold and warm cache (torch imported before the clock starts; skipped without torch);
 * per threading layer: one routing call (n=20000, k=4, density 0.3) alone, and 4 Python threads
   each routing it concurrently (``workqueue`` serialises them behind the backend's lock).
@@ -43,7 +43,7 @@ import json, time
 import torch
 t0 = time.perf_counter(); c0 = time.process_time()
 from gpu_phase_router.torch import MoERouter
-router = MoERouter(64, 2)
+router = MoERouter(64, 2, method="phase")
 router(torch.randn(4096, 64))
 print(json.dumps({"first_s": time.perf_counter() - t0, "first_cpu_s": time.process_time() - c0}))
 """

@@ -14,6 +14,8 @@
 #                compute-sanitizer on benchmarks/sanitize_kernels.py, which launches every kernel
 #                of gpu_phase_router/kernels/*.cu through the package     -> sanitize_<tool>.log
 #   7 bench      benchmarks/bench_cuda.py                  -> bench_cuda.json, bench_cuda.md, bench.log
+#                and benchmarks/bench_learned_router.py: the default MoERouter forward at 16384 x 256,
+#                k = 8, beside torch.topk alone          -> learned_router_cuda.json, learned_router.md
 # OUTDIR/summary.md lists each step's status and time; the exit status is 1 if any step failed.
 # Without a usable GPU it prints one line and exits 0. --dry-run prints every step, runs none.
 set -uo pipefail
@@ -38,7 +40,7 @@ STEPS=(env install tests memcheck racecheck synccheck bench)
 # limits add up to 480 s: the whole check stays under 8 minutes even when a step hangs
 declare -A LIMIT=([env]=15 [install]=30 [tests]=240 [memcheck]=60 [racecheck]=60 [synccheck]=35 [bench]=40)
 declare -A LOG=([env]=env.txt [install]=install.log [tests]=pytest.log [memcheck]=sanitize_memcheck.log
-                [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md")
+                [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md, learned_router.md")
 GPU_SKIP='^SKIPPED.*(no CuPy with a usable CUDA|CUDA backend not usable|real GPU run skipped|nvcc not found)'
 
 SAN_ARGS="--error-exitcode 1 --launch-timeout 120"
@@ -49,7 +51,7 @@ declare -A CMD=(
   [memcheck]="compute-sanitizer --tool memcheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_memcheck.log\" 2>&1"
   [racecheck]="compute-sanitizer --tool racecheck --racecheck-report all $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_racecheck.log\" 2>&1"
   [synccheck]="compute-sanitizer --tool synccheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_synccheck.log\" 2>&1"
-  [bench]="$PY benchmarks/bench_cuda.py --out \"\$OUT/bench_cuda.json\" --md \"\$OUT/bench_cuda.md\" > \"\$OUT/bench.log\" 2>&1"
+  [bench]="$PY benchmarks/bench_cuda.py --out \"\$OUT/bench_cuda.json\" --md \"\$OUT/bench_cuda.md\" > \"\$OUT/bench.log\" 2>&1; r=\$?; $PY benchmarks/bench_learned_router.py --device cuda --tokens 16384 --experts 256 --k 8 --repeats 20 --out \"\$OUT/learned_router_cuda.json\" > \"\$OUT/learned_router.md\" 2>&1 || r=1; exit \$r"
 )
 
 if [ "$DRY" = 1 ]; then
@@ -114,6 +116,7 @@ done
     [ -f "$OUT/sanitize_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|kernels launched" "$OUT/sanitize_$tool.log" | sed "s/^/    $tool: /"
   done
   [ -f "$OUT/bench_cuda.md" ] && { echo; cat "$OUT/bench_cuda.md"; }
+  [ -f "$OUT/learned_router.md" ] && { echo; cat "$OUT/learned_router.md"; }
 } >> "$SUMMARY"
 cat "$SUMMARY"
 exit $FAILED

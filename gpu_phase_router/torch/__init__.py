@@ -5,7 +5,8 @@
 experts' hard caps, where each kept slot sits in its expert's buffer, the gate weights, and
 ``dispatch`` / ``combine`` to move activations into expert buffers and back.
 
-Modules: ``_plan`` (the plan and its dispatch/combine), ``router`` (``MoERouter``).
+Modules: ``_plan`` (the plan and its dispatch/combine), ``router`` (``MoERouter``), ``learned``
+(SPEC §16: the default learned top-k with a capacity bias and rerouting, and expert choice).
 
 Needs the optional extra ``torch`` (``pip install 'gpu_phase_router[torch]'``); ``import
 gpu_phase_router`` alone never imports torch.

@@ -31,6 +31,10 @@ class RoutingPlan:
         capacity: int64 ``[E]`` hard caps (SPEC §12 rule with ``n_src = T``).
         tokens_per_expert: int64 ``[E]`` kept slots per expert.
         buffer_size: ``C = max(capacity)``, a host integer: the dispatch buffer is ``[E, C, d]``.
+        aux_loss: 0-d float32 capacity-targeted load-balancing loss (SPEC §16), differentiable in
+            the logits; ``None`` unless the router was built with ``balance="aux"``.
+        z_loss: 0-d float32 ``mean(logsumexp(logits)^2)`` (SPEC §16); ``None`` unless
+            ``balance="aux"``.
     """
 
     experts: torch.Tensor
@@ -40,6 +44,8 @@ class RoutingPlan:
     tokens_per_expert: torch.Tensor
     buffer_size: int
     _position: torch.Tensor = field(repr=False)  # int64 [T*k]: e * C + slot if kept, else E * C
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

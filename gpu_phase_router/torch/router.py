@@ -28,15 +28,18 @@ from .. import _prep
 from .._arrays import on_caller_stream, to_numpy
 from .._validate import SEED_LIMIT, check_density, check_int, check_k, check_seed, check_weights
 from ..methods import available_methods, route_uniform
+from . import learned
 from ._plan import RoutingPlan, _plan
 
 LEARNED_METHOD = "topk"
+LEARNED_METHODS = learned.LEARNED_METHODS
 _CAP_CACHE_SIZE = 8
 
 
 def router_methods() -> list[str]:
-    """Names accepted by ``MoERouter(method=...)``: the package's methods and ``"topk"``."""
-    return [*available_methods(), LEARNED_METHOD]
+    """Names accepted by ``MoERouter(method=...)``: the package's methods, ``"topk"`` and
+    ``"expert_choice"``."""
+    return [*available_methods(), *LEARNED_METHODS]
 
 
 # --- the router --------------------------------------------------------------------------------------
@@ -67,20 +70,41 @@ def _routes_on_stream(
 
 
 class MoERouter(nn.Module):
-    """Capacity-aware token → expert router for MoE training (SPEC §15); no parameters.
+    """Capacity-aware token → expert router for MoE training (SPEC §15, §16); no parameters.
 
-    Each call routes with seed ``seed + step`` (mod 2^64) and then increments ``step``, so a run
-    that restores ``step`` (an attribute, also saved in ``state_dict``) reproduces its routes.
+    The default, ``method="topk"``, is the learned gate made capacity-aware (SPEC §16): each
+    token takes its ``k`` largest ``logits + expert_bias``; in training mode the float32 buffer
+    ``expert_bias [E]`` (in ``state_dict``) moves every expert's selected load towards its
+    capacity share, as ``BatchNorm`` updates its running statistics; an expert over its hard cap
+    keeps its highest-scoring slots and the others are rerouted to the token's best expert with
+    room left. The content-blind methods (``"phase"``, ``"systematic"``, ``"weighted_hash"``,
+    ``"hash"``) route without looking at the logits: each call routes with seed ``seed + step``
+    (mod 2^64) and then increments ``step``, so a run that restores ``step`` (an attribute, also
+    saved in ``state_dict``) reproduces its routes.
 
     Args:
         num_experts: ``E >= 1``.
         k: experts per token, ``1 <= k <= E``.
         capacities: optional ``[E]`` relative expert capacities (finite, ``>= 0``, one positive;
             a sequence, NumPy array or CPU tensor); default all equal. Zero = never receives.
-        method: a routing method of the package (``"phase"``, ``"systematic"``,
-            ``"weighted_hash"``, ``"hash"``, …) or ``"topk"`` (the learned baseline: the ``k``
-            largest logits, same capacity enforcement).
+        method: ``"topk"`` (default: learned, capacity-aware), ``"expert_choice"`` (expert ``e``
+            takes its ``capacity[e]`` highest-scoring tokens; reads the whole batch, so not for
+            autoregressive use; the plan has ``E`` slot columns, column ``e`` for expert ``e``),
+            or a content-blind method of the package (``"phase"``, ``"systematic"``,
+            ``"weighted_hash"``, ``"hash"``, …).
+        balance: ``method="topk"`` only. ``"bias"`` (default): the capacity bias above;
+            ``"aux"``: no bias, ``plan.aux_loss`` and ``plan.z_loss`` for the training loss;
+            ``None``: neither.
+        overflow: ``method="topk"`` only. ``"reroute"`` (default): slots over a cap go to the
+            token's best expert with room, in ``reroute_rounds`` rounds; ``"drop"``: they are
+            dropped. Either way an expert over its cap drops its lowest-scoring slots.
+        reroute_rounds: rerouting rounds ``>= 0`` (default 2).
+        bias_rate: the bias step per training call, ``>= 0`` (default ``1e-2``, on the logits).
         capacity_factor: ``h > 0``; hard caps ``max(1, ceil(cap / sum(cap) * T * k * h))``.
+        eval_capacity_factor: the factor in eval mode: ``None`` (default) = ``capacity_factor``;
+            a float ``> 0``; ``math.inf`` = no hard caps in eval mode (every routed slot kept).
+        process_group: ``torch.distributed`` group over which ``balance="bias"`` sums the routed
+            counts before each update, so every data-parallel rank keeps the same bias.
         seed: base seed in ``[0, 2^64)``.
         density: the phase router's density in ``(0, 1]``; ``None`` = the method's default.
         validate: check in every forward that the logits are finite (costs one synchronisation
@@ -93,8 +117,14 @@ class MoERouter(nn.Module):
         k: int,
         capacities: Any = None,
         *,
-        method: str = "phase",
+        method: str = "topk",
+        balance: str | None = "bias",
+        overflow: str = "reroute",
+        reroute_rounds: int = 2,
+        bias_rate: float = 1e-2,
         capacity_factor: float = 1.25,
+        eval_capacity_factor: float | None = None,
+        process_group: Any = None,
         seed: int = 0,
         density: float | None = None,
         validate: bool = False,
@@ -119,11 +149,19 @@ class MoERouter(nn.Module):
         self.capacities = np.ascontiguousarray(caps, dtype=np.float64)
         self._share = self.capacities / _prep.tree_sum(np, self.capacities)
         self.capacity_factor = _check_factor(capacity_factor)
+        options = learned.check_options(
+            method, balance, overflow, reroute_rounds, bias_rate, eval_capacity_factor, process_group
+        )
+        self.balance, self.overflow, self.reroute_rounds, self.bias_rate, self.eval_capacity_factor = options
+        self.process_group = process_group
+        self.expert_bias: torch.Tensor
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self._share_cache: dict[str, torch.Tensor] = {}
         self.seed = check_seed(seed)
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
         self._step = 0
-        self._caps_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, int]] = OrderedDict()
+        self._caps_cache: OrderedDict[tuple[int, str, float], tuple[torch.Tensor, int]] = OrderedDict()
 
     # step: settable, checkpointed through get_extra_state / set_extra_state
     @property
@@ -143,17 +181,40 @@ class MoERouter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, k={self.k}, method={self.method!r}, "
-            f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self._step}"
+            + (
+                f"balance={self.balance!r}, overflow={self.overflow!r}, reroute_rounds={self.reroute_rounds}, "
+                if self.method == LEARNED_METHOD
+                else ""
+            )
+            + f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self._step}"
         )
 
+    def _factor(self) -> float:
+        """The capacity factor of the current mode (eval mode: ``eval_capacity_factor`` if set)."""
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
     def hard_caps(self, num_tokens: int) -> np.ndarray:
-        """int64 ``[E]`` hard caps for a batch of ``num_tokens`` tokens (SPEC §15, host)."""
+        """int64 ``[E]`` hard caps for a batch of ``num_tokens`` tokens (SPEC §15, host), with the
+        current mode's capacity factor; an infinite factor (eval mode) gives ``T`` for
+        ``method="topk"`` and ``T * k`` for the other methods (SPEC §16)."""
         n_tok = check_int("num_tokens", num_tokens, lo=1)
-        hard = np.maximum(1.0, np.ceil(self._share * n_tok * self.k * self.capacity_factor)).astype(np.int64)
+        factor = self._factor()
+        if math.isinf(factor):
+            hard = np.full(self.num_experts, n_tok if self.method == LEARNED_METHOD else n_tok * self.k, np.int64)
+        else:
+            hard = np.maximum(1.0, np.ceil(self._share * n_tok * self.k * factor)).astype(np.int64)
         return np.where(self.capacities == 0, 0, hard).astype(np.int64)
 
+    def _share_on(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._share_cache:
+            self._share_cache[key] = torch.from_numpy(self._share).to(device)
+        return self._share_cache[key]
+
     def _caps_on(self, n_tok: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        key = (n_tok, str(device))
+        key = (n_tok, str(device), self._factor())
         hit = self._caps_cache.get(key)
         if hit is None:
             hard = self.hard_caps(n_tok)
@@ -183,10 +244,10 @@ class MoERouter(nn.Module):
     def routes(self, num_tokens: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The method's int64 ``[T, k]`` routes for ``num_tokens`` tokens and an explicit seed.
 
-        Not for ``method="topk"`` (its routes come from the logits).
+        Not for the learned methods (their routes come from the logits).
         """
-        if self.method == LEARNED_METHOD:
-            raise ValueError("method='topk' routes from logits; call the router with logits")
+        if self.method in LEARNED_METHODS:
+            raise ValueError(f"method={self.method!r} routes from logits; call the router with logits")
         n_tok = check_int("num_tokens", num_tokens, lo=1)
         seed = check_seed(seed)
         options: dict[str, Any] = {"k": self.k, "seed": seed}
@@ -222,18 +283,27 @@ class MoERouter(nn.Module):
         else:
             if num_tokens is None:
                 raise TypeError("MoERouter needs logits [T, E] or num_tokens=T")
-            if self.method == LEARNED_METHOD:
-                raise ValueError("method='topk' needs logits; num_tokens alone cannot choose experts")
+            if self.method in LEARNED_METHODS:
+                raise ValueError(f"method={self.method!r} needs logits; num_tokens alone cannot choose experts")
             n_tok = check_int("num_tokens", num_tokens, lo=1)
             dev = torch.device(device) if device is not None else torch.device("cpu")
         capacity, buffer_size = self._caps_on(n_tok, dev)
         if self.method == LEARNED_METHOD:
             assert logits is not None
-            experts = torch.topk(logits.detach(), self.k, dim=1).indices
+            rounds = self.reroute_rounds if self.overflow == "reroute" else 0
+            plan = learned.topk_plan(
+                logits, capacity, buffer_size, k=self.k, bias=self.expert_bias, share=self._share_on(dev),
+                balance=self.balance, rounds=rounds, rate=self.bias_rate, update=self.training,
+                process_group=self.process_group,
+            )  # fmt: skip
+        elif self.method == "expert_choice":
+            assert logits is not None
+            plan = learned.expert_choice_plan(logits, capacity, buffer_size)
         else:
             experts = self.routes(n_tok, (self.seed + self._step) % SEED_LIMIT, dev)
+            plan = _plan(experts, capacity, buffer_size, logits, weight_dtype)
         self._step += 1
-        return _plan(experts, capacity, buffer_size, logits, weight_dtype)
+        return plan
 
 
 __all__ = ["MoERouter", "router_methods"]
