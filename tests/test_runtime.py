@@ -55,12 +55,17 @@ def layer_available(layer: str) -> bool:
 FORK_CODE = """
     import multiprocessing, numpy as np
     import gpu_phase_router as gpr
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(seed):
         return gpr.route(n=3000, k=4, seed=seed, backend="cpu").tobytes()
 
     if __name__ == "__main__":
         parent = [job(s) for s in range(4)]   # the parent has used the kernels (threads launched)
+        from numba.np.ufunc import parallel
+        assert parallel._is_initialized, "the parent never launched Numba's thread pool"
         with multiprocessing.get_context("fork").Pool(2) as pool:
             children = pool.map(job, range(4))
         assert children == parent, "forked children routed differently"
@@ -96,6 +101,8 @@ FORK_FAST_CODE = """
     import gpu_phase_router as gpr
     from gpu_phase_router.backends import _numba_runtime as rt
     from numba.np.ufunc import parallel
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     want = gpr.route(n=3000, k=4, seed=1, backend="cpu").tobytes()  # launches the threading layer
     layer = parallel._threading_layer
@@ -137,6 +144,9 @@ THREAD_CODE = """
     import numpy as np
     import gpu_phase_router as gpr
     from numba.np.ufunc import parallel
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(i):
         method = "systematic" if i % 3 == 2 else "phase"
@@ -236,7 +246,7 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
         "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
         "print(int(r.sum()), int(s.sum()))\n"
     )
-    if prebuilt:  # the cache is built where the package lies, before it becomes read-only
+    if prebuilt:  # the cache is built in the user cache folder, before it becomes read-only
         res = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -247,7 +257,8 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
             check=False,
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        assert list((site / "gpu_phase_router" / "backends" / "__pycache__").glob("*.nbi"))
+        assert list((home / ".cache" / "gpu_phase_router").rglob("*.nbi")), "not cached in the user cache folder"
+        assert not list((site / "gpu_phase_router").rglob("*.nbi")), "cache files written into the package folder"
     ro = (
         f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && "
         f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "

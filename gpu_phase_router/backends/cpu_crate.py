@@ -349,7 +349,8 @@ def crate_rows(
     ring = (i64(ring_start), i64(ring_len), i64(ring_col))
     scalars = (np.int64(n), np.int64(k))
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
-    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+    t = _rt.threads_for(int(deg.sum()) + phase.shape[0] * (k + 16))
+    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * t, n_threads=t):
         _rt.run(
             _crate_rows_par,
             _crate_rows,
@@ -361,6 +362,7 @@ def crate_rows(
             np.int64(row0 + a),
             np.uint64(seed),
             out[a:b],
+            n_threads=t,
         )
     return out
 
