@@ -5,7 +5,7 @@ A row's scan tests its ``d = density * n_tgt`` ring positions, so a call costs
 
 * ours (``phase_router_auto`` on left-aligned rows of ``round(density * N)`` ones, square N) against
   N at density 0.3, and against density at fixed N;
-* the seed's kernel (its ``route_timing`` example, ``--seed-binary``) against N. ``route_timing``
+* the crate's kernel (its ``route_timing`` example, ``--seed-binary``) against N. ``route_timing``
   builds the density-0.3 workload only, so the seed has no density sweep here;
 
 fits ``t = a * density * N^2`` to each implementation (median of ``t / (density N^2)``) and draws
@@ -54,7 +54,7 @@ def seed_ms(binary: str, n: int, k: int, calls: int, threads: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed-binary", help="the seed's route_timing example; without it only ours is timed")
+    ap.add_argument("--seed-binary", help="the crate's route_timing example; without it only ours is timed")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0])
     ap.add_argument("--density-n", type=int, default=8192, help="N of the density sweep")
@@ -138,7 +138,7 @@ def main() -> None:
             ax.loglog([p["work"] for p in sel], [p["ms"] for p in sel], marker, color=color, label=label)
     seed_n = [p for p in pts if p["impl"] == "seed"]
     if seed_n:
-        ax.loglog([], [], " ", label="(the seed's route_timing has no density option)")
+        ax.loglog([], [], " ", label="(the crate's route_timing has no density option)")
     xs = np.logspace(np.log10(min(p["work"] for p in pts)), np.log10(max(p["work"] for p in pts)), 50)
     for impl, color in (("ours", "C0"), ("seed", "C3")):
         if impl in fit:

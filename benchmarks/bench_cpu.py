@@ -1,19 +1,19 @@
-"""CPU benchmark, side by side with the seed's Rust kernel on the same machine (a script, not a test).
+"""CPU benchmark, side by side with the crate's Rust kernel on the same machine (a script, not a test).
 
-Workload: the seed's ``route()`` defaults — square N, every S and T row has ``round(0.3 N)``
-left-aligned ones, seed 42 — with the permutations the seed's ``phase_router_auto(seed=42)``
-draws (ChaCha8; obtained from the seed's ``dump_routes`` example with an ``auto`` case), so both
+Workload: the crate's ``route()`` defaults — square N, every S and T row has ``round(0.3 N)``
+left-aligned ones, seed 42 — with the permutations the crate's ``phase_router_auto(seed=42)``
+draws (ChaCha8; obtained from the crate's ``dump_routes`` example with an ``auto`` case), so both
 sides route identical bits with identical permutations. Timed per point:
 
-* ``seed``: the seed's ``route_timing`` example (``router::phase_router`` only, rayon);
+* ``seed``: the crate's ``route_timing`` example (``router::phase_router`` only, rayon);
 * ``spec``: our ``phase_router(s_bits, t_bits, n, nb_words, k, perm_s, perm_t, 42)`` (SPEC
   mode: SplitMix64 bottom-k selection), Numba code generated for this CPU;
 * ``spec-avx2`` (``--znver3``): the same with ``NUMBA_CPU_NAME=znver3`` and ``NUMBA_CPU_FEATURES`` set
   to this CPU's features with every ``avx512*`` turned off, so AVX2 and AVX-512 code generation are
   compared on one machine in one run. (``NUMBA_CPU_NAME`` alone keeps the host's feature list, and
   with it AVX-512 code, on an AVX-512 machine.)
-* ``compat`` (when ``gpu_phase_router.compat`` exists): the seed-exact mode
-  ``gpu_phase_router.compat.phase_router``, same call as the seed's.
+* ``compat`` (when ``gpu_phase_router.compat`` exists): the crate-exact mode
+  ``gpu_phase_router.compat.phase_router``, same call as the crate's.
 
 Every variant runs in its own process (ours in persistent worker processes, the seed as a fresh
 ``route_timing`` per point); points are interleaved, repeated ``--rounds`` times, and each
@@ -79,7 +79,7 @@ def cpu_info() -> dict[str, object]:
 
 
 def seed_permutations(dump_binary: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``col_perm_s`` and ``col_perm_t`` exactly as the seed's ``phase_router_auto(seed=42)`` draws them."""
+    """``col_perm_s`` and ``col_perm_t`` exactly as the crate's ``phase_router_auto(seed=42)`` draws them."""
     ones = [max(1, min(n, round(DENSITY * n)))] * n
     case = dict(id="perm", kind="auto", n=n, k=1, seed=SEED, ones_s=ones, ones_t=ones)
     out = subprocess.run([dump_binary], input=json.dumps(case) + "\n", capture_output=True, text=True, check=True)
@@ -96,7 +96,7 @@ def avx2_features() -> str:
 
 
 def fnv1a(routes: np.ndarray) -> str:
-    """The seed's ``route_timing`` checksum: FNV-1a over the routes as u32 values."""
+    """The crate's ``route_timing`` checksum: FNV-1a over the routes as u32 values."""
     h = 0xCBF29CE484222325
     for v in routes.astype(np.int64).ravel().tolist():
         h = ((h ^ (v & 0xFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
@@ -109,7 +109,7 @@ def worker(perm_file: str) -> None:
     import gpu_phase_router as gpr
 
     try:
-        from gpu_phase_router import compat  # seed-exact mode (optional)
+        from gpu_phase_router import compat  # crate-exact mode (optional)
     except ImportError:
         compat = None
     perms = np.load(perm_file)
@@ -158,7 +158,7 @@ class Worker:
 
 
 def seed_time(binary: str, n: int, k: int, calls: int, threads: int) -> tuple[tuple[float, float], str]:
-    """(median, min) ms of the seed's ``route_timing`` for one point, and its routes checksum."""
+    """(median, min) ms of the crate's ``route_timing`` for one point, and its routes checksum."""
     env = dict(os.environ, ROUTE_TIMING_CALLS=str(calls), RAYON_NUM_THREADS=str(threads))
     p = subprocess.run([binary, str(n), str(k)], env=env, capture_output=True, text=True, check=True)
     fields = p.stdout.split()
@@ -186,8 +186,8 @@ def default_calls(n: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed-binary", help="the seed's route_timing example (release build)")
-    ap.add_argument("--dump-binary", help="the seed's dump_routes example (default: next to --seed-binary)")
+    ap.add_argument("--seed-binary", help="the crate's route_timing example (release build)")
+    ap.add_argument("--dump-binary", help="the crate's dump_routes example (default: next to --seed-binary)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every point")
@@ -200,7 +200,7 @@ def main() -> None:
         action="store_true",
         help="also run ours with AVX2 code generation (NUMBA_CPU_NAME=znver3, avx512* features off)",
     )
-    ap.add_argument("--no-compat", action="store_true", help="skip the seed-exact mode even if present")
+    ap.add_argument("--no-compat", action="store_true", help="skip the crate-exact mode even if present")
     ap.add_argument("--first-call", action="store_true", help="also time import and first route() (fresh processes)")
     ap.add_argument("--out", default="benchmarks/results/bench_cpu.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -209,7 +209,7 @@ def main() -> None:
         worker(args.worker)
         return
     if not args.seed_binary:
-        ap.error("--seed-binary PATH is required (the seed's route_timing example)")
+        ap.error("--seed-binary PATH is required (the crate's route_timing example)")
     dump = args.dump_binary or os.path.join(os.path.dirname(args.seed_binary), "dump_routes")
     for path in (args.seed_binary, dump):
         if not os.access(path, os.X_OK):
@@ -286,7 +286,7 @@ def main() -> None:
         gpu_phase_router=gpr.__version__,
         load_avg=os.getloadavg(),
         workload=f"square N, round({DENSITY} N) left-aligned ones per S and T row, seed {SEED}, "
-        "permutations of the seed's phase_router_auto(seed=42)",
+        "permutations of the crate's phase_router_auto(seed=42)",
         timing="ms/ratio: median over rounds of the per-round median of `calls` calls; min_ms/min_ratio: "
         "fastest call of all rounds; seed = route_timing",
     )
@@ -317,7 +317,7 @@ def main() -> None:
     print()
     if has_compat:
         print(
-            "# compat routes equal the seed's (FNV-1a checksum): "
+            "# compat routes equal the crate's (FNV-1a checksum): "
             + (
                 "all points"
                 if all(r["compat_matches_seed"] for r in rows)

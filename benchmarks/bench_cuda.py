@@ -151,6 +151,7 @@ def bench_shape(cupy, backend, floors, kind: str, n_src: int, n_tgt: int, k: int
 
     from gpu_phase_router import _prep, route
     from gpu_phase_router._keys import STREAM_SELECT, stream
+    from gpu_phase_router.methods import phase
 
     seed = 42
     w = cupy.ones(n_src, dtype=cupy.float64)
@@ -158,7 +159,7 @@ def bench_shape(cupy, backend, floors, kind: str, n_src: int, n_tgt: int, k: int
     # Kernel-only inputs, prepared exactly as route() prepares them.
     d = _prep.weights_to_counts(cupy, w, density, n_tgt)
     c = _prep.weights_to_counts(cupy, caps, density, n_src)
-    ring = _prep.ring_layout(backend, c, n_src, seed)
+    ring = phase.ring_layout(backend, c, n_src, seed)
     off_s = _prep.exclusive_cumsum_mod(cupy, d, n_tgt)
     phase = _prep.block_phases(backend, n_src, 0, n_src, seed)
     ring_sl, ring_col = backend.pack_ring(*ring)

@@ -1,6 +1,6 @@
 """MoE routing benchmark: token survival after hard capacity enforcement (SPEC §12).
 
-Reproduces the seed's four experiments for every routing method — survival vs headroom (the
+Reproduces the crate's four experiments for every routing method — survival vs headroom (the
 hero figure), vs fan-out k, vs number of experts N, and vs capacity heterogeneity — over several
 seeds (mean ± std), and writes JSON, CSV and plots (the plots are drawn from the JSON).
 
@@ -19,7 +19,7 @@ Run from the repository root::
 Outputs (``--out``, default ``benchmarks/results``): ``moe_survival.json``, ``moe_survival.csv``,
 ``moe_table.md``, ``survival_vs_headroom.png``, ``survival_vs_k.png``, ``survival_vs_n.png``,
 ``survival_vs_heterogeneity.png``, ``moe_panel.png`` (those four as a 2×2 panel) and, beyond
-the seed's experiments, ``survival_vs_density.png`` (the phase router's density, extreme profile).
+the crate's experiments, ``survival_vs_density.png`` (the phase router's density, extreme profile).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ LABELS = {
 }
 STYLES = {"phase": ("o", "C0"), "systematic": ("D", "C2"), "hash": ("s", "C3"), "weighted_hash": ("^", "C1")}
 
-# Defaults of the seed's experiments: strong profile, N = 1024, k = 2, headroom 1.2, density 0.3.
+# Defaults of the crate's experiments: strong profile, N = 1024, k = 2, headroom 1.2, density 0.3.
 BASE = {"profile": "strong", "n": 1024, "k": 2, "headroom": 1.2, "density": 0.3}
 EXPERIMENTS = {
     "headroom": {
@@ -72,7 +72,7 @@ EXPERIMENTS = {
 }
 SEED_EXPERIMENTS = ["headroom", "k", "n", "heterogeneity"]
 
-# The seed's published survival (%) for its phase router and capacity-blind hash.
+# The crate's published survival (%) for its phase router and capacity-blind hash.
 SEED_PUBLISHED = {
     "headroom": {"phase": [87.9, 89.1, 89.8, 92.4, 97.8], "hash": [79.2, 79.2, 79.2, 80.9, 92.5]},
     "k": {"phase": [85.4, 89.8, 91.4, 95.9, 96.6], "hash": [70.6, 79.2, 74.6, 78.9, 77.6]},
@@ -189,10 +189,10 @@ def _fmt(x):
 
 
 def markdown_table(result: dict) -> str:
-    """Survival (%) mean ± std per experiment, with the seed's published numbers beside ours."""
+    """Survival (%) mean ± std per experiment, with the crate's published numbers beside ours."""
     seeds = len(result["meta"]["seeds"])
     lines = [
-        f"Survival after enforcement, % (mean ± std over {seeds} seeds); *seed* = the seed's published numbers.",
+        f"Survival after enforcement, % (mean ± std over {seeds} seeds); *seed* = the crate's published numbers.",
         "",
     ]
     for name, by_value in result["summary"].items():

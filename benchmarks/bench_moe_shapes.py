@@ -2,10 +2,11 @@
 
 For every T ∈ {4096, 16384} tokens, E ∈ {8, 16, 64, 256} experts, k ∈ {1, 2, 4, 8} (k <= E/2) and
 capacity profile (uniform; strong = ``capacity.strong_hetero_capacities``; half = half the experts
-at half capacity), routes uniform tokens with ``route(np.ones(T), caps, k=k, seed=s, method=m)``
-for m in phase / weighted_hash / systematic and reports, per method:
+at half capacity; dom30 / dom50 / dom90 / dom9999 = expert 0 holding 30 / 50 / 90 / 99.99 % of all
+capacity, the others equal; top8 = ``[8, 2, 2, 1, 1, …]``), routes uniform tokens with
+``route(np.ones(T), caps, k=k, seed=s, method=m)`` for m in phase / weighted_hash / systematic and reports, per method:
 
-* **fill**: % of the ``T·k`` slots holding an expert (goal for phase: >= 99.9);
+* **fill**: % of the ``T·k`` slots holding an expert (goal for phase: >= 99.99);
 * **load**: fair shares ``T·k·cap/Σcap`` water-filled so that no expert gets more than ``T``
   (one slot per token); the goal holds when every capacity class whose fair share is at most
   ``T/2`` has a mean load within 5 % of its fair share, and no expert is above
@@ -14,7 +15,7 @@ for m in phase / weighted_hash / systematic and reports, per method:
   the goal for phase is at most 1 point below ``weighted_hash``.
 
 It also times ``route`` at 16384 × 64, k=2 on the CPU backend (best, 10th percentile and median of
-200 calls after a warm-up; goal <= 2 ms on 2 cores) and re-checks the seed's square survival table
+200 calls after a warm-up; goal <= 2 ms on 2 cores) and re-checks the crate's square survival table
 (``bench_moe.py``: square shapes do not use bands, so the phase router's numbers must stay within
 2.5 points of ``results/moe_survival.json``).
 
@@ -22,6 +23,7 @@ Run from the repository root::
 
     python benchmarks/bench_moe_shapes.py              # 2 seeds per point, ~1-2 minutes on 2 cores
     python benchmarks/bench_moe_shapes.py --seeds 1 --quick
+    python benchmarks/bench_moe_shapes.py --profiles dom90 top8 --no-extras   # writes *_partial.json
 
 Writes ``benchmarks/results/moe_shapes.json`` (compact) and prints a table.
 """
@@ -48,13 +50,16 @@ METHODS = ["phase", "weighted_hash", "systematic"]
 TOKENS = [4096, 16384]
 EXPERTS = [8, 16, 64, 256]
 KS = [1, 2, 4, 8]
-PROFILES = ["uniform", "strong", "half"]
+PROFILES = ["uniform", "strong", "half", "dom30", "dom50", "dom90", "dom9999", "top8"]
 HEADROOM = 1.2
-FILL_GOAL = 99.9
+FILL_GOAL = 99.99
 LOAD_TOL = 0.05
 SURVIVAL_GAP = 1.0  # points below weighted_hash
 TIME_GOAL_MS = 2.0
 SQUARE_TOL = 2.5  # points
+
+
+DOMINANT = {"dom30": 0.3, "dom50": 0.5, "dom90": 0.9, "dom9999": 0.9999}  # one expert's share of all capacity
 
 
 def profile_caps(profile: str, n: int, seed: int) -> np.ndarray:
@@ -62,6 +67,11 @@ def profile_caps(profile: str, n: int, seed: int) -> np.ndarray:
         return np.ones(n)
     if profile == "strong":
         return capacity.strong_hetero_capacities(n, seed=seed)
+    if profile in DOMINANT:  # expert 0 holds the given share, the others 1 each
+        share = DOMINANT[profile]
+        return np.concatenate([[share / (1.0 - share) * (n - 1)], np.ones(n - 1)])
+    if profile == "top8":  # [8, 2, 2, 1, 1, ...]: one expert at 8x, two at 2x
+        return np.concatenate([[8.0, 2.0, 2.0], np.ones(n - 3)])
     caps = np.ones(n)
     caps[np.random.default_rng(seed).permutation(n)[: n // 2]] = 0.5
     return caps
@@ -142,13 +152,13 @@ def time_route(reps: int) -> dict:
             "p10_ms": round(float(np.percentile(times, 10)) * 1e3, 3),
             "median_ms": round(float(np.median(times)) * 1e3, 3),
         }
-    lay = gpr._prep.band_layout(caps, 16384, 2, 0.3)
+    lay = gpr.methods.phase.band_layout(caps, 16384, 2, 0.3)
     res["ring"] = {"V": lay.n_cols, "k_draw": lay.k_draw}
     return res
 
 
 def square_check(seeds: list[int]) -> dict:
-    """The phase router's points of the seed's four experiments vs the stored bench_moe results."""
+    """The phase router's points of the crate's four experiments vs the stored bench_moe results."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_moe
 
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="T = 4096 only, fewer timing calls")
+    ap.add_argument("--profiles", nargs="+", choices=PROFILES, default=PROFILES, help="capacity profiles to run")
+    ap.add_argument("--no-extras", action="store_true", help="skip the timing and the square-table check")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds))
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [
         (t, e, k, p)
         for t in (TOKENS[:1] if args.quick else TOKENS)
-        for p in PROFILES
+        for p in args.profiles
         for e in EXPERTS
         for k in KS
         if k <= e // 2
@@ -205,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(f"{t:>6} {e:>4} {k:>2} {p:>8} | " + " | ".join(cells), flush=True)
     sweep_s = time.perf_counter() - t0
-    timing = time_route(50 if args.quick else 200)
-    square = square_check(seeds=list(range(3)))
+    timing = None if args.no_extras else time_route(50 if args.quick else 200)
+    square = None if args.no_extras else square_check(seeds=list(range(3)))
     goals = {}
     for m in METHODS:
         goals[m] = {
@@ -222,6 +234,34 @@ def main(argv: list[str] | None = None) -> int:
             f"  {m:>14}: fill >= {FILL_GOAL}%: {g['fill_ok']}, load: {g['load_ok']}, "
             f"survival within {SURVIVAL_GAP} pt of weighted_hash: {g['survival_ok']}"
         )
+    if timing is not None and square is not None:
+        _print_extras(timing, square)
+    out = {
+        "meta": {
+            "headroom": HEADROOM,
+            "seeds": seeds,
+            "profiles": args.profiles,
+            "sweep_s": round(sweep_s, 1),
+            "load_average": os.getloadavg(),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+            "note": "timings on a shared, noisy 2-core machine",
+        },
+        "goals": goals,
+        "timing": timing,
+        "square_check": square,
+        "shapes": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "moe_shapes_quick.json" if args.quick else "moe_shapes.json"
+    if args.profiles != PROFILES or args.no_extras:
+        name = name.replace(".json", "_partial.json")
+    path = args.out / name
+    path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_extras(timing: dict, square: dict) -> None:
     print(
         f"route 16384 x 64, k=2 (CPU, {os.cpu_count()} cores, noisy shared machine): "
         f"best {timing['route']['best_ms']} ms, median {timing['route']['median_ms']} ms; "
@@ -232,24 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         f"square survival table: max |now - stored| = {square['max_diff_points']} points "
         f"({'ok' if square['ok'] else 'CHANGED'}, tolerance {SQUARE_TOL})"
     )
-    out = {
-        "meta": {
-            "headroom": HEADROOM,
-            "seeds": seeds,
-            "sweep_s": round(sweep_s, 1),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
-            "note": "timings on a shared, noisy 2-core machine",
-        },
-        "goals": goals,
-        "timing": timing,
-        "square_check": square,
-        "shapes": results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("moe_shapes_quick.json" if args.quick else "moe_shapes.json")
-    path.write_text(json.dumps(out, separators=(",", ":")) + "\n")
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

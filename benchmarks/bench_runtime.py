@@ -3,6 +3,8 @@
 * cold: first ``route()`` in a fresh process with an empty ``NUMBA_CACHE_DIR`` (compiles), wall and
   CPU seconds; ``systematic`` afterwards in the same process;
 * warm: first ``route()`` in a fresh process whose cache is filled (loads);
+* the first ``MoERouter(64, 2, method="phase")`` forward of 4096 tokens (banded phase router) in a fresh process,
+  cold and warm cache (torch imported before the clock starts; skipped without torch);
 * per threading layer: one routing call (n=20000, k=4, density 0.3) alone, and 4 Python threads
   each routing it concurrently (``workqueue`` serialises them behind the backend's lock).
 
@@ -21,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_cpu import cpu_info  # noqa: E402
 
 FIRST = """
 import json, time
@@ -31,6 +36,16 @@ t1 = time.perf_counter(); c1 = time.process_time()
 gpr.route(n=1024, k=4, backend="cpu", method="systematic")
 t2 = time.perf_counter(); c2 = time.process_time()
 print(json.dumps({"first_s": t1 - t0, "first_cpu_s": c1 - c0, "systematic_s": t2 - t1, "systematic_cpu_s": c2 - c1}))
+"""
+
+FIRST_MOE = """
+import json, time
+import torch
+t0 = time.perf_counter(); c0 = time.process_time()
+from gpu_phase_router.torch import MoERouter
+router = MoERouter(64, 2, method="phase")
+router(torch.randn(4096, 64))
+print(json.dumps({"first_s": time.perf_counter() - t0, "first_cpu_s": time.process_time() - c0}))
 """
 
 LAYER = """
@@ -66,22 +81,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    out: dict = {"cpus": os.cpu_count(), "note": "shared machine: timings are noisy"}
+    out: dict = {"cpus": os.cpu_count(), "cpu": cpu_info(), "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory() as cache:
         out["cold"] = child(FIRST, {"NUMBA_CACHE_DIR": cache})
         out["warm"] = child(FIRST, {"NUMBA_CACHE_DIR": cache})
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            out["moe_cold"] = child(FIRST_MOE, {"NUMBA_CACHE_DIR": cache})
+            out["moe_warm"] = child(FIRST_MOE, {"NUMBA_CACHE_DIR": cache})
+        except subprocess.CalledProcessError:
+            print("MoERouter: torch not available")
+    with tempfile.TemporaryDirectory() as cache:
         out["layers"] = []
         for layer in ("omp", "workqueue", "tbb"):
             try:
-                out["layers"].append(
-                    child(LAYER.format(repeat=args.repeat), {"NUMBA_CACHE_DIR": cache, "NUMBA_THREADING_LAYER": layer})
-                )
+                r = child(LAYER.format(repeat=args.repeat), {"NUMBA_CACHE_DIR": cache, "NUMBA_THREADING_LAYER": layer})
+                out["layers"].append({**r, "layer": r["layer"] or f"{layer} (pool unused)"})
             except subprocess.CalledProcessError:
                 print(f"layer {layer}: not available")
+    c = out["cpu"]
+    print(f"# CPU: {c['model']} (LLVM: {c['llvm_cpu']}; {c['cores']} cores; AVX2 {c['avx2']}, AVX-512 {c['avx512f']})")
+    print(f"# load avg at start {out['load_avg'][0]:.2f} (wall times grow with load; cpu s much less)\n")
     print(f"{'first route()':<16} {'wall s':>8} {'cpu s':>8} {'+systematic s':>14}")
     for name in ("cold", "warm"):
         r = out[name]
         print(f"{name:<16} {r['first_s']:>8.2f} {r['first_cpu_s']:>8.2f} {r['systematic_s']:>14.2f}")
+    for name in ("moe_cold", "moe_warm"):
+        if name in out:
+            r = out[name]
+            print(f"{'MoERouter ' + name[4:]:<16} {r['first_s']:>8.2f} {r['first_cpu_s']:>8.2f}")
     print(f"\n{'layer':<12} {'1 call ms':>10} {'4 threads ms':>13}")
     for r in out["layers"]:
         print(f"{r['layer']:<12} {r['one_call_s'] * 1e3:>10.1f} {r['four_threads_s'] * 1e3:>13.1f}")

@@ -1,4 +1,4 @@
-"""Seed-exact mode on the CPU beside the seed crate's own kernel, same machine, same run (a script, not a test).
+"""Crate-exact mode on the CPU beside the crate's own kernel, same machine, same run (a script, not a test).
 
 The workload is the crate's ``route_timing`` example: square N, every S and T row with
 ``round(0.3 N)`` left-aligned ones, permutations as ``phase_router_auto(seed=42)`` draws them,
@@ -11,7 +11,7 @@ round's routes are checked against the crate's checksum (FNV-1a of the routes, w
 
     python benchmarks/bench_seed_exact.py --seed-binary PATH/route_timing \\
         --out benchmarks/results/bench_seed_exact.json
-    python benchmarks/bench_seed_exact.py --cuda --n 16384 --k 8   # on a GPU: seed-exact vs SPEC kernel
+    python benchmarks/bench_seed_exact.py --cuda --n 16384 --k 8   # on a GPU: crate-exact vs SPEC kernel
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-GOAL = 1 / 3  # seed-exact time <= 1/3 of the crate's on the same workload
+GOAL = 1 / 3  # crate-exact time <= 1/3 of the crate's on the same workload
 
 
 def fnv1a(routes: np.ndarray) -> str:
@@ -49,7 +49,7 @@ def crate_round(binary: str, n: int, k: int, calls: int) -> tuple[list[float], s
 
 
 def cuda_main(args: argparse.Namespace) -> None:
-    """Seed-exact kernel vs the SPEC phase kernel on the GPU, same inputs on the device (goal: <= 3x)."""
+    """Crate-exact kernel vs the SPEC phase kernel on the GPU, same inputs on the device (goal: <= 3x)."""
     import cupy
 
     import gpu_phase_router as gpr
@@ -69,7 +69,7 @@ def cuda_main(args: argparse.Namespace) -> None:
         return statistics.median(times)
 
     rows = []
-    print(f"{'N':>6} {'k':>2} {'seed-exact ms':>14} {'SPEC ms':>8} {'ratio':>6}  same as CPU")
+    print(f"{'N':>6} {'k':>2} {'crate-exact ms':>14} {'SPEC ms':>8} {'ratio':>6}  same as CPU")
     for n in [int(x) for x in args.n.split(",")]:
         bits = cupy.asarray(prr.build_bits(np.full(n, int(round(0.3 * n))), n))
         nbw = (n + 63) // 64
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=7, help="timed calls per round, each side")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cuda", action="store_true", help="only time seed-exact vs SPEC mode on the GPU (CuPy)")
+    ap.add_argument("--cuda", action="store_true", help="only time crate-exact vs SPEC mode on the GPU (CuPy)")
     args = ap.parse_args()
     if args.cuda:
         cuda_main(args)

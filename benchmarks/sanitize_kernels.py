@@ -129,7 +129,7 @@ def exercise(cupy, failures: list[str]) -> None:
         partial(gpr.auto_permutation, 1000, 5, 1, backend="cpu"),
     )
     try:
-        from gpu_phase_router import compat  # seed-exact mode, where present
+        from gpu_phase_router import compat  # crate-exact mode, where present
     except ImportError:
         return
     check(

@@ -6,6 +6,7 @@ See SPEC.md for the exact definition every backend follows bit for bit.
 
 from .api import (
     auto_permutation,
+    hash_route,
     left_aligned_bits,
     pack_bits,
     phase_router,
@@ -16,7 +17,6 @@ from .api import (
     route_counts,
 )
 from .backends import available_backends, cuda_available, get_backend, register_backend
-from .baselines import hash_route
 from .blocks import route_block, route_counts_block
 from .capacity import (
     compute_loads,

@@ -23,6 +23,7 @@ STREAM_SELECT = 3
 STREAM_SYSTEMATIC = 4
 
 FEISTEL_ROUNDS = 6
+FILL_TRIES = 16  # SPEC §13 fill completion: the draws key(j, V + r), r < FILL_TRIES, before the band walk
 
 
 def mix64(z: int) -> int:

@@ -39,7 +39,7 @@ def popcount_rows(words: list[list[int]], nbits: int) -> list[int]:
 
 
 def tree_sum(values: list[float]) -> float:
-    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``_prep.tree_sum``).
+    """Float64 sum in the fixed pairwise order of SPEC §7 (see ``_tree.tree_sum``).
 
     The vector is padded with zeros to a power of two and element ``2i`` is added to element
     ``2i + 1`` (adjacent pairs), level by level, until one value is left.
@@ -105,7 +105,7 @@ def candidate_sets(d, c, perm_s, perm_t) -> list[list[int]]:
 
 
 def candidate_sets_materialised(d, c, perm_s, perm_t) -> list[list[int]]:
-    """SPEC §4 by dense matrices, as the seed's legacy path: ``C_j = {col : S'=1 and T'=1}``.
+    """SPEC §4 by dense matrices, as the crate's legacy path: ``C_j = {col : S'=1 and T'=1}``.
 
     ``S'[j, col]`` is 1 when column ``col`` sits at one of the ``d[j]`` ring positions that
     follow ``off_s[j]`` on the target ring (after ``perm_s``); ``T'[j, col]`` is 1 when the
@@ -163,6 +163,7 @@ def route(target_capacities, source_weights=None, k=4, seed=42, density=0.3) -> 
 BAND_OVERSAMPLE = 4
 BAND_FILL = 2
 BAND_MAX_COLUMNS = 1 << 20
+BAND_FILL_TRIES = 16
 
 
 def water_filled_shares(caps: list[float], n_src: int, k: int) -> list[float]:
@@ -206,8 +207,8 @@ def band_layout(caps: list[float], n_src: int, k: int, density: float) -> dict:
     capacity count of each of band e's columns) and ``col_map`` (virtual column -> expert).
     """
     n_tgt = len(caps)
-    want = math.ceil(BAND_FILL * (k * BAND_OVERSAMPLE) / density)
-    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, want))
+    want = BAND_FILL * (k * BAND_OVERSAMPLE) / density  # inf for a subnormal density: ceil(inf) = inf
+    v0 = max(n_tgt, min(BAND_MAX_COLUMNS, math.ceil(want) if math.isfinite(want) else BAND_MAX_COLUMNS))
     weights = band_weights(caps, n_src, k)
     total = tree_sum(weights)
     widths, counts = [], []
@@ -247,6 +248,31 @@ def first_distinct(columns: list[int], col_map: list[int], k: int) -> list[int]:
     return row + [-1] * (k - len(row))
 
 
+def complete_row(row: list[int], col_map: list[int], j: int, seed: int) -> list[int]:
+    """SPEC §13, fill completion: a short row (fewer than ``k`` targets before the ``-1`` padding) of
+    a source of positive degree gets further targets until it lists ``min(k, P)``, ``P`` the number
+    of targets of positive capacity (the distinct values of ``col_map``)."""
+    k = len(row)
+    listed = [e for e in row if e >= 0]
+    n_cols = len(col_map)
+    row_base = at(stream(seed, STREAM_SELECT), j)
+    for r in range(BAND_FILL_TRIES):  # capacity-weighted draws: the keys of columns V, V + 1, ...
+        if len(listed) == k:
+            break
+        e = col_map[at(row_base, n_cols + r) % n_cols]
+        if e not in listed:
+            listed.append(e)
+    positive = sorted(set(col_map))  # ascending targets of positive capacity
+    start = positive.index(col_map[at(row_base, n_cols) % n_cols])
+    for i in range(len(positive)):  # then every target in ascending order, cyclically
+        if len(listed) == k:
+            break
+        e = positive[(start + i) % len(positive)]
+        if e not in listed:
+            listed.append(e)
+    return listed + [-1] * (k - len(listed))
+
+
 def route_banded(caps: list[float], weights: list[float], k: int, seed: int, density: float) -> np.ndarray:
     """SPEC §13: the banded phase router (used by :func:`route` when ``n_tgt < n_src``)."""
     n_src = len(weights)
@@ -257,6 +283,7 @@ def route_banded(caps: list[float], weights: list[float], k: int, seed: int, den
         c += [lay["counts"][e]] * b
     draws = route_counts(d, c, lay["k_draw"], seed)
     rows = [first_distinct([int(v) for v in draws[j]], lay["col_map"], k) for j in range(n_src)]
+    rows = [complete_row(rows[j], lay["col_map"], j, seed) if d[j] > 0 else rows[j] for j in range(n_src)]
     return np.array(rows, dtype=np.int32).reshape(n_src, k)
 
 
@@ -318,6 +345,7 @@ def enforce_capacity(routes: np.ndarray, hard: list[int]) -> np.ndarray:
 __all__ = [
     "band_layout",
     "band_weights",
+    "complete_row",
     "candidate_sets",
     "candidate_sets_materialised",
     "capacity_units",

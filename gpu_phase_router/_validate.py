@@ -16,6 +16,7 @@ import numpy as np
 
 SEED_LIMIT = 1 << 64
 SIZE_LIMIT = (1 << 63) - 1  # sizes are int64 in every kernel
+DEFAULT_ROWS_PER_CALL = 1 << 18  # rows per kernel call: bounds the O(rows) temporaries
 
 
 def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
@@ -46,13 +47,47 @@ def check_k(k: Any, n_tgt: int) -> int:
     return check_int("k", k, lo=1, hi=n_tgt) if n_tgt >= 1 else check_int("k", k, lo=1)
 
 
+def check_real(
+    name: str, value: Any, *, lo: float, hi: float | None = None, lo_open: bool = False, note: str = ""
+) -> float:
+    """The one check of a real-number argument: a real number (not bool), finite, ``> lo``
+    (``lo_open``) or ``>= lo``, and ``<= hi`` when given → ``float``. ``note`` ends the message."""
+    if hi is None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+        want = f"a finite number {rng}"
+    else:
+        rng = want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number {rng}; got {type(value).__name__}")
+    x = float(value)
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and (hi is None or x <= hi)):
+        raise ValueError(f"{name} must be {want}{note}; got {x}")
+    return x
+
+
 def check_density(density: Any) -> float:
-    if isinstance(density, (bool, np.bool_)) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a real number in (0, 1]; got {type(density).__name__}")
-    density = float(density)
-    if not (0.0 < density <= 1.0):
-        raise ValueError(f"density must be in (0, 1]; got {density}")
-    return density
+    """SPEC §7 density in ``(0, 1]``."""
+    return check_real("density", density, lo=0.0, hi=1.0, lo_open=True)
+
+
+def check_rows_per_call(rows_per_call: Any, block_rows: Any = None) -> int:
+    """``rows_per_call`` (``None``: the default); ``block_rows`` is its former name."""
+    if block_rows is not None:
+        if rows_per_call is not None:
+            raise TypeError("give rows_per_call only (block_rows is its former name)")
+        rows_per_call, name = block_rows, "block_rows"
+    else:
+        name = "rows_per_call"
+    return DEFAULT_ROWS_PER_CALL if rows_per_call is None else check_int(name, rows_per_call, lo=1)
+
+
+def check_route_options(
+    k: Any, n_tgt: int, seed: Any, density: Any, rows_per_call: Any, block_rows: Any = None
+) -> tuple[int, int, float, int]:
+    """``k``, ``seed``, ``density`` and ``rows_per_call`` of a routing call, checked in that order."""
+    k = check_k(k, n_tgt)
+    seed = check_seed(seed)
+    return k, seed, check_density(density), check_rows_per_call(rows_per_call, block_rows)
 
 
 def vector_length(name: str, x: Any) -> int:
@@ -85,18 +120,25 @@ def as_vector(xp: Any, name: str, x: Any) -> Any:
     return x
 
 
-def check_weights(xp: Any, name: str, x: Any) -> Any:
-    """Finite, non-negative real weights with at least one positive entry → float64 vector."""
+def check_nonnegative_weights(xp: Any, name: str, x: Any) -> Any:
+    """Finite, non-negative real weights → float64 vector (may be empty or all zero: one row range)."""
     x = as_vector(xp, name, x)
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
+    x = x.astype(xp.float64, copy=False)
+    if x.shape[0]:
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+        if bool((x < 0).any()):
+            raise ValueError(f"{name} must be >= 0; got minimum {float(x.min())}")
+    return x
+
+
+def check_weights(xp: Any, name: str, x: Any) -> Any:
+    """Finite, non-negative real weights with at least one positive entry → float64 vector."""
+    x = check_nonnegative_weights(xp, name, x)
     if x.shape[0] < 1:
         raise ValueError(f"{name} must not be empty")
-    x = x.astype(xp.float64, copy=False)
-    if not bool(xp.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-    if bool((x < 0).any()):
-        raise ValueError(f"{name} must be >= 0; got minimum {float(x.min())}")
     if not bool((x > 0).any()):
         raise ValueError(f"{name} must have at least one positive entry; got all zeros")
     return x

@@ -1,4 +1,4 @@
-"""The seed-compatible face: ``route``, ``route_counts`` and the seed's bit-packed calls.
+"""The crate-compatible face: ``route``, ``route_counts`` and the crate's bit-packed calls.
 
 ``route`` and ``route_counts`` are :func:`~gpu_phase_router.route_block` and
 :func:`~gpu_phase_router.route_counts_block` of all rows (``row0=0``); those are the one front
@@ -17,13 +17,15 @@ from ._validate import (
     check_bits,
     check_int,
     check_int_vector,
+    check_k,
     check_permutation,
     check_seed,
     check_size,
     vector_length,
 )
 from .backends import Backend, BackendName, get_backend, resolve
-from .blocks import route_block, route_counts_block
+from .blocks import counts_rows, route_block, route_counts_block
+from .methods import RowRange
 
 DEFAULT_N = 1024
 
@@ -98,7 +100,7 @@ def route(
 ) -> Array:
     """Route sources to targets in proportion to target capacity (SPEC §7).
 
-    The seed's signature and defaults; ``n_src = len(source_weights)`` and
+    The crate's signature and defaults; ``n_src = len(source_weights)`` and
     ``n_tgt = len(target_capacities)``, so rectangular routing (tokens x experts) works.
     :func:`~gpu_phase_router.route_block` of all rows (``row0=0``).
 
@@ -114,7 +116,7 @@ def route(
         density: fraction of the other ring that an average source/target covers, in ``(0, 1]``
             (``method="phase"`` only).
         backend: ``"auto"`` (follow the data), ``"cpu"`` or ``"cuda"``.
-        method: ``"phase"`` (the seed's router, SPEC §3–§7), ``"systematic"`` (SPEC §11), or
+        method: ``"phase"`` (the crate's router, SPEC §3–§7), ``"systematic"`` (SPEC §11), or
             another method of the table (see :func:`~gpu_phase_router.available_methods`).
         rows_per_call: rows per kernel call; ``block_rows`` is its former name.
 
@@ -224,7 +226,7 @@ def phase_router(
     *,
     backend: BackendName = "auto",
 ) -> Array:
-    """The seed's low-level square router with caller-given permutations.
+    """The crate's low-level square router with caller-given permutations.
 
     Args:
         s_bits, t_bits: uint64 ``n * nb_words`` words (flat or ``[n, nb_words]``).
@@ -245,13 +247,14 @@ def phase_router(
     c = _popcounts(be, "t_bits", to_backend_array(t_bits, xp), n, n, nb_words)
     ps = check_permutation(xp, "col_perm_s", to_backend_array(col_perm_s, xp), n)
     pt = check_permutation(xp, "col_perm_t", to_backend_array(col_perm_t, xp), n)
-    return ns.wrap(route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, backend=be.name))
+    rr = RowRange(None, n, 0, n, check_k(k, n), check_seed(seed))  # counts and permutations are valid here
+    return ns.wrap(counts_rows(be, d, c, rr, perm_s=ps, perm_t=pt))
 
 
 def phase_router_auto(
     s_bits: Array, t_bits: Array, n: int, k: int, seed: int, *, backend: BackendName = "auto"
 ) -> Array:
-    """The seed's square router with permutations derived from ``seed`` (SPEC §6).
+    """The crate's square router with permutations derived from ``seed`` (SPEC §6).
 
     Returns:
         routes: int32 ``[n, k]``.
@@ -288,8 +291,17 @@ def popcount_rows(words: Array, nbits: int, *, backend: BackendName = "auto") ->
     return ns.wrap(_popcounts(be, "words", w, rows, nbits))
 
 
+def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The crate's helper: ``n`` sources to ``n`` targets by the uniform hash → int32 ``[n, k]``.
+
+    Same as ``route(n=n, k=k, seed=seed, method="hash")`` (``k`` independent uniform targets
+    per source, duplicates possible; the values differ from the crate's NumPy generator).
+    """
+    return route(n=n, k=k, seed=seed, method="hash", backend="cpu")
+
+
 def left_aligned_bits(ones_per_row: Array, nbits: int) -> np.ndarray:
-    """Bit-packed rows whose first ``ones_per_row[i]`` bits are set (the seed's ``build_bits``).
+    """Bit-packed rows whose first ``ones_per_row[i]`` bits are set (the crate's ``build_bits``).
 
     Vectorised: returns uint64 ``[len(ones_per_row), ceil(nbits / 64)]``.
     """
@@ -319,6 +331,7 @@ def pack_bits(dense: Array) -> np.ndarray:
 
 __all__ = [
     "auto_permutation",
+    "hash_route",
     "left_aligned_bits",
     "pack_bits",
     "phase_router",

@@ -32,43 +32,34 @@ Example — rows ``[a, b)`` of ``route(w, caps, k=4, seed=7)``::
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import numpy as np
 
-from . import _prep
 from ._arrays import Array, array_namespace, on_caller_stream, to_backend_array, to_numpy
+from ._prep import weights_to_counts
+from ._tree import tree_combine, tree_partials, tree_sum
 from ._validate import (
     as_vector,
     check_density,
     check_int,
     check_int_vector,
     check_k,
+    check_nonnegative_weights,
     check_permutation,
+    check_real,
+    check_route_options,
+    check_rows_per_call,
     check_seed,
     check_size,
     check_uniform_weights,
     check_weights,
 )
-from .backends import BackendName, resolve
-from .methods import check_rows_per_call, get_method
+from .backends import Backend, BackendName, resolve
+from .methods import RowRange, get_method
+from .methods.phase import phase_rows
 
 Partial = tuple[int, int, float]
-
-
-def block_weights(xp: Any, name: str, x: Any) -> Array:
-    """Finite, non-negative weights of one row range → float64 (may be empty or all zero)."""
-    x = as_vector(xp, name, x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
-    x = x.astype(xp.float64, copy=False)
-    if x.shape[0]:
-        if not bool(xp.isfinite(x).all()):
-            raise ValueError(f"{name} must be finite (no NaN or inf)")
-        if bool((x < 0).any()):
-            raise ValueError(f"{name} must be >= 0; got minimum {float(x.min())}")
-    return x
 
 
 def _row0(row0: Any, rows: int, n_src: int, what: str) -> int:
@@ -95,12 +86,7 @@ def _mean(weight_mean: Any, method: str) -> float:
             "the mean of all n_src source weights (gpu_phase_router.blocks.weight_mean or "
             "sum_from_partials(...) / n_src)"
         )
-    if isinstance(weight_mean, bool) or not isinstance(weight_mean, numbers.Real):
-        raise TypeError(f"weight_mean must be a real number; got {type(weight_mean).__name__}")
-    weight_mean = float(weight_mean)
-    if not (math.isfinite(weight_mean) and weight_mean > 0):
-        raise ValueError(f"weight_mean must be finite and > 0; got {weight_mean}")
-    return weight_mean
+    return check_real("weight_mean", weight_mean, lo=0.0, lo_open=True)
 
 
 def _block_perm_t(xp: Any, perm_t: Array, rows: int, n_src: int) -> Array:
@@ -182,21 +168,16 @@ def route_counts_block(
     seed = check_seed(seed)
     ps = None if perm_s is None else check_permutation(xp, "perm_s", to_backend_array(perm_s, xp), n_tgt)
     pt = None if perm_t is None else _block_perm_t(xp, to_backend_array(perm_t, xp), rows, n_src)
-    out = _prep.phase_rows(
-        be,
-        c,
-        n_src=n_src,
-        row0=row0,
-        rows=rows,
-        k=k,
-        seed=seed,
-        degree_prefix=prefix,
-        rows_per_call=check_rows_per_call(rows_per_call, block_rows),
-        d=d,
-        perm_s=ps,
-        perm_t=pt,
-    )
-    return ns.wrap(out)
+    per_call = check_rows_per_call(rows_per_call, block_rows)
+    rr = RowRange(None, n_src, row0, rows, k, seed, degree_prefix=prefix, rows_per_call=per_call)
+    return ns.wrap(counts_rows(be, d, c, rr, perm_s=ps, perm_t=pt))
+
+
+def counts_rows(be: Backend, d: Array, c: Any, rr: RowRange, *, perm_s: Array = None, perm_t: Array = None) -> Array:
+    """The phase router from validated counts (SPEC §2–§5): int64 degrees ``d`` of the rows of ``rr``
+    (arrays of ``be.xp``), all capacity counts ``c`` (host or device) and the optional validated
+    permutations (``perm_t``: the rows' slice) → int32 ``(rr.rows, rr.k)`` of ``be.xp``."""
+    return phase_rows(be, c, rr, k=rr.k, d=d, perm_s=perm_s, perm_t=perm_t)
 
 
 @on_caller_stream
@@ -258,47 +239,39 @@ def route_block(
     n_src = check_size("n_src", n_src)
     caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
     n_tgt = int(caps.shape[0])
-    w = None if source_weights is None else block_weights(xp, "source_weights", to_backend_array(source_weights, xp))
+    w = (
+        None
+        if source_weights is None
+        else check_nonnegative_weights(xp, "source_weights", to_backend_array(source_weights, xp))
+    )
     rows = n_src - check_int("row0", row0, lo=0, hi=n_src) if w is None else int(w.shape[0])
     row0 = _row0(row0, rows, n_src, "source_weights")
     whole = rows == n_src
     if whole and w is not None and not bool((w > 0).any()):
         raise ValueError("source_weights must have at least one positive entry; got all zeros")
-    k = check_k(k, n_tgt)
-    seed = check_seed(seed)
-    density = check_density(density)
-    per_call = check_rows_per_call(rows_per_call, block_rows)
+    k, seed, density, per_call = check_route_options(k, n_tgt, seed, density, rows_per_call, block_rows)
     if m.uniform_sources and w is not None:
         check_uniform_weights(xp, w)
         w = None  # every source gets k slots: the value of the weight does not matter
     mean = 1.0
     if m.uses_weight_mean and w is not None:
-        mean = _prep.tree_sum(xp, w) / n_src if whole and weight_mean is None else _mean(weight_mean, m.name)
+        mean = tree_sum(xp, w) / n_src if whole and weight_mean is None else _mean(weight_mean, m.name)
         if not math.isfinite(mean):
             raise ValueError("source_weights: the sum of the weights overflows float64 (rescale the values)")
     prefix = 0
     if m.degrees is not None:
         if w is None and degree_prefix is None:  # sources of weight 1 all have the same degree
-            one = m.degrees(np, np.ones(1), caps, n_src=n_src, k=k, density=density, weight_mean=1.0)
+            one = m.degrees(np, np.ones(1), RowRange(caps, n_src, row0, rows, k, seed, density=density))
             prefix = row0 * int(one[0])
+        elif degree_prefix is None:  # 0 for the first row, else the error naming degree_prefix
+            prefix = _degree_prefix(None, row0, 0, m.name)
         else:  # degrees live on the method's ring: n_tgt, or V of SPEC §13 for a banded phase router
-            n_ring = m.degree_ring(caps, n_src=n_src, k=k, density=density)
-            prefix = _degree_prefix(degree_prefix, row0, n_ring, m.name)
-    out = m.rows(
-        be,
-        w,
-        caps,
-        n_src=n_src,
-        row0=row0,
-        rows=rows,
-        k=k,
-        seed=seed,
-        density=density,
-        weight_mean=mean,
-        degree_prefix=prefix,
-        rows_per_call=per_call,
-    )
-    return ns.wrap(out)
+            ring = m.ring_size(RowRange(caps, n_src, row0, rows, k, seed, density=density))
+            prefix = _degree_prefix(degree_prefix, row0, ring, m.name)
+    rr = RowRange(caps, n_src, row0, rows, k, seed, density, w, mean, prefix, per_call)
+    if m.check is not None:
+        m.check(rr)
+    return ns.wrap(m.rows(be, rr))
 
 
 def sum_partials(values: Any, start: int = 0) -> list[Partial]:
@@ -313,9 +286,9 @@ def sum_partials(values: Any, start: int = 0) -> list[Partial]:
         start: global index of ``values[0]``.
     """
     ns = array_namespace(values=values)
-    v = block_weights(ns.xp, "values", ns.asarray(values))
+    v = check_nonnegative_weights(ns.xp, "values", ns.asarray(values))
     start = check_int("start", start, lo=0)
-    return _prep.tree_partials(ns.xp, v, start)
+    return tree_partials(ns.xp, v, start)
 
 
 def sum_from_partials(partials: Any, n: int) -> float:
@@ -326,14 +299,14 @@ def sum_from_partials(partials: Any, n: int) -> float:
         parts = [(int(lv), int(ix), float(val)) for lv, ix, val in partials]
     except (TypeError, ValueError):
         raise TypeError("partials must be (level, index, value) triples from sum_partials") from None
-    return _prep.tree_combine(parts, n)
+    return tree_combine(parts, n)
 
 
 def weight_mean(source_weights: Array) -> float:
     """Mean of all source weights exactly as ``route`` computes it (the ``weight_mean`` of a block)."""
     ns = array_namespace(source_weights=source_weights)
     w = check_weights(ns.xp, "source_weights", ns.asarray(source_weights))
-    return _prep.tree_sum(ns.xp, w) / w.shape[0]
+    return tree_sum(ns.xp, w) / w.shape[0]
 
 
 def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float = 0.3, method: str = "phase") -> int:
@@ -352,8 +325,8 @@ def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float 
     caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
     n_src = check_int("n_src", n_src, lo=1)
     k = check_k(k, int(caps.shape[0]))
-    density = check_density(density)
-    return m.degree_ring(caps, n_src=n_src, k=k, density=density)
+    rr = RowRange(caps, n_src, 0, 0, k, 0, density=check_density(density))
+    return m.ring_size(rr)
 
 
 def source_degrees(source_weights: Array, *, weight_mean: float, n_tgt: int, density: float = 0.3) -> Array:
@@ -364,11 +337,11 @@ def source_degrees(source_weights: Array, *, weight_mean: float, n_tgt: int, den
     phase router, when there are fewer targets than sources).
     """
     ns = array_namespace(source_weights=source_weights)
-    w = block_weights(ns.xp, "source_weights", ns.asarray(source_weights))
+    w = check_nonnegative_weights(ns.xp, "source_weights", ns.asarray(source_weights))
     mean = _mean(weight_mean, "phase")
     n_tgt = check_size("n_tgt", n_tgt)
     density = check_density(density)
-    return ns.wrap(_prep.weights_to_counts(ns.xp, w, density, n_tgt, mean=mean))
+    return ns.wrap(weights_to_counts(ns.xp, w, density, n_tgt, mean=mean))
 
 
 __all__ = [

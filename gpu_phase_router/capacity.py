@@ -1,6 +1,6 @@
 """Capacity evaluation (SPEC §12): hard caps, enforcement, survival, load statistics, profiles.
 
-These are the seed's evaluation helpers (``make_hard_caps``, ``enforce_capacity``,
+These are the crate's evaluation helpers (``make_hard_caps``, ``enforce_capacity``,
 ``compute_loads``, ``load_stats``, ``survival_rate`` and the capacity profiles), rewritten so
 that the array work runs in the module of the array it is given: NumPy arrays stay on the host,
 CuPy arrays (and CUDA torch tensors) are processed on their device and returned there. No step
@@ -12,14 +12,13 @@ enforcement writes it over dropped slots); it never counts as served.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
-from . import _prep
 from ._arrays import Namespace, array_namespace, to_numpy
+from ._tree import tree_sum
+from ._validate import check_real
 
 
 def _namespace(x: Any, name: str) -> tuple[Any, Any, Namespace]:
@@ -44,20 +43,15 @@ def _check_routes(xp: Any, routes: Any, n_tgt: int | None, name: str = "routes")
 
 
 def _check_headroom(headroom: Any) -> float:
-    if isinstance(headroom, (bool, np.bool_)) or not isinstance(headroom, numbers.Real):
-        raise TypeError(f"headroom must be a real number >= 1; got {type(headroom).__name__}")
-    headroom = float(headroom)
-    if not (math.isfinite(headroom) and headroom >= 1.0):
-        raise ValueError(f"headroom must be a finite number >= 1 (SPEC §12); got {headroom}")
-    return headroom
+    return check_real("headroom", headroom, lo=1.0, note=" (SPEC §12)")
 
 
 def make_hard_caps(rel_caps: Any, n_src: int, k: int, headroom: float = 1.2) -> Any:
-    """Hard per-target slot limits with headroom (SPEC §12, the seed's benchmark).
+    """Hard per-target slot limits with headroom (SPEC §12, the crate's benchmark).
 
     ``hard[t] = 0`` if ``rel_caps[t] == 0``, else
     ``max(1, ceil(rel_caps[t] / sum(rel_caps) * n_src * k * headroom))``; the sum is
-    :func:`gpu_phase_router._prep.tree_sum`, so host and device give the same caps.
+    :func:`gpu_phase_router._tree.tree_sum`, so host and device give the same caps.
 
     Args:
         rel_caps: ``[n_tgt]`` finite relative capacities ``>= 0``, at least one positive.
@@ -87,7 +81,7 @@ def hard_caps(rel_caps: Any, n_src: int, k: int, factor: float, *, factor_name: 
 
     xp, caps, ns = _namespace(rel_caps, "rel_caps")
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
-    total = _prep.tree_sum(xp, caps)
+    total = tree_sum(xp, caps)
     with np.errstate(over="ignore"):
         raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * factor))
     top = float(raw.max())
@@ -155,7 +149,7 @@ def compute_loads(routes: Any, n_tgt: int) -> Any:
 
     Args:
         routes: integer ``[n_src, k]``, targets in ``[0, n_tgt)`` or ``-1``.
-        n_tgt: number of targets (the seed's ``n``).
+        n_tgt: number of targets (the crate's ``n``).
     """
     from ._validate import check_int
 
@@ -169,8 +163,8 @@ def compute_loads(routes: Any, n_tgt: int) -> Any:
 def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
     """Served slots / all slots (SPEC §12): ``count(routes >= 0) / routes.size``.
 
-    Padding ``-1`` slots (short rows of the phase router) count as not served, as in the seed's
-    benchmark. ``n_tgt`` (the seed's ``n``) is optional; if given, targets ``>= n_tgt`` raise.
+    Padding ``-1`` slots (short rows of the phase router) count as not served, as in the crate's
+    benchmark. ``n_tgt`` (the crate's ``n``) is optional; if given, targets ``>= n_tgt`` raise.
     """
     xp, r, _ = _namespace(routes, "routes")
     r = _check_routes(xp, r, n_tgt)
@@ -180,7 +174,7 @@ def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
 
 
 def load_stats(loads: Any, capacities: Any = None) -> dict[str, float]:
-    """Load distribution statistics (the seed's ``load_stats``, extended with capacity terms).
+    """Load distribution statistics (the crate's ``load_stats``, extended with capacity terms).
 
     Computed on the host in float64 with NumPy (``loads`` is O(n_tgt)). Keys:
 
@@ -239,7 +233,7 @@ def load_stats(loads: Any, capacities: Any = None) -> dict[str, float]:
     return stats
 
 
-# ── Capacity profiles (the seed's benchmark workloads) ────────────────────────────────────────
+# ── Capacity profiles (the crate's benchmark workloads) ────────────────────────────────────────
 
 
 def _profile(n: int, seed: int, levels: list[tuple[float, float]], at_least_one: bool = False) -> np.ndarray:
@@ -270,7 +264,7 @@ def mild_hetero_capacities(n: int, seed: int = 0) -> np.ndarray:
 
 
 def strong_hetero_capacities(n: int, seed: int = 0) -> np.ndarray:
-    """10% of targets at 8×, 20% at 2×, the rest at 1×, shuffled by ``seed`` (the seed's profile)."""
+    """10% of targets at 8×, 20% at 2×, the rest at 1×, shuffled by ``seed`` (the crate's profile)."""
     return _profile(n, seed, [(0.1, 8.0), (0.2, 2.0)])
 
 

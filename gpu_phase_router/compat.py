@@ -1,4 +1,4 @@
-"""Drop-in for the seed crate ``phase_router_rs`` (seed-exact mode, SPEC.md §14).
+"""Drop-in for the crate ``phase_router_rs`` (crate-exact mode, SPEC.md §14).
 
 ``import gpu_phase_router.compat as phase_router_rs`` gives the crate's Python bindings
 (:func:`phase_router`, :func:`phase_router_auto`, :func:`phase_router_uniform_dispatch`, same
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _seed
-from ._arrays import HOST, to_backend_array, to_numpy
-from ._validate import check_bits, check_int, check_permutation, check_seed, check_weights
+from . import _crate
+from ._arrays import HOST, check_plain_input, to_backend_array, to_numpy
+from ._validate import check_bits, check_int, check_permutation, check_real, check_seed, check_weights
 from .backends import get_backend, resolve
 from .capacity import (
     compute_loads,
@@ -108,7 +108,7 @@ def phase_router(
     ones_t = _popcounts(be, "t_bits", t_bits, n, nb_words)
     perm_s = check_permutation(xp, "col_perm_s", to_backend_array(col_perm_s, xp), n)
     perm_t = check_permutation(xp, "col_perm_t", to_backend_array(col_perm_t, xp), n)
-    return ns.wrap(_seed.route_counts(be, ones_s, ones_t, perm_s, perm_t, k, seed))
+    return ns.wrap(_crate.route_counts(be, ones_s, ones_t, perm_s, perm_t, k, seed))
 
 
 def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *, backend: str = "auto") -> Any:
@@ -128,13 +128,13 @@ def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *, ba
     xp = be.xp
     ones_s = _popcounts(be, "s_bits", s_bits, n)
     ones_t = _popcounts(be, "t_bits", t_bits, n)
-    perm_s, perm_t = _seed.auto_permutations(n, seed)
-    return ns.wrap(_seed.route_counts(be, ones_s, ones_t, xp.asarray(perm_s), xp.asarray(perm_t), k, seed))
+    perm_s, perm_t = _crate.auto_permutations(n, seed)
+    return ns.wrap(_crate.route_counts(be, ones_s, ones_t, xp.asarray(perm_s), xp.asarray(perm_t), k, seed))
 
 
 def auto_permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """int64 ``(col_perm_s, col_perm_t)`` exactly as the crate's ``phase_router_auto(…, n, k, seed)`` draws them."""
-    return _seed.auto_permutations(check_int("n", n, lo=1), check_seed(seed))
+    return _crate.auto_permutations(check_int("n", n, lo=1), check_seed(seed))
 
 
 def _round_half_away(x: float) -> int:
@@ -165,13 +165,7 @@ def phase_router_uniform_dispatch(
     k = _check_k(k)
     oversample = check_int("oversample", oversample, lo=0)
     seed = check_seed(seed)
-    if isinstance(base_density, (bool, np.bool_)) or not isinstance(
-        base_density, (int, float, np.floating, np.integer)
-    ):
-        raise TypeError(f"base_density must be a real number; got {type(base_density).__name__}")
-    base_density = float(base_density)
-    if not (np.isfinite(base_density) and base_density >= 0.0):
-        raise ValueError(f"base_density must be a finite number >= 0; got {base_density}")
+    base_density = check_real("base_density", base_density, lo=0.0)
     be = get_backend(backend)
     xp = be.xp
     width = max(n_tokens // n_experts, 1)
@@ -182,8 +176,8 @@ def phase_router_uniform_dispatch(
     ones_e = min(max(_round_half_away(base_density * width), 1), n_pad)
     s_ones = min(max(_round_half_away(base_density * n_pad), 1), n_pad)
     k_kernel = min(max(k * oversample, k + 1), n_pad)
-    perm_s, perm_t = _seed.auto_permutations(n_pad, seed)
-    routes = _seed.route_counts(
+    perm_s, perm_t = _crate.auto_permutations(n_pad, seed)
+    routes = _crate.route_counts(
         be,
         xp.full(n_pad, s_ones, dtype=xp.int64),
         xp.full(n_pad, ones_e, dtype=xp.int64),
@@ -218,14 +212,29 @@ def _first_distinct(xp: Any, routes: Any, width: int, k: int) -> Any:
 
 
 def build_bits(ones_per_row: Any, n: int) -> np.ndarray:
-    """Flat uint64 ``(n * ceil(n / 64),)``: row ``i`` has its ``min(ones_per_row[i], n)`` low bits set."""
+    """Flat uint64 ``(n * ceil(n / 64),)``: row ``i`` has its ``min(ones_per_row[i], n)`` low bits set.
+
+    Args:
+        ones_per_row: ``[>= n]`` counts (integers, or floats truncated as the crate's ``int()``); the
+            first ``n`` must be finite and ``>= 0``. A masked array with masked entries raises.
+        n: bits per row, ``>= 1``.
+
+    Raises:
+        ValueError: naming ``ones_per_row`` for a NaN, infinite or negative count or masked entries.
+    """
     n = check_int("n", n, lo=1)
+    check_plain_input("ones_per_row", ones_per_row)  # masked entries would be read as their data
     ones = np.asarray(to_numpy(ones_per_row))
     if ones.ndim != 1 or ones.shape[0] < n:
         raise ValueError(f"ones_per_row must be 1-D with at least n={n} entries; got shape {ones.shape}")
     if ones.dtype.kind not in "iuf":
         raise TypeError(f"ones_per_row must hold numbers; got dtype {ones.dtype}")
-    ones = np.clip(ones[:n].astype(np.int64), 0, n)
+    ones = ones[:n]
+    if ones.dtype.kind == "f" and not bool(np.isfinite(ones).all()):
+        raise ValueError("ones_per_row must be finite (no NaN or inf) in its first n entries")
+    if bool((ones < 0).any()):
+        raise ValueError(f"ones_per_row must be >= 0 in its first n entries; got minimum {ones.min()}")
+    ones = np.minimum(ones, n).astype(np.int64)  # clip first: a float above 2^63 stays in range
     nbw = (n + 63) // 64
     bit = np.arange(nbw * 64, dtype=np.int64)
     mask = (bit[None, :] < ones[:, None]).reshape(n, nbw, 64)
@@ -257,8 +266,7 @@ def make_hard_caps(rel_caps: Any, n: int, k: int, headroom: float = 1.2) -> np.n
     n = check_int("n", n, lo=1)
     k = check_int("k", k, lo=1)
     rel = check_weights(np, "rel_caps", to_numpy(rel_caps))
-    if not np.isfinite(headroom) or headroom <= 0:
-        raise ValueError(f"headroom must be a finite number > 0; got {headroom}")
+    headroom = check_real("headroom", headroom, lo=0.0, lo_open=True)
     return np.ceil((rel / rel.sum()) * n * k * headroom).clip(1).astype(int)
 
 
@@ -283,11 +291,7 @@ def route(
     """
     k = _check_k(k)
     seed = check_seed(seed)
-    if isinstance(density, (bool, np.bool_)) or not isinstance(density, (int, float, np.floating, np.integer)):
-        raise TypeError(f"density must be a real number; got {type(density).__name__}")
-    density = float(density)
-    if not (np.isfinite(density) and density > 0.0):
-        raise ValueError(f"density must be a finite number > 0; got {density}")
+    density = check_real("density", density, lo=0.0, lo_open=True)
     be, ns = resolve(backend, source_weights=source_weights, target_capacities=target_capacities)
     if source_weights is None:
         n = check_int("n", n, lo=1)
@@ -304,7 +308,7 @@ def route(
     s_ones = np.round((w / np.mean(w)) * density * n).clip(1, n).astype(np.int64)
     t_ones = np.round((c / np.mean(c)) * density * n).clip(1, n).astype(np.int64)
     xp = be.xp
-    perm_s, perm_t = _seed.auto_permutations(n, seed)
+    perm_s, perm_t = _crate.auto_permutations(n, seed)
     return ns.wrap(
-        _seed.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s), xp.asarray(perm_t), k, seed)
+        _crate.route_counts(be, xp.asarray(s_ones), xp.asarray(t_ones), xp.asarray(perm_s), xp.asarray(perm_t), k, seed)
     )

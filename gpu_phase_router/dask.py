@@ -34,19 +34,22 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "gpu_phase_router.dask needs Dask: pip install 'gpu_phase_router[dask]' (dask[array] and distributed)"
     ) from exc
 
-from . import _prep, blocks
+from . import blocks
 from ._arrays import CUPY, array_namespace, library_of, to_numpy
+from ._tree import tree_combine, tree_partials
 from ._validate import (
     as_vector,
     check_density,
     check_int_vector,
     check_k,
+    check_nonnegative_weights,
     check_permutation,
+    check_rows_per_call,
     check_seed,
     check_weights,
 )
 from .backends import BackendName
-from .methods import Method, check_rows_per_call, get_method
+from .methods import Method, RowRange, get_method
 
 
 def _check_rows_array(name: str, x: Any) -> tuple[int, tuple[int, ...]]:
@@ -100,12 +103,12 @@ def _weight_stats(w: Any, a: int, want_partials: bool) -> tuple[list, bool, floa
     """Validate one chunk of weights; its tree partials, any-positive, min and max."""
     xp = array_namespace(source_weights=w).xp
     try:
-        v = blocks.block_weights(xp, "source_weights", w)
+        v = check_nonnegative_weights(xp, "source_weights", w)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{exc}{_rows(a, a + w.shape[0])}") from None
     if v.shape[0] == 0:
         return [], False, math.inf, -math.inf
-    parts = _prep.tree_partials(xp, v, a) if want_partials else []
+    parts = tree_partials(xp, v, a) if want_partials else []
     return parts, bool((v > 0).any()), float(v.min()), float(v.max())
 
 
@@ -121,7 +124,7 @@ def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
             )
     if not method.uses_weight_mean:
         return None
-    return _prep.tree_combine([p for s in stats for p in s[0]], n_src) / n_src
+    return tree_combine([p for s in stats for p in s[0]], n_src) / n_src
 
 
 def _weight_degree_sum(
@@ -129,11 +132,8 @@ def _weight_degree_sum(
 ) -> int:
     xp = array_namespace(source_weights=w).xp
     assert method.degrees is not None
-    return int(
-        method.degrees(
-            xp, w.astype(xp.float64, copy=False), caps, n_src=n_src, k=k, density=density, weight_mean=mean
-        ).sum()
-    )
+    rr = RowRange(caps, n_src, 0, int(w.shape[0]), k, 0, density=density, weight_mean=mean)
+    return int(method.degrees(xp, w.astype(xp.float64, copy=False), rr).sum())
 
 
 def _count_degree_sum(d: Any, a: int, n_tgt: int) -> int:
@@ -281,8 +281,8 @@ def route(
     seed = check_seed(seed)
     density = check_density(density)
     per_call = check_rows_per_call(rows_per_call, block_rows)
-    if method == "systematic":
-        _prep.check_systematic_slots(n_src, k)
+    if m.check is not None:
+        m.check(RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call))
 
     parts, mean = _weight_reductions(source_weights, n_src, chunks, m)
     prefixes = None

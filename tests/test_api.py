@@ -50,7 +50,7 @@ def test_left_aligned_bits_matches_the_seeds_loop():
     got = gpr.left_aligned_bits(ones, n)
     nbw = (n + 63) // 64
     want = np.zeros((len(ones), nbw), dtype=np.uint64)
-    for i, cnt in enumerate(ones):  # the seed's build_bits, bit by bit
+    for i, cnt in enumerate(ones):  # the crate's build_bits, bit by bit
         for b in range(cnt):
             want[i, b // 64] |= np.uint64(1) << np.uint64(b % 64)
     np.testing.assert_array_equal(got, want)
@@ -80,7 +80,7 @@ def test_import_loads_no_heavy_modules():
 
 
 def test_load_law_large_case():
-    """The seed's load law: per-target load tracks the encoded capacity count, every row is
+    """The crate's load law: per-target load tracks the encoded capacity count, every row is
     distinct and drawn from its candidate set (membership checked by the SPEC §4 formula)."""
     n, k, seed = 4096, 4, 11
     rng = np.random.default_rng(1)

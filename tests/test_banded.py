@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpu_phase_router as gpr
-from gpu_phase_router import _prep, _reference
+from gpu_phase_router import _reference
 from gpu_phase_router._keys import at, stream
+from gpu_phase_router.methods import RowRange, phase
 
 LAYOUT_1 = dict(
     n_cols=8,
@@ -89,7 +90,7 @@ def test_host_layout_matches_reference():
         ([0, 0, 1], 10, 1, 0.9),
     ]:
         want = _reference.band_layout([float(c) for c in caps], n_src, k, density)
-        lay = _prep.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
+        lay = phase.band_layout(np.asarray(caps, dtype=np.float64), n_src, k, density)
         assert lay.n_cols == want["n_cols"] and lay.k_draw == want["k_draw"]
         assert lay.widths.tolist() == want["widths"]
         assert lay.col_map.tolist() == want["col_map"]
@@ -116,9 +117,9 @@ CPU_GRID = [
         ["uniform", "zeros", "strong", "dominant"],
         [0.3, 0.7],
     )
-    for k in sorted({1, 2, 3, 8} & set(range(1, n_tgt + 1)))
-    if n_src * n_tgt * k <= 2_000_000
-]  # the reference is plain Python
+    for k in sorted({1, 2, 3, 8, 9, 12} & set(range(1, n_tgt + 1)))
+    if n_src * n_tgt * k <= 2_000_000 and (k < 9 or n_src <= 300)
+]  # the reference is plain Python; k >= 9 (k_draw > 32) takes the kernel's heap-sorted bottom-k
 
 
 @pytest.mark.parametrize("n_src,n_tgt,k,kind,density", CPU_GRID)
@@ -179,18 +180,7 @@ def test_device_only_guard_can_fail():
     be = _device_only_backend()
     d = be.xp.full(20, 3, dtype=np.int64)
     with pytest.raises(AssertionError, match="read back"):
-        _prep.phase_rows(
-            be,
-            np.full(8, 10, dtype=np.int64),
-            n_src=20,
-            row0=0,
-            rows=20,
-            k=2,
-            seed=1,
-            degree_prefix=0,
-            rows_per_call=7,
-            d=d,
-        )
+        phase.phase_rows(be, np.full(8, 10, dtype=np.int64), RowRange(None, 20, 0, 20, 2, 1, rows_per_call=7), k=2, d=d)
 
 
 @pytest.mark.parametrize(
@@ -206,20 +196,7 @@ def test_route_uniform_banded_reads_nothing_back(n_src, caps, k):
 
     be = _device_only_backend()
     want = _reference.route(caps.tolist(), [1.0] * n_src, k=k, seed=9, density=0.3)
-    got = methods.get_method("phase").rows(
-        be,
-        None,
-        caps,
-        n_src=n_src,
-        row0=0,
-        rows=n_src,
-        k=k,
-        seed=9,
-        density=0.3,
-        weight_mean=1.0,
-        degree_prefix=0,
-        rows_per_call=64,
-    )
+    got = methods.get_method("phase").rows(be, RowRange(caps, n_src, 0, n_src, k, 9, density=0.3, rows_per_call=64))
     assert isinstance(got, DeviceOnly)
     np.testing.assert_array_equal(got.view(np.ndarray), want)
     cpu = methods.route_uniform("phase", "cpu", n_src, caps, k=k, seed=9, density=0.3, rows_per_call=50)
@@ -240,7 +217,7 @@ def test_blocks_equal_whole(uniform, n_src, n_tgt, k, density):
     assert not (whole == 1).any()  # zero capacity never receives
     assert (whole[w == 0] == -1).all() and (not uniform or (whole >= 0).mean() > 0.98)
     n_ring = gpr.blocks.ring_size(caps, n_src=n_src, k=k, density=density)
-    assert n_ring == _prep.band_layout(caps, n_src, k, density).n_cols > n_tgt
+    assert n_ring == phase.band_layout(caps, n_src, k, density).n_cols > n_tgt
     mean = gpr.blocks.weight_mean(w)
     cuts = sorted({0, n_src, *rng.integers(0, n_src, 5).tolist()})
     parts = []
@@ -312,3 +289,224 @@ def test_hypothesis_cpu_equals_reference(data):
     want = _reference.route(caps, w, k=k, seed=seed, density=density)
     got = gpr.route(np.array(w), np.array(caps), k=k, seed=seed, density=density, backend="cpu")
     np.testing.assert_array_equal(got, want)
+
+
+def test_band_layout_device_copies_are_uploaded_once():
+    """A warm banded route on a device backend uploads nothing: the layout's device copies are
+    kept with the (cached) host layout."""
+    from gpu_phase_router import methods
+
+    be = _device_only_backend()
+    xp = be.xp
+    uploads = []
+
+    class Counting:
+        def __getattr__(self, name):
+            obj = getattr(xp, name)
+            if name in ("asarray", "array", "ascontiguousarray"):
+
+                def call(a, *args, **kwargs):
+                    if isinstance(a, np.ndarray) and not isinstance(a, DeviceOnly):
+                        uploads.append(name)
+                    return obj(a, *args, **kwargs)
+
+                return call
+            return obj
+
+    be.xp = Counting()
+    caps = np.array([3.0, 1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 4.0])
+    rr = RowRange(caps, 300, 0, 300, 2, 1, density=0.3)
+    methods.get_method("phase").rows(be, rr)  # cold: the layout's arrays go to the device once
+    assert uploads, "the cold call uploads the layout"
+    uploads.clear()
+    got = methods.get_method("phase").rows(be, RowRange(caps, 300, 0, 300, 2, 2, density=0.3))
+    assert uploads == []
+    want = _reference.route(caps.tolist(), [1.0] * 300, k=2, seed=2, density=0.3)
+    np.testing.assert_array_equal(got.view(np.ndarray), want)
+
+
+# -- fill completion (SPEC §13, amendment 1) ----------------------------------------------------
+
+ROUTE_FILL_P2 = [[0, 2, -1]] * 6
+W_FILL = [1.0] * 5 + [0.0] + [1.0] * 10
+CAPS_FILL = [30, 0, 1, 1, 2]
+ROUTE_FILL = [
+    [4, 0, 3],
+    [0, 4, 3],
+    [4, 2, 0],
+    [0, 2, 3],
+    [4, 0, 2],
+    [-1, -1, -1],
+    [0, 3, 4],
+    [0, 3, 4],
+    [2, 0, 4],
+    [4, 3, 0],
+    [4, 0, 2],
+    [0, 2, 3],
+    [4, 0, 3],
+    [0, 3, 4],
+    [0, 4, 3],
+    [0, 4, 3],
+]
+
+
+def _complete_oracle(row: list[int], col_map: list[int], j: int, seed: int) -> list[int]:
+    """SPEC §13 fill completion written independently of ``_reference.complete_row``: the draws, then
+    a walk over the virtual columns one at a time from the first draw's column (cyclic), which meets
+    the bands in the same cyclic ascending order as the SPEC's walk over targets."""
+    k = len(row)
+    out = [e for e in row if e >= 0]
+    n_cols = len(col_map)
+    base = at(stream(seed, 3), j)
+    draws = [at(base, n_cols + r) % n_cols for r in range(16)]
+    for v in draws:
+        if len(out) < k and col_map[v] not in out:
+            out.append(col_map[v])
+    for step in range(n_cols):
+        e = col_map[(draws[0] + step) % n_cols]
+        if len(out) < k and e not in out:
+            out.append(e)
+    return out + [-1] * (k - len(out))
+
+
+def _drawn_rows(caps, w, k, seed, density):
+    """The rows before completion (SPEC §13 without amendment 1), from the reference's parts."""
+    n_src = len(w)
+    lay = _reference.band_layout([float(c) for c in caps], n_src, k, density)
+    d = _reference.weights_to_counts([float(x) for x in w], density, lay["n_cols"])
+    c = [cnt for e, b in enumerate(lay["widths"]) for cnt in [lay["counts"][e]] * b]
+    draws = _reference.route_counts(d, c, lay["k_draw"], seed)
+    return [_reference.first_distinct([int(v) for v in r], lay["col_map"], k) for r in draws], d, lay
+
+
+def test_complete_row_hand_vector():
+    """SPEC §13 vector: the 16 draws of row 5 (seed 0) all land in band 0 of [0] * 30 + [1, 2]."""
+    col_map = [0] * 30 + [1, 2]
+    base = at(stream(0, 3), 5)
+    draws = [at(base, 32 + r) % 32 for r in range(16)]
+    assert draws == [15, 28, 20, 19, 5, 19, 11, 24, 20, 21, 5, 7, 13, 8, 8, 11]
+    assert _reference.complete_row([0, -1, -1], col_map, 5, 0) == [0, 1, 2]
+    assert _reference.complete_row([2, -1, -1], col_map, 5, 0) == [2, 0, 1]
+    assert _reference.complete_row([1, 0, 2], col_map, 5, 0) == [1, 0, 2]  # a full row is unchanged
+    assert _reference.complete_row([2, -1, -1, -1], col_map, 5, 0) == [2, 0, 1, -1]  # P = 3 < k
+
+
+def test_complete_row_equals_oracle():
+    rng = np.random.default_rng(17)
+    for case in range(300):
+        n_cols = int(rng.integers(1, 60))
+        col_map = sorted(rng.integers(0, int(rng.integers(1, 9)), n_cols).tolist())
+        present = sorted(set(col_map))
+        k = int(rng.integers(1, 9))
+        row = [int(e) for e in rng.permutation(present)[: int(rng.integers(0, min(k, len(present)) + 1))]]
+        row += [-1] * (k - len(row))
+        j, seed = int(rng.integers(1000)), int(rng.integers(1 << 64, dtype=np.uint64))
+        want = _complete_oracle(row, col_map, j, seed)
+        assert _reference.complete_row(row, col_map, j, seed) == want, case
+        assert sum(e >= 0 for e in want) == min(k, len(present))
+
+
+def test_spec_fill_vectors():
+    drawn, d, lay = _drawn_rows(CAPS_FILL, W_FILL, 3, 2, 0.5)
+    assert (lay["n_cols"], lay["widths"]) == (50, [20, 0, 5, 5, 20])
+    assert [j for j in range(16) if drawn[j][-1] < 0] == [0, 5, 10]  # rows 0, 10 short; row 5 weight 0
+    assert drawn[0] == drawn[10] == [4, 0, -1]
+    want = [_complete_oracle(r, lay["col_map"], j, 2) if d[j] > 0 else r for j, r in enumerate(drawn)]
+    assert want == ROUTE_FILL
+    assert _reference.route(CAPS_FILL, W_FILL, k=3, seed=2, density=0.5).tolist() == ROUTE_FILL
+    assert _reference.route([3, 0, 1], [1] * 6, k=3, seed=1, density=0.3).tolist() == ROUTE_FILL_P2
+    for kw in ({}, {"rows_per_call": 3}):
+        got = gpr.route(np.array(W_FILL), CAPS_FILL, k=3, seed=2, density=0.5, backend="cpu", **kw)
+        assert got.tolist() == ROUTE_FILL
+    assert gpr.route(np.ones(6), [3, 0, 1], k=3, seed=1, density=0.3).tolist() == ROUTE_FILL_P2
+
+
+FILL_CAPS = {
+    "top8": [8, 2, 2, 1, 1, 1, 1, 1],
+    "dom50": [7] + [1] * 7,
+    "dom9999": [0.9999 / 0.0001 * 15] + [1] * 15,
+    "zeros": [5, 0, 0, 1, 0, 2, 0.01, 0],
+    "tiny": [1e6, 1, 1e-6, 1e-6, 1e-6],
+}
+
+
+@pytest.mark.parametrize("name", list(FILL_CAPS))
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_fill_guarantee_equals_reference(name, k):
+    """Dominant and sparse capacities where many rows are short before completion: CPU == reference,
+    and every row of positive weight lists min(k, P) distinct targets of positive capacity."""
+    caps = np.array(FILL_CAPS[name], dtype=np.float64)
+    if k > caps.shape[0]:
+        pytest.skip("k > n_tgt")
+    n_pos = int((caps > 0).sum())
+    w = np.ones(300)
+    w[::11] = 0.0
+    w[1::7] = 3.0
+    for seed, density in ((0, 0.3), (5, 0.05), (9, 1.0)):
+        want = _reference.route(caps.tolist(), w.tolist(), k=k, seed=seed, density=density)
+        got = gpr.route(w, caps, k=k, seed=seed, density=density, backend="cpu", rows_per_call=77)
+        np.testing.assert_array_equal(got, want)
+        assert (got[w == 0] == -1).all()
+        for row in got[w > 0]:
+            listed = row[row >= 0]
+            assert len(listed) == min(k, n_pos) == len(set(listed.tolist())) and (caps[listed] > 0).all()
+
+
+def test_fill_guarantee_is_exercised():
+    """The shapes above do have short rows before completion (so the test can fail)."""
+    drawn, d, _ = _drawn_rows(FILL_CAPS["dom50"], [1.0] * 300, 2, 0, 0.3)
+    assert sum(r[-1] < 0 for r in drawn) >= 5
+
+
+def test_fill_blocks_and_dask_equal_whole():
+    caps = np.array(FILL_CAPS["top8"])
+    w = np.ones(2000)
+    w[::13] = 0.0
+    whole = gpr.route(w, caps, k=2, seed=3)
+    assert ((whole >= 0).sum(axis=1) == np.where(w > 0, 2, 0)).all()
+    n_ring = gpr.blocks.ring_size(caps, n_src=2000, k=2)
+    mean = gpr.blocks.weight_mean(w)
+    parts = []
+    for a, b in ((0, 1), (1, 700), (700, 2000)):
+        prefix = int(gpr.blocks.source_degrees(w[:a], weight_mean=mean, n_tgt=n_ring, density=0.3).sum())
+        parts.append(
+            gpr.route_block(w[a:b], caps, n_src=2000, row0=a, k=2, seed=3, weight_mean=mean, degree_prefix=prefix)
+        )
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    da = pytest.importorskip("dask.array")
+    gdask = pytest.importorskip("gpu_phase_router.dask")
+    lazy = gdask.route(da.from_array(w, chunks=((1, 999, 1000),)), caps, k=2, seed=3)
+    np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), whole)
+
+
+def test_subnormal_density():
+    """density = 1e-320: FILL * k_draw / density overflows to inf and SPEC §13 gives V0 = V_MAX."""
+    caps = np.ones(16)
+    assert gpr.blocks.ring_size(caps, n_src=500, k=2, density=1e-320) == 1 << 20
+    assert phase.band_layout(caps, 500, 2, 1e-320).n_cols == 1 << 20
+    assert _reference.band_layout([1.0] * 16, 500, 2, 1e-320)["n_cols"] == 1 << 20
+    got = gpr.route(np.ones(500), caps, k=2, density=1e-320)
+    assert ((got >= 0).sum(axis=1) == 2).all()  # V = 2^20 columns, one scanned per row: completed
+    w = np.ones(40)
+    w[3] = 0
+    got = gpr.route(w, np.ones(3), k=2, seed=1, density=5e-324)
+    assert ((got >= 0).sum(axis=1) == np.where(w > 0, 2, 0)).all()
+
+
+@pytest.mark.parametrize("n,k", [(8, 2), (16, 4), (40, 9)])
+def test_square_shape_is_not_banded(n, k):
+    """n_tgt == n_src is SPEC §7 unchanged (§13 applies only when n_tgt < n_src): the routes are §3–§5 on
+    the §7 counts, written out here, and the degree ring is n_tgt."""
+    rng = np.random.default_rng(n)
+    caps = rng.random(n) * 4 + 0.1
+    caps[1] = 0.0
+    w = rng.random(n) + 0.5
+    w[2] = 0.0
+    d = _reference.weights_to_counts(w.tolist(), 0.6, n)
+    c = _reference.weights_to_counts(caps.tolist(), 0.6, n)
+    want = _reference.route_counts(d, c, k, 21)
+    assert (want < 0).any()  # the plain router leaves short rows; the banded one would complete them
+    np.testing.assert_array_equal(gpr.route(w, caps, k=k, seed=21, density=0.6, backend="cpu"), want)
+    np.testing.assert_array_equal(gpr.route(w, caps, k=k, seed=21, density=0.6, rows_per_call=3), want)
+    assert gpr.blocks.ring_size(caps, n_src=n, k=k, density=0.6) == n
+    assert not phase.bands_apply(n, n) and phase.bands_apply(n + 1, n) and not phase.bands_apply(n, n + 1)

@@ -6,23 +6,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from _grid import BACKEND_PARAMS, xp_of
 
 import gpu_phase_router as gpr
-from gpu_phase_router import _prep, _reference, blocks
-
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _xp(backend: str):
-    """NumPy for "cpu"; CuPy for "cuda", or skip with the reason the CUDA backend is unusable."""
-    if backend == "cpu":
-        return np
-    try:
-        gpr.get_backend("cuda")
-        import cupy
-    except Exception as exc:  # no CuPy, no GPU, or no CUDA backend in this build
-        pytest.skip(f"CUDA backend not usable here: {exc}")
-    return cupy
+from gpu_phase_router import _reference, _tree, blocks
 
 
 def _host(x):
@@ -54,9 +41,9 @@ def test_tree_sum_matches_reference_and_any_chunking(trial, monkeypatch):
     n = int(rng.integers(1, 5000))
     v = rng.random(n) * 10.0 ** rng.integers(-8, 8, n)
     ref = _reference.tree_sum(v.tolist())
-    monkeypatch.setattr(_prep, "TREE_EVAL_BLOCK", 1 << int(rng.integers(1, 8)))
-    monkeypatch.setattr(_prep, "TREE_EVAL_ROWS", int(rng.integers(1, 5)))
-    assert _prep.tree_sum(np, v) == ref
+    monkeypatch.setattr(_tree, "TREE_EVAL_BLOCK", 1 << int(rng.integers(1, 8)))
+    monkeypatch.setattr(_tree, "TREE_EVAL_ROWS", int(rng.integers(1, 5)))
+    assert _tree.tree_sum(np, v) == ref
     parts = []
     for a, b in _cuts(rng, n):
         parts += blocks.sum_partials(v[a:b], a)
@@ -68,7 +55,7 @@ def test_tree_sum_order_is_adjacent_pairs():
     e = 2.0**-53
     v = [e, 1.0, e, 0.0]  # adjacent pairs: (e + 1) + (e + 0) = 1.0; halves: (e + e) + (1 + 0) = 1 + 2^-52
     assert _reference.tree_sum(v) == 1.0
-    assert _prep.tree_sum(np, np.array(v)) == 1.0
+    assert _tree.tree_sum(np, np.array(v)) == 1.0
     assert (
         blocks.sum_from_partials(blocks.sum_partials(np.array(v[:1])) + blocks.sum_partials(np.array(v[1:]), 1), 4)
         == 1.0
@@ -89,10 +76,10 @@ def test_sum_from_partials_rejects_gaps_and_overlaps():
 # --- block routing == slice of the full result ------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("trial", range(12))
 def test_route_block_phase_equals_full(trial, backend):
-    xp = _xp(backend)
+    xp = xp_of(backend)
     rng = np.random.default_rng(100 + trial)
     n_src, n_tgt = int(rng.integers(1, 400)), int(rng.integers(1, 70))
     k = int(rng.integers(1, n_tgt + 1))
@@ -131,10 +118,10 @@ def test_route_block_phase_equals_full(trial, backend):
     np.testing.assert_array_equal(np.concatenate(got), full)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("trial", range(8))
 def test_route_block_systematic_equals_full(trial, backend):
-    xp = _xp(backend)
+    xp = xp_of(backend)
     rng = np.random.default_rng(200 + trial)
     n_src, n_tgt = int(rng.integers(1, 500)), int(rng.integers(1, 40))
     k = int(rng.integers(1, n_tgt + 1))
@@ -169,11 +156,11 @@ def test_route_block_default_square_weights():
     np.testing.assert_array_equal(np.concatenate(rows), full)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("given_perms", [False, True])
 @pytest.mark.parametrize("trial", range(8))
 def test_route_counts_block_equals_full(trial, given_perms, backend):
-    xp = _xp(backend)
+    xp = xp_of(backend)
     rng = np.random.default_rng(300 + trial)
     n_src, n_tgt = int(rng.integers(1, 400)), int(rng.integers(1, 90))
     k = int(rng.integers(1, n_tgt + 1))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpu_phase_router.compat as prr
-from gpu_phase_router import _seed_reference as ref
+from gpu_phase_router import _crate_reference as ref
 
 
 def _crate_build_bits(ones, n):
@@ -31,6 +31,29 @@ def test_build_bits(n):
     got = prr.build_bits(ones, n)
     assert got.dtype == np.uint64 and got.shape == (n * ((n + 63) // 64),)
     np.testing.assert_array_equal(got, _crate_build_bits(ones, n))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1.0])
+def test_build_bits_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="ones_per_row"):
+        prr.build_bits([3, bad, 2], 3)
+    with pytest.raises(ValueError, match="ones_per_row"):
+        prr.build_bits(np.array([3.0, bad, 2.0]), 3)
+
+
+def test_build_bits_negative_int_and_float_counts():
+    with pytest.raises(ValueError, match="ones_per_row"):
+        prr.build_bits(np.array([3, -2, 2], dtype=np.int64), 3)
+    np.testing.assert_array_equal(prr.build_bits([2.7, 1e300, 0.0], 3), [3, 7, 0])  # truncated, clipped to n
+    np.testing.assert_array_equal(prr.build_bits([1, 2, 3, np.nan], 3), [1, 3, 7])  # entries past n unread
+
+
+def test_build_bits_masked():
+    masked = np.ma.masked_array([1, 2, 1], mask=[0, 1, 0])
+    with pytest.raises(ValueError, match="ones_per_row"):
+        prr.build_bits(masked, 3)
+    plain = np.ma.masked_array([1, 2, 1], mask=[0, 0, 0])  # nothing masked: plain data
+    np.testing.assert_array_equal(prr.build_bits(plain, 3), [1, 3, 1])
 
 
 def test_hash_route_is_the_crates_generator():

@@ -12,9 +12,14 @@ from gpu_phase_router.backends import get_backend
 
 @pytest.fixture(params=["parallel", "serial"])
 def tiny_chunks(request, monkeypatch):
-    """Chunks of a few hundred work units (dozens of kernel calls per route), parallel or serial."""
+    """Chunks of a few hundred work units (dozens of kernel calls per route), parallel or serial.
+
+    "parallel" forces the parallel kernels even for these small calls (the thread policy would
+    otherwise run them on one thread) and on two threads where Numba has them."""
     monkeypatch.setattr(rt, "CHUNK_WORK", 97)
     monkeypatch.setattr(rt, "_serial_only", request.param == "serial")
+    monkeypatch.setattr(rt, "PAR_MIN_WORK", 1)
+    monkeypatch.setattr(rt, "_others_running", lambda: 0)
     return request.param
 
 
@@ -43,6 +48,52 @@ def test_phase_rows_chunked_equal_reference(tiny_chunks):
         np.testing.assert_array_equal(gpr.route_counts(d, c, k=k, seed=11, backend="cpu"), want)
 
 
+def test_banded_chunked_equal_reference(tiny_chunks):
+    """Short banded rows (the direct selection) and long ones (the chunked scan), with repeated targets."""
+    rng = np.random.default_rng(9)
+    for n_src, caps, k, density in [(400, [8, 2, 2, 1, 1, 1, 1, 1], 2, 0.3), (300, rng.random(12) + 0.05, 3, 1.0)]:
+        w = rng.random(n_src) + 0.5
+        want = _reference.route(list(map(float, caps)), w.tolist(), k=k, seed=4, density=density)
+        got = gpr.route(w, np.asarray(caps, dtype=float), k=k, seed=4, density=density, backend="cpu")
+        np.testing.assert_array_equal(got, want)
+
+
+def test_threads_for_sizes_calls(monkeypatch):
+    monkeypatch.setattr(rt, "_serial_only", False)
+    monkeypatch.setattr(rt, "_configured_threads", lambda: 8)
+    monkeypatch.setattr(rt, "_usable_cpus", lambda: 8)
+    monkeypatch.setattr(rt, "_others_running", lambda: 0)
+    assert rt.threads_for(0) == 1
+    assert rt.threads_for(rt.PAR_MIN_WORK - 1) == 1  # a small call stays on one thread
+    assert rt.threads_for(3 * rt.PAR_MIN_WORK) == 3
+    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 8  # never above the configured threads
+    monkeypatch.setattr(rt, "_others_running", lambda: 6)
+    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 2  # only the CPUs other processes leave free
+    monkeypatch.setattr(rt, "_others_running", lambda: 12)
+    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
+    monkeypatch.setattr(rt, "_serial_only", True)
+    monkeypatch.setattr(rt, "_others_running", lambda: 0)
+    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
+
+
+def test_configured_threads_follow_numba_and_torch(monkeypatch):
+    import sys
+    import types
+
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert rt._configured_threads() == 1  # numba.set_num_threads in this thread
+        numba.set_num_threads(before)
+        fake = types.SimpleNamespace(get_num_threads=lambda: 1)
+        monkeypatch.setitem(sys.modules, "torch", fake)
+        assert rt._configured_threads() == 1  # torch's intra-op threads cap ours
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_systematic_chunked_equal_reference(tiny_chunks):
     caps = [1, 0, 3, 0.5, 10, 2, 2]
     want = _reference.route_systematic(caps, 500, 3, 8)
@@ -55,3 +106,40 @@ def test_feistel_chunked_equal_reference(tiny_chunks):
     got = be.feistel(5, 20000, 30011, key)
     want = [feistel(5 + i, 30011, key) for i in range(20000)]
     np.testing.assert_array_equal(got, want)
+
+
+def _bit_rows(ones: np.ndarray, n: int) -> np.ndarray:
+    """Flat uint64 rows with bits ``0 .. ones[i] - 1`` set (written here, not taken from compat)."""
+    nbw = (n + 63) // 64
+    words = np.zeros((n, nbw), dtype=np.uint64)
+    for i, o in enumerate(ones.tolist()):
+        for w in range(nbw):
+            lo, hi = 64 * w, min(64 * w + 64, o)
+            if hi > lo:
+                words[i, w] = np.uint64((1 << (hi - lo)) - 1)
+    return words.reshape(-1)
+
+
+def test_crate_exact_chunked_equal_oracle(tiny_chunks):
+    """Crate-exact mode (SPEC §14): every chunk seeds row j's ChaCha stream with seed + j, so tiny chunks
+    give the oracle's rows (a chunk that passed its first row's offset for every row would not)."""
+    import gpu_phase_router.compat as prr
+    from gpu_phase_router import _crate_reference as ref
+
+    rng = np.random.default_rng(23)
+    n = 300
+    s_bits = _bit_rows(rng.integers(0, 40, n), n)
+    t_bits = _bit_rows(rng.integers(0, 120, n), n)
+    want = ref.phase_router_auto(s_bits, t_bits, n, 3, 77)
+    assert (want >= 0).sum() > 300  # rows hold candidates, so a wrong stream changes them
+    np.testing.assert_array_equal(prr.phase_router_auto(s_bits, t_bits, n, 3, 77, backend="cpu"), want)
+
+
+def test_crate_exact_chunked_equal_crate_vectors(tiny_chunks):
+    """Crate-exact mode (SPEC §14) in many small chunks, parallel or serial: the crate's own outputs."""
+    from test_crate_vectors import VECTORS, _check, _run
+
+    cases = [c for c in VECTORS["kernel"] if c["n"] >= 100][:12] + VECTORS["big"][:1]
+    assert len(cases) == 13
+    for c in cases:
+        _check(c, _run(c, "cpu"))

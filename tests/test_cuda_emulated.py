@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+from _grid import CUDA_KINDS, EMULATED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simt import build, emulated_backend
@@ -20,9 +21,8 @@ from test_spec_vectors import CAPS, ROUTE_DENSITY_03, ROUTE_DENSITY_1, SYSTEMATI
 from gpu_phase_router import _prep, _reference, api, get_backend, register_backend, route, route_bits, route_counts
 from gpu_phase_router._keys import STREAM_PERM_S, STREAM_PERM_T, feistel, feistel_inverse, stream
 from gpu_phase_router.backends.cuda import CudaBackend, phase_shape, phase_width
+from gpu_phase_router.methods import RowRange, phase, systematic
 
-EMULATED = "cuda-emulated"
-KINDS = [EMULATED, pytest.param("cuda", marks=pytest.mark.gpu)]
 TOP = (1 << 64) - 1
 SEEDS = [0, 42, TOP, TOP - (1 << 32) + 5]
 # Launch shapes (warps per row, rows per block, max register width) beyond the default heuristic.
@@ -60,7 +60,7 @@ def _cuda_or_skip():
         pytest.skip(f"real GPU run skipped: {exc}")
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=CUDA_KINDS)
 def kind(request) -> str:
     """Backend name for the public API, registering the emulated backend on first use."""
     if request.param == EMULATED:
@@ -94,21 +94,15 @@ def run_phase(
         return None if a is None else xp.asarray(np.asarray(a, dtype=np.int64))
 
     return host(
-        _prep.phase_rows(
+        phase.phase_rows(
             be,
             np.asarray(c, dtype=np.int64),
-            n_src=len(d),
-            row0=0,
-            rows=len(d),
+            RowRange(None, len(d), 0, len(d), k_out or k, seed, rows_per_call=rows_per_call),
             k=k,
-            seed=seed,
-            degree_prefix=0,
-            rows_per_call=rows_per_call,
             d=to(d),
             perm_s=to(perm_s),
             perm_t=to(perm_t),
             col_map=None if col_map is None else np.asarray(col_map),
-            k_out=k_out,
         )
     )
 
@@ -236,7 +230,7 @@ def test_phase_blocks_of_rows(kind, rows_per_call, perms):
 
 @pytest.mark.parametrize("row0", [1, 17, 40])
 def test_phase_block_direct(kind, cpu, row0):
-    """_prep.phase_block on one block (as a distributed worker would call it) == that block of the full route."""
+    """phase.phase_block on one block (as a distributed worker would call it) == that block of the full route."""
     be = make_backend(kind)
     rng = np.random.default_rng(row0)
     n_src, n_tgt, k = 55, 80, 9
@@ -245,8 +239,8 @@ def test_phase_block_direct(kind, cpu, row0):
     full = _reference.route_counts(d.tolist(), c.tolist(), k, seed)
     rows = min(13, n_src - row0)
     xp = be.xp
-    ring = be.prepare_ring(*_prep.ring_layout(be, xp.asarray(c), n_src, seed))
-    got = _prep.phase_block(
+    ring = be.prepare_ring(*phase.ring_layout(be, xp.asarray(c), n_src, seed))
+    got = phase.phase_block(
         be,
         xp.asarray(d[row0 : row0 + rows]),
         ring,
@@ -257,8 +251,8 @@ def test_phase_block_direct(kind, cpu, row0):
         degree_prefix=int(d[:row0].sum()),
     )
     assert np.array_equal(host(got), full[row0 : row0 + rows])
-    ring_cpu = cpu.prepare_ring(*_prep.ring_layout(cpu, c, n_src, seed))
-    got_cpu = _prep.phase_block(
+    ring_cpu = cpu.prepare_ring(*phase.ring_layout(cpu, c, n_src, seed))
+    got_cpu = phase.phase_block(
         cpu, d[row0 : row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0, degree_prefix=int(d[:row0].sum())
     )
     assert np.array_equal(got_cpu, full[row0 : row0 + rows])
@@ -457,11 +451,11 @@ def test_systematic_block_given_perm(kind, cpu, row0, rows):
     want = _reference.route_systematic(caps.tolist(), n_src, k, 77, perm_t=pt.tolist())[row0 : row0 + rows]
     be = make_backend(kind)
     cum = _prep.capacity_cum(be.xp, be.xp.asarray(caps))
-    got = _prep.systematic_block(
+    got = systematic.systematic_block(
         be, cum, n_src=n_src, k=k, seed=77, row0=row0, perm_t=be.xp.asarray(pt[row0 : row0 + rows])
     )
     assert np.array_equal(host(got), want)
-    got_cpu = _prep.systematic_block(
+    got_cpu = systematic.systematic_block(
         cpu, _prep.capacity_cum(np, caps), n_src=n_src, k=k, seed=77, row0=row0, perm_t=pt[row0 : row0 + rows]
     )
     assert np.array_equal(got_cpu, want)
@@ -514,10 +508,13 @@ def run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=1 << 18) -> n
 
 
 def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
+    """First k_out distinct targets of each row's k drawn columns, short rows of positive degree then
+    completed (SPEC §13; ``col_map`` ascending, as a band layout's)."""
     draws = _reference.route_counts(list(d), list(c), k, seed)
-    return np.array(
-        [_reference.first_distinct([int(v) for v in row], list(col_map), k_out) for row in draws], dtype=np.int32
-    ).reshape(len(d), k_out)
+    cm = [int(v) for v in col_map]
+    rows = [_reference.first_distinct([int(v) for v in row], cm, k_out) for row in draws]
+    rows = [_reference.complete_row(row, cm, j, seed) if d[j] > 0 else row for j, row in enumerate(rows)]
+    return np.array(rows, dtype=np.int32).reshape(len(d), k_out)
 
 
 @pytest.mark.parametrize("config", [{}, *CONFIGS], ids=lambda c: "-".join(f"{v}" for v in c.values()) or "default")
@@ -532,12 +529,13 @@ def mapped_reference(d, c, k, k_out, col_map, seed) -> np.ndarray:
     ],
 )
 def test_mapped_emission_launch_shapes(kind, cpu, config, n_src, n_cols, n_tgt, k, k_out):
-    """Any column map (not only bands), every register width and multi-pass selection: the kernel's
-    first-k_out-distinct step == the CPU kernel's == the reference."""
+    """Any ascending column map (bands of any width, absent targets), every register width and
+    multi-pass selection: the kernel's first-k_out-distinct and completion steps == the CPU kernel's
+    == the reference."""
     be = make_backend(kind, **config)
     rng = _case_rng(n_src, n_cols, n_tgt, k, k_out, "mapped")
     d, c = make_counts(n_src, n_cols, "mixed", rng)
-    col_map = rng.integers(0, n_tgt, n_cols)
+    col_map = np.sort(rng.integers(0, n_tgt, n_cols))
     seed = int(rng.integers(1 << 62))
     want = mapped_reference(d, c, k, k_out, col_map, seed)
     assert np.array_equal(run_phase_mapped(cpu, d, c, k, k_out, col_map, seed), want)
@@ -549,7 +547,7 @@ def test_mapped_emission_thread_schedules(cpu, schedule, sched_seed):
     _emulator_or_skip()
     rng = np.random.default_rng(sched_seed)
     d, c = make_counts(20, 90, "mixed", rng)
-    col_map = rng.integers(0, 12, 90)
+    col_map = np.sort(rng.integers(0, 12, 90))
     for config in (CONFIGS[2], CONFIGS[4], CONFIGS[7]):
         be = make_backend(EMULATED, schedule=schedule, seed=sched_seed, **config)
         want = run_phase_mapped(cpu, d, c, 24, 5, col_map, 3)
@@ -566,7 +564,16 @@ BANDED_CAPS = {
 
 @pytest.mark.parametrize("caps_kind", list(BANDED_CAPS))
 @pytest.mark.parametrize(
-    "n_src,n_tgt,k,density", [(50, 4, 2, 0.5), (200, 8, 2, 0.3), (120, 16, 4, 0.6), (300, 40, 8, 0.9), (64, 63, 3, 0.3)]
+    "n_src,n_tgt,k,density",
+    [
+        (50, 4, 2, 0.5),
+        (200, 8, 2, 0.3),
+        (120, 16, 4, 0.6),
+        (300, 40, 8, 0.9),
+        (64, 63, 3, 0.3),
+        (90, 12, 9, 0.5),  # k >= 9: k_draw = 36 spans three passes of K = 16 and the last is partial
+        (70, 20, 12, 0.8),
+    ],
 )
 def test_banded_route(kind, cpu, caps_kind, n_src, n_tgt, k, density):
     """route(method="phase") with n_tgt < n_src on the CUDA backend == CPU == reference (SPEC §13)."""
@@ -599,11 +606,33 @@ def test_banded_spec_vector(kind):
     ]
 
 
+def test_banded_fill_vectors(kind):
+    """SPEC §13 fill-completion vectors (amendment 1): short rows completed by draws and by the walk."""
+    from test_banded import CAPS_FILL, ROUTE_FILL, ROUTE_FILL_P2, W_FILL
+
+    got = route(np.array(W_FILL), CAPS_FILL, k=3, seed=2, density=0.5, backend=kind, block_rows=5)
+    assert got.tolist() == ROUTE_FILL
+    assert route(np.ones(6), [3, 0, 1], k=3, seed=1, density=0.3, backend=kind).tolist() == ROUTE_FILL_P2
+
+
+@pytest.mark.parametrize("caps", [[8, 2, 2, 1, 1, 1, 1, 1], [7] + [1] * 7, [1e6, 1, 1e-6, 1e-6, 1e-6]])
+def test_banded_fill_guarantee(kind, cpu, caps):
+    """Dominant capacities (many short rows before completion): CUDA == CPU == reference, all filled."""
+    caps = np.array(caps, dtype=np.float64)
+    w = np.ones(160)
+    w[::9] = 0.0
+    for k, seed in ((2, 0), (3, TOP)):
+        want = _reference.route(caps.tolist(), w.tolist(), k=k, seed=seed, density=0.3)
+        got = route(w, caps, k=k, seed=seed, density=0.3, backend=kind, block_rows=41)
+        assert np.array_equal(got, want)
+        assert ((got >= 0).sum(axis=1) == np.where(w > 0, min(k, int((caps > 0).sum())), 0)).all()
+
+
 def test_banded_launch_bookkeeping():
     """One phase kernel per block of rows, the mapped variant (k_out > 0), no extra kernel or pass."""
     _emulator_or_skip()
     be = emulated_backend.make_backend()
-    lay = _prep.band_layout(np.ones(4), 30, 2, 0.5)
+    lay = phase.band_layout(np.ones(4), 30, 2, 0.5)
     d = np.full(30, int(np.rint(0.5 * lay.n_cols)))
     run_phase_mapped(be, d, lay.col_counts, lay.k_draw, 2, lay.col_map, 1, block_rows=8)
     names = [name for name, _, _ in be._launch.launches]
@@ -613,7 +642,7 @@ def test_banded_launch_bookkeeping():
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mapped_emission_hypothesis(data):
-    """Random counts, column maps, k and k_out at every launch shape: emulated CUDA == reference."""
+    """Random counts, ascending column maps, k and k_out at every launch shape: emulated CUDA == reference."""
     _emulator_or_skip()
     n_src = data.draw(st.integers(1, 40), label="n_src")
     n_cols = data.draw(st.integers(1, 60), label="n_cols")
@@ -622,7 +651,7 @@ def test_mapped_emission_hypothesis(data):
     k_out = data.draw(st.integers(1, k), label="k_out")
     d = data.draw(st.lists(st.integers(0, n_cols), min_size=n_src, max_size=n_src), label="d")
     c = data.draw(st.lists(st.integers(0, n_src), min_size=n_cols, max_size=n_cols), label="c")
-    col_map = data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map")
+    col_map = sorted(data.draw(st.lists(st.integers(0, n_tgt - 1), min_size=n_cols, max_size=n_cols), label="col_map"))
     seed = data.draw(st.integers(0, TOP), label="seed")
     config = data.draw(st.sampled_from([{}, *CONFIGS]), label="config")
     want = mapped_reference(d, c, k, k_out, col_map, seed)

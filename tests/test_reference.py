@@ -59,3 +59,20 @@ def test_tree_sum_order():
     assert _reference.tree_sum([1e16, -1e16, 1.0, 1.0]) == 2.0
     assert _reference.tree_sum([3.0]) == 3.0
     assert _reference.tree_sum([1.0, 2.0, 3.0]) == 6.0
+
+
+def test_tree_sum_spec_example():
+    """SPEC §7: tree_sum pads with zeros to a power of two and adds adjacent pairs level by level."""
+    import numpy as np
+
+    from gpu_phase_router import _tree
+
+    v = [1e16, 1.0, 1.0, 1.0]
+    left_to_right = 0.0
+    for x in v:
+        left_to_right += x
+    assert left_to_right == 1e16
+    assert _reference.tree_sum(v) == 1e16 + 2 == 10000000000000002.0
+    assert _tree.tree_sum(np, np.array(v)) == 10000000000000002.0
+    assert _reference.tree_sum([1e16, 1.0, 1.0]) == (1e16 + 1.0) + (1.0 + 0.0) == 1e16
+    assert _reference.tree_sum([2.5]) == 2.5

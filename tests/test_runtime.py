@@ -55,12 +55,17 @@ def layer_available(layer: str) -> bool:
 FORK_CODE = """
     import multiprocessing, numpy as np
     import gpu_phase_router as gpr
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(seed):
         return gpr.route(n=3000, k=4, seed=seed, backend="cpu").tobytes()
 
     if __name__ == "__main__":
         parent = [job(s) for s in range(4)]   # the parent has used the kernels (threads launched)
+        from numba.np.ufunc import parallel
+        assert parallel._is_initialized, "the parent never launched Numba's thread pool"
         with multiprocessing.get_context("fork").Pool(2) as pool:
             children = pool.map(job, range(4))
         assert children == parent, "forked children routed differently"
@@ -91,6 +96,47 @@ def test_fork_after_use_routes_in_children(layer, tmp_path):
     assert "unsafe" not in res.stderr
 
 
+FORK_FAST_CODE = """
+    import os, signal
+    import gpu_phase_router as gpr
+    from gpu_phase_router.backends import _numba_runtime as rt
+    from numba.np.ufunc import parallel
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
+
+    want = gpr.route(n=3000, k=4, seed=1, backend="cpu").tobytes()  # launches the threading layer
+    layer = parallel._threading_layer
+    gnu = False
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        gnu = omppool.openmp_vendor == "GNU"
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a kernel hung in the child ends it (SIGALRM) instead of stalling the test
+        if gnu and not rt.serial_only():
+            os._exit(3)  # forked after GNU OpenMP ran: the serial path must be on before any kernel
+        os._exit(0 if gpr.route(n=3000, k=4, seed=1, backend="cpu").tobytes() == want else 4)
+    _, status = os.waitpid(pid, 0)
+    print(layer, gnu, os.waitstatus_to_exitcode(status))
+"""
+FORK_FAILURES = {3: "serial path off in a child forked after GNU OpenMP", 4: "the child routed differently"}
+
+
+@pytest.mark.parametrize("layer", ["default", "omp"])
+def test_fork_child_fails_fast(layer):
+    """A plain os.fork after use: the child checks the fork-unsafe flag before it runs any kernel and
+    routes under a 20 s alarm, so a broken fork path fails here within seconds, not by a timeout."""
+    if layer != "default" and not layer_available(layer):
+        pytest.skip(f"Numba threading layer {layer!r} is not available here")
+    res = run_child(FORK_FAST_CODE, env={"NUMBA_THREADING_LAYER": None if layer == "default" else layer})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got_layer, gnu, code = res.stdout.split()[-3:]
+    assert layer in ("default", got_layer)
+    if int(code) == -signal.SIGALRM:
+        pytest.fail(f"forked child hung in a kernel under {got_layer} (GNU OpenMP: {gnu})")
+    assert int(code) == 0, FORK_FAILURES.get(int(code), f"child exit status {code}")
+
+
 # ── 2. threads under every threading layer ───────────────────────────────────────────────────────
 
 THREAD_CODE = """
@@ -98,6 +144,9 @@ THREAD_CODE = """
     import numpy as np
     import gpu_phase_router as gpr
     from numba.np.ufunc import parallel
+    from gpu_phase_router.backends import _numba_runtime as rt
+    rt.PAR_MIN_WORK = 1  # every call on the thread pool, however small or busy the machine
+    rt._others_running = lambda: 0
 
     def job(i):
         method = "systematic" if i % 3 == 2 else "phase"
@@ -197,7 +246,7 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
         "s = gpr.route(n=500, k=4, seed=1, backend='cpu', method='systematic')\n"
         "print(int(r.sum()), int(s.sum()))\n"
     )
-    if prebuilt:  # the cache is built where the package lies, before it becomes read-only
+    if prebuilt:  # the cache is built in the user cache folder, before it becomes read-only
         res = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -208,7 +257,8 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
             check=False,
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        assert list((site / "gpu_phase_router" / "backends" / "__pycache__").glob("*.nbi"))
+        assert list((home / ".cache" / "gpu_phase_router").rglob("*.nbi")), "not cached in the user cache folder"
+        assert not list((site / "gpu_phase_router").rglob("*.nbi")), "cache files written into the package folder"
     ro = (
         f"mount --bind {site} {site} && mount -o remount,bind,ro {site} && "
         f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "

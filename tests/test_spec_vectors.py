@@ -74,7 +74,7 @@ def test_systematic_vector_on_a_capacity_boundary():
 
 
 def test_route_vector_through_bits():
-    """The same vector through the seed's bit-packed low-level entry point."""
+    """The same vector through the crate's bit-packed low-level entry point."""
     d = _reference.weights_to_counts([1.0] * 8, 1.0, 8)
     c = _reference.weights_to_counts([float(v) for v in CAPS], 1.0, 8)
     s_bits = gpr.left_aligned_bits(d, 8).ravel()

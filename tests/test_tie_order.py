@@ -15,7 +15,7 @@ from simt import build
 from simt.emulated_backend import EmulatedLauncher
 
 from gpu_phase_router.backends import cpu
-from gpu_phase_router.backends.cuda import kernel_paths
+from gpu_phase_router.backends.cuda import kernel_paths, kernel_prelude
 
 PROBE = Path(__file__).resolve().parent / "simt" / "order_probe.cu"
 SENT = 0xFFFFFFFF
@@ -70,7 +70,7 @@ def test_heap_offer_and_emission_with_ties(keys, cols, k):
 @pytest.fixture(scope="module")
 def probe():
     try:
-        lib = build.load([*kernel_paths(), PROBE])
+        lib = build.load([*kernel_paths(), PROBE], prelude=kernel_prelude())
     except build.CompilerMissing as exc:
         pytest.skip(str(exc))
     return EmulatedLauncher(lib=lib)

@@ -16,6 +16,7 @@ Kernel inputs (all arrays of the backend's ``xp``, C-contiguous):
   made once per call and shared by every kernel call of that call.
 * ``phase_rows(...)``: the phase router for a range of rows (SPEC §4–§5), see :class:`Backend`.
 * ``systematic_rows(...)``: the systematic router for a block of rows (SPEC §11).
+* ``crate_rows(...)``: the crate's per-row ChaCha8 reservoir (crate-exact mode, SPEC §14).
 """
 
 from __future__ import annotations
@@ -81,6 +82,27 @@ class Backend(Protocol):
     def systematic_rows(self, phase: Any, cum: Any, *, n_src: int, k: int, phi: int) -> Any:
         """Systematic router rows (SPEC §11) → int32 ``(rows, k)``: ``phase`` int64 ``(rows,)``
         holds ``perm_t[j]``; ``cum`` uint64 ``(n_tgt + 1,)`` the cumulative capacity units."""
+
+    def crate_rows(
+        self,
+        phase: Array,
+        off_s: Array,
+        deg: Array,
+        ring_start: Array,
+        ring_len: Array,
+        ring_col: Array,
+        *,
+        n: int,
+        k: int,
+        row0: int,
+        seed: int,
+    ) -> Array:
+        """Crate-exact rows (SPEC §14) of the square ``n x n`` router → int32 ``(rows, k)``.
+
+        Arguments as for :meth:`phase_rows`, unprepared (int64 ring arrays of :meth:`prepare_ring`'s
+        inputs), with ``phase[i] = col_perm_t[j]`` and ``deg[i]`` the row's popcount (it may exceed
+        ``n``); ``seed`` is the kernel's RNG seed: row ``j`` draws from ``ChaCha8(seed + j)``.
+        """
 
 
 _REGISTRY: dict[str, str] = {

@@ -7,15 +7,20 @@ applies to all of them:
   set ``NUMBA_THREADING_LAYER`` or Numba already launched): ``tbb`` (thread- and fork-safe) if
   it loads, else ``omp`` (thread-safe; GNU libgomp is not fork-safe), else ``workqueue``
   (fork-safe, not thread-safe). Numba's own safety table: ``numba/np/ufunc/parallel.py``.
+* **Thread count** — :func:`threads_for` sizes each kernel call: one thread for small work (the
+  serial kernel, no pool wake-up), never more than ``NUMBA_NUM_THREADS`` / ``numba.set_num_threads``,
+  ``torch.get_num_threads()`` when torch is loaded, or the CPUs other processes leave free.
 * **Threads** — under a layer that is not thread-safe (``workqueue``), kernel calls from
   different Python threads are serialised by one process-wide lock (held per chunk, see
   :func:`row_chunks`), instead of Numba aborting the interpreter.
 * **fork** — ``os.register_at_fork``: a child forked after the parent launched a layer that is
   not fork-safe (GNU OpenMP) runs the kernels through their serial versions (same results), so
   it neither dies nor hangs; the lock is re-created in every child.
-* **Cache** — when neither the package's ``__pycache__`` nor the user cache directory is
-  writable (read-only install and ``$HOME``), ``_numba_config().CACHE_DIR`` is pointed at a
-  writable temporary directory, seeded with any cache files built beforehand, with one warning.
+* **Cache** — compiled kernels go to ``NUMBA_CACHE_DIR`` when set, else to a per-user folder
+  keyed by package version and CPU (:func:`user_cache_dir`), shared by every process of the
+  user; never into the package folder (files pip does not know keep a removed install alive as
+  a namespace package). With a read-only ``$HOME``, a per-user temporary folder seeded from it,
+  with one warning.
 * **First use** — one ``logging`` notice per process when a kernel of the package is compiled.
 * **Ctrl-C** — :func:`row_chunks` cuts a kernel call into chunks of bounded work; Python raises
   ``KeyboardInterrupt`` between them. Rows are independent, so chunks never change a result.
@@ -23,6 +28,7 @@ applies to all of them:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -66,6 +72,7 @@ def _loadable(layer: str) -> bool:
     return True
 
 
+@functools.cache
 def _numba_config() -> Any:
     """``numba.config`` (the settings module; typed loosely, its attributes are set at import)."""
     return importlib.import_module("numba.core.config")
@@ -149,39 +156,115 @@ def serial_only() -> bool:
     return _serial_only
 
 
-def threads() -> int:
-    """Threads a parallel kernel uses here (1 on the serial path); never launches Numba's pool."""
+PAR_MIN_WORK = 1 << 18  # work units (see row_chunks) a call needs per thread it runs on: ~0.3-1 ms
+
+
+def _configured_threads() -> int:
+    """Numba's thread count for this Python thread (``numba.set_num_threads`` once the pool runs,
+    else ``NUMBA_NUM_THREADS``), capped by ``torch.get_num_threads()`` when torch is loaded."""
+    par = sys.modules.get("numba.np.ufunc.parallel")
+    if par is not None and getattr(par, "_is_initialized", False):
+        n = int(par.get_num_threads())
+    else:
+        n = int(_numba_config().NUMBA_NUM_THREADS)
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    if get is not None:
+        try:
+            n = min(n, int(get()))
+        except Exception:  # a partly imported or stubbed torch
+            pass
+    return max(1, n)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _others_running() -> int:
+    """Runnable threads of other processes right now (Linux: ``/proc/loadavg`` less this
+    process's running threads); 0 where that cannot be read."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                    own += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except OSError:
+                pass
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - max(1, own))
+
+
+def threads_for(work: int) -> int:
+    """Threads one kernel call of ``work`` units runs on: 1 on the serial path; otherwise at most
+    the configured threads (:func:`_configured_threads`), one per :data:`PAR_MIN_WORK` units (a
+    small call stays on one thread: waking a pool costs more than it saves), and no more than the
+    CPUs no other process is running on at this moment (on a busy machine a pool waits for its
+    slowest thread's turn, which makes even large calls slower than one thread)."""
     if _serial_only:
         return 1
+    t = min(_configured_threads(), int(work) // PAR_MIN_WORK)
+    if t <= 1:
+        return 1
+    return max(1, min(t, _usable_cpus() - _others_running()))
 
-    return max(1, int(_numba_config().NUMBA_NUM_THREADS))
 
-
-def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any) -> Any:
-    """Call one kernel chunk: ``serial(*args)`` in a fork-unsafe child, else ``parallel(*args)``,
-    under the process-wide lock when the threading layer is not thread-safe."""
+def threads() -> int:
+    """Threads a parallel kernel may use here (1 on the serial path); never launches Numba's pool."""
     if _serial_only:
+        return 1
+    return _configured_threads()
+
+
+def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any, n_threads: int | None = None) -> Any:
+    """Call one kernel chunk: ``serial(*args)`` on one thread (``n_threads == 1``, or in a
+    fork-unsafe child), else ``parallel(*args)`` on ``n_threads`` threads (default: all
+    configured), under the process-wide lock when the threading layer is not thread-safe."""
+    if _serial_only or n_threads == 1:
         return serial(*args)
+    if n_threads is None:
+        return _run_parallel(parallel, args)
+    import numba
+
+    before = numba.get_num_threads()
+    if n_threads >= before:
+        return _run_parallel(parallel, args)
+    numba.set_num_threads(n_threads)
+    try:
+        return _run_parallel(parallel, args)
+    finally:
+        numba.set_num_threads(before)
+
+
+def _run_parallel(parallel: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     if _thread_safe(_current_layer()):
         return parallel(*args)
     with _lock:
         return parallel(*args)
 
 
-def row_chunks(rows: int, work: Any, *, min_rows: int = 1) -> Iterator[tuple[int, int]]:
+def row_chunks(rows: int, work: Any, *, min_rows: int = 1, n_threads: int | None = None) -> Iterator[tuple[int, int]]:
     """Split ``[0, rows)`` into consecutive ``(a, b)`` chunks of bounded work.
 
     Args:
         rows: number of rows.
         work: per-row work, an int (the same for every row) or an integer array ``(rows,)``.
         min_rows: at least this many rows per chunk (e.g. one task per thread).
+        n_threads: threads each chunk runs on (default :func:`threads`).
 
-    Chunk work is about ``threads() * CHUNK_WORK`` units, so one chunk takes tens of
+    Chunk work is about ``n_threads * CHUNK_WORK`` units, so one chunk takes tens of
     milliseconds and Ctrl-C is seen between chunks.
     """
     if rows <= 0:
         return
-    budget = threads() * CHUNK_WORK
+    budget = (n_threads or threads()) * CHUNK_WORK
     if isinstance(work, (int, np.integer)):
         step = max(min_rows, budget // max(1, int(work)))
         for a in range(0, rows, step):
@@ -199,6 +282,8 @@ def row_chunks(rows: int, work: Any, *, min_rows: int = 1) -> Iterator[tuple[int
 
 # ── cache directory ──────────────────────────────────────────────────────────────────────────────
 
+_cache_base: Path | None = None  # where this package's kernels are cached (None: NUMBA_CACHE_DIR or Numba's own)
+
 
 def _writable(path: Path) -> bool:
     try:
@@ -209,58 +294,134 @@ def _writable(path: Path) -> bool:
     return True
 
 
-def _user_cache_dir() -> Path:
+def _package_version() -> str:
+    from .. import __version__
+
+    return str(__version__)
+
+
+def _cpu_name() -> str:
+    """The CPU Numba compiles for (``NUMBA_CPU_NAME`` or the host's, e.g. ``znver3``)."""
+    name = _numba_config().CPU_NAME
+    if not name:
+        import llvmlite.binding as ll
+
+        name = ll.get_host_cpu_name()
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "cpu"
+
+
+def user_cache_dir() -> Path:
+    """Per-user cache folder of this package's compiled kernels, one per version and CPU.
+
+    ``<user cache dir>/gpu_phase_router/numba-<version>-<cpu>`` (``$XDG_CACHE_HOME`` or
+    ``~/.cache`` on Linux). Every process of the user (Dask workers, ``torchrun`` ranks) derives
+    the same folder, so kernels compiled by one are loaded by the others.
+    """
     from numba.misc.appdirs import AppDirs
 
-    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+    root = Path(AppDirs(appname="gpu_phase_router", appauthor=False).user_cache_dir)
+    return root / f"numba-{_package_version()}-{_cpu_name()}"
+
+
+def cache_dir() -> Path | None:
+    """The folder this package's kernels are cached in: ``NUMBA_CACHE_DIR`` when set, else the
+    per-user folder of :func:`user_cache_dir` (or its temporary fallback); ``None`` if nothing is writable."""
+    if _numba_config().CACHE_DIR:
+        return Path(_numba_config().CACHE_DIR)
+    return _cache_base
+
+
+def _in_package(py_file: str) -> bool:
+    try:
+        Path(py_file).resolve().relative_to(PACKAGE_DIR)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _install_cache_locator() -> None:
+    """Put this package's ``cache=True`` kernels in :data:`_cache_base`, never in the install.
+
+    Numba's default writes next to the source (``__pycache__``) when it is writable: inside an
+    installed package those files are unknown to pip, which then leaves the folder behind on
+    ``pip uninstall`` / ``pip install -e`` as a namespace package that shadows the real one. The
+    locator added here applies only to files of this package and only when ``NUMBA_CACHE_DIR`` is
+    unset (then Numba's own locator takes it, first in line).
+    """
+    from numba.core import caching
+
+    impl: Any = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")  # noqa: B009 (renamed in 0.61)
+    mixin: Any = caching._SourceFileBackedLocatorMixin
+    base: Any = caching._CacheLocator
+
+    class PackageCacheLocator(mixin, base):
+        def __init__(self, py_func: Any, py_file: str) -> None:
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            assert _cache_base is not None
+            self._cache_path = str(_cache_base / self.get_suitable_cache_subpath(py_file))
+
+        def get_cache_path(self) -> str:
+            return self._cache_path
+
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            if _numba_config().CACHE_DIR or _cache_base is None or not _in_package(py_file):
+                return None
+            return super().from_function(py_func, py_file)
+
+    classes = impl._locator_classes
+    if not any(c.__name__ == "PackageCacheLocator" for c in classes):
+        classes.insert(1 if classes and "UserProvided" in classes[0].__name__ else 0, PackageCacheLocator)
 
 
 def configure_cache() -> Path | None:
-    """Make ``@njit(cache=True)`` work from a read-only install; return the fallback dir if used.
+    """Choose where compiled kernels are cached; return the temporary fallback folder if it is used.
 
-    Numba needs a writable directory for each cached function: ``NUMBA_CACHE_DIR``, else the
-    source's ``__pycache__``, else the user cache directory; with none it raises when the
-    function is decorated. Here, in that case, a per-user directory under the temporary
-    directory is used, seeded with cache files found in the read-only ``__pycache__`` folders
-    (a cache built at install time still loads; index entries carry a source hash).
+    ``NUMBA_CACHE_DIR`` wins when set. Otherwise the per-user folder of :func:`user_cache_dir`;
+    when it is not writable (read-only ``$HOME``), a per-user folder under the temporary
+    directory, seeded with the kernels already in the read-only folder (they still load: index
+    entries carry a hash of the source), with one warning. Nothing is ever written into the
+    package folder.
     """
+    global _cache_base
 
+    _install_cache_locator()
     if _numba_config().CACHE_DIR:
         return None
-    kernel_dirs = [PACKAGE_DIR / "backends"]
-    if all(_writable(d / "__pycache__") for d in kernel_dirs) or _writable(_user_cache_dir()):
+    user = user_cache_dir()
+    if _writable(user):
+        _cache_base = user
         return None
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     try:
-        fallback = Path(tempfile.gettempdir()) / f"gpu_phase_router-numba-cache-{uid}"
+        fallback = Path(tempfile.gettempdir()) / f"gpu_phase_router-numba-cache-{uid}" / user.name
     except (FileNotFoundError, OSError):
+        fallback = None
+    if fallback is None or not _writable(fallback):
         warnings.warn(
-            "gpu_phase_router: the install and the user cache directory are read-only and no "
-            "temporary directory is writable; set NUMBA_CACHE_DIR to a writable directory",
+            "gpu_phase_router: the user cache directory and the temporary directory are read-only; "
+            "set NUMBA_CACHE_DIR to a writable directory to cache the compiled CPU kernels",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    if not _writable(fallback):
-        return None
-    from numba.core.caching import _CacheLocator
-
-    for d in kernel_dirs:
-        src = d / "__pycache__"
-        if not src.is_dir():
-            continue
-        dest = fallback / _CacheLocator.get_suitable_cache_subpath(str(d / "cpu.py"))
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            if f.suffix in (".nbi", ".nbc") and not (dest / f.name).exists():
-                try:
-                    shutil.copy2(f, dest / f.name)
-                except OSError:
-                    pass
-    _numba_config().CACHE_DIR = str(fallback)
+    if user.is_dir():
+        for src in user.iterdir():
+            if not src.is_dir():
+                continue
+            dest = fallback / src.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.suffix in (".nbi", ".nbc") and not (dest / f.name).exists():
+                    try:
+                        shutil.copy2(f, dest / f.name)
+                    except OSError:
+                        pass
+    _cache_base = fallback
     warnings.warn(
-        f"gpu_phase_router: the install directory and the user cache directory are read-only; "
-        f"caching compiled CPU kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
+        f"gpu_phase_router: the user cache directory {user} is read-only; caching compiled CPU "
+        f"kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -9,44 +9,27 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 
-from .._keys import FEISTEL_ROUNDS, GOLDEN, MIX_M1, MIX_M2, feistel_params
+from .._keys import FEISTEL_ROUNDS, FILL_TRIES, feistel_params
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
+from ._numba_prims import KEY_MAX as _KEY_MAX
+from ._numba_prims import U0 as _ZERO
+from ._numba_prims import U1 as _ONE
+from ._numba_prims import U32 as _S32
+from ._numba_prims import at as _at
+from ._numba_prims import cttz as _cttz
 
-_G = np.uint64(GOLDEN)
-_M1 = np.uint64(MIX_M1)
-_M2 = np.uint64(MIX_M2)
-_S27 = np.uint64(27)
-_S30 = np.uint64(30)
-_S31 = np.uint64(31)
-_S32 = np.uint64(32)
-_ZERO = np.uint64(0)
-_ONE = np.uint64(1)
-_KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+SHORT_DEG = 64  # banded rows of at most this many ring positions take the selection of _select_short
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
-
-
-@nb.njit(inline="always", cache=True)
-def _mix64(z):
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
-
-
-@nb.njit(inline="always", cache=True)
-def _at(base, i):
-    return _mix64(base + _G * (np.uint64(i) + _ONE))
 
 
 @nb.njit(cache=True)
@@ -95,7 +78,7 @@ def _less(ka, ca, kb, cb):
     return ka < kb or (ka == kb and ca < cb)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _sift_down(keys, cols, size, i):
     """Restore the max-heap property of ``(keys, cols)[:size]`` below index ``i``."""
     while True:
@@ -154,7 +137,7 @@ def _offer_sorted(keys, cols, size, k, key, col):
     return size
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _emit_sorted(keys, cols, size, out_row):
     """Heap-sort the bottom-k heap ascending into ``out_row`` and pad with -1."""
     for end in range(size - 1, 0, -1):
@@ -175,7 +158,7 @@ def _emit_ascending(cols, size, out_row):
         out_row[q] = -1
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
     """Offer the candidates ``qs[:n_q]`` (indices into ``kbuf``/``cbuf``) to the bottom-k."""
     for i in range(n_q):
@@ -186,18 +169,6 @@ def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
         elif size < k or kbuf[q] <= keys[0]:
             size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
     return size
-
-
-@intrinsic
-def _cttz(typingctx, x):
-    """Index of the lowest set bit of a non-zero uint64 (one ``tzcnt``)."""
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
-
-    return types.uint64(types.uint64), codegen
 
 
 @nb.njit(inline="always", cache=True)
@@ -226,7 +197,7 @@ def _compact(x, n_src, rs, rl, rc, cbuf):
     return np.int64(cnt)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
@@ -259,7 +230,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
             bound = _KEY_MAX
             hits = cnt
         if hits:
-            n_q = 0
+            n_q = np.int64(0)
             for q in range(cnt):
                 qbuf[n_q] = q
                 n_q += kbuf[q] <= bound
@@ -268,7 +239,66 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
+def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
+    """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
+
+    The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
+    compacted branch-free and keyed; then the smallest ``(key, col)`` is taken again and again
+    (one branch-free pass each), so a row costs ``O(d)`` per emitted target instead of an
+    insertion sort. Only the prefix the emission reads is produced: taking stops once it names
+    ``k_out`` distinct targets (the emission of that prefix equals the emission of the whole
+    bottom-k), or at ``k`` columns. Returns the prefix length ``size``: ``(keys, cols)[:size]`` is
+    the start of the sorted bottom-k, and all of it when the row names fewer than ``k_out`` targets.
+    """
+    n_tgt = ring_col.shape[0]
+    cnt = 0
+    for q in range(d):
+        pos = lo + q
+        if pos >= n_tgt:
+            pos -= n_tgt
+        diff = x - ring_start[pos]
+        if diff < 0:
+            diff += n_src
+        cbuf[cnt] = ring_col[pos]
+        cnt += diff < ring_len[pos]
+    for q in range(cnt):
+        kbuf[q] = _at(row_base, cbuf[q])
+    want = min(k, cnt)
+    size = 0
+    distinct = 0
+    last_k = _ZERO
+    last_c = np.int64(-1)
+    while size < want:
+        best_k = _KEY_MAX  # smallest key after (last_k, last_c): a min-reduction, vectorisable
+        for q in range(cnt):
+            kq = kbuf[q]
+            after = (kq > last_k) | ((kq == last_k) & (cbuf[q] > last_c))
+            best_k = min(best_k, kq if after else _KEY_MAX)
+        best_c = _I64_MAX  # its smallest column (ties of 64-bit keys are rare, but ordered by column)
+        for q in range(cnt):
+            kq = kbuf[q]
+            cq = cbuf[q]
+            after = (kq > last_k) | ((kq == last_k) & (cq > last_c))
+            best_c = min(best_c, cq if after & (kq == best_k) else _I64_MAX)
+        keys[size] = best_k
+        cols[size] = best_c
+        size += 1
+        last_k = best_k
+        last_c = best_c
+        e = col_map[best_c]
+        new = True
+        for r in range(size - 1):
+            if col_map[cols[r]] == e:
+                new = False
+                break
+        distinct += new
+        if distinct == k_out:
+            break
+    return size
+
+
+@nb.njit(cache=True)
 def _emit_distinct(keys, cols, size, k, col_map, out_row):
     """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
     keep the first ``len(out_row)`` distinct targets; pad with -1."""
@@ -295,6 +325,45 @@ def _emit_distinct(keys, cols, size, k, col_map, out_row):
         out_row[q] = -1
 
 
+@nb.njit(inline="always", cache=True)
+def _listed_before(out_row, listed, e):
+    for r in range(listed):
+        if out_row[r] == e:
+            return True
+    return False
+
+
+@nb.njit(cache=True)
+def _complete_row(row_base, col_map, out_row):
+    """SPEC §13 fill completion of a short row (one of a source of positive degree): capacity-weighted
+    draws ``col_map[key(j, V + r) mod V]`` for ``r < FILL_TRIES``, then the targets of positive capacity
+    in ascending order, cyclically from the band of the first draw, each appended when not yet listed."""
+    k_out = out_row.shape[0]
+    listed = 0
+    while listed < k_out and out_row[listed] >= 0:
+        listed += 1
+    n_cols = np.uint64(col_map.shape[0])
+    for r in range(FILL_TRIES):
+        if listed == k_out:
+            return
+        e = col_map[_at(row_base, n_cols + np.uint64(r)) % n_cols]
+        if not _listed_before(out_row, listed, e):
+            out_row[listed] = e
+            listed += 1
+    first = col_map[_at(row_base, n_cols) % n_cols]
+    e = first
+    for _ in range(col_map.shape[0]):  # at most one step per band
+        if listed == k_out:
+            return
+        if not _listed_before(out_row, listed, e):
+            out_row[listed] = e
+            listed += 1
+        nxt = np.searchsorted(col_map, e, side="right")  # the next band (bands are contiguous, ascending)
+        e = col_map[nxt if nxt < col_map.shape[0] else 0]
+        if e == first:
+            return
+
+
 @nb.njit(cache=True)
 def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
@@ -303,6 +372,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
     rows = phase.shape[0]
     banded = col_map.shape[0] > 0
     n_tgt = ring_col.shape[0]
+    zero = np.int64(0)  # typed like ``size`` and ``lo``: both scans share one compiled _scan_segment
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
@@ -315,27 +385,28 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
             x = phase[i]
             lo = off_s[i]
             hi = lo + deg[i]
-            size = _scan_segment(
-                lo,
-                min(hi, n_tgt),
-                x,
-                n_src,
-                ring_start,
-                ring_len,
-                ring_col,
-                row_base,
-                cbuf,
-                kbuf,
-                qbuf,
-                keys,
-                cols,
-                0,
-                k,
-            )
-            if hi > n_tgt:
+            if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
+                size = _select_short(
+                    lo,
+                    deg[i],
+                    x,
+                    n_src,
+                    ring_start,
+                    ring_len,
+                    ring_col,
+                    row_base,
+                    k,
+                    out.shape[1],
+                    col_map,
+                    cbuf,
+                    kbuf,
+                    keys,
+                    cols,
+                )
+            else:
                 size = _scan_segment(
-                    0,
-                    hi - n_tgt,
+                    lo,
+                    min(hi, n_tgt),
                     x,
                     n_src,
                     ring_start,
@@ -347,11 +418,31 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                     qbuf,
                     keys,
                     cols,
-                    size,
+                    zero,
                     k,
                 )
-            if banded:
+                if hi > n_tgt:
+                    size = _scan_segment(
+                        zero,
+                        hi - n_tgt,
+                        x,
+                        n_src,
+                        ring_start,
+                        ring_len,
+                        ring_col,
+                        row_base,
+                        cbuf,
+                        kbuf,
+                        qbuf,
+                        keys,
+                        cols,
+                        size,
+                        k,
+                    )
+            if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
+                if deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
+                    _complete_row(row_base, col_map, out[i])
             elif k <= SMALL_K:
                 _emit_ascending(cols, size, out[i])
             else:
@@ -445,8 +536,10 @@ class CpuBackend:
         h, mask = feistel_params(n)
         out = np.empty(count, dtype=np.int64)
         args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
-        for a, b in _rt.row_chunks(count, 4 * FEISTEL_ROUNDS, min_rows=FEISTEL_TASK * _rt.threads()):
-            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b])
+        work = 4 * FEISTEL_ROUNDS
+        t = _rt.threads_for(count * work)
+        for a, b in _rt.row_chunks(count, work, min_rows=FEISTEL_TASK * t, n_threads=t):
+            _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b], n_threads=t)
         return out
 
     def prepare_ring(self, ring_start, ring_len, ring_col):
@@ -470,7 +563,9 @@ class CpuBackend:
         out = np.empty((rows, k_out if banded else k), dtype=np.int32)
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
-        for a, b in _rt.row_chunks(rows, deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+        work = deg + (k + 16)
+        t = _rt.threads_for(int(deg.sum()) + rows * (k + 16))
+        for a, b in _rt.row_chunks(rows, work, min_rows=ROWS_PER_TASK * t, n_threads=t):
             _rt.run(
                 _phase_rows_par,
                 _phase_rows,
@@ -485,6 +580,7 @@ class CpuBackend:
                 key,
                 cmap,
                 out[a:b],
+                n_threads=t,
             )
         return out
 
@@ -495,7 +591,8 @@ class CpuBackend:
         rows = phase.shape[0]
         out = np.empty((rows, k), dtype=np.int32)
         work = k * (int(cum.shape[0]).bit_length() + 4)
-        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * _rt.threads()):
+        t = _rt.threads_for(rows * work)
+        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * t, n_threads=t):
             _rt.run(
                 _systematic_rows_par,
                 _systematic_rows,
@@ -505,14 +602,15 @@ class CpuBackend:
                 np.int64(k),
                 np.uint64(phi),
                 out[a:b],
+                n_threads=t,
             )
         return out
 
-    def seed_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
-        """Seed-exact rows (SPEC §14), in ``backends/cpu_seed.py``."""
-        from .cpu_seed import seed_rows
+    def crate_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
+        """Crate-exact rows (SPEC §14), in ``backends/cpu_crate.py``."""
+        from .cpu_crate import crate_rows
 
-        return seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
+        return crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
 
 
 def load() -> CpuBackend:

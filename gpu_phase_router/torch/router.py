@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _prep
 from .._arrays import check_plain_input, to_numpy
+from .._tree import tree_sum
 from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_seed, check_weights
 from ..methods import available_methods
 from . import learned
@@ -165,7 +165,7 @@ class MoERouter(nn.Module):
         self._cap_values = tuple(float(c) for c in self.capacities)
         self.capacity_factor = _check_factor(capacity_factor)
         hard_caps_host(self._cap_values, 1, self.k, self.capacity_factor)  # caps beyond int64 raise now
-        self._share = self.capacities / _prep.tree_sum(np, self.capacities)
+        self._share = self.capacities / tree_sum(np, self.capacities)
         options = learned.check_options(
             method, balance, overflow, reroute_rounds, bias_rate, eval_capacity_factor, process_group
         )

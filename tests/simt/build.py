@@ -34,13 +34,13 @@ def find_cxx() -> str:
     return path
 
 
-def kernel_names(cxx: str, kernel_files: list[Path]) -> list[str]:
+def kernel_names(cxx: str, kernel_files: list[Path], prelude: str = "") -> list[str]:
     """Kernels (``extern "C" __global__`` functions) of the sources, found in their preprocessed text,
     so kernels stamped out by macros are found too."""
     names: list[str] = []
     for path in kernel_files:
         marker = "static int simt_kernel_source_starts_here;"
-        unit = f'#include "simt.h"\n{marker}\n#include "{path}"\n'
+        unit = f'#include "simt.h"\n{prelude}{marker}\n#include "{path}"\n'
         cmd = [cxx, "-std=c++17", "-E", "-P", "-x", "c++", f"-I{HERE}", "-"]
         res = subprocess.run(cmd, input=unit, capture_output=True, text=True, check=False)
         if res.returncode != 0:
@@ -57,14 +57,15 @@ def _cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"gpr_simt_{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
-def build(kernel_files: list[Path], *, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile ``kernel_files`` (concatenated) into the emulator library; return its path."""
+def build(kernel_files: list[Path], *, extra_flags: tuple[str, ...] = (), prelude: str = "") -> Path:
+    """Compile ``prelude`` (source text, e.g. the package's generated ``#define`` lines) and then
+    ``kernel_files`` (concatenated) into the emulator library; return its path."""
     cxx = find_cxx()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     flags = (*CXXFLAGS, *extra_flags)
     sources = [p.read_bytes() for p in (*HEADERS, *kernel_files)]
     digest = hashlib.sha256()
-    for blob in (*sources, version.encode(), " ".join(flags).encode(), cxx.encode()):
+    for blob in (*sources, prelude.encode(), version.encode(), " ".join(flags).encode(), cxx.encode()):
         digest.update(hashlib.sha256(blob).digest())
     tag = digest.hexdigest()[:16]
     out_dir = _cache_dir()
@@ -72,12 +73,12 @@ def build(kernel_files: list[Path], *, extra_flags: tuple[str, ...] = ()) -> Pat
     lib = out_dir / f"libgpr_simt_{tag}.so"
     if lib.exists():
         return lib
-    names = kernel_names(cxx, kernel_files)
+    names = kernel_names(cxx, kernel_files, prelude)
     if not names:
         raise RuntimeError(f"no kernels found in {kernel_files}")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         unit = Path(tmp) / "emulated.cpp"
-        lines = ['#include "simt.h"']
+        lines = ['#include "simt.h"', prelude]
         lines += [f'#include "{p}"' for p in kernel_files]
         lines.append("static const simt::Entry simt_entries[] = {")
         lines += [f'    simt::make_entry("{n}", &{n}),' for n in names]

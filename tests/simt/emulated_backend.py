@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_phase_router.backends.cuda import CudaBackend, kernel_paths
+from gpu_phase_router.backends.cuda import CudaBackend, kernel_paths, kernel_prelude
 
 from . import build
 
@@ -30,7 +30,7 @@ def library() -> ctypes.CDLL:
     """The emulator library for the package's kernel sources (built once per process)."""
     global _LIB
     if _LIB is None:
-        _LIB = build.load(kernel_paths())
+        _LIB = build.load(kernel_paths(), prelude=kernel_prelude())
     return _LIB
 
 

@@ -1,4 +1,4 @@
-// Seed-exact mode (SPEC.md §14): the seed crate phase_router_rs's per-row ChaCha8 reservoir, bit for bit.
+// Crate-exact mode (SPEC.md §14): the crate phase_router_rs's per-row ChaCha8 reservoir, bit for bit.
 // Compiled with phase_router.cu into one module (CuPy/NVRTC); run on the CPU by tests/simt in the tests.
 // Same CUDA subset as phase_router.cu: no includes, no atomics, no floating point, full-mask collectives
 // reached by every lane of the warp.
@@ -15,9 +15,9 @@
 // into shared memory. The accept/reject chain is sequential (a rejection shifts every later draw to
 // the next candidate); it is walked up to 32 draws per round by speculation and repair: lane l
 // holds draw d + l and tests it under each hypothesis "j of the draws before me were rejected"
-// (candidate count + l - j), j = 0..GPR_SEED_SPEC, one ballot per hypothesis. Following the
+// (candidate count + l - j), j = 0..GPR_CRATE_SPEC, one ballot per hypothesis. Following the
 // hypotheses from lane 0 (the first rejection under hypothesis j moves the later lanes to j + 1)
-// commits every draw up to the (GPR_SEED_SPEC + 1)-th rejection: about (GPR_SEED_SPEC + 1) /
+// commits every draw up to the (GPR_CRATE_SPEC + 1)-th rejection: about (GPR_CRATE_SPEC + 1) /
 // P(reject) draws per round (P(reject) is at most 1/2, about 0.3 on average), instead of one.
 
 typedef unsigned long long u64;
@@ -26,8 +26,8 @@ typedef long long i64;
 #ifndef GPR_FULL_MASK
 #define GPR_FULL_MASK 0xffffffffu
 #endif
-#define GPR_SEED_ROWS 4  // rows (warps) per block: blockDim = (32, GPR_SEED_ROWS)
-#define GPR_SEED_SPEC 3  // rejections speculated per round (hypotheses 0..GPR_SEED_SPEC)
+// GPR_CRATE_ROWS, rows (warps) per block (blockDim = (32, GPR_CRATE_ROWS)), comes from the prelude.
+#define GPR_CRATE_SPEC 3  // rejections speculated per round (hypotheses 0..GPR_CRATE_SPEC)
 
 __device__ __forceinline__ unsigned gpr_rotl32(unsigned x, int r) { return (x << r) | (x >> (32 - r)); }
 
@@ -115,15 +115,15 @@ __device__ __forceinline__ int gpr_nth_bit(unsigned m, int i) {
 // phase[i] = col_perm_t[j], off_s[i] its start on the target ring, deg[i] = ones_s[j] (may exceed n:
 // the ring is then walked more than once, as the crate does); ring_sl[p] = (off_t, ones_t) of the
 // column ring_col[p] = inv_perm_s[p] at ring position p.
-extern "C" __global__ void __launch_bounds__(32 * GPR_SEED_ROWS)
-gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, const i64* __restrict__ deg,
+extern "C" __global__ void __launch_bounds__(32 * GPR_CRATE_ROWS)
+gpr_crate_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, const i64* __restrict__ deg,
               const int2* __restrict__ ring_sl, const int* __restrict__ ring_col, int rows, int n, int k, i64 row0,
               u64 seed, int* __restrict__ out) {
-    __shared__ unsigned gpr_seed_ks[GPR_SEED_ROWS][16 * 32];  // 32 keystream blocks, word-major
+    __shared__ unsigned gpr_crate_ks[GPR_CRATE_ROWS][16 * 32];  // 32 keystream blocks, word-major
     const int lane = threadIdx.x;
     const int row = blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;  // warp-uniform
-    unsigned* ks = gpr_seed_ks[threadIdx.y];
+    unsigned* ks = gpr_crate_ks[threadIdx.y];
     int* orow = out + (i64)row * k;
     for (int q = lane; q < k; q += 32) orow[q] = -1;
 
@@ -172,7 +172,7 @@ gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, cons
             }
             const int left_c = __popc(mask);
             int w = nd - d;  // lanes holding a draw this round
-            if (w > left_c + GPR_SEED_SPEC) w = left_c + GPR_SEED_SPEC;
+            if (w > left_c + GPR_CRATE_SPEC) w = left_c + GPR_CRATE_SPEC;
             if (w > 32) w = 32;
             u64 v = 0;
             if (lane < w) {
@@ -182,9 +182,9 @@ gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, cons
             }
             // Hypothesis j: j draws before this lane were rejected, so the lane's draw belongs to
             // candidate lane - j. rej[j] = lanes whose draw is rejected under hypothesis j.
-            unsigned rej[GPR_SEED_SPEC + 1];
+            unsigned rej[GPR_CRATE_SPEC + 1];
 #pragma unroll
-            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+            for (int j = 0; j <= GPR_CRATE_SPEC; ++j) {
                 bool reject = false;
                 if (lane < w && lane >= j && lane - j < left_c) {
                     const u64 range = (u64)count + 1ULL + (u64)(lane - j);
@@ -194,12 +194,12 @@ gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, cons
             }
             // Resolve (warp-uniform): follow the hypotheses from lane 0; the first rejection under
             // hypothesis j moves the lanes after it to hypothesis j + 1.
-            int fpos[GPR_SEED_SPEC + 1];
+            int fpos[GPR_CRATE_SPEC + 1];
 #pragma unroll
-            for (int j = 0; j <= GPR_SEED_SPEC; ++j) fpos[j] = 32;
+            for (int j = 0; j <= GPR_CRATE_SPEC; ++j) fpos[j] = 32;
             int end = 0, pos = 0, nrej = 0;
 #pragma unroll
-            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+            for (int j = 0; j <= GPR_CRATE_SPEC; ++j) {
                 if (j == nrej) {  // still resolving
                     const int lim = w < left_c + j ? w : left_c + j;  // lanes that can hold a candidate
                     const unsigned below = lim >= 32 ? 0xffffffffu : ((1u << lim) - 1u);
@@ -219,7 +219,7 @@ gpr_seed_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, cons
             int jl = 0;
             bool rejected = false;
 #pragma unroll
-            for (int j = 0; j <= GPR_SEED_SPEC; ++j) {
+            for (int j = 0; j <= GPR_CRATE_SPEC; ++j) {
                 jl += fpos[j] < lane ? 1 : 0;
                 rejected = rejected || fpos[j] == lane;
             }

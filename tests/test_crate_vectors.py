@@ -1,9 +1,9 @@
-"""Seed-exact mode (SPEC §14): the seed crate's own outputs, on the oracle, the CPU and the CUDA kernel.
+"""Crate-exact mode (SPEC §14): the crate's own outputs, on the oracle, the CPU and the CUDA kernel.
 
-``tests/data/seed_vectors/`` holds 586 exact outputs of the crate ``phase_router_rs`` (MIT). Every
-vector is checked on the plain-Python oracle (:mod:`gpu_phase_router._seed_reference`, the large
+``tests/data/crate_vectors/`` holds 586 exact outputs of the crate ``phase_router_rs`` (MIT). Every
+vector is checked on the plain-Python oracle (:mod:`gpu_phase_router._crate_reference`, the large
 ones marked ``slow``), through :mod:`gpu_phase_router.compat` on the CPU backend, and on the CUDA
-backend's host code with ``kernels/seed_router.cu`` run by the SIMT emulator (``big.jsonl`` there
+backend's host code with ``kernels/crate_router.cu`` run by the SIMT emulator (``big.jsonl`` there
 is ``slow``); the real GPU runs them too where one exists. Randomized cases (Hypothesis) check
 oracle == CPU == emulated CUDA beyond the vectors, including set bits beyond column ``n``.
 """
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from simt import build, emulated_backend
 
 import gpu_phase_router.compat as prr
-from gpu_phase_router import _seed_reference as ref
-from gpu_phase_router import get_backend, register_backend
+from gpu_phase_router import _crate_reference as ref
+from gpu_phase_router import get_backend, register_backend, route_bits
 
-DATA = Path(__file__).resolve().parent / "data" / "seed_vectors"
+DATA = Path(__file__).resolve().parent / "data" / "crate_vectors"
 EMULATED = "cuda-emulated"
 FILES = ("kernel", "auto", "uniform_dispatch", "big")
 REF_FAST_N = 300  # the oracle runs larger vectors only in the slow suite
@@ -235,12 +235,12 @@ def test_emulated_schedules_agree(emulated):
     """The seed kernel's warp collectives give one result under every emulated thread schedule."""
     c = VECTORS["auto"][40]
     want = _expected(c)
-    from gpu_phase_router import _seed
+    from gpu_phase_router import _crate
 
     n = c["n"]
     for schedule in (1, 2):
         be = emulated_backend.make_backend(schedule=schedule, seed=7)
-        got = _seed.route_counts(
+        got = _crate.route_counts(
             be,
             np.asarray(c["ones_s"], dtype=np.int64),
             np.asarray(c["ones_t"], dtype=np.int64),
@@ -250,3 +250,30 @@ def test_emulated_schedules_agree(emulated):
             c["seed"],
         )
         np.testing.assert_array_equal(got.reshape(n, -1), want)
+
+
+def test_stray_bits_count_fixed_case(emulated):
+    """SPEC §14: set bits beyond column n count towards a row's popcount (the crate's rule), in S and
+    in T; a fixed case where they change the routes, on the oracle, the CPU and emulated CUDA."""
+    n, k, seed = 70, 3, 12345  # two words per row, the second holds columns 64..69 and 58 stray bits
+    nbw = 2
+    rng = np.random.default_rng(70)
+    s_bits = _bits(rng.integers(0, 20, n).tolist(), n).reshape(n, nbw)
+    t_bits = _bits(rng.integers(0, 40, n).tolist(), n).reshape(n, nbw)
+    clean_s, clean_t = s_bits.copy(), t_bits.copy()
+    for r in range(0, n, 3):
+        s_bits[r, 1] |= np.uint64(0xFFFF) << np.uint64(40)  # 16 stray bits: columns 104..119
+        t_bits[(r * 7) % n, 1] |= np.uint64(1) << np.uint64(63)
+    perm_s = rng.permutation(n).tolist()
+    perm_t = rng.permutation(n).tolist()
+    want = ref.phase_router(s_bits.reshape(-1), t_bits.reshape(-1), n, nbw, k, perm_s, perm_t, seed)
+    clean = ref.phase_router(clean_s.reshape(-1), clean_t.reshape(-1), n, nbw, k, perm_s, perm_t, seed)
+    assert (want != clean).any(axis=1).sum() >= 10  # the stray bits matter in this case
+    auto_want = ref.phase_router_auto(s_bits.reshape(-1), t_bits.reshape(-1), n, k, seed)
+    for backend in ("cpu", emulated):
+        got = prr.phase_router(s_bits.reshape(-1), t_bits, n, nbw, k, perm_s, perm_t, seed, backend=backend)
+        np.testing.assert_array_equal(got, want, err_msg=backend)
+        got = prr.phase_router_auto(s_bits.reshape(-1), t_bits.reshape(-1), n, k, seed, backend=backend)
+        np.testing.assert_array_equal(got, auto_want, err_msg=backend)
+    with pytest.raises(ValueError, match="padding"):  # the SPEC §2 form rejects them
+        route_bits(s_bits, t_bits, n_src=n, n_tgt=n, k=k, seed=seed)

@@ -1,4 +1,4 @@
-"""Numba kernels of seed-exact mode (SPEC.md §14): the seed crate's per-row ChaCha8 reservoir.
+"""Numba kernels of crate-exact mode (SPEC.md §14): the crate's per-row ChaCha8 reservoir.
 
 Rows run in parallel (``numba.prange`` over tasks of :data:`ROWS_PER_TASK` rows, buffers allocated
 once per task). Per row ``j``: the row's ring positions are tested in chunks, branch-free, and the
@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
+from ._numba_prims import M32 as _M32
+from ._numba_prims import U1 as _U1
+from ._numba_prims import U32 as _U32
+from ._numba_prims import ctlz as _ctlz64
 
 ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
 LANES = 16  # ChaCha8 blocks generated per refill (SIMD lanes of the block loop)
 
-_M32 = np.uint64(0xFFFFFFFF)
-_U1 = np.uint64(1)
-_U32 = np.uint64(32)
+
 _PCG_MUL = np.uint64(6364136223846793005)
 _PCG_INC = np.uint64(11634580027462260723)
 _C0 = np.uint32(0x61707865)
@@ -191,17 +190,6 @@ def _mulhi(v, r):
     return v1 * r1 + (t >> _U32) + (w1 >> _U32)
 
 
-@intrinsic
-def _ctlz64(typingctx, x):
-    """``leading_zeros`` of a uint64 (LLVM ``ctlz``; 64 for 0)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
-
-    return sig, codegen
-
-
 @nb.njit(inline="always", cache=True)
 def _draw(buf, d):
     """Draw ``d`` (``next_u64``: words ``2d`` and ``2d + 1``, low first) of the blocks in ``buf``.
@@ -296,7 +284,7 @@ def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
 
 
 @nb.njit(cache=True)
-def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
@@ -329,16 +317,16 @@ def _seed_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, se
 
 
 @nb.njit(parallel=True, cache=True)
-def _seed_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
-    """:func:`_seed_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
+def _crate_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+    """:func:`_crate_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
     rows = phase.shape[0]
     for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        _seed_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
+        _crate_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
 
 
-def seed_rows(
+def crate_rows(
     phase: np.ndarray,
     off_s: np.ndarray,
     deg: np.ndarray,
@@ -351,7 +339,7 @@ def seed_rows(
     row0: int,
     seed: int,
 ) -> np.ndarray:
-    """Seed-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.seed_rows``)."""
+    """Crate-exact rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)`` (see ``CpuBackend.crate_rows``)."""
     out = np.empty((phase.shape[0], k), dtype=np.int32)
 
     def i64(a: np.ndarray) -> np.ndarray:
@@ -361,10 +349,11 @@ def seed_rows(
     ring = (i64(ring_start), i64(ring_len), i64(ring_col))
     scalars = (np.int64(n), np.int64(k))
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
-    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * _rt.threads()):
+    t = _rt.threads_for(int(deg.sum()) + phase.shape[0] * (k + 16))
+    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * t, n_threads=t):
         _rt.run(
-            _seed_rows_par,
-            _seed_rows,
+            _crate_rows_par,
+            _crate_rows,
             phase[a:b],
             off_s[a:b],
             deg[a:b],
@@ -373,6 +362,7 @@ def seed_rows(
             np.int64(row0 + a),
             np.uint64(seed),
             out[a:b],
+            n_threads=t,
         )
     return out
 

@@ -1,4 +1,4 @@
-"""Plain-Python oracle of seed-exact mode (SPEC.md §14): the seed crate ``phase_router_rs``'s routes.
+"""Plain-Python oracle of crate-exact mode (SPEC.md §14): the crate ``phase_router_rs``'s routes.
 
 Written from the crate's ``src/router.rs`` / ``src/core.rs`` and the semantics of the Rust crates it
 draws with (rand 0.8.5, rand_core 0.6.3, rand_chacha 0.3.1), on Python integers, one operation per
