@@ -19,7 +19,7 @@ def _kind(block: str) -> str:
 
 
 def test_readme_has_its_examples():
-    assert [_kind(b) for b in BLOCKS] == ["use", "dask", "torch", "torch", "torch"]
+    assert [_kind(b) for b in BLOCKS] == ["use", "torch", "torch", "torch", "dask"]
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[_kind(b) for b in BLOCKS])
