@@ -119,13 +119,8 @@ class RoutingPlan:
             ``x``; no host read.
         """
         position, rows_out = self._layout(layout)
-        n_tok, k = self.num_tokens, self.k
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != n_tok:
-            raise ValueError(
-                f"x must be a [T, d] tensor with T = {n_tok}; got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
-        buf = _scatter_rows(x, position, k, rows_out)
+        _check_rows("x", x, self.num_tokens, "T")
+        buf = _scatter_rows(x, position, self.k, rows_out)
         return buf if layout == "packed" else buf.view(self.num_experts, self.buffer_size, x.shape[1])
 
     def combine(self, y: torch.Tensor, layout: Layout = "padded") -> torch.Tensor:
@@ -235,6 +230,13 @@ class RoutingPlan:
         return _plan(
             experts.to(torch.int64), capacity, buffer_size, logits, weight_dtype, offsets=host_offsets(caps_host)
         )
+
+
+def _check_rows(name: str, value: Any, rows: int, label: str) -> None:
+    """``value`` must be a 2-D tensor of ``rows`` rows (``ValueError`` naming ``name`` otherwise)."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != rows:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a [{label}, d] tensor with {label} = {rows}; got {got}")
 
 
 def _scatter_rows(x: torch.Tensor, position: torch.Tensor, k: int, rows_out: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._plan import RoutingPlan, _gather_rows, _scatter_rows
+from ._plan import RoutingPlan, _check_rows, _gather_rows, _scatter_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -226,11 +226,7 @@ class ExpertParallel:
         """
         if not isinstance(plan, RoutingPlan):
             raise TypeError(f"plan must be a RoutingPlan; got {type(plan).__name__}")
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != plan.num_tokens:
-            raise ValueError(
-                f"x must be a [T, d] tensor with T = {plan.num_tokens}; got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
+        _check_rows("x", x, plan.num_tokens, "T")
         if x.device != plan.slot.device:
             raise ValueError(f"x must be on the plan's device {plan.slot.device}; got {x.device}")
         ex = self._exchange_of(plan)
@@ -274,11 +270,7 @@ class ExpertParallel:
         """
         if not isinstance(handle, ExpertParallelHandle):
             raise TypeError(f"handle must come from ExpertParallel.dispatch; got {type(handle).__name__}")
-        if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != handle.num_rows:
-            raise ValueError(
-                f"y must be a [rows, d] tensor with rows = {handle.num_rows}; got "
-                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
-            )
+        _check_rows("y", y, handle.num_rows, "rows")
         ex = handle._exchange
         if handle._empty is not None:  # no local experts: tie y to the buffer so that backward runs
             y = y + handle._empty.sum().to(y.dtype)  # the dispatch's exchange here too (sends x's gradient)
