@@ -1,0 +1,253 @@
+"""Variants of the default ``MoERouter`` (capacity bias + rerouting) on the training benchmarks.
+
+A record of the alternatives measured against the default router (SPEC §16: ``method="topk"``,
+``balance="bias"``, ``overflow="reroute"``, 4 rounds, ``bias_rate`` 1e-2), so the comparison can
+be rerun. Only the rate variants are options of ``MoERouter``; the others are experiments that the
+package does not ship: they replace a function of ``gpu_phase_router.torch.learned`` for the
+duration of one variant's runs (the default router is restored afterwards).
+
+* ``rate3e-2``, ``rate3e-3`` — ``bias_rate`` 3e-2 / 3e-3;
+* ``count_final`` — the bias update counts each slot at its plan expert (the rerouted one where a
+  round placed it, else the selected one) instead of the selected expert;
+* ``all_propose`` — every unplaced slot of a token proposes in the same round (the token's
+  unplaced slots, in slot order, propose its best, second best, ... eligible experts; an expert
+  ranks its proposers by gate score, then flat slot index), instead of the first unplaced slot;
+* ``cap_target`` — the bias targets each expert's hard cap instead of its capacity share
+  (``b_e += rate * sign(capacity_e - routed_e)``, then shifted so that ``max(b) = 0``);
+* ``valve`` — the bias only acts where a cap binds: ``b_e = min(0, b_e + rate * sign(capacity_e -
+  routed_e))``;
+* ``bias_nocaps`` (diagnostic) — the default's bias with caps so high (capacity factor 13) that
+  nothing is dropped: what the bias's steering of the selection costs by itself.
+
+``nocaps`` (learned top-k without caps, the reference) and ``topk`` (capped top-k with drops) are
+``bench_training``'s routers. Torch and Numba run on one thread.
+
+Run from the repository root::
+
+    python benchmarks/bench_bias_variants.py --profile strong                   # regression task, seeds 0-2
+    python benchmarks/bench_bias_variants.py --profile strong --seeds 3 4 5 --variants nocaps default all_propose
+    python benchmarks/bench_bias_variants.py --task char_lm --variants rate3e-2  # bench_char_lm, default row only
+
+Output: a table on stdout; ``--json`` writes the per-seed numbers (regression task); the char-LM
+task writes ``char_lm_variant_<name>.json`` through ``bench_char_lm`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import bench_training as bt  # noqa: E402
+
+from gpu_phase_router.torch import learned  # noqa: E402
+
+BASELINES = ["nocaps", "topk"]
+VARIANTS = ["default", "rate3e-2", "rate3e-3", "count_final", "all_propose", "cap_target", "valve", "bias_nocaps"]
+RATES = {"rate3e-2": 3e-2, "rate3e-3": 3e-3}
+NOCAPS_FACTOR = 13.0  # strong profile: the smallest expert's cap 2048 / 26 * 13 = 1024 = T, nothing drops
+
+
+def _learned_topk_all(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    capacity: torch.Tensor,
+    rounds: int,
+    trace: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``learned.learned_topk`` where every unplaced slot of a token proposes in the same round."""
+    n_tok, n_exp = logits.shape
+    score = logits.detach().to(torch.float32)
+    avail = learned._selection_values(logits, bias)
+    selected = learned._take_topk(avail, k)
+    flat = selected.reshape(-1)
+    rank = learned._rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
+    placed = (rank < capacity[flat]).view(n_tok, k)
+    experts = selected.clone()
+    load = torch.minimum(learned._counts(flat, torch.ones_like(flat), n_exp), capacity)
+    zero = capacity.new_zeros(1)
+    for _ in range(rounds):
+        pending = ~placed
+        room = torch.cat([capacity - load, zero])  # [E + 1], 0 for "no expert"
+        reach = avail + torch.where(room[:n_exp] > 0, 0.0, float("-inf"))
+        work, picks, values = reach.clone(), [], []
+        for _j in range(k):  # the token's eligible experts, best first (-inf once none is left)
+            best = work.argmax(dim=1, keepdim=True)
+            values.append(work.gather(1, best))
+            picks.append(best)
+            work.scatter_(1, best, float("-inf"))
+        proposal_all, value_all = torch.cat(picks, dim=1), torch.cat(values, dim=1)
+        nth = (pending.cumsum(dim=1) - 1).clamp(min=0)  # index of each slot among the unplaced ones
+        proposal = proposal_all.gather(1, nth)
+        valid = pending & (value_all.gather(1, nth) > float("-inf"))
+        group = torch.where(valid, proposal, n_exp).reshape(-1)
+        prop_rank = learned._rank_in_group(group, score.gather(1, proposal).reshape(-1), n_exp)
+        accept = (valid.reshape(-1) & (prop_rank < room[group])).view(n_tok, k)
+        experts = torch.where(accept, proposal, experts)
+        placed = placed | accept
+        taken = torch.where(accept, proposal, n_exp).reshape(-1)
+        load = load + learned._counts(taken, torch.ones_like(taken), n_exp + 1)[:n_exp]
+        rows = torch.arange(n_tok).unsqueeze(1).expand(n_tok, k)[accept]
+        avail[rows, proposal[accept]] = float("-inf")
+    return selected, experts, placed
+
+
+_ORIGINAL = {name: getattr(learned, name) for name in ("learned_topk", "topk_plan", "update_bias")}
+_CAPACITY: dict[str, torch.Tensor] = {}
+
+
+def _learned_topk_count_final(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The default rerouting; hands the plan experts to the bias update in place of the selection."""
+    _selected, experts, placed = _ORIGINAL["learned_topk"](*args, **kwargs)
+    return experts, experts, placed
+
+
+def _topk_plan_keeping_capacity(logits: torch.Tensor, capacity: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    _CAPACITY["capacity"] = capacity
+    return _ORIGINAL["topk_plan"](logits, capacity, *args, **kwargs)
+
+
+def _cap_step(bias: torch.Tensor, selected: torch.Tensor, rate: float) -> torch.Tensor:
+    """``bias + rate * sign(capacity - routed)`` with the hard caps of the current call."""
+    flat = selected.reshape(-1)
+    routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0])
+    diff = (_CAPACITY["capacity"] - routed).to(torch.float64)
+    return bias + torch.sign(diff).to(torch.float32) * rate
+
+
+def _update_cap_target(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: float, *_: Any) -> None:
+    new = _cap_step(bias, selected, rate)
+    bias.copy_(new - new.max())
+
+
+def _update_valve(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: float, *_: Any) -> None:
+    bias.copy_(_cap_step(bias, selected, rate).clamp(max=0.0))
+
+
+PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
+    "count_final": {"learned_topk": _learned_topk_count_final},
+    "all_propose": {"learned_topk": _learned_topk_all},
+    "cap_target": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_cap_target},
+    "valve": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_valve},
+}
+
+
+@contextmanager
+def patched(variant: str) -> Iterator[dict[str, Any]]:
+    """The ``MoERouter`` options of ``variant``, with its replacement functions in place meanwhile."""
+    for name, fn in PATCHES.get(variant, {}).items():
+        setattr(learned, name, fn)
+    try:
+        yield {"bias_rate": RATES[variant]} if variant in RATES else {}
+    finally:
+        for name, fn in _ORIGINAL.items():
+            setattr(learned, name, fn)
+
+
+def run_training(profile: str, variants: list[str], seeds: list[int], steps: int) -> dict[str, Any]:
+    """``bench_training.train_one`` for every variant and seed; per-seed final/eval loss and served share."""
+    cfg = replace(bt.profile_config(profile), seeds=seeds, steps=steps)
+    out: dict[str, Any] = {"profile": profile, "seeds": seeds, "steps": steps, "load_start": os.getloadavg()}
+    out["runs"] = {}
+    for name in variants:
+        t0 = time.perf_counter()
+        if name in BASELINES:
+            runs = [bt.train_one(cfg, name, s) for s in seeds]
+        else:
+            with patched("default" if name == "bias_nocaps" else name) as opts:
+                bt.ROUTER_OPTIONS["variant"] = {"method": "topk", "balance": "bias", "overflow": "reroute", **opts}
+                run_cfg = replace(cfg, capacity_factor=NOCAPS_FACTOR) if name == "bias_nocaps" else cfg
+                runs = [bt.train_one(run_cfg, "variant", s) for s in seeds]
+        keys = ("final_loss", "eval_loss", "served_mean", "served_min", "load_max")
+        out["runs"][name] = [{key: r[key] for key in keys} for r in runs]
+        print(f"{profile} {name:<12} {time.perf_counter() - t0:5.0f} s  " + _cells(out, name), flush=True)
+    out["load_end"] = os.getloadavg()
+    return out
+
+
+def _cells(out: dict[str, Any], name: str) -> str:
+    runs = out["runs"][name]
+    final = [r["final_loss"] for r in runs]
+    text = f"final loss {np.mean(final):.4f} ({', '.join(f'{v:.4f}' for v in final)})"
+    if "nocaps" in out["runs"]:
+        text += f"  x no caps {np.mean(final) / np.mean([r['final_loss'] for r in out['runs']['nocaps']]):.2f}"
+    served = 100 * np.mean([r["served_mean"] for r in runs])
+    return text + f"  served {served:.3f} % (worst step {100 * min(r['served_min'] for r in runs):.2f} %)"
+
+
+def table(out: dict[str, Any]) -> str:
+    """Markdown: one row per variant, means over the seeds."""
+    ref = np.mean([r["final_loss"] for r in out["runs"]["nocaps"]]) if "nocaps" in out["runs"] else float("nan")
+    lines = [
+        "| variant | slots served, mean (worst step) | final loss | × no caps | eval loss |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, runs in out["runs"].items():
+        final = float(np.mean([r["final_loss"] for r in runs]))
+        lines.append(
+            f"| {name} | {100 * np.mean([r['served_mean'] for r in runs]):.2f} % "
+            f"({100 * min(r['served_min'] for r in runs):.2f} %) | {final:.4f} | {final / ref:.2f} | "
+            f"{np.mean([r['eval_loss'] for r in runs]):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_char_lm(variants: list[str], out: str) -> None:
+    """``bench_char_lm`` (both profiles, 3 seeds) with the default router replaced by each variant."""
+    import bench_char_lm as bc
+
+    for name in variants:
+        if name in BASELINES or name == "bias_nocaps":
+            raise ValueError(f"variant {name!r} is not run on the char LM")
+        with patched(name) as opts:
+            saved = bc.ROUTER_OPTIONS["default"]
+            bc.ROUTER_OPTIONS["default"] = saved | opts
+            try:
+                bc.main(["--routers", "default", "--tag", f"variant_{name}", "--out", out])
+            finally:
+                bc.ROUTER_OPTIONS["default"] = saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--task", choices=["training", "char_lm"], default="training")
+    ap.add_argument("--profile", choices=bt.PROFILES, default="strong")
+    ap.add_argument("--variants", nargs="+", choices=BASELINES + VARIANTS, default=BASELINES + VARIANTS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--json", help="write the per-seed results here (regression task)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    print(f"load average at the start: {os.getloadavg()}", flush=True)
+    if args.task == "char_lm":
+        run_char_lm(args.variants, args.out)
+    else:
+        out = run_training(args.profile, args.variants, args.seeds, args.steps)
+        print("\n" + table(out))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out))
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
