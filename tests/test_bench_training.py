@@ -1,6 +1,6 @@
 """The training benchmarks' own pieces: the standard-library text and its splits, the no-caps
-reference router, the router table, and the goal checks (benchmarks/bench_training.py,
-benchmarks/bench_char_lm.py)."""
+reference router, the router table, the goal checks and the measured router variants
+(benchmarks/bench_training.py, benchmarks/bench_char_lm.py, benchmarks/bench_bias_variants.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import bench_bias_variants as bv  # noqa: E402
 import bench_char_lm as lm  # noqa: E402
 import bench_training as bt  # noqa: E402
+
+from gpu_phase_router.torch import learned  # noqa: E402
 
 # --- the text -------------------------------------------------------------------------------------------
 
@@ -216,3 +219,45 @@ def test_char_lm_tiny_run(library: str) -> None:
     assert np.asarray(res["load_max"]).shape == (cfg.layers, 8)
     sysres = lm.train_one(cfg, "systematic", 0, corpus)
     assert sysres["served_min"] == 1.0 and np.max(sysres["load_max"]) <= 1.0
+
+
+# --- the router variants --------------------------------------------------------------------------------
+
+
+def test_all_propose_places_both_unplaced_slots_in_one_round() -> None:
+    # 4 experts, cap 1 each; t0 keeps experts 0 and 1 (higher scores), t1 loses both slots
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0], [3.0, 2.0, 1.0, 0.0]])
+    capacity = torch.ones(4, dtype=torch.int64)
+    _, experts, placed = bv._learned_topk_all(logits, None, 2, capacity, 1)
+    assert experts.tolist() == [[0, 1], [2, 3]] and bool(placed.all())
+    # SPEC §16: one proposal per token and round, so one round places only t1's first slot
+    _, experts, placed = learned.learned_topk(logits, None, 2, capacity, 1)
+    assert experts.tolist() == [[0, 1], [2, 1]] and placed.tolist() == [[True, True], [True, False]]
+
+
+def test_all_propose_matches_spec_at_k1_and_keeps_caps() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        logits = torch.randint(-2, 3, (40, 5), generator=gen).float()
+        capacity = torch.randint(0, 12, (5,), generator=gen)
+        bias = torch.randn(5, generator=gen)
+        for k in (1, 2, 3):
+            mine = bv._learned_topk_all(logits, bias, k, capacity, 3)
+            if k == 1:  # one slot per token: the same rule as SPEC §16
+                spec = learned.learned_topk(logits, bias, 1, capacity, 3)
+                assert all(torch.equal(a, b) for a, b in zip(mine, spec, strict=True))
+            _, experts, placed = mine
+            kept = experts[placed]
+            assert bool((torch.bincount(kept, minlength=5) <= capacity).all())
+            for row, ok in zip(experts, placed, strict=True):
+                assert len(set(row[ok].tolist())) == int(ok.sum())  # never one expert twice
+
+
+def test_variant_patches_are_undone() -> None:
+    before = (learned.learned_topk, learned.topk_plan, learned.update_bias)
+    with pytest.raises(RuntimeError), bv.patched("valve") as opts:
+        assert opts == {} and learned.update_bias is not before[2]
+        raise RuntimeError
+    with bv.patched("rate3e-2") as opts:
+        assert opts == {"bias_rate": 3e-2}
+    assert (learned.learned_topk, learned.topk_plan, learned.update_bias) == before
