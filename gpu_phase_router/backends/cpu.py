@@ -404,40 +404,12 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                     cols,
                 )
             else:
-                size = _scan_segment(
-                    lo,
-                    min(hi, n_tgt),
-                    x,
-                    n_src,
-                    ring_start,
-                    ring_len,
-                    ring_col,
-                    row_base,
-                    cbuf,
-                    kbuf,
-                    qbuf,
-                    keys,
-                    cols,
-                    zero,
-                    k,
-                )
-                if hi > n_tgt:
+                size = zero
+                for part in range(2 if hi > n_tgt else 1):  # a segment that wraps the ring: two parts
+                    a = lo if part == 0 else zero
+                    b = min(hi, n_tgt) if part == 0 else hi - n_tgt
                     size = _scan_segment(
-                        zero,
-                        hi - n_tgt,
-                        x,
-                        n_src,
-                        ring_start,
-                        ring_len,
-                        ring_col,
-                        row_base,
-                        cbuf,
-                        kbuf,
-                        qbuf,
-                        keys,
-                        cols,
-                        size,
-                        k,
+                        a, b, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k
                     )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])

@@ -36,6 +36,17 @@ def host_offsets(capacity: Any) -> tuple[int, ...]:
 # --- the plan ---------------------------------------------------------------------------------------
 
 
+def split_rows(buf: torch.Tensor, offsets: tuple[int, ...], what: str) -> tuple[torch.Tensor, ...]:
+    """Views ``buf[offsets[i]:offsets[i + 1]]`` (``torch.split`` with host sizes: no copy, no host
+    read); ``ValueError`` naming ``buf`` unless it has ``offsets[-1]`` rows."""
+    if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != offsets[-1]:
+        raise ValueError(
+            f"buf must be {what} with {offsets[-1]} rows; got "
+            f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
+        )
+    return tuple(torch.split(buf, [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]))
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingPlan:
     """One batch's routing (SPEC §15). All tensors live on the logits' device.
@@ -161,13 +172,7 @@ class RoutingPlan:
         Returns:
             ``E`` views (``torch.split`` with the host caps; no copy, no host read).
         """
-        if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != self.packed_size:
-            raise ValueError(
-                f"buf must be a packed buffer with {self.packed_size} rows; got "
-                f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
-            )
-        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-        return tuple(torch.split(buf, sizes))
+        return split_rows(buf, self.offsets, "a packed buffer")
 
     @classmethod
     def from_experts(
