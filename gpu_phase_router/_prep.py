@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -101,17 +100,17 @@ _UPLOADS_MAX = 64
 _UPLOADS_LOCK = threading.Lock()
 
 
-def on_backend(backend: Any, key: tuple[Any, ...], make: Callable[[], tuple[np.ndarray, ...]]) -> tuple[Any, ...]:
+def on_backend(backend: Any, key: tuple[Any, ...], *host: np.ndarray) -> tuple[Any, ...]:
     """Host-derived constant arrays as arrays of ``backend.xp``, uploaded once per key and device.
 
-    ``make()`` builds the host (NumPy) arrays; ``key`` must determine them (e.g. the capacities'
-    bytes and the sizes). On a NumPy backend the host arrays are returned as they are; on a
+    ``host`` are the NumPy arrays; ``key`` must determine them (e.g. the capacities' bytes and
+    the sizes). On a NumPy backend the host arrays are returned as they are; on a
     device the uploaded copies are kept (the last 64 keys), so a training loop that routes with
     the same capacities uploads them once, not on every call. Thread-safe.
     """
     xp = backend.xp
     if xp is np:
-        return make()
+        return host
     cuda = getattr(xp, "cuda", None)
     full = (backend.name, id(xp), cuda.Device().id if cuda is not None else None, *key)
     with _UPLOADS_LOCK:
@@ -119,7 +118,7 @@ def on_backend(backend: Any, key: tuple[Any, ...], make: Callable[[], tuple[np.n
         if hit is not None:
             _UPLOADS.move_to_end(full)
             return hit
-    hit = tuple(xp.asarray(a) for a in make())
+    hit = tuple(xp.asarray(a) for a in host)
     with _UPLOADS_LOCK:
         _UPLOADS[full] = hit
         while len(_UPLOADS) > _UPLOADS_MAX:

@@ -509,8 +509,7 @@ class CpuBackend:
         out = np.empty(count, dtype=np.int64)
         args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
         work = 4 * FEISTEL_ROUNDS
-        t = _rt.threads_for(count * work)
-        for a, b in _rt.row_chunks(count, work, min_rows=FEISTEL_TASK * t, n_threads=t):
+        for a, b, t in _rt.sized_chunks(count, work, total=count * work, task_rows=FEISTEL_TASK):
             _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b], n_threads=t)
         return out
 
@@ -536,8 +535,8 @@ class CpuBackend:
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
         work = deg + (k + 16)
-        t = _rt.threads_for(int(deg.sum()) + rows * (k + 16))
-        for a, b in _rt.row_chunks(rows, work, min_rows=ROWS_PER_TASK * t, n_threads=t):
+        total = int(deg.sum()) + rows * (k + 16)
+        for a, b, t in _rt.sized_chunks(rows, work, total=total, task_rows=ROWS_PER_TASK):
             _rt.run(
                 _phase_rows_par,
                 _phase_rows,
@@ -563,8 +562,7 @@ class CpuBackend:
         rows = phase.shape[0]
         out = np.empty((rows, k), dtype=np.int32)
         work = k * (int(cum.shape[0]).bit_length() + 4)
-        t = _rt.threads_for(rows * work)
-        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * t, n_threads=t):
+        for a, b, t in _rt.sized_chunks(rows, work, total=rows * work, task_rows=SYSTEMATIC_TASK):
             _rt.run(
                 _systematic_rows_par,
                 _systematic_rows,

@@ -113,9 +113,8 @@ def hash_rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="hash"``."""
     xp = be.xp
     caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
-    (positive,) = on_backend(  # zero capacities never receive
-        be, ("positive", caps.tobytes()), lambda: (np.flatnonzero(caps > 0).astype(np.int64),)
-    )
+    positive_host = np.flatnonzero(caps > 0).astype(np.int64)  # zero capacities never receive
+    (positive,) = on_backend(be, ("positive", caps.tobytes()), positive_host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)
     for a, b in call_ranges(rr.rows, rr.rows_per_call):
         out[a:b] = hash_block(
@@ -130,7 +129,7 @@ def weighted_hash_rows(be: Any, rr: RowRange) -> Array:
     caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
     host = capacity_cum(np, caps)
     total, n_pos = int(host[-1]), int(np.count_nonzero(host[1:] - host[:-1]))
-    (cum,) = on_backend(be, ("capacity_cum", caps.tobytes()), lambda: (host,))
+    (cum,) = on_backend(be, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)
     for a, b in call_ranges(rr.rows, rr.rows_per_call):
         out[a:b] = weighted_hash_block(

@@ -188,7 +188,9 @@ class BandLayout(NamedTuple):
         """``(col_counts, col_map)`` as arrays of ``backend.xp``: the host arrays on a NumPy
         backend; on a device int64 counts and an int32 map (the kernels' column type), uploaded
         once per layout and device (:func:`~gpu_phase_router._prep.on_backend`)."""
-        return on_backend(backend, ("band_layout", *self.key), lambda: (self.col_counts, self.col_map.astype(np.int32)))
+        if backend.xp is np:
+            return self.col_counts, self.col_map
+        return on_backend(backend, ("band_layout", *self.key), self.col_counts, self.col_map.astype(np.int32))
 
 
 def bands_apply(n_src: int, n_tgt: int) -> bool:

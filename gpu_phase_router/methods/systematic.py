@@ -62,7 +62,7 @@ def systematic_rows(
     caps = np.ascontiguousarray(caps, dtype=np.float64)
     host = capacity_cum(np, caps)
     check_systematic_slots(n_src, k, int(host[-1]))
-    (cum,) = on_backend(backend, ("capacity_cum", caps.tobytes()), lambda: (host,))
+    (cum,) = on_backend(backend, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rows, k), dtype=xp.int32)
     for a, b in call_ranges(rows, rows_per_call):
         out[a:b] = systematic_block(
