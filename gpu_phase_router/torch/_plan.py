@@ -337,10 +337,10 @@ def _plan(
     flat = experts.reshape(-1)
     n = flat.shape[0]
     key = torch.where(flat >= 0, flat, n_exp)  # "no expert" (-1) sorts last, as group E
-    # stable: row-major order inside each expert; int32 keys sort faster than int64 (E < 2^31)
+    # stable: row-major order inside each expert. The sort key is int32 (it sorts faster than
+    # int64, E < 2^31) and indexes as it is; expert ids stay int64 everywhere else.
     sorted_key, order = torch.sort(key.to(torch.int32), stable=True)
-    sorted_key = sorted_key.to(torch.int64)
-    start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=key.dtype))
+    start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=torch.int32))
     rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_key]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
     kept = rank < torch.cat([capacity, capacity.new_zeros(1)])[key]  # group E has capacity 0
