@@ -8,6 +8,7 @@ every expert padded to ``C = max(capacity)``) and ``"packed"`` (``[sum(capacity)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,9 +29,11 @@ def _check_layout(layout: Any) -> str:
 
 
 def host_offsets(capacity: Any) -> tuple[int, ...]:
-    """Packed-layout offsets ``(0, cap[0], cap[0] + cap[1], ..., sum(cap))`` of host caps."""
-    caps = np.asarray(capacity, dtype=np.int64).reshape(-1)
-    return (0, *(int(v) for v in np.cumsum(caps)))
+    """Packed-layout offsets ``(0, cap[0], cap[0] + cap[1], ..., sum(cap))`` of host caps (a
+    sequence of ints or a NumPy array). Python integers only, so under ``torch.compile`` a tuple
+    of constant caps gives constant offsets (NumPy calls would be traced into tensor ops)."""
+    values = capacity.reshape(-1).tolist() if isinstance(capacity, np.ndarray) else capacity
+    return tuple(itertools.accumulate((int(v) for v in values), initial=0))
 
 
 # --- the plan ---------------------------------------------------------------------------------------
