@@ -244,12 +244,13 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
 
     The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
-    compacted branch-free and keyed; then the smallest ``(key, col)`` is taken again and again
-    (one branch-free pass each), so a row costs ``O(d)`` per emitted target instead of an
-    insertion sort. Only the prefix the emission reads is produced: taking stops once it names
-    ``k_out`` distinct targets (the emission of that prefix equals the emission of the whole
-    bottom-k), or at ``k`` columns. Returns the prefix length ``size``: ``(keys, cols)[:size]`` is
-    the start of the sorted bottom-k, and all of it when the row names fewer than ``k_out`` targets.
+    compacted branch-free and keyed. The first ``k_out`` of the sorted bottom-k are found in one
+    pass; while they name fewer than ``k_out`` targets, the next smallest ``(key, col)`` is taken
+    again and again (one branch-free pass each). Only the prefix the emission reads is produced:
+    taking stops once it names ``k_out`` distinct targets (the emission of that prefix equals the
+    emission of the whole bottom-k), or at ``k`` columns. Returns the prefix length ``size``:
+    ``(keys, cols)[:size]`` is the start of the sorted bottom-k, and all of it when the row names
+    fewer than ``k_out`` targets.
     """
     n_tgt = ring_col.shape[0]
     cnt = 0
@@ -265,10 +266,43 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     for q in range(cnt):
         kbuf[q] = _at(row_base, cbuf[q])
     want = min(k, cnt)
+    # the first m = min(want, k_out) entries of the sorted bottom-k in one pass, by insertion into
+    # the short sorted prefix (most candidates fail the first comparison); with k_out distinct
+    # targets among them the emission's prefix is complete, as the loop below would have found
+    m = min(want, k_out)
     size = 0
+    for q in range(cnt):
+        kq = kbuf[q]
+        cq = cbuf[q]
+        if size == m:
+            if kq > keys[m - 1] or (kq == keys[m - 1] and cq > cols[m - 1]):
+                continue
+            pos = m - 1
+        else:
+            pos = size
+            size += 1
+        while pos > 0 and (keys[pos - 1] > kq or (keys[pos - 1] == kq and cols[pos - 1] > cq)):
+            keys[pos] = keys[pos - 1]
+            cols[pos] = cols[pos - 1]
+            pos -= 1
+        keys[pos] = kq
+        cols[pos] = cq
     distinct = 0
-    last_k = _ZERO
+    for s in range(size):
+        e = col_map[cols[s]]
+        new = True
+        for r in range(s):
+            if col_map[cols[r]] == e:
+                new = False
+                break
+        distinct += new
+    if distinct == k_out:
+        return size
+    last_k = _ZERO  # otherwise take the next smallest (key, col) again and again
     last_c = np.int64(-1)
+    if size > 0:
+        last_k = keys[size - 1]
+        last_c = cols[size - 1]
     while size < want:
         best_k = _KEY_MAX  # smallest key after (last_k, last_c): a min-reduction, vectorisable
         for q in range(cnt):
