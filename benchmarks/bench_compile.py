@@ -143,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (they compile)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1, as bench_training.py trains; 0: torch's default)"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "compile.json"))
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_compile: no CUDA device; nothing to time")
         return 0

@@ -13,6 +13,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,34 +152,24 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
+def _number(parse: Callable[[str], Any], what: str, lo: float, hi: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: ``parse(text)`` within ``[lo, hi)`` (finite), else an error saying ``what``."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or value < lo or hi is not None and value >= hi:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
+        return value
+
+    return convert
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2^64); got {text!r}") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^64); got {value}")
-    return value
-
-
-def _headroom(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1; got {text!r}") from None
-    if not (math.isfinite(value) and value >= 1.0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 1; got {text}")
-    return value
+_positive_int = _number(int, "a whole number >= 1", 1)
+_seed = _number(int, "a whole number in [0, 2^64)", 0, 1 << 64)
+_headroom = _number(float, "a finite number >= 1", 1.0)
 
 
 def _check_out_dir(ap: argparse.ArgumentParser, out: str) -> None:

@@ -9,6 +9,8 @@ the summation tree in :mod:`gpu_phase_router._tree`.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -91,3 +93,34 @@ def block_phases(backend: Any, n_src: int, row0: int, rows: int, seed: int, perm
     if perm_t is not None:
         return perm_t.astype(backend.xp.int64, copy=False)
     return backend.feistel(row0, rows, n_src, stream(seed, STREAM_PERM_T))
+
+
+_UPLOADS: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
+_UPLOADS_MAX = 64
+_UPLOADS_LOCK = threading.Lock()
+
+
+def on_backend(backend: Any, key: tuple[Any, ...], *host: np.ndarray) -> tuple[Any, ...]:
+    """Host-derived constant arrays as arrays of ``backend.xp``, uploaded once per key and device.
+
+    ``host`` are the NumPy arrays; ``key`` must determine them (e.g. the capacities' bytes and
+    the sizes). On a NumPy backend the host arrays are returned as they are; on a
+    device the uploaded copies are kept (the last 64 keys), so a training loop that routes with
+    the same capacities uploads them once, not on every call. Thread-safe.
+    """
+    xp = backend.xp
+    if xp is np:
+        return host
+    cuda = getattr(xp, "cuda", None)
+    full = (backend.name, id(xp), cuda.Device().id if cuda is not None else None, *key)
+    with _UPLOADS_LOCK:
+        hit = _UPLOADS.get(full)
+        if hit is not None:
+            _UPLOADS.move_to_end(full)
+            return hit
+    hit = tuple(xp.asarray(a) for a in host)
+    with _UPLOADS_LOCK:
+        _UPLOADS[full] = hit
+        while len(_UPLOADS) > _UPLOADS_MAX:
+            _UPLOADS.popitem(last=False)
+    return hit

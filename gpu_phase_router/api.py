@@ -133,9 +133,9 @@ def route(
     ``k`` slots of every source whenever no target holds more than ``1/k`` of all capacity.
     """
     n_w = None if source_weights is None else vector_length("source_weights", source_weights)
-    n_c = None if target_capacities is None else vector_length("target_capacities", target_capacities)
     if n is not None:
         n = check_size("n", n)
+        n_c = None if target_capacities is None else vector_length("target_capacities", target_capacities)
         for name, length in (("source_weights", n_w), ("target_capacities", n_c)):
             if length is not None and length != n:
                 raise ValueError(f"n={n} contradicts len({name})={length}; leave n out for rectangular routing")

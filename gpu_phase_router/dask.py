@@ -87,9 +87,22 @@ def _check_target(name: str, x: Any) -> np.ndarray:
     return to_numpy(x)
 
 
-def _meta(chunk_meta: Any) -> Any:
-    xp = array_namespace(chunk_meta=chunk_meta).xp
-    return xp.empty((0, 0), dtype=xp.int32)
+def _routes_array(block_fn: Any, sources: Any, chunks: tuple[int, ...], k: int, token: str, **kwargs: Any) -> Any:
+    """The lazy int32 ``[n_src, k]`` routes: ``block_fn`` on every chunk of the 1-D ``sources``
+    (see :func:`_route_chunk`)."""
+    xp = array_namespace(chunk_meta=sources._meta).xp
+    return da.map_blocks(
+        _route_chunk,
+        sources,
+        block_fn=block_fn,
+        k=k,
+        **kwargs,
+        dtype=np.int32,
+        chunks=(chunks, (k,)),
+        new_axis=1,
+        meta=xp.empty((0, 0), dtype=xp.int32),
+        token=token,
+    )
 
 
 def _rows(a: int, b: int) -> str:
@@ -153,66 +166,14 @@ def _exclusive_prefix(sums: list[int]) -> list[int]:
     return out
 
 
-def _route_weights_chunk(
-    w: Any,
-    *,
-    caps: np.ndarray,
-    mean: float | None,
-    prefixes: list[int] | None,
-    n_src: int,
-    k: int,
-    seed: int,
-    density: float,
-    method: str,
-    backend: BackendName,
-    rows_per_call: int,
-    block_info: Any = None,
+def _route_chunk(
+    x: Any, target: Any, *, block_fn: Any, prefixes: list[int] | None, block_info: Any = None, **options: Any
 ) -> Any:
+    """One chunk's rows: ``block_fn`` (``route_block`` or ``route_counts_block``) with the chunk's
+    ``row0`` and degree prefix (``None`` where the method needs none)."""
     loc = block_info[None]
     i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_block(
-        w,
-        caps,
-        n_src=n_src,
-        row0=row0,
-        k=k,
-        seed=seed,
-        density=density,
-        method=method,
-        weight_mean=mean,
-        degree_prefix=None if prefixes is None else prefixes[i],
-        backend=backend,
-        rows_per_call=rows_per_call,
-    )
-
-
-def _route_counts_chunk(
-    d: Any,
-    *,
-    c: np.ndarray,
-    prefixes: list[int],
-    n_src: int,
-    k: int,
-    seed: int,
-    perm_s: np.ndarray | None,
-    backend: BackendName,
-    rows_per_call: int,
-    block_info: Any = None,
-) -> Any:
-    loc = block_info[None]
-    i, row0 = loc["chunk-location"][0], loc["array-location"][0][0]
-    return blocks.route_counts_block(
-        d,
-        c,
-        n_src=n_src,
-        row0=row0,
-        degree_prefix=prefixes[i],
-        k=k,
-        seed=seed,
-        perm_s=perm_s,
-        backend=backend,
-        rows_per_call=rows_per_call,
-    )
+    return block_fn(x, target, row0=row0, degree_prefix=None if prefixes is None else prefixes[i], **options)
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -289,24 +250,21 @@ def route(
     if m.uses_degree_prefix:
         sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, k, density, m) for p in parts]
         prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
-    return da.map_blocks(
-        _route_weights_chunk,
+    return _routes_array(
+        blocks.route_block,
         source_weights,
-        caps=caps,
-        mean=mean,
+        chunks,
+        k,
+        "gpu-phase-route",
+        target=caps,
+        weight_mean=mean,
         prefixes=prefixes,
         n_src=n_src,
-        k=k,
         seed=seed,
         density=density,
         method=method,
         backend=backend,
         rows_per_call=per_call,
-        dtype=np.int32,
-        chunks=(chunks, (k,)),
-        new_axis=1,
-        meta=_meta(source_weights._meta),
-        token="gpu-phase-route",
     )
 
 
@@ -351,22 +309,19 @@ def route_counts(
     parts = source_degrees.to_delayed().ravel().tolist()
     sums = [dask.delayed(_count_degree_sum, pure=True)(p, a, n_tgt) for p, a in zip(parts, starts, strict=True)]
     prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
-    return da.map_blocks(
-        _route_counts_chunk,
+    return _routes_array(
+        blocks.route_counts_block,
         source_degrees,
-        c=c,
+        chunks,
+        k,
+        "gpu-phase-route-counts",
+        target=c,
         prefixes=prefixes,
         n_src=n_src,
-        k=k,
         seed=seed,
         perm_s=perm_s,
         backend=backend,
         rows_per_call=per_call,
-        dtype=np.int32,
-        chunks=(chunks, (k,)),
-        new_axis=1,
-        meta=_meta(source_degrees._meta),
-        token="gpu-phase-route-counts",
     )
 
 

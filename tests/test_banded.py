@@ -291,9 +291,11 @@ def test_hypothesis_cpu_equals_reference(data):
     np.testing.assert_array_equal(got, want)
 
 
-def test_band_layout_device_copies_are_uploaded_once():
-    """A warm banded route on a device backend uploads nothing: the layout's device copies are
-    kept with the (cached) host layout."""
+@pytest.mark.parametrize("method", ["phase", "systematic", "hash", "weighted_hash"])
+def test_warm_device_route_uploads_nothing(method):
+    """A warm device route of host capacities uploads nothing: the arrays made from the
+    capacities (band layout, capacity units, positive targets) are uploaded once per
+    capacities and device (``_prep.on_backend``), as a training loop's forwards need."""
     from gpu_phase_router import methods
 
     be = _device_only_backend()
@@ -314,14 +316,14 @@ def test_band_layout_device_copies_are_uploaded_once():
             return obj
 
     be.xp = Counting()
-    caps = np.array([3.0, 1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 4.0])
-    rr = RowRange(caps, 300, 0, 300, 2, 1, density=0.3)
-    methods.get_method("phase").rows(be, rr)  # cold: the layout's arrays go to the device once
-    assert uploads, "the cold call uploads the layout"
+    caps = np.array([3.0, 1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 4.0]) * (1.0 + 1e-9 * len(method))  # fresh per method
+    m = methods.get_method(method)
+    m.rows(be, RowRange(caps, 300, 0, 300, 2, 1, density=0.3))  # cold: the constants go to the device once
+    assert uploads, "the cold call uploads the capacities' arrays"
     uploads.clear()
-    got = methods.get_method("phase").rows(be, RowRange(caps, 300, 0, 300, 2, 2, density=0.3))
+    got = m.rows(be, RowRange(caps, 300, 0, 300, 2, 2, density=0.3))
     assert uploads == []
-    want = _reference.route(caps.tolist(), [1.0] * 300, k=2, seed=2, density=0.3)
+    want = gpr.route(np.ones(300), caps, k=2, seed=2, density=0.3, method=method, backend="cpu")
     np.testing.assert_array_equal(got.view(np.ndarray), want)
 
 

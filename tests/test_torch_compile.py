@@ -176,3 +176,13 @@ def test_compiled_batch_size_changes(dynamic, fullgraph):
         y1, e1, s1, _ = compiled(x)
         assert torch.equal(e0, e1) and torch.equal(s0, s1)
         torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["topk", "phase"])
+def test_default_compile_makes_one_graph(method):
+    """Without fullgraph=True (how most models are compiled) the router adds no graph break: host
+    values (shares, caps, packed offsets) stay Python constants instead of traced NumPy calls."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(MoELayer(method))(_data(1)[0])
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -280,6 +280,15 @@ def row_chunks(rows: int, work: Any, *, min_rows: int = 1, n_threads: int | None
         a = b
 
 
+def sized_chunks(rows: int, work: Any, *, total: int, task_rows: int) -> Iterator[tuple[int, int, int]]:
+    """The chunks of one kernel call of ``total`` work units with the threads it runs on:
+    :func:`row_chunks` for :func:`threads_for` ``(total)`` threads, at least ``task_rows`` rows per
+    thread, yielded as ``(a, b, n_threads)`` for :func:`run`."""
+    n_threads = threads_for(total)
+    for a, b in row_chunks(rows, work, min_rows=task_rows * n_threads, n_threads=n_threads):
+        yield a, b, n_threads
+
+
 # ── cache directory ──────────────────────────────────────────────────────────────────────────────
 
 _cache_base: Path | None = None  # where this package's kernels are cached (None: NUMBA_CACHE_DIR or Numba's own)

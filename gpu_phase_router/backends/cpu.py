@@ -244,12 +244,13 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
 
     The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
-    compacted branch-free and keyed; then the smallest ``(key, col)`` is taken again and again
-    (one branch-free pass each), so a row costs ``O(d)`` per emitted target instead of an
-    insertion sort. Only the prefix the emission reads is produced: taking stops once it names
-    ``k_out`` distinct targets (the emission of that prefix equals the emission of the whole
-    bottom-k), or at ``k`` columns. Returns the prefix length ``size``: ``(keys, cols)[:size]`` is
-    the start of the sorted bottom-k, and all of it when the row names fewer than ``k_out`` targets.
+    compacted branch-free and keyed. The first ``k_out`` of the sorted bottom-k are found in one
+    pass; while they name fewer than ``k_out`` targets, the next smallest ``(key, col)`` is taken
+    again and again (one branch-free pass each). Only the prefix the emission reads is produced:
+    taking stops once it names ``k_out`` distinct targets (the emission of that prefix equals the
+    emission of the whole bottom-k), or at ``k`` columns. Returns the prefix length ``size``:
+    ``(keys, cols)[:size]`` is the start of the sorted bottom-k, and all of it when the row names
+    fewer than ``k_out`` targets.
     """
     n_tgt = ring_col.shape[0]
     cnt = 0
@@ -265,10 +266,43 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     for q in range(cnt):
         kbuf[q] = _at(row_base, cbuf[q])
     want = min(k, cnt)
+    # the first m = min(want, k_out) entries of the sorted bottom-k in one pass, by insertion into
+    # the short sorted prefix (most candidates fail the first comparison); with k_out distinct
+    # targets among them the emission's prefix is complete, as the loop below would have found
+    m = min(want, k_out)
     size = 0
+    for q in range(cnt):
+        kq = kbuf[q]
+        cq = cbuf[q]
+        if size == m:
+            if kq > keys[m - 1] or (kq == keys[m - 1] and cq > cols[m - 1]):
+                continue
+            pos = m - 1
+        else:
+            pos = size
+            size += 1
+        while pos > 0 and (keys[pos - 1] > kq or (keys[pos - 1] == kq and cols[pos - 1] > cq)):
+            keys[pos] = keys[pos - 1]
+            cols[pos] = cols[pos - 1]
+            pos -= 1
+        keys[pos] = kq
+        cols[pos] = cq
     distinct = 0
-    last_k = _ZERO
+    for s in range(size):
+        e = col_map[cols[s]]
+        new = True
+        for r in range(s):
+            if col_map[cols[r]] == e:
+                new = False
+                break
+        distinct += new
+    if distinct == k_out:
+        return size
+    last_k = _ZERO  # otherwise take the next smallest (key, col) again and again
     last_c = np.int64(-1)
+    if size > 0:
+        last_k = keys[size - 1]
+        last_c = cols[size - 1]
     while size < want:
         best_k = _KEY_MAX  # smallest key after (last_k, last_c): a min-reduction, vectorisable
         for q in range(cnt):
@@ -404,40 +438,12 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                     cols,
                 )
             else:
-                size = _scan_segment(
-                    lo,
-                    min(hi, n_tgt),
-                    x,
-                    n_src,
-                    ring_start,
-                    ring_len,
-                    ring_col,
-                    row_base,
-                    cbuf,
-                    kbuf,
-                    qbuf,
-                    keys,
-                    cols,
-                    zero,
-                    k,
-                )
-                if hi > n_tgt:
+                size = zero
+                for part in range(2 if hi > n_tgt else 1):  # a segment that wraps the ring: two parts
+                    a = lo if part == 0 else zero
+                    b = min(hi, n_tgt) if part == 0 else hi - n_tgt
                     size = _scan_segment(
-                        zero,
-                        hi - n_tgt,
-                        x,
-                        n_src,
-                        ring_start,
-                        ring_len,
-                        ring_col,
-                        row_base,
-                        cbuf,
-                        kbuf,
-                        qbuf,
-                        keys,
-                        cols,
-                        size,
-                        k,
+                        a, b, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k
                     )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
@@ -537,8 +543,7 @@ class CpuBackend:
         out = np.empty(count, dtype=np.int64)
         args = (np.int64(n), np.uint64(key), np.int64(h), np.int64(mask), bool(inverse))
         work = 4 * FEISTEL_ROUNDS
-        t = _rt.threads_for(count * work)
-        for a, b in _rt.row_chunks(count, work, min_rows=FEISTEL_TASK * t, n_threads=t):
+        for a, b, t in _rt.sized_chunks(count, work, total=count * work, task_rows=FEISTEL_TASK):
             _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b], n_threads=t)
         return out
 
@@ -564,8 +569,8 @@ class CpuBackend:
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
         work = deg + (k + 16)
-        t = _rt.threads_for(int(deg.sum()) + rows * (k + 16))
-        for a, b in _rt.row_chunks(rows, work, min_rows=ROWS_PER_TASK * t, n_threads=t):
+        total = int(deg.sum()) + rows * (k + 16)
+        for a, b, t in _rt.sized_chunks(rows, work, total=total, task_rows=ROWS_PER_TASK):
             _rt.run(
                 _phase_rows_par,
                 _phase_rows,
@@ -591,8 +596,7 @@ class CpuBackend:
         rows = phase.shape[0]
         out = np.empty((rows, k), dtype=np.int32)
         work = k * (int(cum.shape[0]).bit_length() + 4)
-        t = _rt.threads_for(rows * work)
-        for a, b in _rt.row_chunks(rows, work, min_rows=SYSTEMATIC_TASK * t, n_threads=t):
+        for a, b, t in _rt.sized_chunks(rows, work, total=rows * work, task_rows=SYSTEMATIC_TASK):
             _rt.run(
                 _systematic_rows_par,
                 _systematic_rows,

@@ -349,8 +349,8 @@ def crate_rows(
     ring = (i64(ring_start), i64(ring_len), i64(ring_col))
     scalars = (np.int64(n), np.int64(k))
     # chunks of bounded work (Ctrl-C between them), the process-wide runtime policy for each
-    t = _rt.threads_for(int(deg.sum()) + phase.shape[0] * (k + 16))
-    for a, b in _rt.row_chunks(phase.shape[0], deg + (k + 16), min_rows=ROWS_PER_TASK * t, n_threads=t):
+    total = int(deg.sum()) + phase.shape[0] * (k + 16)
+    for a, b, t in _rt.sized_chunks(phase.shape[0], deg + (k + 16), total=total, task_rows=ROWS_PER_TASK):
         _rt.run(
             _crate_rows_par,
             _crate_rows,

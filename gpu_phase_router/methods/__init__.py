@@ -26,6 +26,8 @@ or ask for exactly those, and its own size checks (``check``), so no entry point
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._arrays import Array
-from .._validate import check_route_options, check_rows_per_call, check_size, check_weights
+from .._validate import check_route_options, check_rows_per_call, check_seed, check_size, check_weights
 from ..backends import Backend, BackendName, get_backend
 from . import hashing, phase, systematic
 from ._row_range import DEFAULT_ROWS_PER_CALL, RowRange
@@ -166,6 +168,49 @@ def get_method(name: Any) -> Method:
     return _TABLE[name]
 
 
+def uniform_spec(
+    method: str,
+    n_src: int,
+    caps: Any,
+    *,
+    k: int,
+    density: float = 0.3,
+    rows_per_call: int | None = None,
+) -> RowRange:
+    """The validated :class:`RowRange` of all ``n_src`` rows of ``method`` for sources of weight 1
+    and host capacities ``caps``, with seed 0 (give each call its seed with
+    ``dataclasses.replace(spec, seed=...)``).
+
+    Validates host values only (the method's size checks included). The torch router keeps the
+    result per batch size (:func:`cached_uniform_spec`), so a training loop validates its
+    capacities, ``k`` and ``density`` once, not on every forward.
+    """
+    m = get_method(method)
+    n_src = check_size("n_src", n_src)
+    caps = check_weights(np, "caps", np.asarray(caps))
+    k, _, density, per_call = check_route_options(k, int(caps.shape[0]), 0, density, rows_per_call)
+    rr = RowRange(caps, n_src, 0, n_src, k, 0, density=density, rows_per_call=per_call)
+    if m.check is not None:
+        m.check(rr)
+    return rr
+
+
+@functools.lru_cache(maxsize=64)
+def cached_uniform_spec(method: str, n_src: int, caps: tuple[float, ...], k: int, density: float | None) -> RowRange:
+    """:func:`uniform_spec` for host values (``density=None``: the default), kept per arguments."""
+    host = np.array(caps, dtype=np.float64)
+    options: dict[str, Any] = {} if density is None else {"density": density}
+    spec = uniform_spec(method, n_src, host, k=k, **options)
+    host.setflags(write=False)  # shared by every call that hits the cache
+    return spec
+
+
+def run_uniform(method: str, backend: BackendName, spec: RowRange, seed: int) -> Array:
+    """All rows of a validated :func:`uniform_spec` with ``seed`` (validated by the caller) on
+    ``backend``: the backend's int32 ``(n_src, k)`` array, nothing read back from a device."""
+    return get_method(method).rows(get_backend(backend), dataclasses.replace(spec, seed=seed))
+
+
 def route_uniform(
     method: str,
     backend: BackendName,
@@ -192,15 +237,10 @@ def route_uniform(
             positive).
         k, seed, density, rows_per_call: as in :func:`gpu_phase_router.route`.
     """
-    m = get_method(method)
-    be = get_backend(backend)
-    n_src = check_size("n_src", n_src)
-    caps = check_weights(np, "caps", np.asarray(caps))
-    k, seed, density, per_call = check_route_options(k, int(caps.shape[0]), seed, density, rows_per_call)
-    rr = RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call)
-    if m.check is not None:
-        m.check(rr)
-    return m.rows(be, rr)
+    get_method(method)
+    get_backend(backend)  # an unknown method or backend fails before any work
+    spec = uniform_spec(method, n_src, caps, k=k, density=density, rows_per_call=rows_per_call)
+    return run_uniform(method, backend, spec, check_seed(seed))
 
 
 __all__ = [
@@ -212,8 +252,11 @@ __all__ = [
     "RowRange",
     "RowsFn",
     "available_methods",
+    "cached_uniform_spec",
     "check_rows_per_call",
     "get_method",
     "register_method",
     "route_uniform",
+    "run_uniform",
+    "uniform_spec",
 ]

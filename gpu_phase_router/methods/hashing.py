@@ -38,7 +38,7 @@ import numpy as np
 
 from .._arrays import Array
 from .._keys import at_array, stream
-from .._prep import call_ranges, capacity_cum
+from .._prep import call_ranges, capacity_cum, on_backend
 from ._row_range import RowRange
 
 STREAM_HASH = 5
@@ -112,8 +112,9 @@ def _zero_weight_rows(out: Array, w: Array | None) -> Array:
 def hash_rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="hash"``."""
     xp = be.xp
-    caps = np.asarray(rr.caps)
-    positive = xp.asarray(np.flatnonzero(caps > 0).astype(np.int64))  # zero capacities never receive
+    caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
+    positive_host = np.flatnonzero(caps > 0).astype(np.int64)  # zero capacities never receive
+    (positive,) = on_backend(be, ("positive", caps.tobytes()), positive_host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)
     for a, b in call_ranges(rr.rows, rr.rows_per_call):
         out[a:b] = hash_block(
@@ -125,9 +126,10 @@ def hash_rows(be: Any, rr: RowRange) -> Array:
 def weighted_hash_rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="weighted_hash"``."""
     xp = be.xp
-    cum = capacity_cum(np, rr.caps)
-    total, n_pos = int(cum[-1]), int(np.count_nonzero(cum[1:] - cum[:-1]))
-    cum = xp.asarray(cum)
+    caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
+    host = capacity_cum(np, caps)
+    total, n_pos = int(host[-1]), int(np.count_nonzero(host[1:] - host[:-1]))
+    (cum,) = on_backend(be, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)
     for a, b in call_ranges(rr.rows, rr.rows_per_call):
         out[a:b] = weighted_hash_block(

@@ -14,7 +14,14 @@ import numpy as np
 
 from .._arrays import Array
 from .._keys import STREAM_PERM_S, STREAM_SELECT, stream
-from .._prep import block_phases, call_ranges, exclusive_cumsum_mod, inverse_permutation, weights_to_counts
+from .._prep import (
+    block_phases,
+    call_ranges,
+    exclusive_cumsum_mod,
+    inverse_permutation,
+    on_backend,
+    weights_to_counts,
+)
 from .._tree import tree_sum
 from ._row_range import RowRange
 
@@ -166,7 +173,7 @@ class BandLayout(NamedTuple):
         widths: int64 ``[n_tgt]`` band widths ``b[e]``.
         col_counts: int64 ``[V]`` capacity count of each virtual column.
         col_map: int64 ``[V]`` target owning each virtual column.
-        device: the device copies made by :meth:`on`, per backend and device.
+        key: the arguments the layout was made from (it names the layout's device copies).
     """
 
     n_cols: int
@@ -175,25 +182,15 @@ class BandLayout(NamedTuple):
     widths: np.ndarray
     col_counts: np.ndarray
     col_map: np.ndarray
-    device: dict[Any, tuple[Any, Any]]
+    key: tuple[Any, ...]
 
-    def on(self, backend: Any) -> tuple[Any, Any]:
-        """``(col_counts, col_map)`` as arrays of ``backend.xp``, uploaded once per layout and device.
-
-        The host arrays themselves on a NumPy backend; on a device, int64 counts and an int32 map
-        (the kernels' column type), kept with this (cached) layout so a training loop uploads them
-        once, not on every forward.
-        """
-        xp = backend.xp
-        if xp is np:
+    def on(self, backend: Any) -> tuple[Any, ...]:
+        """``(col_counts, col_map)`` as arrays of ``backend.xp``: the host arrays on a NumPy
+        backend; on a device int64 counts and an int32 map (the kernels' column type), uploaded
+        once per layout and device (:func:`~gpu_phase_router._prep.on_backend`)."""
+        if backend.xp is np:
             return self.col_counts, self.col_map
-        cuda = getattr(xp, "cuda", None)
-        key = (backend.name, cuda.Device().id if cuda is not None else None)
-        hit = self.device.get(key)
-        if hit is None:
-            hit = (xp.asarray(self.col_counts), xp.asarray(self.col_map.astype(np.int32)))
-            self.device[key] = hit
-        return hit
+        return on_backend(backend, ("band_layout", *self.key), self.col_counts, self.col_map.astype(np.int32))
 
 
 def bands_apply(n_src: int, n_tgt: int) -> bool:
@@ -265,7 +262,8 @@ def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -
     n_cols = int(col_map.shape[0])
     for a in (widths, col_counts, col_map):
         a.setflags(write=False)
-    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map, {})
+    key = (caps_bytes, n_src, k, density)
+    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map, key)
 
 
 def ring_size(rr: RowRange) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .._arrays import Array
 from .._keys import STREAM_SYSTEMATIC, at, stream
-from .._prep import block_phases, call_ranges, capacity_cum
+from .._prep import block_phases, call_ranges, capacity_cum, on_backend
 from ._row_range import RowRange
 
 
@@ -55,13 +55,14 @@ def systematic_rows(
 ) -> Any:
     """Rows ``row0 .. row0 + rows - 1`` of the systematic router, ``rows_per_call`` rows per kernel call.
 
-    ``caps`` are host (NumPy) capacities: the units ``cum`` are made on the host and moved to the
-    backend once, so nothing is read back from the device."""
+    ``caps`` are host (NumPy) capacities: the units ``cum`` are made on the host and uploaded
+    once per capacities and device, so nothing is read back from the device."""
     xp = backend.xp
     check_systematic_slots(n_src, k)
-    cum = capacity_cum(np, caps)
-    check_systematic_slots(n_src, k, int(cum[-1]))
-    cum = xp.asarray(cum)
+    caps = np.ascontiguousarray(caps, dtype=np.float64)
+    host = capacity_cum(np, caps)
+    check_systematic_slots(n_src, k, int(host[-1]))
+    (cum,) = on_backend(backend, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rows, k), dtype=xp.int32)
     for a, b in call_ranges(rows, rows_per_call):
         out[a:b] = systematic_block(

@@ -33,17 +33,15 @@ def split_seed(seed: int) -> tuple[int, int]:
 
 
 @on_caller_stream
-def _routes_on_stream(
-    anchor: torch.Tensor, method: str, n_tok: int, caps: np.ndarray, options: dict[str, Any]
-) -> torch.Tensor:
-    """int32 ``[T, k]`` routes on ``anchor``'s device: NumPy/Numba for CPU tensors (shared with
-    ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on torch's current stream
-    (``on_caller_stream``) and shared through DLPack."""
-    from ..methods import route_uniform
+def _routes_on_stream(anchor: torch.Tensor, method: str, spec: Any, seed: int) -> torch.Tensor:
+    """int32 ``[T, k]`` routes of a validated spec on ``anchor``'s device: NumPy/Numba for CPU
+    tensors (shared with ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on
+    torch's current stream (``on_caller_stream``) and shared through DLPack."""
+    from ..methods import run_uniform
 
     if anchor.device.type == "cpu":
-        return torch.from_numpy(route_uniform(method, "cpu", n_tok, caps, **options))
-    out = route_uniform(method, "cuda", n_tok, caps, **options)
+        return torch.from_numpy(run_uniform(method, "cpu", spec, seed))
+    out = run_uniform(method, "cuda", spec, seed)
     if isinstance(out, np.ndarray):  # a backend that computed on the host
         return torch.from_numpy(out).to(anchor.device)
     return torch.from_dlpack(out)
@@ -75,12 +73,11 @@ def uniform_routes(
     """
     if num_tokens == 0:
         return torch.empty((0, k), dtype=torch.int64, device=anchor.device)
+    from ..methods import cached_uniform_spec
+
     seed = (seed_lo + seed_hi * _HALF + int(step)) % SEED_LIMIT
-    options: dict[str, Any] = {"k": k, "seed": seed}
-    if density is not None:
-        options["density"] = density
-    caps = np.asarray(capacities, dtype=np.float64)
-    return _routes_on_stream(anchor, method, num_tokens, caps, options).to(torch.int64)
+    spec = cached_uniform_spec(method, num_tokens, tuple(capacities), k, density)  # validated once per T
+    return _routes_on_stream(anchor, method, spec, seed).to(torch.int64)
 
 
 @uniform_routes.register_fake

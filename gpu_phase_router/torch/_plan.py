@@ -8,6 +8,7 @@ every expert padded to ``C = max(capacity)``) and ``"packed"`` (``[sum(capacity)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,12 +29,25 @@ def _check_layout(layout: Any) -> str:
 
 
 def host_offsets(capacity: Any) -> tuple[int, ...]:
-    """Packed-layout offsets ``(0, cap[0], cap[0] + cap[1], ..., sum(cap))`` of host caps."""
-    caps = np.asarray(capacity, dtype=np.int64).reshape(-1)
-    return (0, *(int(v) for v in np.cumsum(caps)))
+    """Packed-layout offsets ``(0, cap[0], cap[0] + cap[1], ..., sum(cap))`` of host caps (a
+    sequence of ints or a NumPy array). Python integers only, so under ``torch.compile`` a tuple
+    of constant caps gives constant offsets (NumPy calls would be traced into tensor ops)."""
+    values = capacity.reshape(-1).tolist() if isinstance(capacity, np.ndarray) else capacity
+    return tuple(itertools.accumulate((int(v) for v in values), initial=0))
 
 
 # --- the plan ---------------------------------------------------------------------------------------
+
+
+def split_rows(buf: torch.Tensor, offsets: tuple[int, ...], what: str) -> tuple[torch.Tensor, ...]:
+    """Views ``buf[offsets[i]:offsets[i + 1]]`` (``torch.split`` with host sizes: no copy, no host
+    read); ``ValueError`` naming ``buf`` unless it has ``offsets[-1]`` rows."""
+    if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != offsets[-1]:
+        raise ValueError(
+            f"buf must be {what} with {offsets[-1]} rows; got "
+            f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
+        )
+    return tuple(torch.split(buf, [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,13 +175,7 @@ class RoutingPlan:
         Returns:
             ``E`` views (``torch.split`` with the host caps; no copy, no host read).
         """
-        if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != self.packed_size:
-            raise ValueError(
-                f"buf must be a packed buffer with {self.packed_size} rows; got "
-                f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
-            )
-        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-        return tuple(torch.split(buf, sizes))
+        return split_rows(buf, self.offsets, "a packed buffer")
 
     @classmethod
     def from_experts(
@@ -332,10 +340,10 @@ def _plan(
     flat = experts.reshape(-1)
     n = flat.shape[0]
     key = torch.where(flat >= 0, flat, n_exp)  # "no expert" (-1) sorts last, as group E
-    # stable: row-major order inside each expert; int32 keys sort faster than int64 (E < 2^31)
+    # stable: row-major order inside each expert. The sort key is int32 (it sorts faster than
+    # int64, E < 2^31) and indexes as it is; expert ids stay int64 everywhere else.
     sorted_key, order = torch.sort(key.to(torch.int32), stable=True)
-    sorted_key = sorted_key.to(torch.int64)
-    start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=key.dtype))
+    start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=torch.int32))
     rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_key]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
     kept = rank < torch.cat([capacity, capacity.new_zeros(1)])[key]  # group E has capacity 0

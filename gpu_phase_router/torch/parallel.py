@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._plan import RoutingPlan, _check_rows, _gather_rows, _scatter_rows
+from ._plan import RoutingPlan, _check_rows, _gather_rows, _scatter_rows, split_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -134,13 +134,7 @@ class ExpertParallelHandle:
 
     def expert_rows(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-local-expert views ``buf[offsets[i]:offsets[i + 1]]`` of a local buffer."""
-        if not isinstance(buf, torch.Tensor) or buf.ndim < 1 or buf.shape[0] != self.num_rows:
-            raise ValueError(
-                f"buf must be a local buffer with {self.num_rows} rows; got "
-                f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}"
-            )
-        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-        return tuple(torch.split(buf, sizes))
+        return split_rows(buf, self.offsets, "a local buffer")
 
 
 class ExpertParallel:

@@ -167,6 +167,7 @@ class MoERouter(nn.Module):
         self.capacity_factor = _check_factor(capacity_factor)
         hard_caps_host(self._cap_values, 1, self.k, self.capacity_factor)  # caps beyond int64 raise now
         self._share = self.capacities / tree_sum(np, self.capacities)
+        self._share_values = tuple(float(v) for v in self._share)  # Python floats: constants under compile
         options = learned.check_options(
             method, balance, overflow, reroute_rounds, bias_rate, eval_capacity_factor, process_group
         )
@@ -241,7 +242,7 @@ class MoERouter(nn.Module):
 
     def _share_on(self, device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a constant of the compiled graph
-            return torch.tensor(tuple(float(v) for v in self._share), dtype=torch.float64, device=device)
+            return torch.tensor(self._share_values, dtype=torch.float64, device=device)
         key = str(device)
         if key not in self._share_cache:
             self._share_cache[key] = torch.from_numpy(self._share).to(device)
