@@ -1,7 +1,7 @@
 """Cost of the default (learned, capacity-aware) MoE router's forward (SPEC §16) against plain top-k.
 
 Times ``MoERouter(E, k, caps)`` (``method="topk"``, ``balance="bias"``, ``overflow="reroute"``,
-4 rounds; training mode, so the bias update is included) beside the plain learned baseline
+its default rounds; training mode, so the bias update is included) beside the plain learned baseline
 ``torch.topk`` + the SPEC §15 plan with position-order drops, and beside ``torch.topk`` alone.
 Capacities: half the experts at half capacity, ``capacity_factor`` 1.25. The variants run
 interleaved, one call of each per repeat, so load on the machine hits them alike; the table gives
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     variants: dict[str, Callable[[], object]] = {
         "torch.topk alone": lambda: torch.topk(logits, k, dim=1),
         "plain top-k with drops (baseline)": plain,
-        "default router (train: bias update + 4 reroute rounds)": lambda: router(logits),
+        f"default router (train: bias update + {router.reroute_rounds} reroute rounds)": lambda: router(logits),
         "default router (eval mode)": lambda: evaluating(logits),
         "top-k, balance=None, overflow='drop'": lambda: drop(logits),
     }

@@ -488,7 +488,7 @@ def test_option_errors_name_the_argument(kwargs, exc, word):
 
 def test_default_is_learned_capacity_aware():
     router = MoERouter(4, 2)
-    assert (router.method, router.balance, router.overflow, router.reroute_rounds) == ("topk", "bias", "reroute", 4)
+    assert (router.method, router.balance, router.overflow, router.reroute_rounds) == ("topk", "bias", "reroute", 8)
     assert router.bias_rate == 1e-2 and router.eval_capacity_factor is None
     assert "balance='bias'" in repr(router)
 

@@ -310,7 +310,7 @@ def check_options(
         given = {
             "balance": (balance, "bias"),
             "overflow": (overflow, "reroute"),
-            "reroute_rounds": (reroute_rounds, 4),
+            "reroute_rounds": (reroute_rounds, 8),
             "bias_rate": (bias_rate, 1e-2),
             "process_group": (process_group, None),
         }

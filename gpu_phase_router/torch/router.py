@@ -109,8 +109,9 @@ class MoERouter(nn.Module):
         overflow: ``method="topk"`` only. ``"reroute"`` (default): slots over a cap go to the
             token's best expert with room, in ``reroute_rounds`` rounds; ``"drop"``: they are
             dropped. Either way an expert over its cap drops its lowest-scoring slots.
-        reroute_rounds: rerouting rounds ``>= 0`` (default 4: measured, 2 left the strong profile of
-            ``benchmarks/bench_training.py`` at 99.3 % of slots served, 4 at 99.95 %).
+        reroute_rounds: rerouting rounds ``>= 0`` (default 8: measured, 4 left the character LM of
+            ``benchmarks/bench_char_lm.py`` at 99.2 % of its training slots served at the strong
+            profile, 8 at 99.99 %; on the CPU the rounds stop once every slot is placed).
         bias_rate: the bias step per training call, ``>= 0`` (default ``1e-2``, on the logits).
         capacity_factor: ``h > 0``; hard caps ``max(1, ceil(cap / sum(cap) * T * k * h))``
             (caps beyond int64 raise ``ValueError``, here for ``T = 1`` and at a call for its ``T``).
@@ -135,7 +136,7 @@ class MoERouter(nn.Module):
         method: str = "topk",
         balance: str | None = "bias",
         overflow: str = "reroute",
-        reroute_rounds: int = 4,
+        reroute_rounds: int = 8,
         bias_rate: float = 1e-2,
         capacity_factor: float = 1.25,
         eval_capacity_factor: float | None = None,
