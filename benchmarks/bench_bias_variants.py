@@ -1,11 +1,14 @@
 """Variants of the default ``MoERouter`` (capacity bias + rerouting) on the training benchmarks.
 
 A record of the alternatives measured against the default router (SPEC §16: ``method="topk"``,
-``balance="bias"``, ``overflow="reroute"``, 4 rounds, ``bias_rate`` 1e-2), so the comparison can
-be rerun. Only the rate variants are options of ``MoERouter``; the others are experiments that the
-package does not ship: they replace a function of ``gpu_phase_router.torch.learned`` for the
-duration of one variant's runs (the default router is restored afterwards).
+``balance="bias"``, ``overflow="reroute"``, ``bias_rate`` 1e-2; ``--rounds`` sets the reroute
+rounds of every variant, default ``MoERouter``'s), so the comparison can be rerun. Only the rounds
+and rate variants are options of ``MoERouter``; the others are experiments that the package does
+not ship: they replace a function of ``gpu_phase_router.torch.learned`` for the duration of one
+variant's runs (the default router is restored afterwards).
 
+* ``rounds8`` — 8 reroute rounds (the default now; the tables of ``TRAINING_RESULTS.md`` were
+  measured with ``--rounds 4``, the default before);
 * ``rate3e-2``, ``rate3e-3`` — ``bias_rate`` 3e-2 / 3e-3;
 * ``count_final`` — the bias update counts each slot at its plan expert (the rerouted one where a
   round placed it, else the selected one) instead of the selected expert;
@@ -24,7 +27,7 @@ duration of one variant's runs (the default router is restored afterwards).
 
 Run from the repository root::
 
-    python benchmarks/bench_bias_variants.py --profile strong                   # regression task, seeds 0-2
+    python benchmarks/bench_bias_variants.py --profile strong --rounds 4        # regression task, seeds 0-2
     python benchmarks/bench_bias_variants.py --profile strong --seeds 3 4 5 --variants nocaps default all_propose
     python benchmarks/bench_bias_variants.py --task char_lm --variants rate3e-2  # bench_char_lm, default row only
 
@@ -58,8 +61,22 @@ import bench_training as bt  # noqa: E402
 from gpu_phase_router.torch import learned  # noqa: E402
 
 BASELINES = ["nocaps", "topk"]
-VARIANTS = ["default", "rate3e-2", "rate3e-3", "count_final", "all_propose", "cap_target", "valve", "bias_nocaps"]
-RATES = {"rate3e-2": 3e-2, "rate3e-3": 3e-3}
+VARIANTS = [
+    "default",
+    "rounds8",
+    "rate3e-2",
+    "rate3e-3",
+    "count_final",
+    "all_propose",
+    "cap_target",
+    "valve",
+    "bias_nocaps",
+]
+OPTIONS: dict[str, dict[str, Any]] = {
+    "rounds8": {"reroute_rounds": 8},
+    "rate3e-2": {"bias_rate": 3e-2},
+    "rate3e-3": {"bias_rate": 3e-3},
+}
 NOCAPS_FACTOR = 13.0  # strong profile: the smallest expert's cap 2048 / 26 * 13 = 1024 = T, nothing drops
 
 
@@ -154,16 +171,26 @@ def patched(variant: str) -> Iterator[dict[str, Any]]:
     for name, fn in PATCHES.get(variant, {}).items():
         setattr(learned, name, fn)
     try:
-        yield {"bias_rate": RATES[variant]} if variant in RATES else {}
+        yield dict(OPTIONS.get(variant, {}))
     finally:
         for name, fn in _ORIGINAL.items():
             setattr(learned, name, fn)
 
 
-def run_training(profile: str, variants: list[str], seeds: list[int], steps: int) -> dict[str, Any]:
-    """``bench_training.train_one`` for every variant and seed; per-seed final/eval loss and served share."""
+def _rounds(rounds: int | None) -> dict[str, Any]:
+    return {} if rounds is None else {"reroute_rounds": rounds}
+
+
+def run_training(
+    profile: str, variants: list[str], seeds: list[int], steps: int, rounds: int | None = None
+) -> dict[str, Any]:
+    """``bench_training.train_one`` for every variant and seed; per-seed final/eval loss and served share.
+
+    ``rounds``: the reroute rounds of every variant that does not set its own (None: the default).
+    """
     cfg = replace(bt.profile_config(profile), seeds=seeds, steps=steps)
-    out: dict[str, Any] = {"profile": profile, "seeds": seeds, "steps": steps, "load_start": os.getloadavg()}
+    out: dict[str, Any] = {"profile": profile, "seeds": seeds, "steps": steps, "rounds": rounds}
+    out["load_start"] = os.getloadavg()
     out["runs"] = {}
     for name in variants:
         t0 = time.perf_counter()
@@ -171,7 +198,8 @@ def run_training(profile: str, variants: list[str], seeds: list[int], steps: int
             runs = [bt.train_one(cfg, name, s) for s in seeds]
         else:
             with patched("default" if name == "bias_nocaps" else name) as opts:
-                bt.ROUTER_OPTIONS["variant"] = {"method": "topk", "balance": "bias", "overflow": "reroute", **opts}
+                base = {"method": "topk", "balance": "bias", "overflow": "reroute", **_rounds(rounds)}
+                bt.ROUTER_OPTIONS["variant"] = base | opts
                 run_cfg = replace(cfg, capacity_factor=NOCAPS_FACTOR) if name == "bias_nocaps" else cfg
                 runs = [bt.train_one(run_cfg, "variant", s) for s in seeds]
         keys = ("final_loss", "eval_loss", "served_mean", "served_min", "load_max")
@@ -208,7 +236,7 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_char_lm(variants: list[str], out: str) -> None:
+def run_char_lm(variants: list[str], out: str, rounds: int | None = None) -> None:
     """``bench_char_lm`` (both profiles, 3 seeds) with the default router replaced by each variant."""
     import bench_char_lm as bc
 
@@ -217,7 +245,7 @@ def run_char_lm(variants: list[str], out: str) -> None:
             raise ValueError(f"variant {name!r} is not run on the char LM")
         with patched(name) as opts:
             saved = bc.ROUTER_OPTIONS["default"]
-            bc.ROUTER_OPTIONS["default"] = saved | opts
+            bc.ROUTER_OPTIONS["default"] = saved | _rounds(rounds) | opts
             try:
                 bc.main(["--routers", "default", "--tag", f"variant_{name}", "--out", out])
             finally:
@@ -231,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", choices=BASELINES + VARIANTS, default=BASELINES + VARIANTS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, help="reroute rounds of every variant (default: MoERouter's)")
     ap.add_argument("--json", help="write the per-seed results here (regression task)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -240,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     numba.set_num_threads(1)
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     if args.task == "char_lm":
-        run_char_lm(args.variants, args.out)
+        run_char_lm(args.variants, args.out, args.rounds)
     else:
-        out = run_training(args.profile, args.variants, args.seeds, args.steps)
+        out = run_training(args.profile, args.variants, args.seeds, args.steps, args.rounds)
         print("\n" + table(out))
         if args.json:
             Path(args.json).write_text(json.dumps(out))
