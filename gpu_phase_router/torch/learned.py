@@ -151,45 +151,77 @@ def learned_topk(
 
     # rounds: avail is -inf where the token already uses the expert (a selected expert that
     # dropped the slot is full, so it is out of reach either way) or the expert has no room.
-    # On the CPU the rounds look at the tokens with an unplaced slot only (same result, less work);
-    # elsewhere at every token, with fixed shapes and no host read.
-    compact = dev.type == "cpu" and COMPACT_ON_CPU and not torch.compiler.is_compiling()
+    # Eager on the CPU the rounds look at the tokens with an unplaced slot only and stop when there
+    # are none (a host read, harmless there); compiled on the CPU a round runs only while a slot is
+    # unplaced (torch.cond); elsewhere every round looks at every token, with fixed shapes and no
+    # host read. All give the same plan: a round without unplaced slots changes nothing.
     load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
-    zero = capacity.new_zeros(1)
-    cap_ext = torch.cat([capacity, zero])
+    cap_ext = torch.cat([capacity, capacity.new_zeros(1)])
     experts = selected.clone()
-    all_rows = torch.arange(n_tok, device=dev)
+    state = (avail, experts, placed, load)
+    compiling = torch.compiler.is_compiling()
     for _ in range(rounds):
-        pending = ~placed
-        if compact:
-            rows = pending.any(dim=1).nonzero().squeeze(1)
+        if dev.type == "cpu" and COMPACT_ON_CPU and not compiling:
+            rows = (~state[2]).any(dim=1).nonzero().squeeze(1)
             if rows.shape[0] == 0:
                 break
-            has = None
+            sub, accepted = _round(score[rows], state[0][rows], state[1][rows], state[2][rows], state[3], cap_ext)
+            for whole, part in zip(state[:3], sub[:3], strict=True):
+                whole[rows] = part
+            state = (*state[:3], sub[3])
+            if trace is not None:
+                trace.append(torch.full((n_tok,), -1, dtype=torch.int64, device=dev).index_put_((rows,), accepted))
+        elif dev.type == "cpu" and compiling:
+            state = torch.cond((~state[2]).any(), _round_state, _same_state, (score, *state, cap_ext))
         else:
-            rows, has = all_rows, pending.any(dim=1)
-        col = pending[rows].to(torch.uint8).argmax(dim=1)  # the token's first unplaced slot
-        room = cap_ext - torch.cat([load, zero])  # [E + 1], 0 for "no expert"
-        closed = torch.where(room[:n_exp] > 0, 0.0, float("-inf"))
-        reach = avail[rows].add_(closed) if compact else avail.add_(closed)  # a full expert stays full
-        proposal = reach.argmax(dim=1)  # the best eligible expert by biased logit, ties to the lower
-        valid = reach.gather(1, proposal.unsqueeze(1)).squeeze(1) > float("-inf")
-        if has is not None:
-            valid = valid & has
-        group = torch.where(valid, proposal, n_exp)
-        prop_rank = _rank_in_group(group, score[rows, proposal], n_exp)
-        accept = valid & (prop_rank < room[group])
-        if trace is not None:
-            trace.append(
-                torch.full((n_tok,), -1, dtype=torch.int64, device=dev).index_put_(
-                    (rows,), torch.where(accept, group, -1)
-                )
-            )
-        experts.index_put_((rows, col), torch.where(accept, proposal, experts[rows, col]))
-        placed.index_put_((rows, col), placed[rows, col] | accept)
-        load = load + _counts(group, accept, n_exp + 1)[:n_exp]
-        avail.index_put_((rows, proposal), torch.where(accept, float("-inf"), avail[rows, proposal]))
-    return selected, experts, placed
+            state, accepted = _round(score, *state, cap_ext)
+            if trace is not None:
+                trace.append(accepted)
+    return selected, state[1], state[2]
+
+
+_State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # avail, experts, placed, load
+
+
+def _round(
+    score: torch.Tensor,
+    avail: torch.Tensor,
+    experts: torch.Tensor,
+    placed: torch.Tensor,
+    load: torch.Tensor,
+    cap_ext: torch.Tensor,
+) -> tuple[_State, torch.Tensor]:
+    """One rerouting round of SPEC §16 over the given tokens (rows in ascending token order), out
+    of place, fixed shapes: ``((avail, experts, placed, load), accepted)`` after the round, with
+    ``accepted`` int64 ``[rows]`` each token's accepted expert (``-1`` for none)."""
+    n_rows, n_exp = avail.shape
+    pending = ~placed
+    col = pending.to(torch.uint8).argmax(dim=1)  # the token's first unplaced slot
+    room = cap_ext - torch.cat([load, load.new_zeros(1)])  # [E + 1], 0 for "no expert"
+    reach = avail + torch.where(room[:n_exp] > 0, 0.0, float("-inf"))  # a full expert stays full
+    proposal = reach.argmax(dim=1)  # the best eligible expert by biased logit, ties to the lower
+    valid = (reach.gather(1, proposal.unsqueeze(1)).squeeze(1) > float("-inf")) & pending.any(dim=1)
+    group = torch.where(valid, proposal, n_exp)
+    prop_rank = _rank_in_group(group, score.gather(1, proposal.unsqueeze(1)).squeeze(1), n_exp)
+    accept = valid & (prop_rank < room[group])
+    rows = torch.arange(n_rows, device=avail.device)
+    experts = experts.index_put((rows, col), torch.where(accept, proposal, experts[rows, col]))
+    placed = placed.index_put((rows, col), placed[rows, col] | accept)
+    load = load + _counts(group, accept, n_exp + 1)[:n_exp]
+    avail = reach.index_put((rows, proposal), torch.where(accept, float("-inf"), reach[rows, proposal]))
+    return (avail, experts, placed, load), torch.where(accept, group, -1)
+
+
+def _round_state(score: torch.Tensor, *state_and_caps: torch.Tensor) -> _State:
+    """:func:`_round`'s state only (a ``torch.cond`` branch)."""
+    avail, experts, placed, load, cap_ext = state_and_caps
+    return _round(score, avail, experts, placed, load, cap_ext)[0]
+
+
+def _same_state(score: torch.Tensor, *state_and_caps: torch.Tensor) -> _State:
+    """The state unchanged (the other ``torch.cond`` branch: no unplaced slot is left)."""
+    avail, experts, placed, load, _ = state_and_caps
+    return avail.clone(), experts.clone(), placed.clone(), load.clone()
 
 
 def expert_choice(logits: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
