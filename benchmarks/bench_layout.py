@@ -6,7 +6,8 @@ For each source tree given (default: this checkout), in a fresh process with tha
 * **crossings**: calls from one module of the package into another during one warm
   ``route(ones(16384), ones(64), k=2)``, counted with ``sys.setprofile`` (a generator's resumes
   are not counted; its first call is);
-* **time**: the median and fastest of 50 warm calls of the same route;
+* **time**: the median and fastest of 300 warm calls of the same route (one Numba thread unless
+  ``--threads``, so the trees' thread policies do not enter the comparison);
 
 and for this checkout the import graph of ``gpu_phase_router`` (module-level imports): cycles and
 upward imports (a module importing the package's front door, ``api`` or ``blocks``, from below).
@@ -60,7 +61,7 @@ sys.setprofile(prof)
 g.route(w, c, k=2, seed=1)
 sys.setprofile(None)
 times = []
-for _ in range(50):
+for _ in range(300):
     t0 = time.perf_counter()
     g.route(w, c, k=2, seed=1)
     times.append(time.perf_counter() - t0)
@@ -71,8 +72,10 @@ print(json.dumps({"file": g.__file__, "crossings": len(calls), "resumes": resume
 """
 
 
-def measure(tree: Path) -> dict:
+def measure(tree: Path, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    if threads:
+        env["NUMBA_NUM_THREADS"] = str(threads)
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True, cwd=tree)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -153,6 +156,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", nargs="*", default=[], help="other checkouts to measure in the same run")
+    ap.add_argument("--threads", type=int, default=1, help="NUMBA_NUM_THREADS of the timed processes (0: default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
@@ -160,7 +164,7 @@ def main() -> int:
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, AVX-512 {'yes' if avx512 else 'no'}; load {os.getloadavg()}")
     rows = []
     for tree in [ROOT, *map(Path, args.trees)]:
-        r = measure(tree.resolve())
+        r = measure(tree.resolve(), args.threads)
         r["tree"] = str(tree)
         rows.append(r)
         print(
@@ -175,6 +179,7 @@ def main() -> int:
     record = {
         "machine": {"cpu": cpu, "avx512": avx512, "cpus": os.cpu_count(), "python": platform.python_version()},
         "load": os.getloadavg(),
+        "numba_threads": args.threads or "default",
         "trees": rows,
         "import_cycles": loops,
         "upward_imports": upward,
