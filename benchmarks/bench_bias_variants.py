@@ -90,14 +90,8 @@ def _learned_topk_all(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``learned.learned_topk`` where every unplaced slot of a token proposes in the same round."""
     n_tok, n_exp = logits.shape
-    score = logits.detach().to(torch.float32)
-    avail = learned._selection_values(logits, bias)
-    selected = learned._take_topk(avail, k)
-    flat = selected.reshape(-1)
-    rank = learned._rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
-    placed = (rank < capacity[flat]).view(n_tok, k)
+    score, avail, selected, placed, load = learned.select_and_cap(logits, bias, k, capacity)
     experts = selected.clone()
-    load = torch.minimum(learned._counts(flat, torch.ones_like(flat), n_exp), capacity)
     zero = capacity.new_zeros(1)
     for _ in range(rounds):
         pending = ~placed

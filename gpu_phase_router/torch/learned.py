@@ -112,6 +112,28 @@ def select_topk(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) 
     return _take_topk(_selection_values(logits, bias), k)
 
 
+def select_and_cap(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, capacity: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §16 "selection" and "caps by score", before any rerouting round.
+
+    Returns:
+        ``(score, avail, selected, placed, load)``: float32 ``[T, E]`` gate scores (the unbiased
+        logits); float32 ``[T, E]`` selection values, ``-inf`` at the selected experts; int64
+        ``[T, k]`` the biased top-k; bool ``[T, k]`` the slots each expert keeps (its
+        ``capacity[e]`` highest-scoring); int64 ``[E]`` the kept slots per expert.
+    """
+    n_tok, n_exp = logits.shape
+    score = logits.detach().to(torch.float32)  # [T, E] the gate score of (token, expert): the unbiased logit
+    avail = _selection_values(logits, bias)
+    selected = _take_topk(avail, k)  # [T, k]; avail is now -inf at the selected experts
+    flat = selected.reshape(-1)
+    rank = _rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
+    placed = (rank < capacity[flat]).view(n_tok, k)
+    load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
+    return score, avail, selected, placed, load
+
+
 def learned_topk(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -138,14 +160,7 @@ def learned_topk(
     """
     n_tok, n_exp = logits.shape
     dev = logits.device
-    score = logits.detach().to(torch.float32)  # [T, E] the gate score of (token, expert): the unbiased logit
-    avail = _selection_values(logits, bias)
-    selected = _take_topk(avail, k)  # [T, k]; avail is now -inf at the selected experts
-
-    # first pass: each expert keeps its capacity's worth of highest-scoring slots
-    flat = selected.reshape(-1)
-    rank = _rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
-    placed = (rank < capacity[flat]).view(n_tok, k)
+    score, avail, selected, placed, load = select_and_cap(logits, bias, k, capacity)
     if rounds == 0:
         return selected, selected, placed
 
@@ -155,7 +170,6 @@ def learned_topk(
     # are none (a host read, harmless there); compiled on the CPU a round runs only while a slot is
     # unplaced (torch.cond); elsewhere every round looks at every token, with fixed shapes and no
     # host read. All give the same plan: a round without unplaced slots changes nothing.
-    load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
     cap_ext = torch.cat([capacity, capacity.new_zeros(1)])
     experts = selected.clone()
     state = (avail, experts, placed, load)
@@ -406,6 +420,7 @@ __all__ = [
     "expert_choice",
     "learned_topk",
     "order_key",
+    "select_and_cap",
     "select_topk",
     "update_bias",
 ]
