@@ -239,6 +239,16 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cb
     return size
 
 
+@nb.njit(inline="always", cache=True)
+def _names_new_target(cols, s, col_map):
+    """Whether column ``cols[s]`` maps to a target that none of ``cols[:s]`` maps to."""
+    e = col_map[cols[s]]
+    for r in range(s):
+        if col_map[cols[r]] == e:
+            return False
+    return True
+
+
 @nb.njit(cache=True)
 def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
@@ -289,13 +299,7 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
         cols[pos] = cq
     distinct = 0
     for s in range(size):
-        e = col_map[cols[s]]
-        new = True
-        for r in range(s):
-            if col_map[cols[r]] == e:
-                new = False
-                break
-        distinct += new
+        distinct += _names_new_target(cols, s, col_map)
     if distinct == k_out:
         return size
     last_k = _ZERO  # otherwise take the next smallest (key, col) again and again
@@ -320,13 +324,7 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
         size += 1
         last_k = best_k
         last_c = best_c
-        e = col_map[best_c]
-        new = True
-        for r in range(size - 1):
-            if col_map[cols[r]] == e:
-                new = False
-                break
-        distinct += new
+        distinct += _names_new_target(cols, size - 1, col_map)
         if distinct == k_out:
             break
     return size
