@@ -173,6 +173,7 @@ class BandLayout(NamedTuple):
         widths: int64 ``[n_tgt]`` band widths ``b[e]``.
         col_counts: int64 ``[V]`` capacity count of each virtual column.
         col_map: int64 ``[V]`` target owning each virtual column.
+        col_map32: the same as int32 (the CUDA kernels' column type), made once with the layout.
         key: the arguments the layout was made from (it names the layout's device copies).
     """
 
@@ -182,6 +183,7 @@ class BandLayout(NamedTuple):
     widths: np.ndarray
     col_counts: np.ndarray
     col_map: np.ndarray
+    col_map32: np.ndarray
     key: tuple[Any, ...]
 
     def on(self, backend: Any) -> tuple[Any, ...]:
@@ -190,7 +192,7 @@ class BandLayout(NamedTuple):
         once per layout and device (:func:`~gpu_phase_router._prep.on_backend`)."""
         if backend.xp is np:
             return self.col_counts, self.col_map
-        return on_backend(backend, ("band_layout", *self.key), self.col_counts, self.col_map.astype(np.int32))
+        return on_backend(backend, ("band_layout", *self.key), self.col_counts, self.col_map32)
 
 
 def bands_apply(n_src: int, n_tgt: int) -> bool:
@@ -259,11 +261,12 @@ def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -
     counts = np.where(weights == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
     col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
     col_counts = counts[col_map]
+    col_map32 = col_map.astype(np.int32)
     n_cols = int(col_map.shape[0])
-    for a in (widths, col_counts, col_map):
+    for a in (widths, col_counts, col_map, col_map32):
         a.setflags(write=False)
     key = (caps_bytes, n_src, k, density)
-    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map, key)
+    return BandLayout(n_cols, min(k * BAND_OVERSAMPLE, n_cols), k, widths, col_counts, col_map, col_map32, key)
 
 
 def ring_size(rr: RowRange) -> int:
