@@ -239,7 +239,7 @@ def test_phase_block_direct(kind, cpu, row0):
     full = _reference.route_counts(d.tolist(), c.tolist(), k, seed)
     rows = min(13, n_src - row0)
     xp = be.xp
-    ring = be.prepare_ring(*phase.ring_layout(be, xp.asarray(c), n_src, seed))
+    ring = be.prepare_ring(*phase.ring_layout(be, xp.asarray(c), n_src, seed), n_src=n_src)
     got = phase.phase_block(
         be,
         xp.asarray(d[row0 : row0 + rows]),
@@ -251,7 +251,7 @@ def test_phase_block_direct(kind, cpu, row0):
         degree_prefix=int(d[:row0].sum()),
     )
     assert np.array_equal(host(got), full[row0 : row0 + rows])
-    ring_cpu = cpu.prepare_ring(*phase.ring_layout(cpu, c, n_src, seed))
+    ring_cpu = cpu.prepare_ring(*phase.ring_layout(cpu, c, n_src, seed), n_src=n_src)
     got_cpu = phase.phase_block(
         cpu, d[row0 : row0 + rows], ring_cpu, n_src=n_src, k=k, seed=seed, row0=row0, degree_prefix=int(d[:row0].sum())
     )

@@ -75,3 +75,26 @@ def test_largest_n_src_routes():
     n_src = 2**63 - 1
     got = route_counts_block([2, 1], [n_src, 2**62], n_src=n_src, row0=n_src - 2, degree_prefix=5, k=2, seed=1)
     assert got.shape == (2, 2) and got.dtype == np.int32
+
+
+@pytest.mark.parametrize("n_src", [2**31 - 1, 2**31])
+def test_ring_width_boundary_matches_spec(n_src):
+    """The CPU ring is int32 below n_src = 2^31 (vectorised position test) and int64 from there:
+    at both sides, phases and interval starts next to 0 and n_src - 1, phases at the last position
+    inside and the first outside an interval, lengths 0, 1, n_src - 1 and n_src, rows that wrap the
+    target ring and rows shorter than one 64-position block; k = n_tgt shows every candidate."""
+    n_tgt = 300
+    rng = np.random.default_rng(11)
+    c = rng.integers(0, n_src + 1, n_tgt)
+    c[:8] = [0, 1, n_src - 1, n_src, 2, n_src - 2, 0, n_src]
+    d = np.concatenate([rng.integers(0, n_tgt + 1, 24), [n_tgt, n_tgt, 1, 63, 64, 65, 129, 0]])
+    perm_s = rng.permutation(n_tgt)
+    off_t = np.concatenate([[0], np.cumsum(c)[:-1]]) % n_src
+    ends = [int(off_t[t] + c[t] + delta) % n_src for t in (2, 9, 40, 77) for delta in (-1, 0)]  # last inside, first outside
+    edge = list(dict.fromkeys([0, 1, n_src - 1, n_src - 2, n_src // 2, int(off_t[9]), int(off_t[9] - 1) % n_src, *ends]))
+    perm_t = [int(v) for v in rng.integers(0, n_src, d.shape[0] - len(edge))] + edge
+    d[-len(edge) :] = n_tgt  # the edge phases see every target
+    kw = {"n_src": n_src, "row0": 5, "degree_prefix": 5 * n_tgt - 40, "k": n_tgt, "seed": 2024}  # every candidate shows
+    got = route_counts_block(d, c, perm_s=perm_s, perm_t=np.array(perm_t), **kw)
+    want = expected_block_rows(d.tolist(), c.tolist(), perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))

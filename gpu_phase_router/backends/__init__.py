@@ -12,7 +12,7 @@ Kernel inputs (all arrays of the backend's ``xp``, C-contiguous):
   and the number of rows with a set padding bit (SPEC §2).
 * ``feistel(start, count, n, key, inverse)``: int64 ``(count,)`` values
   ``feistel(start + i, n, key)`` (or its inverse) for ``i`` in ``[0, count)`` (SPEC §6).
-* ``prepare_ring(ring_start, ring_len, ring_col)``: the target ring in the backend's own layout,
+* ``prepare_ring(ring_start, ring_len, ring_col, *, n_src)``: the target ring in the backend's own layout,
   made once per call and shared by every kernel call of that call.
 * ``phase_rows(...)``: the phase router for a range of rows (SPEC §4–§5), see :class:`Backend`.
 * ``systematic_rows(...)``: the systematic router for a block of rows (SPEC §11).
@@ -43,8 +43,9 @@ class Backend(Protocol):
     def feistel(self, start: int, count: int, n: int, key: int, inverse: bool = False) -> Any:
         """int64 ``(count,)``: ``feistel(start + i, n, key)`` or its inverse (SPEC §6)."""
 
-    def prepare_ring(self, ring_start: Array, ring_len: Array, ring_col: Array) -> Any:
-        """The target ring in the layout :meth:`phase_rows` reads, made once per routing call.
+    def prepare_ring(self, ring_start: Array, ring_len: Array, ring_col: Array, *, n_src: int) -> Any:
+        """The target ring of a source ring of ``n_src`` phases, in the layout :meth:`phase_rows`
+        reads, made once per routing call.
 
         Per target-ring position ``p`` (int64 ``(n_tgt,)``): ``ring_col[p] = inv_s[p]``,
         ``ring_start[p] = off_t[inv_s[p]]``, ``ring_len[p] = c[inv_s[p]]``.

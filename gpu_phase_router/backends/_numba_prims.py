@@ -60,3 +60,125 @@ def ctlz(typingctx, x):
         return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
 
     return sig, codegen
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """Set bits of a uint64 (LLVM ``ctpop``)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+def _splat(builder, value, vec_type):
+    """``value`` (an integer of ``vec_type``'s element width) in every lane of ``vec_type``."""
+    undef = ir.Constant(vec_type, ir.Undefined)
+    lane0 = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec_type.count), [0] * vec_type.count))
+
+
+def _vector_at(context, builder, array_type, array, index, vec_type):
+    """Pointer to ``vec_type`` at element ``index`` of a C-contiguous 1-D array (no bounds check)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    ptr = builder.bitcast(builder.gep(data, [index]), vec_type.as_pointer())
+    return ptr
+
+
+def _is_int32_ring(ary):
+    return isinstance(ary, types.Array) and ary.ndim == 1 and ary.layout == "C" and ary.dtype == types.int32
+
+
+@intrinsic
+def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
+    """Bit ``i`` set iff ring position ``p + i`` (``i < 64``) holds the phase ``x`` (SPEC §4).
+
+    ``in_ring(x, ring_start[p + i], ring_len[p + i], n_src)`` for 64 consecutive positions as one
+    LLVM vector expression (eight 8-lane compares and a bit-mask extraction on AVX2, four on
+    AVX-512), for int32 C-contiguous ring arrays with ``n_src < 2^31``, ``0 <= x < n_src``,
+    ``0 <= ring_start < n_src``, ``0 <= ring_len <= n_src`` and ``p + 64 <= len(ring_start)`` —
+    the caller guarantees all of these; nothing is checked. With 32-bit lanes,
+    ``(x - start) mod n_src`` is ``min(x - start, x - start + n_src)`` in unsigned arithmetic (the
+    first wraps past ``2^32 - n_src`` exactly when ``x < start``), below ``n_src <= 2^31``, so the
+    length comparison is signed.
+    """
+    if not (_is_int32_ring(ring_start) and _is_int32_ring(ring_len)):
+        return None
+    sig = types.uint64(ring_start, ring_len, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        rs, rl, pos, xx, nn = args
+        i32 = ir.IntType(32)
+        vec = ir.VectorType(i32, 64)
+        start = builder.load(_vector_at(context, builder, signature.args[0], rs, pos, vec), align=4)
+        length = builder.load(_vector_at(context, builder, signature.args[1], rl, pos, vec), align=4)
+        diff = builder.sub(_splat(builder, builder.trunc(xx, i32), vec), start)
+        wrapped = builder.add(diff, _splat(builder, builder.trunc(nn, i32), vec))
+        dist = builder.select(builder.icmp_unsigned("<", diff, wrapped), diff, wrapped)
+        hit = builder.icmp_signed("<", dist, length)
+        return builder.bitcast(hit, ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def store_offsets8(typingctx, out, at, packed, base):
+    """``out[at + i] = base + byte i of packed`` for ``i < 8``: one 8-lane store (no bounds check;
+    ``out`` is an int32 or int64 C-contiguous 1-D array with room for ``at + 8`` entries)."""
+    if not (isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in (types.int32, types.int64)):
+        return None
+    sig = types.void(out, types.uint64, types.uint64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        dest, pos, bytes8, offset = args
+        lane = ir.IntType(signature.args[0].dtype.bitwidth)
+        vec = ir.VectorType(lane, 8)
+        values = builder.zext(builder.bitcast(bytes8, ir.VectorType(ir.IntType(8), 8)), vec)
+        values = builder.add(values, _splat(builder, builder.trunc(offset, lane) if lane.width < 64 else offset, vec))
+        builder.store(values, _vector_at(context, builder, signature.args[0], dest, pos, vec), align=lane.width // 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _byte_bit_indices() -> np.ndarray:
+    """``table[v]``: the indices of the set bits of the byte ``v``, ascending, packed one per byte."""
+    table = np.zeros(256, dtype=np.uint64)
+    for v in range(256):
+        bits = [i for i in range(8) if v >> i & 1]
+        table[v] = sum(b << (8 * q) for q, b in enumerate(bits))
+    return table
+
+
+BYTE_BITS = _byte_bit_indices()
+U8 = np.uint64(8)
+BYTE = np.uint64(0xFF)
+_B1 = np.uint64(0x5555555555555555)
+_B2 = np.uint64(0x3333333333333333)
+_B4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_BYTES_ONE = np.uint64(0x0101010101010101)
+_U2 = np.uint64(2)
+_U4 = np.uint64(4)
+_U56 = np.uint64(56)
+
+
+@nb.njit(inline="always", cache=True)
+def append_set_bits(out, cnt, m, base):
+    """Append ``base + i`` for every set bit ``i`` of the uint64 ``m`` to ``out[cnt:]``, ascending;
+    return the new count. Branch-free: eight 8-lane stores, so ``out`` needs 8 entries to spare.
+
+    The stores are independent of each other: byte ``b``'s store goes to ``cnt`` plus the set bits
+    of bytes ``< b`` — per-byte popcounts in one word (SWAR), their prefix sums by one multiply.
+    """
+    c = m - ((m >> U1) & _B1)
+    c = (c & _B2) + ((c >> _U2) & _B2)
+    c = (c + (c >> _U4)) & _B4  # byte b: the set bits of byte b of m
+    before = (c * _BYTES_ONE) - c  # byte b: the set bits of bytes < b (each sum <= 56 fits a byte)
+    for byte in range(8):
+        shift = U8 * np.uint64(byte)
+        v = (m >> shift) & BYTE
+        store_offsets8(out, cnt + ((before >> shift) & BYTE), BYTE_BITS[v], base + 8 * byte)
+    return cnt + ((c * _BYTES_ONE) >> _U56)

@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,9 +185,24 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+OTHERS_TTL = 0.02  # seconds one reading of the other processes' load is reused (the kernel calls of one call)
+_others_seen = (-1.0, 0)  # (time.monotonic() of the last reading, its value)
+
+
 def _others_running() -> int:
     """Runnable threads of other processes right now (Linux: ``/proc/loadavg`` less this
-    process's running threads); 0 where that cannot be read."""
+    process's running threads); 0 where that cannot be read. A reading is reused for
+    ``OTHERS_TTL`` seconds, so the several kernel calls of one call read ``/proc`` once."""
+    global _others_seen
+    now = time.monotonic()
+    if now - _others_seen[0] < OTHERS_TTL:
+        return _others_seen[1]
+    value = _read_others_running()
+    _others_seen = (now, value)
+    return value
+
+
+def _read_others_running() -> int:
     try:
         with open("/proc/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])

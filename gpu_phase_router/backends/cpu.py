@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from .._keys import FEISTEL_ROUNDS, FILL_TRIES, feistel_params
 from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: before any decoration
@@ -16,8 +18,13 @@ from ._numba_prims import KEY_MAX as _KEY_MAX
 from ._numba_prims import U0 as _ZERO
 from ._numba_prims import U1 as _ONE
 from ._numba_prims import U32 as _S32
+from ._numba_prims import append_set_bits as _append_set_bits
+from ._numba_prims import G as _G
 from ._numba_prims import at as _at
 from ._numba_prims import cttz as _cttz
+from ._numba_prims import mix64 as _mix64
+from ._numba_prims import popcount as _popcount
+from ._numba_prims import ring_hits64 as _ring_hits64
 
 _I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
@@ -28,6 +35,8 @@ SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary 
 SHORT_DEG = 64  # banded rows of at most this many ring positions take the selection of _select_short
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
+POPCOUNT_TASK = 256  # bit-packed rows per prange task
+RING32_LIMIT = 1 << 31  # n_src and n_tgt below this: int32 ring arrays
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
 
@@ -158,83 +167,123 @@ def _emit_ascending(cols, size, out_row):
         out_row[q] = -1
 
 
-@nb.njit(cache=True)
-def _offer_all(qs, n_q, kbuf, cbuf, keys, cols, size, k):
-    """Offer the candidates ``qs[:n_q]`` (indices into ``kbuf``/``cbuf``) to the bottom-k."""
-    for i in range(n_q):
-        q = qs[i]
-        if k <= SMALL_K:
-            if size < k or kbuf[q] <= keys[k - 1]:
-                size = _offer_sorted(keys, cols, size, k, kbuf[q], cbuf[q])
-        elif size < k or kbuf[q] <= keys[0]:
-            size = _offer(keys, cols, size, k, kbuf[q], cbuf[q])
+@nb.njit(inline="always", cache=True)
+def _offer_one(key, col, keys, cols, size, k):
+    """Offer ``(key, col)`` to the bottom-k (a sorted array up to ``SMALL_K``, else a max-heap)."""
+    if k <= SMALL_K:
+        if size < k or key <= keys[k - 1]:
+            size = _offer_sorted(keys, cols, size, k, key, col)
+    elif size < k or key <= keys[0]:
+        size = _offer(keys, cols, size, k, key, col)
     return size
 
 
-@nb.njit(inline="always", cache=True)
-def _compact(x, n_src, rs, rl, rc, cbuf):
-    """Columns ``rc[j]`` of the positions ``j`` whose interval ``(rs[j], rl[j])`` holds ``x``, into ``cbuf``.
-
-    Positions are tested ``MASK_BITS`` at a time in a branch-free, vectorisable loop that sets
-    one bit per hit; the set bits are then walked with ``tzcnt``, so the scalar part costs one
-    step per candidate rather than one per position. All indices are unsigned or ranges from 0
-    over slices, so no negative-index wrap-around code sits in the loops. Returns the count.
-    """
-    cnt = np.uint64(0)
-    n = rs.shape[0]
-    for b in range(0, n, MASK_BITS):
-        w = min(MASK_BITS, n - b)
-        m = _ZERO
-        for j in range(w):
-            diff = x - rs[b + j]
-            diff += (diff >> 63) & n_src
-            m |= np.uint64(diff < rl[b + j]) << np.uint64(j)
-        base = np.uint64(b)
+@nb.njit(cache=True)
+def _offer_marked(masks, cnt, kbuf, pbuf, ring_col, keys, cols, size, k):
+    """Offer the candidates ``q < cnt`` (keys ``kbuf[q]``, ring positions ``pbuf[q]``) whose bit is set in
+    ``masks[q // 64]`` (every candidate when ``masks`` is empty) to the bottom-k; return its size."""
+    if masks.shape[0] == 0:
+        for q in range(cnt):
+            size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
+        return size
+    for blk in range(masks.shape[0]):
+        m = masks[blk]
         while m:
-            cbuf[cnt] = rc[base + _cttz(m)]
-            cnt += _ONE
+            q = np.uint64(blk * MASK_BITS) + _cttz(m)
+            size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
             m &= m - _ONE
+    return size
+
+
+def _block_hits(ring_start, ring_len, p, x, n_src):
+    """Bit ``i`` set iff ring position ``p + i`` (``i < 64``) holds ``x``; ``p + 64 <= n_tgt`` (Numba only)."""
+    raise NotImplementedError("compiled by Numba only")
+
+
+@overload(_block_hits, inline="always")
+def _block_hits_numba(ring_start, ring_len, p, x, n_src):
+    if ring_start.dtype == types.int32:  # the CPU ring of every n_src < 2^31: one vector expression
+        return lambda ring_start, ring_len, p, x, n_src: _ring_hits64(ring_start, ring_len, p, x, n_src)
+
+    def scalar(ring_start, ring_len, p, x, n_src):  # int64 ring: positions tested one lane at a time
+        m = _ZERO
+        for j in range(MASK_BITS):
+            diff = x - ring_start[p + j]
+            diff += (diff >> 63) & n_src
+            m |= np.uint64(diff < ring_len[p + j]) << np.uint64(j)
+        return m
+
+    return scalar
+
+
+@nb.njit(inline="always", cache=True)
+def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf):
+    """The ring positions in ``[p0, p1)`` whose interval holds ``x``, ascending, into ``pbuf``; returns the count.
+
+    Positions are tested ``MASK_BITS`` at a time into a hit mask (:func:`_block_hits`: one vector
+    expression on the int32 ring) whose set bits are appended branch-free (eight 8-lane stores per
+    mask, so ``pbuf`` needs 8 entries to spare): no branch depends on which positions hit. Blocks
+    that would read past the ring's end are tested one position at a time.
+    """
+    cnt = _ZERO
+    n_ring = ring_start.shape[0]
+    for b in range(p0, p1, MASK_BITS):
+        w = min(MASK_BITS, p1 - b)
+        if b + MASK_BITS <= n_ring:
+            m = _block_hits(ring_start, ring_len, b, x, n_src)
+            if w < MASK_BITS:
+                m &= (_ONE << np.uint64(w)) - _ONE
+        else:
+            m = _ZERO
+            for j in range(w):
+                diff = x - ring_start[b + j]
+                diff += (diff >> 63) & n_src
+                m |= np.uint64(diff < ring_len[b + j]) << np.uint64(j)
+        cnt = _append_set_bits(pbuf, cnt, m, b)
     return np.int64(cnt)
 
 
 @nb.njit(cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k):
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
-    Chunks of positions are compacted into ``cbuf`` (columns, see :func:`_compact`). One
-    vectorisable loop computes their keys and counts those at or below a bound: the current
+    Chunks of ``SCAN_CHUNK`` positions are compacted into ``pbuf`` (hit positions, see
+    :func:`_compact`); one loop gathers their ``ring_key``, and one vectorisable loop computes their keys and counts those at or below a bound: the current
     k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
     first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
     with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
     it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
-    long row once the bottom-k is full — skip the update entirely; otherwise the indices under
-    the bound are compacted branch-free into ``qbuf`` and only they reach the branchy update.
+    long row once the bottom-k is full — skip the update entirely; otherwise the set bits of
+    the masks are walked and only those candidates reach the branchy update.
     """
     p0 = lo
     want = 2 * k + 4
     while p0 < hi:
-        p1 = min(hi, p0 + cbuf.shape[0])
-        cnt = _compact(x, n_src, ring_start[p0:p1], ring_len[p0:p1], ring_col[p0:p1], cbuf)
+        p1 = min(hi, p0 + SCAN_CHUNK)
+        cnt = _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf)
         if size >= k:
             bound = keys[0] if k > SMALL_K else keys[k - 1]
         elif size == 0 and cnt > 2 * want:
             bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
         else:
             bound = _KEY_MAX
-        hits = 0
-        for q in range(cnt):
-            kq = _at(row_base, cbuf[q])
-            kbuf[q] = kq
-            hits += kq <= bound
-        if size < k and hits < k:
-            bound = _KEY_MAX
-            hits = cnt
-        if hits:
-            n_q = np.int64(0)
-            for q in range(cnt):
-                qbuf[n_q] = q
-                n_q += kbuf[q] <= bound
-            size = _offer_all(qbuf, n_q, kbuf, cbuf, keys, cols, size, k)
+        for q in range(cnt):  # a gather: kept apart so that the keying loop below vectorises
+            kbuf[q] = ring_key[pbuf[q]]
+        n_blk = (cnt + MASK_BITS - 1) // MASK_BITS
+        hits = _ZERO
+        for blk in range(n_blk):  # keys, and a mask per 64 of those at or below the bound
+            b = blk * MASK_BITS
+            m = _ZERO
+            for j in range(min(MASK_BITS, cnt - b)):
+                kq = _mix64(row_base + kbuf[b + j])  # = at(row_base, col): ring_key[p] = G * (col + 1)
+                kbuf[b + j] = kq
+                m |= np.uint64(kq <= bound) << np.uint64(j)
+            mbuf[blk] = m
+            hits += _popcount(m)
+        if size < k and hits < np.uint64(k):  # the provisional bound was too low: offer every candidate
+            size = _offer_marked(mbuf[:0], cnt, kbuf, pbuf, ring_col, keys, cols, size, k)
+        elif hits:
+            size = _offer_marked(mbuf[:n_blk], cnt, kbuf, pbuf, ring_col, keys, cols, size, k)
         p0 = p1
     return size
 
@@ -397,7 +446,7 @@ def _complete_row(row_base, col_map, out_row):
 
 
 @nb.njit(cache=True)
-def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, col_map, out):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
     as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
     first ``out.shape[1]`` distinct ones (SPEC §13)."""
@@ -409,9 +458,10 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
         cols = np.empty(k, dtype=np.int64)
+        pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
         cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
-        qbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             row_base = _at(row_key, row0 + i)
             x = phase[i]
@@ -441,7 +491,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
                     a = lo if part == 0 else zero
                     b = min(hi, n_tgt) if part == 0 else hi - n_tgt
                     size = _scan_segment(
-                        a, b, x, n_src, ring_start, ring_len, ring_col, row_base, cbuf, kbuf, qbuf, keys, cols, size, k
+                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k
                     )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
@@ -454,7 +504,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row
 
 
 @nb.njit(parallel=True, cache=True)
-def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k, row0, row_key, col_map, out):
+def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, col_map, out):
     """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
 
     The serial kernel is compiled once and called per task, so the parallel compile stays small.
@@ -470,6 +520,7 @@ def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n_src, k,
             ring_start,
             ring_len,
             ring_col,
+            ring_key,
             n_src,
             k,
             row0 + a,
@@ -511,15 +562,23 @@ def _systematic_rows_par(phase, cum, n_src, k, phi, out):
 
 
 @nb.njit(cache=True)
-def _row_sums(counts):
-    """int64 row sums of a small-integer matrix (NumPy's axis-1 sum is slow for few columns)."""
-    out = np.zeros(counts.shape[0], dtype=np.int64)
-    for i in range(counts.shape[0]):
-        total = 0
-        for j in range(counts.shape[1]):
-            total += counts[i, j]
-        out[i] = total
-    return out
+def _popcount_rows(words, out):
+    """``out[i]``: the set bits of row ``i`` of the uint64 matrix ``words``, in one pass (no temporary)."""
+    for i in range(words.shape[0]):
+        total = _ZERO
+        for j in range(words.shape[1]):
+            total += _popcount(words[i, j])
+        out[i] = np.int64(total)
+
+
+@nb.njit(parallel=True, cache=True)
+def _popcount_rows_par(words, out):
+    """:func:`_popcount_rows` in tasks of ``POPCOUNT_TASK`` rows across threads."""
+    rows = words.shape[0]
+    for task in nb.prange((rows + POPCOUNT_TASK - 1) // POPCOUNT_TASK):
+        a = task * POPCOUNT_TASK
+        b = min(rows, a + POPCOUNT_TASK)
+        _popcount_rows(words[a:b], out[a:b])
 
 
 class CpuBackend:
@@ -529,7 +588,11 @@ class CpuBackend:
     xp = np
 
     def popcount_rows(self, words: np.ndarray, nbits: int) -> tuple[np.ndarray, int]:
-        counts = _row_sums(np.bitwise_count(words))
+        words = np.ascontiguousarray(words, dtype=np.uint64)
+        counts = np.empty(words.shape[0], dtype=np.int64)
+        n_words = words.shape[1]
+        for a, b, t in _rt.sized_chunks(words.shape[0], n_words, total=words.size, task_rows=POPCOUNT_TASK):
+            _rt.run(_popcount_rows_par, _popcount_rows, words[a:b], counts[a:b], n_threads=t)
         tail = nbits % 64
         bad = 0
         if tail and words.shape[0]:
@@ -545,17 +608,22 @@ class CpuBackend:
             _rt.run(_feistel_fill_par, _feistel_fill, np.int64(start + a), *args, out[a:b], n_threads=t)
         return out
 
-    def prepare_ring(self, ring_start, ring_len, ring_col):
-        return (
-            np.ascontiguousarray(ring_start, dtype=np.int64),
-            np.ascontiguousarray(ring_len, dtype=np.int64),
-            np.ascontiguousarray(ring_col, dtype=np.int64),
-        )
+    def prepare_ring(self, ring_start, ring_len, ring_col, *, n_src):
+        """``(ring_start, ring_len, ring_col, ring_key)``: int32 ring arrays (lengths clipped to ``n_src``,
+        which changes no test) when ``n_src`` and ``n_tgt`` are below ``2^31`` — the vectorised
+        position test of :func:`_compact` — else int64; and uint64 ``ring_key[p] = G * (ring_col[p] + 1)``,
+        so that a key costs two 64-bit products instead of three."""
+        small = n_src < RING32_LIMIT and ring_col.shape[0] < RING32_LIMIT
+        dtype = np.int32 if small else np.int64
+        length = np.minimum(ring_len, n_src) if small else ring_len
+        with np.errstate(over="ignore"):
+            ring_key = (np.asarray(ring_col, dtype=np.uint64) + _ONE) * _G  # at(base, col) = mix64(base + ring_key)
+        return (*(np.ascontiguousarray(a, dtype=dtype) for a in (ring_start, length, ring_col)), ring_key)
 
     def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
         """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
         ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13)."""
-        ring_start, ring_len, ring_col = ring
+        ring_start, ring_len, ring_col, ring_key = ring
         banded = col_map is not None
         cmap = _NO_MAP
         if banded:
@@ -578,6 +646,7 @@ class CpuBackend:
                 ring_start,
                 ring_len,
                 ring_col,
+                ring_key,
                 *scalars,
                 np.int64(row0 + a),
                 key,

@@ -251,7 +251,7 @@ class CudaBackend:
             ),
         )
 
-    def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any) -> tuple[Any, Any]:
+    def prepare_ring(self, ring_start: Any, ring_len: Any, ring_col: Any, *, n_src: int) -> tuple[Any, Any]:
         """The ring packed once per routing call (:meth:`pack_ring`), shared by every kernel call."""
         return self.pack_ring(ring_start, ring_len, ring_col)
 

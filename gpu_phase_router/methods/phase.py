@@ -125,7 +125,7 @@ def phase_rows(
     xp = backend.xp
     n_src, row0, rows, seed = rr.n_src, rr.row0, rr.rows, rr.seed
     n_tgt = int(c.shape[0])
-    ring = backend.prepare_ring(*ring_layout(backend, c, n_src, seed, perm_s))
+    ring = backend.prepare_ring(*ring_layout(backend, c, n_src, seed, perm_s), n_src=n_src)
     k_out = None if col_map is None else rr.k
     out = xp.empty((rows, k if col_map is None else k_out), dtype=xp.int32)
     prefix = rr.degree_prefix % n_tgt  # only the start modulo n_tgt matters (SPEC §3)
