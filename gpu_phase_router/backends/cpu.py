@@ -179,20 +179,59 @@ def _offer_one(key, col, keys, cols, size, k):
 
 
 @nb.njit(cache=True)
-def _offer_marked(masks, cnt, kbuf, pbuf, ring_col, keys, cols, size, k):
-    """Offer the candidates ``q < cnt`` (keys ``kbuf[q]``, ring positions ``pbuf[q]``) whose bit is set in
-    ``masks[q // 64]`` (every candidate when ``masks`` is empty) to the bottom-k; return its size."""
+def _offer_marked(masks, marked, cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols):
+    """Merge the candidates ``q < cnt`` (keys ``kbuf[q]``, ring positions ``pbuf[q]``) whose bit is set in
+    ``masks[q // 64]`` (``marked`` of them; every candidate when ``masks`` is empty) into the
+    bottom-k; return its size.
+
+    More than ``k`` of them with ``k <= SMALL_K`` (a row's first chunk): the bottom-k and the marked
+    candidates are gathered into ``(ukeys, ucols)`` and each is written to its rank among them
+    (counted by one vectorisable loop; ranks ``>= k`` go to the spare slot ``k`` of ``keys``,
+    ``cols``) — branch-free, where offering them one by one to the sorted array costs a
+    mispredicted insertion each. Otherwise (later chunks mark few, and larger ``k`` keeps a
+    max-heap) they are offered one by one.
+    """
+    if k > SMALL_K or (masks.shape[0] > 0 and marked <= k):
+        if masks.shape[0] == 0:
+            for q in range(cnt):
+                size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
+            return size
+        for blk in range(masks.shape[0]):
+            m = masks[blk]
+            while m:
+                q = np.uint64(blk * MASK_BITS) + _cttz(m)
+                size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
+                m &= m - _ONE
+        return size
+    n = size
+    for s in range(size):
+        ukeys[s] = keys[s]
+        ucols[s] = cols[s]
     if masks.shape[0] == 0:
         for q in range(cnt):
-            size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
-        return size
-    for blk in range(masks.shape[0]):
-        m = masks[blk]
-        while m:
-            q = np.uint64(blk * MASK_BITS) + _cttz(m)
-            size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
-            m &= m - _ONE
-    return size
+            ukeys[n + q] = kbuf[q]
+            ucols[n + q] = ring_col[pbuf[q]]
+        n += cnt
+    else:
+        for blk in range(masks.shape[0]):
+            m = masks[blk]
+            while m:
+                q = np.uint64(blk * MASK_BITS) + _cttz(m)
+                ukeys[n] = kbuf[q]
+                ucols[n] = ring_col[pbuf[q]]
+                n += 1
+                m &= m - _ONE
+    for i in range(n):  # each entry goes to its rank (entries are distinct); ranks >= k to slot k
+        ki = ukeys[i]
+        ci = ucols[i]
+        rank = 0
+        for j in range(n):  # a vectorisable count
+            kj = ukeys[j]
+            rank += (kj < ki) | ((kj == ki) & (ucols[j] < ci))
+        slot = min(rank, k)
+        keys[slot] = ki
+        cols[slot] = ci
+    return min(k, n)
 
 
 def _block_hits(ring_start, ring_len, p, x, n_src):
@@ -244,7 +283,7 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf):
 
 
 @nb.njit(cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k):
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, ukeys, ucols, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
     Chunks of ``SCAN_CHUNK`` positions are compacted into ``pbuf`` (hit positions, see
@@ -281,11 +320,29 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, ro
             mbuf[blk] = m
             hits += _popcount(m)
         if size < k and hits < np.uint64(k):  # the provisional bound was too low: offer every candidate
-            size = _offer_marked(mbuf[:0], cnt, kbuf, pbuf, ring_col, keys, cols, size, k)
+            size = _offer_marked(mbuf[:0], cnt, cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols)
         elif hits:
-            size = _offer_marked(mbuf[:n_blk], cnt, kbuf, pbuf, ring_col, keys, cols, size, k)
+            size = _offer_marked(mbuf[:n_blk], np.int64(hits), cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols)
         p0 = p1
     return size
+
+
+@nb.njit(inline="always", cache=True)
+def _next_after(ukeys, ucols, n, last_k, last_c):
+    """The smallest ``(key, col)`` of ``(ukeys, ucols)[:n]`` after ``(last_k, last_c)``: two branch-free,
+    vectorisable min-reductions (``(KEY_MAX, I64_MAX)`` when there is none)."""
+    best_k = _KEY_MAX
+    for q in range(n):
+        kq = ukeys[q]
+        after = (kq > last_k) | ((kq == last_k) & (ucols[q] > last_c))
+        best_k = min(best_k, kq if after else _KEY_MAX)
+    best_c = _I64_MAX  # its smallest column (ties of 64-bit keys are rare, but ordered by column)
+    for q in range(n):
+        kq = ukeys[q]
+        cq = ucols[q]
+        after = (kq > last_k) | ((kq == last_k) & (cq > last_c))
+        best_c = min(best_c, cq if after & (kq == best_k) else _I64_MAX)
+    return best_k, best_c
 
 
 @nb.njit(inline="always", cache=True)
@@ -357,17 +414,7 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
         last_k = keys[size - 1]
         last_c = cols[size - 1]
     while size < want:
-        best_k = _KEY_MAX  # smallest key after (last_k, last_c): a min-reduction, vectorisable
-        for q in range(cnt):
-            kq = kbuf[q]
-            after = (kq > last_k) | ((kq == last_k) & (cbuf[q] > last_c))
-            best_k = min(best_k, kq if after else _KEY_MAX)
-        best_c = _I64_MAX  # its smallest column (ties of 64-bit keys are rare, but ordered by column)
-        for q in range(cnt):
-            kq = kbuf[q]
-            cq = cbuf[q]
-            after = (kq > last_k) | ((kq == last_k) & (cq > last_c))
-            best_c = min(best_c, cq if after & (kq == best_k) else _I64_MAX)
+        best_k, best_c = _next_after(kbuf, cbuf, cnt, last_k, last_c)
         keys[size] = best_k
         cols[size] = best_c
         size += 1
@@ -456,10 +503,11 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
     zero = np.int64(0)  # typed like ``size`` and ``lo``: both scans share one compiled _scan_segment
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
-        keys = np.empty(k, dtype=np.uint64)
-        cols = np.empty(k, dtype=np.int64)
+        keys = np.empty(k + 1, dtype=np.uint64)  # slot k: the spare of _offer_marked
+        cols = np.empty(k + 1, dtype=np.int64)
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
-        cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+        cbuf = np.empty(SCAN_CHUNK + SMALL_K, dtype=np.int64)  # columns (banded short rows, merges)
+        ukeys = np.empty(SCAN_CHUNK + SMALL_K, dtype=np.uint64)  # keys of a merge (_offer_marked)
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
         mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -491,7 +539,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
                     a = lo if part == 0 else zero
                     b = min(hi, n_tgt) if part == 0 else hi - n_tgt
                     size = _scan_segment(
-                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k
+                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, ukeys, cbuf, keys, cols, size, k
                     )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
