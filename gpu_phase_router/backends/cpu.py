@@ -179,59 +179,16 @@ def _offer_one(key, col, keys, cols, size, k):
 
 
 @nb.njit(cache=True)
-def _offer_marked(masks, marked, cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols):
-    """Merge the candidates ``q < cnt`` (keys ``kbuf[q]``, ring positions ``pbuf[q]``) whose bit is set in
-    ``masks[q // 64]`` (``marked`` of them; every candidate when ``masks`` is empty) into the
-    bottom-k; return its size.
-
-    More than ``k`` of them with ``k <= SMALL_K`` (a row's first chunk): the bottom-k and the marked
-    candidates are gathered into ``(ukeys, ucols)`` and each is written to its rank among them
-    (counted by one vectorisable loop; ranks ``>= k`` go to the spare slot ``k`` of ``keys``,
-    ``cols``) — branch-free, where offering them one by one to the sorted array costs a
-    mispredicted insertion each. Otherwise (later chunks mark few, and larger ``k`` keeps a
-    max-heap) they are offered one by one.
-    """
-    if k > SMALL_K or (masks.shape[0] > 0 and marked <= k):
-        if masks.shape[0] == 0:
-            for q in range(cnt):
-                size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
-            return size
-        for blk in range(masks.shape[0]):
-            m = masks[blk]
-            while m:
-                q = np.uint64(blk * MASK_BITS) + _cttz(m)
-                size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
-                m &= m - _ONE
-        return size
-    n = size
-    for s in range(size):
-        ukeys[s] = keys[s]
-        ucols[s] = cols[s]
-    if masks.shape[0] == 0:
-        for q in range(cnt):
-            ukeys[n + q] = kbuf[q]
-            ucols[n + q] = ring_col[pbuf[q]]
-        n += cnt
-    else:
-        for blk in range(masks.shape[0]):
-            m = masks[blk]
-            while m:
-                q = np.uint64(blk * MASK_BITS) + _cttz(m)
-                ukeys[n] = kbuf[q]
-                ucols[n] = ring_col[pbuf[q]]
-                n += 1
-                m &= m - _ONE
-    for i in range(n):  # each entry goes to its rank (entries are distinct); ranks >= k to slot k
-        ki = ukeys[i]
-        ci = ucols[i]
-        rank = 0
-        for j in range(n):  # a vectorisable count
-            kj = ukeys[j]
-            rank += (kj < ki) | ((kj == ki) & (ucols[j] < ci))
-        slot = min(rank, k)
-        keys[slot] = ki
-        cols[slot] = ci
-    return min(k, n)
+def _offer_marked(masks, kbuf, pbuf, ring_col, keys, cols, size, k):
+    """Offer the candidates ``q`` (keys ``kbuf[q]``, ring positions ``pbuf[q]``) whose bit is set in
+    ``masks[q // 64]`` to the bottom-k, in ascending ``q``; return its size."""
+    for blk in range(masks.shape[0]):
+        m = masks[blk]
+        while m:
+            q = np.uint64(blk * MASK_BITS) + _cttz(m)
+            size = _offer_one(kbuf[q], np.int64(ring_col[pbuf[q]]), keys, cols, size, k)
+            m &= m - _ONE
+    return size
 
 
 def _block_hits(ring_start, ring_len, p, x, n_src):
@@ -283,7 +240,7 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf):
 
 
 @nb.njit(cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, ukeys, ucols, keys, cols, size, k):
+def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k):
     """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
 
     Chunks of ``SCAN_CHUNK`` positions are compacted into ``pbuf`` (hit positions, see
@@ -320,9 +277,11 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, ro
             mbuf[blk] = m
             hits += _popcount(m)
         if size < k and hits < np.uint64(k):  # the provisional bound was too low: offer every candidate
-            size = _offer_marked(mbuf[:0], cnt, cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols)
-        elif hits:
-            size = _offer_marked(mbuf[:n_blk], np.int64(hits), cnt, kbuf, pbuf, ring_col, keys, cols, size, k, ukeys, ucols)
+            for blk in range(n_blk):
+                mbuf[blk] = _KEY_MAX >> np.uint64(MASK_BITS - min(MASK_BITS, cnt - blk * MASK_BITS))
+            hits = _ONE
+        if hits:
+            size = _offer_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, keys, cols, size, k)
         p0 = p1
     return size
 
@@ -355,16 +314,16 @@ def _names_new_target(cols, s, col_map):
     return True
 
 
-@nb.njit(cache=True)
+@nb.njit(inline="always", cache=True)
 def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
 
     The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
-    compacted branch-free and keyed. The first ``k_out`` of the sorted bottom-k are found in one
-    pass; while they name fewer than ``k_out`` targets, the next smallest ``(key, col)`` is taken
-    again and again (one branch-free pass each). Only the prefix the emission reads is produced:
-    taking stops once it names ``k_out`` distinct targets (the emission of that prefix equals the
-    emission of the whole bottom-k), or at ``k`` columns. Returns the prefix length ``size``:
+    compacted branch-free and keyed; the next smallest ``(key, col)`` is then taken again and
+    again (:func:`_next_after`: branch-free passes, where a sorted insertion mispredicts). Only
+    the prefix the emission reads is produced: taking stops once it names ``k_out`` distinct
+    targets (the emission of that prefix equals the emission of the whole bottom-k), or at ``k``
+    columns. Returns the prefix length ``size``:
     ``(keys, cols)[:size]`` is the start of the sorted bottom-k, and all of it when the row names
     fewer than ``k_out`` targets.
     """
@@ -381,33 +340,19 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
         cnt += diff < ring_len[pos]
     for q in range(cnt):
         kbuf[q] = _at(row_base, cbuf[q])
-    want = min(k, cnt)
-    # the first m = min(want, k_out) entries of the sorted bottom-k in one pass, by insertion into
-    # the short sorted prefix (most candidates fail the first comparison); with k_out distinct
-    # targets among them the emission's prefix is complete, as the loop below would have found
-    m = min(want, k_out)
     size = 0
-    for q in range(cnt):
-        kq = kbuf[q]
-        cq = cbuf[q]
-        if size == m:
-            if kq > keys[m - 1] or (kq == keys[m - 1] and cq > cols[m - 1]):
-                continue
-            pos = m - 1
-        else:
-            pos = size
-            size += 1
-        while pos > 0 and (keys[pos - 1] > kq or (keys[pos - 1] == kq and cols[pos - 1] > cq)):
-            keys[pos] = keys[pos - 1]
-            cols[pos] = cols[pos - 1]
-            pos -= 1
-        keys[pos] = kq
-        cols[pos] = cq
     distinct = 0
-    for s in range(size):
-        distinct += _names_new_target(cols, s, col_map)
-    if distinct == k_out:
-        return size
+    last_k = _ZERO
+    last_c = np.int64(-1)
+    while size < min(k, cnt):
+        last_k, last_c = _next_after(kbuf, cbuf, cnt, last_k, last_c)
+        keys[size] = last_k
+        cols[size] = last_c
+        size += 1
+        distinct += _names_new_target(cols, size - 1, col_map)
+        if distinct == k_out:
+            break
+    return size
     last_k = _ZERO  # otherwise take the next smallest (key, col) again and again
     last_c = np.int64(-1)
     if size > 0:
@@ -426,7 +371,7 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
     return size
 
 
-@nb.njit(cache=True)
+@nb.njit(inline="always", cache=True)
 def _emit_distinct(keys, cols, size, k, col_map, out_row):
     """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
     keep the first ``len(out_row)`` distinct targets; pad with -1."""
@@ -503,11 +448,10 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
     zero = np.int64(0)  # typed like ``size`` and ``lo``: both scans share one compiled _scan_segment
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
-        keys = np.empty(k + 1, dtype=np.uint64)  # slot k: the spare of _offer_marked
-        cols = np.empty(k + 1, dtype=np.int64)
+        keys = np.empty(k, dtype=np.uint64)
+        cols = np.empty(k, dtype=np.int64)
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
-        cbuf = np.empty(SCAN_CHUNK + SMALL_K, dtype=np.int64)  # columns (banded short rows, merges)
-        ukeys = np.empty(SCAN_CHUNK + SMALL_K, dtype=np.uint64)  # keys of a merge (_offer_marked)
+        cbuf = np.empty(SHORT_DEG, dtype=np.int64)  # columns of a banded short row
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
         mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -539,7 +483,7 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
                     a = lo if part == 0 else zero
                     b = min(hi, n_tgt) if part == 0 else hi - n_tgt
                     size = _scan_segment(
-                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, ukeys, cbuf, keys, cols, size, k
+                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k
                     )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
