@@ -98,3 +98,22 @@ def test_ring_width_boundary_matches_spec(n_src):
     got = route_counts_block(d, c, perm_s=perm_s, perm_t=np.array(perm_t), **kw)
     want = expected_block_rows(d.tolist(), c.tolist(), perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
     np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_rows_longer_than_one_scan_chunk_match_spec(k):
+    """Rows of more ring positions than the CPU kernel keys at once (``SCAN_CHUNK``), wrapping the
+    ring inside and across chunks: later chunks are filtered by the bottom-k of the earlier ones
+    (a sorted array for k = 3, a max-heap for k = 40)."""
+    from gpu_phase_router.backends.cpu import SCAN_CHUNK
+
+    n_src, n_tgt = 50_000, 2 * SCAN_CHUNK + 3000
+    rng = np.random.default_rng(5)
+    c = rng.integers(0, n_src + 1, n_tgt)
+    d = np.array([n_tgt, n_tgt - 1, SCAN_CHUNK, SCAN_CHUNK + 1, 2 * SCAN_CHUNK + 1, 3 * SCAN_CHUNK // 2, 70, 0])
+    perm_s = rng.permutation(n_tgt)
+    perm_t = [int(v) for v in rng.choice(n_src, d.shape[0], replace=False)]
+    kw = {"n_src": n_src, "row0": 9, "degree_prefix": 9 * n_tgt - SCAN_CHUNK // 3, "k": k, "seed": 77}
+    got = route_counts_block(d, c, perm_s=perm_s, perm_t=np.array(perm_t), **kw)
+    want = expected_block_rows(d.tolist(), c.tolist(), perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))

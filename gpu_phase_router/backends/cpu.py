@@ -29,7 +29,8 @@ from ._numba_prims import ring_hits64 as _ring_hits64
 _I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
-SCAN_CHUNK = 512  # ring positions tested before their candidates are keyed
+SCAN_CHUNK = 8192  # ring positions tested before their candidates are keyed: most rows in one chunk, so the
+# provisional bound of the first chunk sees the whole row (about 2k + 4 offers per row in all)
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
 SHORT_DEG = 64  # banded rows of at most this many ring positions take the selection of _select_short
@@ -213,15 +214,16 @@ def _block_hits_numba(ring_start, ring_len, p, x, n_src):
 
 
 @nb.njit(inline="always", cache=True)
-def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf):
-    """The ring positions in ``[p0, p1)`` whose interval holds ``x``, ascending, into ``pbuf``; returns the count.
+def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf, cnt):
+    """Append the ring positions in ``[p0, p1)`` whose interval holds ``x``, ascending, to ``pbuf[cnt:]``;
+    return the new count.
 
     Positions are tested ``MASK_BITS`` at a time into a hit mask (:func:`_block_hits`: one vector
     expression on the int32 ring) whose set bits are appended branch-free (eight 8-lane stores per
     mask, so ``pbuf`` needs 8 entries to spare): no branch depends on which positions hit. Blocks
     that would read past the ring's end are tested one position at a time.
     """
-    cnt = _ZERO
+    cnt = np.uint64(cnt)
     n_ring = ring_start.shape[0]
     for b in range(p0, p1, MASK_BITS):
         w = min(MASK_BITS, p1 - b)
@@ -240,11 +242,14 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf):
 
 
 @nb.njit(cache=True)
-def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k):
-    """Offer every candidate among ring positions ``[lo, hi)`` that can enter the bottom-k; return its size.
+def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, k):
+    """The bottom-k of the candidates among ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo
+    ``n_tgt``) into ``keys``/``cols``; returns its size.
 
-    Chunks of ``SCAN_CHUNK`` positions are compacted into ``pbuf`` (hit positions, see
-    :func:`_compact`); one loop gathers their ``ring_key``, and one vectorisable loop computes their keys and counts those at or below a bound: the current
+    Chunks of ``SCAN_CHUNK`` positions (the part of a row past the ring's end continues the same
+    chunk from position 0) are compacted into ``pbuf`` (hit positions, see :func:`_compact`);
+    one loop gathers their ``ring_key``, and one vectorisable loop computes their keys and
+    marks those at or below a bound: the current
     k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
     first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
     with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
@@ -252,11 +257,18 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, ro
     long row once the bottom-k is full — skip the update entirely; otherwise the set bits of
     the masks are walked and only those candidates reach the branchy update.
     """
-    p0 = lo
+    n_tgt = ring_col.shape[0]
     want = 2 * k + 4
-    while p0 < hi:
-        p1 = min(hi, p0 + SCAN_CHUNK)
-        cnt = _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf)
+    size = 0
+    t0 = 0
+    while t0 < d:
+        a = lo + t0  # the chunk is ring positions [a, b) of the unrolled ring, b <= 2 n_tgt
+        b = lo + min(d, t0 + SCAN_CHUNK)
+        cnt = 0
+        if a < n_tgt:
+            cnt = _compact(x, n_src, ring_start, ring_len, a, min(b, n_tgt), pbuf, cnt)
+        if b > n_tgt:
+            cnt = _compact(x, n_src, ring_start, ring_len, max(a, n_tgt) - n_tgt, b - n_tgt, pbuf, cnt)
         if size >= k:
             bound = keys[0] if k > SMALL_K else keys[k - 1]
         elif size == 0 and cnt > 2 * want:
@@ -282,7 +294,7 @@ def _scan_segment(lo, hi, x, n_src, ring_start, ring_len, ring_col, ring_key, ro
             hits = _ONE
         if hits:
             size = _offer_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, keys, cols, size, k)
-        p0 = p1
+        t0 += SCAN_CHUNK
     return size
 
 
@@ -444,8 +456,6 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
     first ``out.shape[1]`` distinct ones (SPEC §13)."""
     rows = phase.shape[0]
     banded = col_map.shape[0] > 0
-    n_tgt = ring_col.shape[0]
-    zero = np.int64(0)  # typed like ``size`` and ``lo``: both scans share one compiled _scan_segment
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
@@ -458,7 +468,6 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
             row_base = _at(row_key, row0 + i)
             x = phase[i]
             lo = off_s[i]
-            hi = lo + deg[i]
             if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
                 size = _select_short(
                     lo,
@@ -478,13 +487,9 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
                     cols,
                 )
             else:
-                size = zero
-                for part in range(2 if hi > n_tgt else 1):  # a segment that wraps the ring: two parts
-                    a = lo if part == 0 else zero
-                    b = min(hi, n_tgt) if part == 0 else hi - n_tgt
-                    size = _scan_segment(
-                        a, b, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, size, k
-                    )
+                size = _scan_row(
+                    lo, deg[i], x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, k
+                )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
                 if deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion

@@ -89,7 +89,7 @@ def phase_block(
 
 
 def prepared_ring_size(ring: Any) -> int:
-    """Ring size (positions) of a prepared ring (every backend keeps the column array last)."""
+    """Ring size (positions) of a prepared ring (every backend's ends with one entry per position)."""
     return int(ring[-1].shape[0])
 
 
