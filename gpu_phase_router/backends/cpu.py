@@ -213,7 +213,7 @@ def _block_hits_numba(ring_start, ring_len, p, x, n_src):
     return scalar
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf, cnt):
     """Append the ring positions in ``[p0, p1)`` whose interval holds ``x``, ascending, to ``pbuf[cnt:]``;
     return the new count.
@@ -259,12 +259,12 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
     """
     n_tgt = ring_col.shape[0]
     want = 2 * k + 4
-    size = 0
+    size = np.int64(0)  # np.int64, not a literal 0: each callee is compiled for one signature
     t0 = 0
     while t0 < d:
         a = lo + t0  # the chunk is ring positions [a, b) of the unrolled ring, b <= 2 n_tgt
         b = lo + min(d, t0 + SCAN_CHUNK)
-        cnt = 0
+        cnt = np.int64(0)
         if a < n_tgt:
             cnt = _compact(x, n_src, ring_start, ring_len, a, min(b, n_tgt), pbuf, cnt)
         if b > n_tgt:
