@@ -67,10 +67,14 @@ def test_threads_for_sizes_calls(monkeypatch):
     assert rt.threads_for(rt.PAR_MIN_WORK - 1) == 1  # a small call stays on one thread
     assert rt.threads_for(3 * rt.PAR_MIN_WORK) == 3
     assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 8  # never above the configured threads
+    short = rt.LONG_WORK - 1  # work for every thread, but shorter than LONG_WORK
+    assert rt.threads_for(short) == 8
     monkeypatch.setattr(rt, "_others_running", lambda: 6)
-    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 2  # only the CPUs other processes leave free
+    assert rt.threads_for(short) == 2  # a short call: only the CPUs other processes leave free
+    assert rt.threads_for(rt.LONG_WORK) == 8  # a long call keeps its threads beside them
     monkeypatch.setattr(rt, "_others_running", lambda: 12)
-    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
+    assert rt.threads_for(short) == 1
+    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 8
     monkeypatch.setattr(rt, "_serial_only", True)
     monkeypatch.setattr(rt, "_others_running", lambda: 0)
     assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
