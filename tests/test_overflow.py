@@ -90,8 +90,12 @@ def test_ring_width_boundary_matches_spec(n_src):
     d = np.concatenate([rng.integers(0, n_tgt + 1, 24), [n_tgt, n_tgt, 1, 63, 64, 65, 129, 0]])
     perm_s = rng.permutation(n_tgt)
     off_t = np.concatenate([[0], np.cumsum(c)[:-1]]) % n_src
-    ends = [int(off_t[t] + c[t] + delta) % n_src for t in (2, 9, 40, 77) for delta in (-1, 0)]  # last inside, first outside
-    edge = list(dict.fromkeys([0, 1, n_src - 1, n_src - 2, n_src // 2, int(off_t[9]), int(off_t[9] - 1) % n_src, *ends]))
+    ends = [
+        int(off_t[t] + c[t] + delta) % n_src for t in (2, 9, 40, 77) for delta in (-1, 0)
+    ]  # last inside, first outside
+    edge = list(
+        dict.fromkeys([0, 1, n_src - 1, n_src - 2, n_src // 2, int(off_t[9]), int(off_t[9] - 1) % n_src, *ends])
+    )
     perm_t = [int(v) for v in rng.integers(0, n_src, d.shape[0] - len(edge))] + edge
     d[-len(edge) :] = n_tgt  # the edge phases see every target
     kw = {"n_src": n_src, "row0": 5, "degree_prefix": 5 * n_tgt - 40, "k": n_tgt, "seed": 2024}  # every candidate shows

@@ -78,7 +78,9 @@ def _splat(builder, value, vec_type):
     """``value`` (an integer of ``vec_type``'s element width) in every lane of ``vec_type``."""
     undef = ir.Constant(vec_type, ir.Undefined)
     lane0 = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec_type.count), [0] * vec_type.count))
+    return builder.shuffle_vector(
+        lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec_type.count), [0] * vec_type.count)
+    )
 
 
 def _vector_at(context, builder, array_type, array, index, vec_type):
@@ -128,7 +130,9 @@ def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
 def store_offsets8(typingctx, out, at, packed, base):
     """``out[at + i] = base + byte i of packed`` for ``i < 8``: one 8-lane store (no bounds check;
     ``out`` is an int32 or int64 C-contiguous 1-D array with room for ``at + 8`` entries)."""
-    if not (isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in (types.int32, types.int64)):
+    if not (
+        isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in (types.int32, types.int64)
+    ):
         return None
     sig = types.void(out, types.uint64, types.uint64, types.int64)
 

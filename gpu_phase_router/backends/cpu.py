@@ -18,8 +18,8 @@ from ._numba_prims import KEY_MAX as _KEY_MAX
 from ._numba_prims import U0 as _ZERO
 from ._numba_prims import U1 as _ONE
 from ._numba_prims import U32 as _S32
-from ._numba_prims import append_set_bits as _append_set_bits
 from ._numba_prims import G as _G
+from ._numba_prims import append_set_bits as _append_set_bits
 from ._numba_prims import at as _at
 from ._numba_prims import cttz as _cttz
 from ._numba_prims import mix64 as _mix64
@@ -192,6 +192,17 @@ def _offer_marked(masks, kbuf, pbuf, ring_col, keys, cols, size, k):
     return size
 
 
+@nb.njit(inline="always", cache=True)
+def _hits_scalar(ring_start, ring_len, p, w, x, n_src):
+    """Bit ``j`` set iff ring position ``p + j`` (``j < w <= 64``) holds ``x``, one position at a time."""
+    m = _ZERO
+    for j in range(w):
+        diff = x - ring_start[p + j]
+        diff += (diff >> 63) & n_src
+        m |= np.uint64(diff < ring_len[p + j]) << np.uint64(j)
+    return m
+
+
 def _block_hits(ring_start, ring_len, p, x, n_src):
     """Bit ``i`` set iff ring position ``p + i`` (``i < 64``) holds ``x``; ``p + 64 <= n_tgt`` (Numba only)."""
     raise NotImplementedError("compiled by Numba only")
@@ -202,15 +213,7 @@ def _block_hits_numba(ring_start, ring_len, p, x, n_src):
     if ring_start.dtype == types.int32:  # the CPU ring of every n_src < 2^31: one vector expression
         return lambda ring_start, ring_len, p, x, n_src: _ring_hits64(ring_start, ring_len, p, x, n_src)
 
-    def scalar(ring_start, ring_len, p, x, n_src):  # int64 ring: positions tested one lane at a time
-        m = _ZERO
-        for j in range(MASK_BITS):
-            diff = x - ring_start[p + j]
-            diff += (diff >> 63) & n_src
-            m |= np.uint64(diff < ring_len[p + j]) << np.uint64(j)
-        return m
-
-    return scalar
+    return lambda ring_start, ring_len, p, x, n_src: _hits_scalar(ring_start, ring_len, p, MASK_BITS, x, n_src)
 
 
 @nb.njit(cache=True)
@@ -232,11 +235,7 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf, cnt):
             if w < MASK_BITS:
                 m &= (_ONE << np.uint64(w)) - _ONE
         else:
-            m = _ZERO
-            for j in range(w):
-                diff = x - ring_start[b + j]
-                diff += (diff >> 63) & n_src
-                m |= np.uint64(diff < ring_len[b + j]) << np.uint64(j)
+            m = _hits_scalar(ring_start, ring_len, b, w, x, n_src)
         cnt = _append_set_bits(pbuf, cnt, m, b)
     return np.int64(cnt)
 
@@ -365,22 +364,6 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, 
         if distinct == k_out:
             break
     return size
-    last_k = _ZERO  # otherwise take the next smallest (key, col) again and again
-    last_c = np.int64(-1)
-    if size > 0:
-        last_k = keys[size - 1]
-        last_c = cols[size - 1]
-    while size < want:
-        best_k, best_c = _next_after(kbuf, cbuf, cnt, last_k, last_c)
-        keys[size] = best_k
-        cols[size] = best_c
-        size += 1
-        last_k = best_k
-        last_c = best_c
-        distinct += _names_new_target(cols, size - 1, col_map)
-        if distinct == k_out:
-            break
-    return size
 
 
 @nb.njit(inline="always", cache=True)
@@ -488,7 +471,21 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
                 )
             else:
                 size = _scan_row(
-                    lo, deg[i], x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, k
+                    lo,
+                    deg[i],
+                    x,
+                    n_src,
+                    ring_start,
+                    ring_len,
+                    ring_col,
+                    ring_key,
+                    row_base,
+                    pbuf,
+                    kbuf,
+                    mbuf,
+                    keys,
+                    cols,
+                    k,
                 )
             if banded:  # the short selection's prefix emits as the whole bottom-k would
                 _emit_distinct(keys, cols, size, k, col_map, out[i])
