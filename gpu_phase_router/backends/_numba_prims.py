@@ -86,12 +86,12 @@ def _splat(builder, value, vec_type):
 def _vector_at(context, builder, array_type, array, index, vec_type):
     """Pointer to ``vec_type`` at element ``index`` of a C-contiguous 1-D array (no bounds check)."""
     data = context.make_array(array_type)(context, builder, array).data
-    ptr = builder.bitcast(builder.gep(data, [index]), vec_type.as_pointer())
-    return ptr
+    return builder.bitcast(builder.gep(data, [index]), vec_type.as_pointer())
 
 
-def _is_int32_ring(ary):
-    return isinstance(ary, types.Array) and ary.ndim == 1 and ary.layout == "C" and ary.dtype == types.int32
+def _is_c_vector(ary, *dtypes):
+    """Whether the Numba type ``ary`` is a C-contiguous 1-D array of one of ``dtypes``."""
+    return isinstance(ary, types.Array) and ary.ndim == 1 and ary.layout == "C" and ary.dtype in dtypes
 
 
 @intrinsic
@@ -107,7 +107,7 @@ def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
     first wraps past ``2^32 - n_src`` exactly when ``x < start``), below ``n_src <= 2^31``, so the
     length comparison is signed.
     """
-    if not (_is_int32_ring(ring_start) and _is_int32_ring(ring_len)):
+    if not (_is_c_vector(ring_start, types.int32) and _is_c_vector(ring_len, types.int32)):
         return None
     sig = types.uint64(ring_start, ring_len, types.int64, types.int64, types.int64)
 
@@ -130,9 +130,7 @@ def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
 def store_offsets8(typingctx, out, at, packed, base):
     """``out[at + i] = base + byte i of packed`` for ``i < 8``: one 8-lane store (no bounds check;
     ``out`` is an int32 or int64 C-contiguous 1-D array with room for ``at + 8`` entries)."""
-    if not (
-        isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in (types.int32, types.int64)
-    ):
+    if not _is_c_vector(out, types.int32, types.int64):
         return None
     sig = types.void(out, types.uint64, types.uint64, types.int64)
 

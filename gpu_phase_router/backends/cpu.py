@@ -248,9 +248,9 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
     Chunks of ``SCAN_CHUNK`` positions (the part of a row past the ring's end continues the same
     chunk from position 0) are compacted into ``pbuf`` (hit positions, see :func:`_compact`);
     one loop gathers their ``ring_key``, and one vectorisable loop computes their keys and
-    marks those at or below a bound: the current
-    k-th smallest key once the bottom-k is full (nothing above it can enter), or, for the
-    first chunk of a row holding many more candidates than ``k``, a provisional bound ``tau``
+    marks those at or below a bound: the current k-th smallest key once the bottom-k is full
+    (nothing above it can enter), or, for the first chunk of a row holding many more candidates
+    than ``k``, a provisional bound ``tau``
     with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
     it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
     long row once the bottom-k is full — skip the update entirely; otherwise the set bits of
@@ -279,11 +279,11 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
         n_blk = (cnt + MASK_BITS - 1) // MASK_BITS
         hits = _ZERO
         for blk in range(n_blk):  # keys, and a mask per 64 of those at or below the bound
-            b = blk * MASK_BITS
+            q0 = blk * MASK_BITS
             m = _ZERO
-            for j in range(min(MASK_BITS, cnt - b)):
-                kq = _mix64(row_base + kbuf[b + j])  # = at(row_base, col): ring_key[p] = G * (col + 1)
-                kbuf[b + j] = kq
+            for j in range(min(MASK_BITS, cnt - q0)):
+                kq = _mix64(row_base + kbuf[q0 + j])  # = at(row_base, col): ring_key[p] = G * (col + 1)
+                kbuf[q0 + j] = kq
                 m |= np.uint64(kq <= bound) << np.uint64(j)
             mbuf[blk] = m
             hits += _popcount(m)
@@ -604,7 +604,7 @@ class CpuBackend:
 
     def prepare_ring(self, ring_start, ring_len, ring_col, *, n_src):
         """``(ring_start, ring_len, ring_col, ring_key)``: int32 ring arrays (lengths clipped to ``n_src``,
-        which changes no test) when ``n_src`` and ``n_tgt`` are below ``2^31`` — the vectorised
+        which changes no ``in_ring`` result) when ``n_src`` and ``n_tgt`` are below ``2^31`` — the vectorised
         position test of :func:`_compact` — else int64; and uint64 ``ring_key[p] = G * (ring_col[p] + 1)``,
         so that a key costs two 64-bit products instead of three."""
         small = n_src < RING32_LIMIT and ring_col.shape[0] < RING32_LIMIT
