@@ -18,11 +18,17 @@ U27 = np.uint64(27)
 U30 = np.uint64(30)
 U31 = np.uint64(31)
 U32 = np.uint64(32)
+U54 = np.uint64(54)
+U60 = np.uint64(60)
+U62 = np.uint64(62)
 M32 = np.uint64(0xFFFFFFFF)
 KEY_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 G = np.uint64(GOLDEN)
 M1 = np.uint64(MIX_M1)
 M2 = np.uint64(MIX_M2)
+M1_INV = np.uint64(pow(MIX_M1, -1, 1 << 64))  # the odd multipliers' inverses modulo 2^64
+M2_INV = np.uint64(pow(MIX_M2, -1, 1 << 64))
+G_INV = np.uint64(pow(GOLDEN, -1, 1 << 64))
 
 
 @nb.njit(inline="always", cache=True)
@@ -37,6 +43,24 @@ def mix64(z):
 def at(base, i):
     """``at(base, i)``: the ``i``-th SplitMix64 output from state ``base`` (SPEC §5)."""
     return mix64(base + G * (np.uint64(i) + U1))
+
+
+@nb.njit(inline="always", cache=True)
+def unmix64(z):
+    """The inverse of :func:`mix64` (each step is a bijection of uint64: ``z ^ (z >> s)`` is undone by
+    ``z ^ (z >> s) ^ (z >> 2s)`` when ``3s >= 64``, a product by an odd constant by its inverse)."""
+    z = z ^ (z >> U31) ^ (z >> U62)
+    z = z * M2_INV
+    z = z ^ (z >> U27) ^ (z >> U54)
+    z = z * M1_INV
+    return z ^ (z >> U30) ^ (z >> U60)
+
+
+@nb.njit(inline="always", cache=True)
+def index_of(base, key):
+    """The ``i`` (uint64) with ``at(base, i) == key``: distinct ``i`` have distinct keys (``mix64`` is a
+    bijection and ``G`` is odd), so a key names its index."""
+    return (unmix64(key) - base) * G_INV - U1
 
 
 @intrinsic

@@ -22,11 +22,10 @@ from ._numba_prims import G as _G
 from ._numba_prims import append_set_bits as _append_set_bits
 from ._numba_prims import at as _at
 from ._numba_prims import cttz as _cttz
+from ._numba_prims import index_of as _index_of
 from ._numba_prims import mix64 as _mix64
 from ._numba_prims import popcount as _popcount
 from ._numba_prims import ring_hits64 as _ring_hits64
-
-_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
 
 ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
 SCAN_CHUNK = 8192  # ring positions tested before their candidates are keyed: most rows in one chunk, so the
@@ -42,6 +41,22 @@ _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no b
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
 
 
+@nb.njit(inline="always", cache=True)
+def _feistel_pass(y, key, hh, m, inverse):
+    """One pass of the Feistel network (SPEC §6) on ``y < 2^(2h)``, without cycle walking."""
+    left = y >> hh
+    right = y & m
+    if inverse:
+        for rr in range(FEISTEL_ROUNDS):
+            r = np.uint64(FEISTEL_ROUNDS - 1 - rr)
+            left, right = right ^ (_at(key, (r << _S32) + left) & m), left
+    else:
+        for rr in range(FEISTEL_ROUNDS):
+            r = np.uint64(rr)
+            left, right = right, left ^ (_at(key, (r << _S32) + right) & m)
+    return (left << hh) | right
+
+
 @nb.njit(cache=True)
 def _feistel_one(x, n, key, h, mask, inverse):
     if n == 1:
@@ -51,26 +66,31 @@ def _feistel_one(x, n, key, h, mask, inverse):
     y = np.uint64(x)
     nn = np.uint64(n)
     while True:
-        left = y >> hh
-        right = y & m
-        if inverse:
-            for rr in range(FEISTEL_ROUNDS):
-                r = np.uint64(FEISTEL_ROUNDS - 1 - rr)
-                left, right = right ^ (_at(key, (r << _S32) + left) & m), left
-        else:
-            for rr in range(FEISTEL_ROUNDS):
-                r = np.uint64(rr)
-                left, right = right, left ^ (_at(key, (r << _S32) + right) & m)
-        y = (left << hh) | right
+        y = _feistel_pass(y, key, hh, m, inverse)
         if y < nn:
             return np.int64(y)
 
 
 @nb.njit(cache=True)
 def _feistel_fill(start, n, key, h, mask, inverse, out):
-    """``out[i] = feistel(start + i)`` (or its inverse), serially."""
+    """``out[i] = feistel(start + i)`` (or its inverse), serially: first one pass for every value, a
+    loop without branches that LLVM vectorises, then cycle walking for the values it left ``>= n``."""
+    if n == 1:
+        out[:] = 0
+        return
+    hh = np.uint64(h)
+    m = np.uint64(mask)
+    nn = np.uint64(n)
+    base = np.uint64(start)
+    if inverse:  # two loops, so that neither holds a branch
+        for i in range(out.shape[0]):
+            out[i] = np.int64(_feistel_pass(base + np.uint64(i), key, hh, m, True))
+    else:
+        for i in range(out.shape[0]):
+            out[i] = np.int64(_feistel_pass(base + np.uint64(i), key, hh, m, False))
     for i in range(out.shape[0]):
-        out[i] = _feistel_one(start + i, n, key, h, mask, inverse)
+        if np.uint64(out[i]) >= nn:
+            out[i] = _feistel_one(out[i], n, key, h, mask, inverse)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -298,21 +318,13 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
 
 
 @nb.njit(inline="always", cache=True)
-def _next_after(ukeys, ucols, n, last_k, last_c):
-    """The smallest ``(key, col)`` of ``(ukeys, ucols)[:n]`` after ``(last_k, last_c)``: two branch-free,
-    vectorisable min-reductions (``(KEY_MAX, I64_MAX)`` when there is none)."""
-    best_k = _KEY_MAX
+def _min_key_after(ukeys, n, last):
+    """The smallest of ``ukeys[:n]`` above ``last`` (``KEY_MAX`` when none is), branch-free."""
+    best = _KEY_MAX
     for q in range(n):
         kq = ukeys[q]
-        after = (kq > last_k) | ((kq == last_k) & (ucols[q] > last_c))
-        best_k = min(best_k, kq if after else _KEY_MAX)
-    best_c = _I64_MAX  # its smallest column (ties of 64-bit keys are rare, but ordered by column)
-    for q in range(n):
-        kq = ukeys[q]
-        cq = ucols[q]
-        after = (kq > last_k) | ((kq == last_k) & (cq > last_c))
-        best_c = min(best_c, cq if after & (kq == best_k) else _I64_MAX)
-    return best_k, best_c
+        best = min(best, kq if kq > last else _KEY_MAX)
+    return best
 
 
 @nb.njit(inline="always", cache=True)
@@ -326,39 +338,48 @@ def _names_new_target(cols, s, col_map):
 
 
 @nb.njit(inline="always", cache=True)
-def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_col, row_base, k, k_out, col_map, cbuf, kbuf, keys, cols):
+def _gather_held(x, n_src, ring_start, ring_len, ring_key, p0, p1, kbuf, cnt):
+    """Append ``ring_key[p]`` of the positions ``p`` in ``[p0, p1)`` whose interval holds ``x`` to
+    ``kbuf[cnt:]``, branch-free (each is stored, and kept by advancing ``cnt``); return the new count."""
+    for p in range(p0, p1):
+        diff = x - ring_start[p]
+        diff += (diff >> 63) & n_src
+        kbuf[cnt] = ring_key[p]
+        cnt += diff < ring_len[p]
+    return cnt
+
+
+@nb.njit(inline="always", cache=True)
+def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_key, row_base, k, k_out, col_map, kbuf, keys, cols):
     """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
 
-    The candidates of ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) are
-    compacted branch-free and keyed; the next smallest ``(key, col)`` is then taken again and
-    again (:func:`_next_after`: branch-free passes, where a sorted insertion mispredicts). Only
-    the prefix the emission reads is produced: taking stops once it names ``k_out`` distinct
-    targets (the emission of that prefix equals the emission of the whole bottom-k), or at ``k``
-    columns. Returns the prefix length ``size``:
+    The ``ring_key`` of the positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) whose
+    interval holds ``x`` are gathered branch-free into ``kbuf`` and keyed, the smallest key found in
+    the same loop. The keys are distinct (``d <= n_tgt`` positions hold distinct columns, SPEC §4),
+    so the next key of the bottom-k is the smallest above the last one (one branch-free
+    min-reduction, where a sorted insertion mispredicts), and its column is the index the key is
+    the key of (:func:`~._numba_prims.index_of`). Only the prefix the emission reads is produced:
+    taking stops once it names ``k_out`` distinct targets (the emission of that prefix equals the
+    emission of the whole bottom-k), or at ``k`` columns. Returns the prefix length ``size``:
     ``(keys, cols)[:size]`` is the start of the sorted bottom-k, and all of it when the row names
     fewer than ``k_out`` targets.
     """
-    n_tgt = ring_col.shape[0]
-    cnt = 0
-    for q in range(d):
-        pos = lo + q
-        if pos >= n_tgt:
-            pos -= n_tgt
-        diff = x - ring_start[pos]
-        if diff < 0:
-            diff += n_src
-        cbuf[cnt] = ring_col[pos]
-        cnt += diff < ring_len[pos]
+    n_tgt = ring_key.shape[0]
+    end = min(lo + d, n_tgt)  # positions lo .. end - 1, then 0 .. lo + d - end - 1 (a row that wraps the ring)
+    cnt = _gather_held(x, n_src, ring_start, ring_len, ring_key, lo, end, kbuf, 0)
+    cnt = _gather_held(x, n_src, ring_start, ring_len, ring_key, 0, lo + d - end, kbuf, cnt)
+    key = _KEY_MAX  # the smallest key, found in the keying loop
     for q in range(cnt):
-        kbuf[q] = _at(row_base, cbuf[q])
+        kq = _mix64(row_base + kbuf[q])  # at(row_base, ring_col[pos])
+        kbuf[q] = kq
+        key = min(key, kq)
     size = 0
     distinct = 0
-    last_k = _ZERO
-    last_c = np.int64(-1)
     while size < min(k, cnt):
-        last_k, last_c = _next_after(kbuf, cbuf, cnt, last_k, last_c)
-        keys[size] = last_k
-        cols[size] = last_c
+        if size > 0:
+            key = _min_key_after(kbuf, cnt, keys[size - 1])
+        keys[size] = key
+        cols[size] = np.int64(_index_of(row_base, key))
         size += 1
         distinct += _names_new_target(cols, size - 1, col_map)
         if distinct == k_out:
@@ -444,7 +465,6 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
         keys = np.empty(k, dtype=np.uint64)
         cols = np.empty(k, dtype=np.int64)
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
-        cbuf = np.empty(SHORT_DEG, dtype=np.int64)  # columns of a banded short row
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
         mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
@@ -459,12 +479,11 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
                     n_src,
                     ring_start,
                     ring_len,
-                    ring_col,
+                    ring_key,
                     row_base,
                     k,
                     out.shape[1],
                     col_map,
-                    cbuf,
                     kbuf,
                     keys,
                     cols,
