@@ -74,7 +74,7 @@ def test_threads_for_sizes_calls(monkeypatch):
     assert rt.threads_for(rt.LONG_WORK) == 8  # a long call keeps its threads beside them
     monkeypatch.setattr(rt, "_others_running", lambda: 12)
     assert rt.threads_for(short) == 1
-    assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 8
+    assert rt.threads_for(rt.LONG_WORK) == 8
     monkeypatch.setattr(rt, "_serial_only", True)
     monkeypatch.setattr(rt, "_others_running", lambda: 0)
     assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
