@@ -158,8 +158,9 @@ def serial_only() -> bool:
     return _serial_only
 
 
-PAR_MIN_WORK = 1 << 16  # work units (see row_chunks) a call needs per thread it runs on: ~0.1-0.3 ms
-# (on an idle 2-core Zen 3, 2^16 against 2^18: 0.85-0.90x the time at 3500-5000 MoE rows and N = 1024, equal elsewhere)
+PAR_MIN_WORK = 1 << 18  # work units (see row_chunks) a call needs per thread it runs on: ~0.3-1 ms
+# (2^16 ran 3500-5000 MoE rows and N = 1024 in 0.85-0.90x the time on an idle 2-core Zen 3, but then a first
+# small call such as route(n=1024) also compiles the parallel kernel: about 3 s more of cold start)
 LONG_WORK = 1 << 23  # from this many work units (tens of ms) a call keeps its threads beside other processes
 
 

@@ -82,12 +82,8 @@ def _feistel_fill(start, n, key, h, mask, inverse, out):
     m = np.uint64(mask)
     nn = np.uint64(n)
     base = np.uint64(start)
-    if inverse:  # two loops, so that neither holds a branch
-        for i in range(out.shape[0]):
-            out[i] = np.int64(_feistel_pass(base + np.uint64(i), key, hh, m, True))
-    else:
-        for i in range(out.shape[0]):
-            out[i] = np.int64(_feistel_pass(base + np.uint64(i), key, hh, m, False))
+    for i in range(out.shape[0]):
+        out[i] = np.int64(_feistel_pass(base + np.uint64(i), key, hh, m, inverse))
     for i in range(out.shape[0]):
         if np.uint64(out[i]) >= nn:
             out[i] = _feistel_one(out[i], n, key, h, mask, inverse)
