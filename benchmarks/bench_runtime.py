@@ -3,8 +3,12 @@
 * cold: first ``route()`` in a fresh process with an empty ``NUMBA_CACHE_DIR`` (compiles), wall and
   CPU seconds; ``systematic`` afterwards in the same process;
 * warm: first ``route()`` in a fresh process whose cache is filled (loads);
-* the first ``MoERouter(64, 2, method="phase")`` forward of 4096 tokens (banded phase router) in a fresh process,
-  cold and warm cache (torch imported before the clock starts; skipped without torch);
+* the first ``MoERouter`` forward of 4096 tokens × 64 experts, ``k = 2``, in a fresh process, cold and
+  warm cache (torch imported before the clock starts; skipped without torch): ``method="phase"`` (the
+  banded phase router, Numba) in a bare process and in a training process (a ``torch.optim``
+  optimizer made before the clock: it imports ``torch._dynamo``, about 1.5-2.5 s, which the router's
+  custom op and compile hints would otherwise import), and the same two for the default router
+  (learned top-k: torch operations only);
 * per threading layer: one routing call (n=20000, k=4, density 0.3) alone, and 4 Python threads
   each routing it concurrently (``workqueue`` serialises them behind the backend's lock).
 
@@ -41,12 +45,22 @@ print(json.dumps({"first_s": t1 - t0, "first_cpu_s": c1 - c0, "systematic_s": t2
 FIRST_MOE = """
 import json, time
 import torch
+if {training}:
+    opt = torch.optim.AdamW(torch.nn.Linear(4, 4).parameters())
 t0 = time.perf_counter(); c0 = time.process_time()
 from gpu_phase_router.torch import MoERouter
-router = MoERouter(64, 2, method="phase")
+router = MoERouter(64, 2, {args})
 router(torch.randn(4096, 64))
-print(json.dumps({"first_s": time.perf_counter() - t0, "first_cpu_s": time.process_time() - c0}))
+print(json.dumps({{"first_s": time.perf_counter() - t0, "first_cpu_s": time.process_time() - c0}}))
 """
+
+MOE_CASES = {  # name: (MoERouter arguments after (64, 2), an optimizer made before the clock); the default
+    # router runs torch operations only (no Numba kernel, nothing to compile)
+    "phase": ('method="phase"', False),
+    "phase, training process": ('method="phase"', True),
+    "default (learned)": ("[1.0] * 32 + [0.5] * 32", False),
+    "default (learned), training process": ("[1.0] * 32 + [0.5] * 32", True),
+}
 
 LAYER = """
 import json, time
@@ -85,12 +99,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         out["cold"] = child(FIRST, {"NUMBA_CACHE_DIR": cache})
         out["warm"] = child(FIRST, {"NUMBA_CACHE_DIR": cache})
-    with tempfile.TemporaryDirectory() as cache:
-        try:
-            out["moe_cold"] = child(FIRST_MOE, {"NUMBA_CACHE_DIR": cache})
-            out["moe_warm"] = child(FIRST_MOE, {"NUMBA_CACHE_DIR": cache})
-        except subprocess.CalledProcessError:
-            print("MoERouter: torch not available")
+    out["moe"] = {}
+    for name, (router_args, training) in MOE_CASES.items():
+        code = FIRST_MOE.format(training=training, args=router_args)
+        with tempfile.TemporaryDirectory() as cache:
+            try:
+                out["moe"][name] = {"cold": child(code, {"NUMBA_CACHE_DIR": cache})}
+                out["moe"][name]["warm"] = child(code, {"NUMBA_CACHE_DIR": cache})
+            except subprocess.CalledProcessError:
+                print("MoERouter: torch not available")
+                break
     with tempfile.TemporaryDirectory() as cache:
         out["layers"] = []
         for layer in ("omp", "workqueue", "tbb"):
@@ -106,10 +124,10 @@ def main() -> None:
     for name in ("cold", "warm"):
         r = out[name]
         print(f"{name:<16} {r['first_s']:>8.2f} {r['first_cpu_s']:>8.2f} {r['systematic_s']:>14.2f}")
-    for name in ("moe_cold", "moe_warm"):
-        if name in out:
-            r = out[name]
-            print(f"{'MoERouter ' + name[4:]:<16} {r['first_s']:>8.2f} {r['first_cpu_s']:>8.2f}")
+    if out["moe"]:
+        print(f"\n{'first MoERouter forward':<32} {'cold s':>8} {'warm s':>8}")
+    for name, r in out["moe"].items():
+        print(f"{name:<32} {r['cold']['first_s']:>8.2f} {r['warm']['first_s']:>8.2f}")
     print(f"\n{'layer':<12} {'1 call ms':>10} {'4 threads ms':>13}")
     for r in out["layers"]:
         print(f"{r['layer']:<12} {r['one_call_s'] * 1e3:>10.1f} {r['four_threads_s'] * 1e3:>13.1f}")
