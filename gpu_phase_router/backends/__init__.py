@@ -53,7 +53,7 @@ class Backend(Protocol):
 
     def phase_rows(
         self,
-        phase: Array,
+        phase: Array | None,
         off_s: Array,
         deg: Array,
         ring: Any,
@@ -64,11 +64,14 @@ class Backend(Protocol):
         select_key: int,
         col_map: Any = None,
         k_out: int | None = None,
+        perm_key: int | None = None,
     ) -> Array:
-        """Phase router rows ``row0 .. row0 + len(phase) - 1`` → int32 ``(rows, k)``.
+        """Phase router rows ``row0 .. row0 + len(off_s) - 1`` → int32 ``(rows, k)``.
 
         Per row ``i`` (global source ``j = row0 + i``): ``phase[i] = perm_t[j]``,
         ``off_s[i]`` its start on the target ring, ``deg[i] = d[j]`` (all int64 ``(rows,)``);
+        ``phase=None`` means the derived ``perm_t[j] = feistel(j, n_src, perm_key)`` (SPEC §6),
+        made by the backend (the CPU kernel makes them on its threads, per task of rows);
         ``ring`` comes from :meth:`prepare_ring`. Candidates are the
         positions ``p = (off_s[i] + q) mod n_tgt``, ``q < deg[i]``, with
         ``(phase[i] - ring_start[p]) mod n_src < ring_len[p]``; the row holds the ``k``

@@ -452,12 +452,16 @@ def _complete_row(row_base, col_map, out_row):
 
 
 @nb.njit(cache=True)
-def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, col_map, out):
+def _phase_rows(
+    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
+):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
     as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
-    first ``out.shape[1]`` distinct ones (SPEC §13)."""
-    rows = phase.shape[0]
+    first ``out.shape[1]`` distinct ones (SPEC §13). With a non-empty ``derive = (key, h, mask)`` the
+    rows' phases are not read from ``phase`` but made per task: ``feistel(row0 + i, n_src, key)``."""
+    rows = off_s.shape[0]
     banded = col_map.shape[0] > 0
+    derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
         keys = np.empty(k, dtype=np.uint64)
@@ -465,9 +469,14 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
         kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
         mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
-        for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+        a = task * ROWS_PER_TASK
+        b = min(rows, a + ROWS_PER_TASK)
+        xs = np.empty(b - a if derived else 0, dtype=np.int64)  # the task's derived phases (SPEC §6)
+        if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
+            _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
+        for i in range(a, b):
             row_base = _at(row_key, row0 + i)
-            x = phase[i]
+            x = xs[i - a] if derived else phase[i]
             lo = off_s[i]
             if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
                 size = _select_short(
@@ -515,17 +524,19 @@ def _phase_rows(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_s
 
 
 @nb.njit(parallel=True, cache=True)
-def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, col_map, out):
+def _phase_rows_par(
+    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
+):
     """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
 
     The serial kernel is compiled once and called per task, so the parallel compile stays small.
     """
-    rows = phase.shape[0]
+    rows = off_s.shape[0]
     for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
         _phase_rows(
-            phase[a:b],
+            phase[a:b],  # empty when the phases are derived
             off_s[a:b],
             deg[a:b],
             ring_start,
@@ -536,6 +547,7 @@ def _phase_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, ring_key,
             k,
             row0 + a,
             row_key,
+            derive,
             col_map,
             out[a:b],
         )
@@ -631,17 +643,24 @@ class CpuBackend:
             ring_key = (np.asarray(ring_col, dtype=np.uint64) + _ONE) * _G  # at(base, col) = mix64(base + ring_key)
         return (*(np.ascontiguousarray(a, dtype=dtype) for a in (ring_start, length, ring_col)), ring_key)
 
-    def phase_rows(self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None):
+    def phase_rows(
+        self, phase, off_s, deg, ring, *, n_src, k, row0, select_key, col_map=None, k_out=None, perm_key=None
+    ):
         """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
-        ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13)."""
+        ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13).
+        Derived phases (``phase=None``) are made by the kernel's tasks, on every thread it runs on."""
         ring_start, ring_len, ring_col, ring_key = ring
         banded = col_map is not None
         cmap = _NO_MAP
         if banded:
             cmap = np.ascontiguousarray(col_map, dtype=np.int64).view()
             cmap.setflags(write=False)
+        derive = np.empty(0, dtype=np.uint64)
+        if phase is None:
+            derive = np.array([perm_key, *feistel_params(n_src)], dtype=np.uint64)
+            phase = np.empty(0, dtype=np.int64)
         phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
-        rows = phase.shape[0]
+        rows = off_s.shape[0]
         out = np.empty((rows, k_out if banded else k), dtype=np.int32)
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
@@ -651,7 +670,7 @@ class CpuBackend:
             _rt.run(
                 _phase_rows_par,
                 _phase_rows,
-                phase[a:b],
+                phase[a:b],  # empty when the phases are derived
                 off_s[a:b],
                 deg[a:b],
                 ring_start,
@@ -661,6 +680,7 @@ class CpuBackend:
                 *scalars,
                 np.int64(row0 + a),
                 key,
+                derive,
                 cmap,
                 out[a:b],
                 n_threads=t,

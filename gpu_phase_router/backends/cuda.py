@@ -268,9 +268,12 @@ class CudaBackend:
         select_key: int,
         col_map: Any = None,
         k_out: int | None = None,
+        perm_key: int | None = None,
     ) -> Any:
         xp = self.xp
-        rows = int(phase.shape[0])
+        rows = int(off_s.shape[0])
+        if phase is None:  # the derived phases (SPEC §6)
+            phase = self.feistel(row0, rows, n_src, int(perm_key or 0))
         ring_sl, ring_col32 = ring
         self._check_int32(n_src=n_src, n_tgt=int(ring_col32.shape[0]), rows=rows)
         banded = col_map is not None

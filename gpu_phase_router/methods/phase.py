@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._arrays import Array
-from .._keys import STREAM_PERM_S, STREAM_SELECT, stream
+from .._keys import STREAM_PERM_S, STREAM_PERM_T, STREAM_SELECT, stream
 from .._prep import (
     block_phases,
     call_ranges,
@@ -69,13 +69,10 @@ def phase_block(
     xp = backend.xp
     d = d.astype(xp.int64, copy=False)
     off_s = exclusive_cumsum_mod(xp, d, prepared_ring_size(ring), degree_prefix)
-    phase = block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
-    if col_map is None:
-        return backend.phase_rows(
-            phase, off_s, d, ring, n_src=n_src, k=k, row0=row0, select_key=stream(seed, STREAM_SELECT)
-        )
+    phase = None if perm_t is None else block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
+    banded = {} if col_map is None else {"col_map": col_map, "k_out": k_out}
     return backend.phase_rows(
-        phase,
+        phase,  # None: the backend derives the phases (SPEC §6)
         off_s,
         d,
         ring,
@@ -83,8 +80,8 @@ def phase_block(
         k=k,
         row0=row0,
         select_key=stream(seed, STREAM_SELECT),
-        col_map=col_map,
-        k_out=k_out,
+        perm_key=stream(seed, STREAM_PERM_T),
+        **banded,
     )
 
 
