@@ -112,6 +112,28 @@ def test_feistel_chunked_equal_reference(tiny_chunks):
     np.testing.assert_array_equal(got, want)
 
 
+def test_kernel_derived_phases_equal_spec_phases(tiny_chunks):
+    """``phase_rows(phase=None, perm_key=K)`` (phases made by the kernel's tasks) equals the same rows
+    given the phases ``feistel(row0 + i, n_src, K)`` of SPEC §6 in Python integers, at a row offset
+    and over many tasks and chunks."""
+    from gpu_phase_router.methods.phase import ring_layout
+
+    be = get_backend("cpu")
+    rng = np.random.default_rng(5)
+    n_src, n_tgt, rows, row0, k = 1000, 48, 300, 417, 3
+    c = rng.integers(0, n_src // 4, n_tgt)
+    d = rng.integers(0, n_tgt + 1, rows)
+    off_s = (np.cumsum(d) - d) % n_tgt
+    ring = be.prepare_ring(*ring_layout(be, c, n_src, 9), n_src=n_src)
+    key = stream(9, STREAM_PERM_T)
+    phases = np.array([feistel(row0 + i, n_src, key) for i in range(rows)], dtype=np.int64)
+    args = dict(n_src=n_src, k=k, row0=row0, select_key=stream(9, 3))
+    got = be.phase_rows(None, off_s, d, ring, perm_key=key, **args)
+    np.testing.assert_array_equal(got, be.phase_rows(phases, off_s, d, ring, **args))
+    with pytest.raises(ValueError, match="perm_key"):
+        be.phase_rows(None, off_s, d, ring, **args)
+
+
 def _bit_rows(ones: np.ndarray, n: int) -> np.ndarray:
     """Flat uint64 rows with bits ``0 .. ones[i] - 1`` set (written here, not taken from compat)."""
     nbw = (n + 63) // 64

@@ -499,6 +499,21 @@ def test_int32_limits():
         )
 
 
+def test_derived_phases_need_perm_key():
+    be = CudaBackend(np, lambda *a: None)
+    with pytest.raises(ValueError, match="perm_key"):
+        be.phase_rows(
+            None,
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            (np.zeros((1, 2), np.int32), np.zeros(1, np.int32)),
+            n_src=4,
+            k=1,
+            row0=0,
+            select_key=0,
+        )
+
+
 # -- banded phase router (SPEC §13) ------------------------------------------------------------
 
 

@@ -291,7 +291,7 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
         else:
             bound = _KEY_MAX
         for q in range(cnt):  # a gather, kept apart so that the keying loop below vectorises; the index is
-            kbuf[q] = ring_key[np.uint64(pbuf[q])]  # unsigned: no negative-index wraparound (0.93x at N = 4096)
+            kbuf[q] = ring_key[np.uint64(pbuf[q])]  # unsigned: no negative-index wraparound (0.91x at N = 4096)
         n_blk = (cnt + MASK_BITS - 1) // MASK_BITS
         hits = _ZERO
         for blk in range(n_blk):  # keys, and a mask per 64 of those at or below the bound
@@ -657,6 +657,8 @@ class CpuBackend:
             cmap.setflags(write=False)
         derive = np.empty(0, dtype=np.uint64)
         if phase is None:
+            if perm_key is None:
+                raise ValueError("phase_rows: perm_key is required when phase is None (derived phases)")
             derive = np.array([perm_key, *feistel_params(n_src)], dtype=np.uint64)
             phase = np.empty(0, dtype=np.int64)
         phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))

@@ -273,7 +273,9 @@ class CudaBackend:
         xp = self.xp
         rows = int(off_s.shape[0])
         if phase is None:  # the derived phases (SPEC §6)
-            phase = self.feistel(row0, rows, n_src, int(perm_key or 0))
+            if perm_key is None:
+                raise ValueError("phase_rows: perm_key is required when phase is None (derived phases)")
+            phase = self.feistel(row0, rows, n_src, perm_key)
         ring_sl, ring_col32 = ring
         self._check_int32(n_src=n_src, n_tgt=int(ring_col32.shape[0]), rows=rows)
         banded = col_map is not None
