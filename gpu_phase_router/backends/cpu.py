@@ -32,7 +32,7 @@ SCAN_CHUNK = 8192  # ring positions tested before their candidates are keyed: mo
 # provisional bound of the first chunk sees the whole row (about 2k + 4 offers per row in all)
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
-SHORT_DEG = 64  # banded rows of at most this many ring positions take the selection of _select_short
+SHORT_DEG = 64  # banded rows of at most this many ring positions are routed by _route_short
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
 POPCOUNT_TASK = 256  # bit-packed rows per prange task
@@ -324,16 +324,6 @@ def _min_key_after(ukeys, n, last):
 
 
 @nb.njit(inline="always", cache=True)
-def _names_new_target(cols, s, col_map):
-    """Whether column ``cols[s]`` maps to a target that none of ``cols[:s]`` maps to."""
-    e = col_map[cols[s]]
-    for r in range(s):
-        if col_map[cols[r]] == e:
-            return False
-    return True
-
-
-@nb.njit(inline="always", cache=True)
 def _gather_held(x, n_src, ring_start, ring_len, ring_key, p0, p1, kbuf, cnt):
     """Append ``ring_key[p]`` of the positions ``p`` in ``[p0, p1)`` whose interval holds ``x`` to
     ``kbuf[cnt:]``, branch-free (each is stored, and kept by advancing ``cnt``); return the new count.
@@ -348,19 +338,18 @@ def _gather_held(x, n_src, ring_start, ring_len, ring_key, p0, p1, kbuf, cnt):
 
 
 @nb.njit(inline="always", cache=True)
-def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_key, row_base, k, k_out, col_map, kbuf, keys, cols):
-    """Banded row of at most ``SHORT_DEG`` ring positions: its bottom-k, ascending, into ``keys``/``cols``.
+def _route_short(lo, d, x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out_row):
+    """A banded row of at most ``SHORT_DEG`` ring positions, routed into ``out_row`` (SPEC §13): the
+    first ``len(out_row)`` distinct targets of its bottom-k columns in ascending key order, then -1.
 
     The ``ring_key`` of the positions ``lo, lo + 1, ...`` (``d`` of them, modulo ``n_tgt``) whose
     interval holds ``x`` are gathered branch-free into ``kbuf`` and keyed, the smallest key found in
     the same loop. The keys are distinct (``d <= n_tgt`` positions hold distinct columns, SPEC §4),
     so the next key of the bottom-k is the smallest above the last one (one branch-free
     min-reduction, where a sorted insertion mispredicts), and its column is the index the key is
-    the key of (:func:`~._numba_prims.index_of`). Only the prefix the emission reads is produced:
-    taking stops once it names ``k_out`` distinct targets (the emission of that prefix equals the
-    emission of the whole bottom-k), or at ``k`` columns. Returns the prefix length ``size``:
-    ``(keys, cols)[:size]`` is the start of the sorted bottom-k, and all of it when the row names
-    fewer than ``k_out`` targets.
+    the key of (:func:`~._numba_prims.index_of`). Each column's target is listed as it is taken, and
+    taking stops once ``len(out_row)`` targets are listed (the rest of the bottom-k cannot change
+    them) or at ``k`` columns.
     """
     n_tgt = ring_key.shape[0]
     end = min(lo + d, n_tgt)  # positions lo .. end - 1, then 0 .. lo + d - end - 1 (a row that wraps the ring)
@@ -371,18 +360,19 @@ def _select_short(lo, d, x, n_src, ring_start, ring_len, ring_key, row_base, k, 
         kq = _mix64(row_base + kbuf[q])  # at(row_base, ring_col[pos])
         kbuf[q] = kq
         key = min(key, kq)
-    size = 0
-    distinct = 0
-    while size < min(k, cnt):
-        if size > 0:
-            key = _min_key_after(kbuf, cnt, keys[size - 1])
-        keys[size] = key
-        cols[size] = np.int64(_index_of(row_base, key))
-        size += 1
-        distinct += _names_new_target(cols, size - 1, col_map)
-        if distinct == k_out:
-            break
-    return size
+    k_out = out_row.shape[0]
+    listed = 0
+    for taken in range(min(k, cnt)):
+        if taken > 0:
+            key = _min_key_after(kbuf, cnt, key)
+        e = col_map[_index_of(row_base, key)]
+        if not _listed_before(out_row, listed, e):
+            out_row[listed] = e
+            listed += 1
+            if listed == k_out:
+                return
+    for q in range(listed, k_out):
+        out_row[q] = -1
 
 
 @nb.njit(inline="always", cache=True)
@@ -479,22 +469,7 @@ def _phase_rows(
             x = xs[i - a] if derived else phase[i]
             lo = off_s[i]
             if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
-                size = _select_short(
-                    lo,
-                    deg[i],
-                    x,
-                    n_src,
-                    ring_start,
-                    ring_len,
-                    ring_key,
-                    row_base,
-                    k,
-                    out.shape[1],
-                    col_map,
-                    kbuf,
-                    keys,
-                    cols,
-                )
+                _route_short(lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i])
             else:
                 size = _scan_row(
                     lo,
@@ -513,14 +488,14 @@ def _phase_rows(
                     cols,
                     k,
                 )
-            if banded:  # the short selection's prefix emits as the whole bottom-k would
-                _emit_distinct(keys, cols, size, k, col_map, out[i])
-                if deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
-                    _complete_row(row_base, col_map, out[i])
-            elif k <= SMALL_K:
-                _emit_ascending(cols, size, out[i])
-            else:
-                _emit_sorted(keys, cols, size, out[i])
+                if banded:
+                    _emit_distinct(keys, cols, size, k, col_map, out[i])
+                elif k <= SMALL_K:
+                    _emit_ascending(cols, size, out[i])
+                else:
+                    _emit_sorted(keys, cols, size, out[i])
+            if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
+                _complete_row(row_base, col_map, out[i])
 
 
 @nb.njit(parallel=True, cache=True)
