@@ -32,9 +32,15 @@ def weights_to_counts(
         mean = tree_sum(xp, w) / w.shape[0]
     if not math.isfinite(mean) or mean <= 0:
         raise ValueError(f"{name}: the mean weight must be finite and positive; got {mean} (rescale the values)")
-    scaled = xp.rint(w / mean * density * n_other)
-    counts = xp.clip(scaled, 1, n_other).astype(xp.int64)
-    return xp.where(w == 0, 0, counts)
+    scaled = w / mean  # then * density, then * n_other: the same float operations, in place
+    scaled *= density
+    scaled *= n_other
+    xp.rint(scaled, out=scaled)
+    xp.maximum(scaled, 1, out=scaled)  # clip to [1, n_other] (no NaN here: the weights are finite)
+    xp.minimum(scaled, n_other, out=scaled)
+    counts = scaled.astype(xp.int64)
+    counts[w == 0] = 0
+    return counts
 
 
 def capacity_cum(xp: Any, caps: Any) -> Any:
@@ -64,7 +70,10 @@ def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:
     start %= m
     if start + n * m < 1 << 63:
         out[0] = start
-        out[1:] = (start + xp.cumsum(v[:-1], dtype=xp.int64)) % m
+        rest = out[1:]
+        xp.cumsum(v[:-1], dtype=xp.int64, out=rest)
+        rest += start
+        rest -= (rest // m) * m  # rest % m (an integer division by a scalar is the faster of the two here)
         return out
     acc, host = start, []
     for x in (v.get() if hasattr(v, "get") else np.asarray(v)).tolist():
