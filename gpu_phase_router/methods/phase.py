@@ -70,7 +70,6 @@ def phase_block(
     d = d.astype(xp.int64, copy=False)
     off_s = exclusive_cumsum_mod(xp, d, prepared_ring_size(ring), degree_prefix)
     phase = None if perm_t is None else block_phases(backend, n_src, row0, d.shape[0], seed, perm_t)
-    banded = {} if col_map is None else {"col_map": col_map, "k_out": k_out}
     return backend.phase_rows(
         phase,  # None: the backend derives the phases (SPEC §6)
         off_s,
@@ -80,8 +79,9 @@ def phase_block(
         k=k,
         row0=row0,
         select_key=stream(seed, STREAM_SELECT),
+        col_map=col_map,
+        k_out=k_out,
         perm_key=stream(seed, STREAM_PERM_T),
-        **banded,
     )
 
 
