@@ -46,3 +46,21 @@ def test_index_of_names_the_index_of_a_key(seed):
     keys = np.array([_keys.at(b, i) for b, i in zip(bases, idx, strict=True)], dtype=np.uint64)
     got = _index_all(np.array(bases, dtype=np.uint64), keys)
     assert got.tolist() == idx
+
+
+@nb.njit
+def _double_through_view(a):
+    v = prims.borrow(a)
+    for i in range(v.shape[0]):
+        for j in range(v.shape[1]):
+            v[i, j] *= 2
+    return v.shape[0], v.shape[1], v.strides[0], v.strides[1]
+
+
+def test_borrow_is_a_view_of_the_same_memory():
+    base = np.arange(24, dtype=np.int64).reshape(4, 6)
+    a = base[::2, 1::2]  # non-contiguous: shape and strides must be kept, not recomputed
+    want = base.copy()
+    want[::2, 1::2] *= 2
+    assert _double_through_view(a) == (2, 3, a.strides[0], a.strides[1])
+    np.testing.assert_array_equal(base, want)

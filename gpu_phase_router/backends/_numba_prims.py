@@ -8,6 +8,7 @@ import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from .._keys import GOLDEN, MIX_M1, MIX_M2
 from . import _numba_runtime  # noqa: F401  (threading layer and cache dir: before any decoration)
@@ -61,6 +62,27 @@ def index_of(base, key):
     """The ``i`` (uint64) with ``at(base, i) == key``: distinct ``i`` have distinct keys (``mix64`` is a
     bijection and ``G`` is odd), so a key names its index."""
     return (unmix64(key) - base) * G_INV - U1
+
+
+@intrinsic
+def borrow(typingctx, arr):
+    """A view of the array ``arr`` that holds no reference to its memory (null ``meminfo``).
+
+    Numba counts references to an array's memory with atomic operations at every call that passes it
+    and every view made of it; threads that pass the same input array contend for one cache line.
+    A borrowed view skips all of them. The caller keeps ``arr`` itself alive for as long as the view
+    is used, and the view must not outlive the call that made it (it is never returned or stored).
+    """
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, value=args[0])
+        view = context.make_array(signature.return_type)(context, builder)
+        populate_array(view, data=src.data, shape=src.shape, strides=src.strides, itemsize=src.itemsize, meminfo=None)
+        return view._getvalue()
+
+    return arr(arr), codegen
 
 
 @intrinsic

@@ -21,6 +21,7 @@ from ._numba_prims import U32 as _S32
 from ._numba_prims import G as _G
 from ._numba_prims import append_set_bits as _append_set_bits
 from ._numba_prims import at as _at
+from ._numba_prims import borrow as _borrow
 from ._numba_prims import cttz as _cttz
 from ._numba_prims import index_of as _index_of
 from ._numba_prims import mix64 as _mix64
@@ -32,6 +33,7 @@ SCAN_CHUNK = 8192  # ring positions tested before their candidates are keyed: mo
 # provisional bound of the first chunk sees the whole row (about 2k + 4 offers per row in all)
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)
 SMALL_K = 32  # up to this k the bottom-k is a sorted array; above it, a binary max-heap
+RANK_MAX = 64  # a row's first bottom-k of at most this many marked candidates is ranked at once (_rank_marked)
 SHORT_DEG = 64  # banded rows of at most this many ring positions are routed by _route_short
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
@@ -209,6 +211,38 @@ def _offer_marked(masks, kbuf, pbuf, ring_col, keys, cols, size, k):
 
 
 @nb.njit(inline="always", cache=True)
+def _rank_marked(masks, kbuf, pbuf, ring_col, cbuf, keys, cols, k):
+    """The bottom-k of the candidates whose bit is set in ``masks`` (``h`` of them, ``k <= h <=
+    RANK_MAX``) into ``keys``/``cols`` (empty before; ``k + 1`` entries each), ascending; returns ``k``.
+
+    The same entries as offering the candidates one by one (:func:`_offer_marked`), without its
+    data-dependent branches: a candidate's rank is the number of candidates with a smaller key
+    (one vectorisable loop), and it is stored at that rank, or in the spare entry ``k``. The keys
+    of a row are distinct (its ring positions, hence columns, are, and ``at(base, ·)`` is a
+    bijection), so their order is the ``(key, col)`` order of SPEC §5. The candidates' keys are
+    moved to the front of ``kbuf`` and their columns written to ``cbuf`` (``RANK_MAX`` entries).
+    """
+    h = 0
+    for blk in range(masks.shape[0]):
+        m = masks[blk]
+        while m:
+            q = np.uint64(blk * MASK_BITS) + _cttz(m)
+            kbuf[h] = kbuf[q]  # h <= q: nothing still to be read is overwritten
+            cbuf[h] = ring_col[pbuf[q]]
+            h += 1
+            m &= m - _ONE
+    for i in range(h):
+        key = kbuf[i]
+        rank = 0
+        for j in range(h):
+            rank += np.int64(kbuf[j] < key)
+        rank = min(rank, k)
+        keys[rank] = key
+        cols[rank] = cbuf[i]
+    return k
+
+
+@nb.njit(inline="always", cache=True)
 def _hits_scalar(ring_start, ring_len, p, w, x, n_src):
     """Bit ``j`` set iff ring position ``p + j`` (``j < w <= 64``) holds ``x``, one position at a time."""
     m = _ZERO
@@ -257,7 +291,9 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf, cnt):
 
 
 @nb.njit(cache=True)
-def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, keys, cols, k):
+def _scan_row(
+    lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, cbuf, keys, cols, k
+):
     """The bottom-k of the candidates among ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo
     ``n_tgt``) into ``keys``/``cols``; returns its size.
 
@@ -306,8 +342,10 @@ def _scan_row(lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_bas
         if size < k and hits < np.uint64(k):  # the provisional bound was too low: offer every candidate
             for blk in range(n_blk):
                 mbuf[blk] = _KEY_MAX >> np.uint64(MASK_BITS - min(MASK_BITS, cnt - blk * MASK_BITS))
-            hits = _ONE
-        if hits:
+            hits = np.uint64(cnt)
+        if size == 0 and k <= SMALL_K and np.uint64(k) <= hits <= np.uint64(RANK_MAX):
+            size = _rank_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, cbuf, keys, cols, k)
+        elif hits:
             size = _offer_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, keys, cols, size, k)
         t0 += SCAN_CHUNK
     return size
@@ -442,6 +480,62 @@ def _complete_row(row_base, col_map, out_row):
 
 
 @nb.njit(cache=True)
+def _task_rows(
+    a, b, phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map,
+    out, keys, cols, pbuf, kbuf, mbuf, cbuf, xs,
+):  # fmt: skip
+    """Rows ``[a, b)`` of :func:`_phase_rows` with the work buffers ``keys`` ... ``xs`` of their task.
+
+    The caller holds every array argument until this returns, so they are used through borrowed
+    views (:func:`_borrow`): the calls and views below count no references, which are atomic
+    operations, contended between threads that share the inputs.
+    """
+    phase, off_s, deg, out = _borrow(phase), _borrow(off_s), _borrow(deg), _borrow(out)
+    ring_start, ring_len = _borrow(ring_start), _borrow(ring_len)
+    ring_col, ring_key, derive, col_map = _borrow(ring_col), _borrow(ring_key), _borrow(derive), _borrow(col_map)
+    keys, cols, pbuf, kbuf = _borrow(keys), _borrow(cols), _borrow(pbuf), _borrow(kbuf)
+    mbuf, cbuf, xs = _borrow(mbuf), _borrow(cbuf), _borrow(xs)
+    banded = col_map.shape[0] > 0
+    derived = derive.shape[0] > 0
+    if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
+        _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
+    for i in range(a, b):
+        row_base = _at(row_key, row0 + i)
+        x = xs[i - a] if derived else phase[i]
+        lo = off_s[i]
+        if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
+            _route_short(lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i])
+        else:
+            d = deg[i]
+            size = _scan_row(
+                lo,
+                d,
+                x,
+                n_src,
+                ring_start,
+                ring_len,
+                ring_col,
+                ring_key,
+                row_base,
+                pbuf,
+                kbuf,
+                mbuf,
+                cbuf,
+                keys,
+                cols,
+                k,
+            )
+            if banded:
+                _emit_distinct(keys, cols, size, k, col_map, out[i])
+            elif k <= SMALL_K:
+                _emit_ascending(cols, size, out[i])
+            else:
+                _emit_sorted(keys, cols, size, out[i])
+        if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
+            _complete_row(row_base, col_map, out[i])
+
+
+@nb.njit(cache=True)
 def _phase_rows(
     phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
 ):
@@ -450,52 +544,22 @@ def _phase_rows(
     first ``out.shape[1]`` distinct ones (SPEC §13). With a non-empty ``derive = (key, h, mask)`` the
     rows' phases are not read from ``phase`` but made per task: ``feistel(row0 + i, n_src, key)``."""
     rows = off_s.shape[0]
-    banded = col_map.shape[0] > 0
     derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
-        keys = np.empty(k, dtype=np.uint64)
-        cols = np.empty(k, dtype=np.int64)
-        pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
-        kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
-        mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        xs = np.empty(b - a if derived else 0, dtype=np.int64)  # the task's derived phases (SPEC §6)
-        if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
-            _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
-        for i in range(a, b):
-            row_base = _at(row_key, row0 + i)
-            x = xs[i - a] if derived else phase[i]
-            lo = off_s[i]
-            if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
-                _route_short(lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i])
-            else:
-                size = _scan_row(
-                    lo,
-                    deg[i],
-                    x,
-                    n_src,
-                    ring_start,
-                    ring_len,
-                    ring_col,
-                    ring_key,
-                    row_base,
-                    pbuf,
-                    kbuf,
-                    mbuf,
-                    keys,
-                    cols,
-                    k,
-                )
-                if banded:
-                    _emit_distinct(keys, cols, size, k, col_map, out[i])
-                elif k <= SMALL_K:
-                    _emit_ascending(cols, size, out[i])
-                else:
-                    _emit_sorted(keys, cols, size, out[i])
-            if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
-                _complete_row(row_base, col_map, out[i])
+        _task_rows(
+            a, b, phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map,
+            out,
+            np.empty(k + 1, dtype=np.uint64),  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
+            np.empty(k + 1, dtype=np.int64),
+            np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype),  # pbuf, 8 to spare: _append_set_bits stores 8 lanes
+            np.empty(SCAN_CHUNK, dtype=np.uint64),  # kbuf
+            np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64),  # mbuf
+            np.empty(RANK_MAX, dtype=np.int64),  # cbuf
+            np.empty(b - a if derived else 0, dtype=np.int64),  # xs: the task's derived phases (SPEC §6)
+        )  # fmt: skip
 
 
 @nb.njit(parallel=True, cache=True)
