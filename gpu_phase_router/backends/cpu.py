@@ -480,86 +480,71 @@ def _complete_row(row_base, col_map, out_row):
 
 
 @nb.njit(cache=True)
-def _task_rows(
-    a, b, phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map,
-    out, keys, cols, pbuf, kbuf, mbuf, cbuf, xs,
-):  # fmt: skip
-    """Rows ``[a, b)`` of :func:`_phase_rows` with the work buffers ``keys`` ... ``xs`` of their task.
-
-    The caller holds every array argument until this returns, so they are used through borrowed
-    views (:func:`_borrow`): the calls and views below count no references, which are atomic
-    operations, contended between threads that share the inputs.
-    """
-    phase, off_s, deg, out = _borrow(phase), _borrow(off_s), _borrow(deg), _borrow(out)
-    ring_start, ring_len = _borrow(ring_start), _borrow(ring_len)
-    ring_col, ring_key, derive, col_map = _borrow(ring_col), _borrow(ring_key), _borrow(derive), _borrow(col_map)
-    keys, cols, pbuf, kbuf = _borrow(keys), _borrow(cols), _borrow(pbuf), _borrow(kbuf)
-    mbuf, cbuf, xs = _borrow(mbuf), _borrow(cbuf), _borrow(xs)
-    banded = col_map.shape[0] > 0
-    derived = derive.shape[0] > 0
-    if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
-        _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
-    for i in range(a, b):
-        row_base = _at(row_key, row0 + i)
-        x = xs[i - a] if derived else phase[i]
-        lo = off_s[i]
-        if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
-            _route_short(lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i])
-        else:
-            d = deg[i]
-            size = _scan_row(
-                lo,
-                d,
-                x,
-                n_src,
-                ring_start,
-                ring_len,
-                ring_col,
-                ring_key,
-                row_base,
-                pbuf,
-                kbuf,
-                mbuf,
-                cbuf,
-                keys,
-                cols,
-                k,
-            )
-            if banded:
-                _emit_distinct(keys, cols, size, k, col_map, out[i])
-            elif k <= SMALL_K:
-                _emit_ascending(cols, size, out[i])
-            else:
-                _emit_sorted(keys, cols, size, out[i])
-        if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
-            _complete_row(row_base, col_map, out[i])
-
-
-@nb.njit(cache=True)
 def _phase_rows(
     phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
 ):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
     as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
     first ``out.shape[1]`` distinct ones (SPEC §13). With a non-empty ``derive = (key, h, mask)`` the
-    rows' phases are not read from ``phase`` but made per task: ``feistel(row0 + i, n_src, key)``."""
+    rows' phases are not read from ``phase`` but made per task: ``feistel(row0 + i, n_src, key)``.
+
+    The caller holds the array arguments until this returns, so they are used through borrowed views
+    (:func:`_borrow`): the calls and row views below count no references to them (atomic operations,
+    contended between threads that share the inputs).
+    """
+    phase, off_s, deg, out = _borrow(phase), _borrow(off_s), _borrow(deg), _borrow(out)
+    ring_start, ring_len = _borrow(ring_start), _borrow(ring_len)
+    ring_col, ring_key, derive, col_map = _borrow(ring_col), _borrow(ring_key), _borrow(derive), _borrow(col_map)
     rows = off_s.shape[0]
+    banded = col_map.shape[0] > 0
     derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in nb.prange(n_tasks):
+        keys = np.empty(k + 1, dtype=np.uint64)  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
+        cols = np.empty(k + 1, dtype=np.int64)
+        pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
+        kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
+        mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
+        cbuf = np.empty(RANK_MAX, dtype=np.int64)
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        _task_rows(
-            a, b, phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map,
-            out,
-            np.empty(k + 1, dtype=np.uint64),  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
-            np.empty(k + 1, dtype=np.int64),
-            np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype),  # pbuf, 8 to spare: _append_set_bits stores 8 lanes
-            np.empty(SCAN_CHUNK, dtype=np.uint64),  # kbuf
-            np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64),  # mbuf
-            np.empty(RANK_MAX, dtype=np.int64),  # cbuf
-            np.empty(b - a if derived else 0, dtype=np.int64),  # xs: the task's derived phases (SPEC §6)
-        )  # fmt: skip
+        xs = np.empty(b - a if derived else 0, dtype=np.int64)  # the task's derived phases (SPEC §6)
+        if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
+            _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
+        for i in range(a, b):
+            row_base = _at(row_key, row0 + i)
+            x = xs[i - a] if derived else phase[i]
+            lo = off_s[i]
+            if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
+                _route_short(lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i])
+            else:
+                d = deg[i]
+                size = _scan_row(
+                    lo,
+                    d,
+                    x,
+                    n_src,
+                    ring_start,
+                    ring_len,
+                    ring_col,
+                    ring_key,
+                    row_base,
+                    pbuf,
+                    kbuf,
+                    mbuf,
+                    cbuf,
+                    keys,
+                    cols,
+                    k,
+                )
+                if banded:
+                    _emit_distinct(keys, cols, size, k, col_map, out[i])
+                elif k <= SMALL_K:
+                    _emit_ascending(cols, size, out[i])
+                else:
+                    _emit_sorted(keys, cols, size, out[i])
+            if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
+                _complete_row(row_base, col_map, out[i])
 
 
 @nb.njit(parallel=True, cache=True)
