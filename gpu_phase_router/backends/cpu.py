@@ -306,7 +306,9 @@ def _scan_row(
     with about ``2k + 4`` expected keys below it (exact whenever at least ``k`` keys fall below
     it; otherwise every candidate is offered). Chunks with no key under the bound — most of a
     long row once the bottom-k is full — skip the update entirely; otherwise the set bits of
-    the masks are walked and only those candidates reach the branchy update.
+    the masks are walked and only those candidates reach the update: ranked at once
+    (:func:`_rank_marked`) when they are a row's first (``k`` to ``RANK_MAX`` of them, ``k <=
+    SMALL_K``), else offered one by one (:func:`_offer_marked`).
     """
     n_tgt = ring_col.shape[0]
     want = 2 * k + 4
