@@ -416,6 +416,15 @@ def _route_short(lo, d, x, n_src, ring_start, ring_len, ring_key, row_base, k, c
 
 
 @nb.njit(inline="always", cache=True)
+def _listed_before(out_row, listed, e):
+    """Whether target ``e`` is among the first ``listed`` entries of ``out_row``."""
+    for r in range(listed):
+        if out_row[r] == e:
+            return True
+    return False
+
+
+@nb.njit(inline="always", cache=True)
 def _emit_distinct(keys, cols, size, k, col_map, out_row):
     """SPEC §13: map the bottom-k columns, in ascending ``(key, col)`` order, through ``col_map`` and
     keep the first ``len(out_row)`` distinct targets; pad with -1."""
@@ -430,24 +439,11 @@ def _emit_distinct(keys, cols, size, k, col_map, out_row):
         if listed == k_out:
             break
         e = col_map[cols[q]]
-        seen = False
-        for r in range(listed):
-            if out_row[r] == e:
-                seen = True
-                break
-        if not seen:
+        if not _listed_before(out_row, listed, e):
             out_row[listed] = e
             listed += 1
     for q in range(listed, k_out):
         out_row[q] = -1
-
-
-@nb.njit(inline="always", cache=True)
-def _listed_before(out_row, listed, e):
-    for r in range(listed):
-        if out_row[r] == e:
-            return True
-    return False
 
 
 @nb.njit(cache=True)
