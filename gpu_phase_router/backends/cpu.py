@@ -243,13 +243,19 @@ def _rank_marked(masks, kbuf, pbuf, ring_col, cbuf, keys, cols, k):
 
 
 @nb.njit(inline="always", cache=True)
+def _holds(x, start, length, n_src):
+    """``in_ring(x, start, length, n_src)`` (SPEC §4) for ``0 <= x, start < n_src``, branch-free."""
+    diff = x - start
+    diff += (diff >> 63) & n_src
+    return diff < length
+
+
+@nb.njit(inline="always", cache=True)
 def _hits_scalar(ring_start, ring_len, p, w, x, n_src):
     """Bit ``j`` set iff ring position ``p + j`` (``j < w <= 64``) holds ``x``, one position at a time."""
     m = _ZERO
     for j in range(w):
-        diff = x - ring_start[p + j]
-        diff += (diff >> 63) & n_src
-        m |= np.uint64(diff < ring_len[p + j]) << np.uint64(j)
+        m |= np.uint64(_holds(x, ring_start[p + j], ring_len[p + j], n_src)) << np.uint64(j)
     return m
 
 
@@ -370,10 +376,8 @@ def _gather_held(x, n_src, ring_start, ring_len, ring_key, p0, p1, kbuf, cnt):
     Unsigned indices: Numba tests a signed index for a negative value to wrap, which made this
     loop about 1.2x slower."""
     for p in range(np.uint64(p0), np.uint64(p1)):
-        diff = x - ring_start[p]
-        diff += (diff >> 63) & n_src
         kbuf[np.uint64(cnt)] = ring_key[p]
-        cnt += diff < ring_len[p]
+        cnt += _holds(x, ring_start[p], ring_len[p], n_src)
     return cnt
 
 
