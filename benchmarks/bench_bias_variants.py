@@ -30,6 +30,8 @@ Run from the repository root::
     python benchmarks/bench_bias_variants.py --profile strong --rounds 4        # regression task, seeds 0-2
     python benchmarks/bench_bias_variants.py --profile strong --seeds 3 4 5 --variants nocaps default all_propose
     python benchmarks/bench_bias_variants.py --task char_lm --variants rate3e-2  # bench_char_lm, default row only
+    python benchmarks/bench_bias_variants.py --task char_lm --variants cap_target --seeds 0 1 2 3 4 5 6 7 8 9 10 11 \
+        --reference benchmarks/results/char_lm_seeds12.json  # 12 seeds, paired with that run's no-caps seeds
 
 Output: a table on stdout; ``--json`` writes the per-seed numbers (regression task); the char-LM
 task writes ``char_lm_variant_<name>.json`` through ``bench_char_lm`` (``--out``).
@@ -230,9 +232,25 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_char_lm(variants: list[str], out: str, rounds: int | None = None) -> None:
-    """``bench_char_lm`` (both profiles, 3 seeds) with the default router replaced by each variant."""
+def run_char_lm(
+    variants: list[str],
+    out: str,
+    rounds: int | None = None,
+    seeds: list[int] | None = None,
+    reference: str | None = None,
+) -> None:
+    """``bench_char_lm`` (both profiles; seeds ``0 .. n-1``, default 3) with the default router
+    replaced by each variant; ``reference``: a ``char_lm`` JSON whose no-caps runs pair with the
+    variant's seeds in the seed table."""
     import bench_char_lm as bc
+
+    extra: list[str] = []
+    if seeds is not None:
+        if seeds != list(range(len(seeds))):
+            raise ValueError(f"seeds: the char-LM task runs seeds 0 .. n-1; got {seeds}")
+        extra += ["--seeds", str(len(seeds))]
+    if reference:
+        extra += ["--reference", reference]
 
     for name in variants:
         if name in BASELINES or name == "bias_nocaps":
@@ -241,7 +259,7 @@ def run_char_lm(variants: list[str], out: str, rounds: int | None = None) -> Non
             saved = bc.ROUTER_OPTIONS["default"]
             bc.ROUTER_OPTIONS["default"] = saved | _rounds(rounds) | opts
             try:
-                bc.main(["--routers", "default", "--tag", f"variant_{name}", "--out", out])
+                bc.main(["--routers", "default", "--tag", f"variant_{name}", "--out", out, *extra])
             finally:
                 bc.ROUTER_OPTIONS["default"] = saved
 
@@ -251,11 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", choices=["training", "char_lm"], default="training")
     ap.add_argument("--profile", choices=bt.PROFILES, default="strong")
     ap.add_argument("--variants", nargs="+", choices=BASELINES + VARIANTS, default=BASELINES + VARIANTS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model seeds (char LM: 0 .. n-1)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, help="reroute rounds of every variant (default: MoERouter's)")
     ap.add_argument("--json", help="write the per-seed results here (regression task)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--reference", help="char LM: a char_lm JSON whose no-caps runs the seed table pairs with")
     args = ap.parse_args(argv)
     import numba
 
@@ -263,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     numba.set_num_threads(1)
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     if args.task == "char_lm":
-        run_char_lm(args.variants, args.out, args.rounds)
+        run_char_lm(args.variants, args.out, args.rounds, args.seeds, args.reference)
     else:
         out = run_training(args.profile, args.variants, args.seeds, args.steps, args.rounds)
         print("\n" + table(out))

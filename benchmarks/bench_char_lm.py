@@ -49,6 +49,13 @@ Run from the repository root::
     python benchmarks/bench_char_lm.py --jobs 2     # two training processes at once
     python benchmarks/bench_char_lm.py --plot-only  # redraw the plot and tables from the JSON
     python benchmarks/bench_char_lm.py --routers nocaps default --bias-rate 1e-3 --tag rate1e-3  # a variant
+    python benchmarks/bench_char_lm.py --routers nocaps default --seeds 12 --jobs 2 --tag seeds12  # more seeds
+    python benchmarks/bench_char_lm.py --plot-only --tag rate3e-2_seeds12 \
+        --reference benchmarks/results/char_lm_seeds12.json  # tables of a variant's run, paired with seeds12
+
+Where no-caps runs are at hand (this run's, or ``--reference``'s), a seed table follows the others
+(:func:`seeds_table`): each seed's Δ bits/char against the same seed's no-caps run, the mean, a
+bootstrap interval and the means per 3 seeds.
 
 Outputs (``--out``, default ``benchmarks/results``): ``char_lm.json``, ``char_lm_panel.png``, and
 the tables between the ``charlm`` markers of ``benchmarks/TRAINING_RESULTS.md`` (``--md``); a run
@@ -728,6 +735,58 @@ def goals_table(results: dict[str, Any], router: str = "default") -> str:
     return "\n".join(lines)
 
 
+SEED_GROUP = 3  # seeds per group in seeds_table (the issue's goals are means over 3 seeds)
+BOOTSTRAP = 10_000  # resamples of the seeds for seeds_table's interval
+
+
+def seeds_table(
+    results: dict[str, Any], reference: dict[str, Any] | None = None, reference_name: str = "nocaps"
+) -> str:
+    """How Δ bits/char vs no caps spreads over the model seeds, per profile, router, eval factor and split.
+
+    Each seed's Δ pairs a router's run with the reference run of the same seed (``reference_name``,
+    scored with the training capacity factor: it has no caps). The reference runs come from
+    ``results``, or from ``reference`` (the results of another run of the same configuration) where
+    ``results`` has none. Columns: the mean Δ over the seeds, a 90 % bootstrap interval of that mean
+    (``BOOTSTRAP`` resamples of the seeds, generator seed 0), the mean Δ of each group of
+    ``SEED_GROUP`` consecutive seeds (what one 3-seed run would have reported), and the smallest and
+    largest Δ of one seed.
+    """
+    lines = [
+        "| profile | router | eval capacity factor | split | seeds | mean Δ bits/char | 90 % interval | "
+        f"per {SEED_GROUP} seeds | one seed, min / max |",
+        "|---|---|---|---|---:|---:|---|---|---|",
+    ]
+    for prof, result in results.items():
+        other = (reference or {}).get(prof, {}).get("runs", {})
+        ref_runs = result["runs"].get(reference_name) or other.get(reference_name)
+        if not ref_runs:
+            continue
+        ref_bits = {r["seed"]: r["eval"]["train"] for r in ref_runs}
+        for name, rs in result["runs"].items():
+            paired = [r for r in rs if r["seed"] in ref_bits] if name != reference_name else []
+            for fac in [factor_label(f) for f in result["config"]["eval_factors"]] if paired else []:
+                for split in ("random", "topic"):
+                    delta = np.array(
+                        [r["eval"][fac][split]["bits"] - ref_bits[r["seed"]][split]["bits"] for r in paired]
+                    )
+                    lines.append(f"| {prof} | {name} | {fac} | {split} | {_seed_cells(delta)} |")
+    return "\n".join(lines)
+
+
+def _seed_cells(delta: np.ndarray) -> str:
+    """seeds_table's cells for one row of per-seed Δ: count, mean, interval, groups, extremes."""
+    rng = np.random.default_rng(0)
+    means = delta[rng.integers(0, delta.size, size=(BOOTSTRAP, delta.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [5, 95])
+    starts = range(0, delta.size - SEED_GROUP + 1, SEED_GROUP)
+    groups = " / ".join(f"{delta[i : i + SEED_GROUP].mean():+.3f}" for i in starts)
+    return (
+        f"{delta.size} | {delta.mean():+.4f} | {lo:+.3f} to {hi:+.3f} | {groups} | "
+        f"{delta.min():+.3f} / {delta.max():+.3f}"
+    )
+
+
 def plot(results: dict[str, Any], path: str | Path | None = None) -> Any:
     """Per profile: training curves, validation bits/char per split and eval mode, load / cap per expert."""
     import matplotlib.pyplot as plt
@@ -889,6 +948,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and tables from the JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
+    ap.add_argument(
+        "--reference",
+        help="a char_lm JSON of the same configuration whose nocaps runs pair with this run's seeds "
+        "in the seed table (for a run without nocaps, e.g. a variant)",
+    )
     args = ap.parse_args(argv)
     import matplotlib
 
@@ -922,6 +986,10 @@ def main(argv: list[str] | None = None) -> None:
     for prof, result in results.items():
         print(f"\nprofile {prof}\n" + table(result) + "\n\n" + eval_table(result))
     print("\n" + goals_table(results))
+    reference = json.loads(Path(args.reference).read_text())["profiles"] if args.reference else None
+    seeds = seeds_table(results, reference)
+    if seeds.count("\n") > 1:
+        print("\nSpread over the model seeds:\n\n" + seeds)
     if not (args.quick or args.tag) and args.md:
         write_md(results, meta, Path(args.md))
 

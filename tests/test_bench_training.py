@@ -221,6 +221,35 @@ def test_char_lm_tiny_run(library: str) -> None:
     assert sysres["served_min"] == 1.0 and np.max(sysres["load_max"]) <= 1.0
 
 
+def _lm_runs(bits: dict[int, float], topic_shift: float = 0.1) -> list[dict]:
+    """Runs of one router: eval bits per seed (training factor and no caps alike)."""
+    return [
+        {"seed": s, "eval": {f: {"random": {"bits": b}, "topic": {"bits": b + topic_shift}} for f in ("train", "inf")}}
+        for s, b in bits.items()
+    ]
+
+
+def test_seeds_table_pairs_seeds_and_groups_them() -> None:
+    config = {"eval_factors": [None, float("inf")]}
+    ref = {s: 3.0 + 0.01 * s for s in range(6)}
+    deltas = [0.03, 0.00, 0.03, -0.01, 0.01, 0.06]  # groups of 3: +0.02, +0.02; mean +0.02
+    router = {s: ref[s] + d for s, d in enumerate(deltas)}
+    results = {"half": {"config": config, "runs": {"nocaps": _lm_runs(ref), "default": _lm_runs(router)}}}
+    lines = lm.seeds_table(results).splitlines()
+    assert len(lines) == 2 + 4  # header, rule, 2 factors x 2 splits
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:6] == ["half", "default", "train", "random", "6", "+0.0200"]
+    assert cells[7] == "+0.020 / +0.020"
+    assert cells[8] == "-0.010 / +0.060"
+    lo, hi = (float(v) for v in cells[6].split(" to "))
+    assert -0.01 <= lo < 0.02 < hi <= 0.06
+    # the reference from another run, paired by seed (this run has seeds 3-5 only, no nocaps)
+    part = {"half": {"config": config, "runs": {"default": [r for r in _lm_runs(router) if r["seed"] >= 3]}}}
+    assert lm.seeds_table(part).count("\n") == 1  # no reference: header only
+    line = lm.seeds_table(part, reference=results).splitlines()[2]
+    assert "| 3 | +0.0200 |" in line and "-0.010 / +0.060" in line
+
+
 # --- the router variants --------------------------------------------------------------------------------
 
 
