@@ -64,3 +64,52 @@ def test_borrow_is_a_view_of_the_same_memory():
     want[::2, 1::2] *= 2
     assert _double_through_view(a) == (2, 3, a.strides[0], a.strides[1])
     np.testing.assert_array_equal(base, want)
+
+
+@nb.njit
+def _fetch_add_at(arr, idx, val):
+    return prims.fetch_add(arr, idx, val)
+
+
+def test_fetch_add_returns_the_old_value_and_adds():
+    arr = np.array([5, 7, -3], dtype=np.int64)
+    assert _fetch_add_at(arr, 1, 3) == 7
+    assert _fetch_add_at(arr, 1, -12) == 10
+    assert _fetch_add_at(arr, 2, 1 << 40) == -3
+    assert arr.tolist() == [5, -2, (1 << 40) - 3]
+
+
+@nb.njit(parallel=True)
+def _claim_all(n_tasks, spin):
+    """Each prange iteration claims tasks until none is left; task t records how often it was claimed
+    and does ``spin[t]`` units of busy work (uneven tasks)."""
+    claimed = np.zeros(n_tasks, dtype=np.int64)
+    work = np.zeros(n_tasks, dtype=np.int64)
+    counter = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(n_tasks):
+        task = prims.claim(counter, n_tasks)
+        while task >= 0:
+            claimed[task] += 1
+            acc = 0
+            for j in range(spin[task]):
+                acc += j & 3
+            work[task] = acc
+            task = prims.claim(counter, n_tasks)
+    return claimed, work, counter  # the array: Numba may move a read of counter[0] here ahead of the loop
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_claim_hands_out_every_task_once(threads):
+    spin = np.random.default_rng(0).integers(0, 20000, size=97)
+    before = nb.get_num_threads()
+    nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
+    try:
+        for _ in range(20):
+            claimed, work, counter = _claim_all(97, spin)
+            assert claimed.tolist() == [1] * 97
+            assert work.tolist() == [sum(j & 3 for j in range(s)) for s in spin.tolist()]
+            # one claim per task, and one failed claim per prange iteration (each stops at its first -1)
+            assert counter.tolist() == [97 + 97]
+    finally:
+        nb.set_num_threads(before)
+    assert _claim_all(0, spin[:0])[2].tolist() == [0]  # no iteration, no claim

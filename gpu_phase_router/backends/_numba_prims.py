@@ -6,7 +6,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
@@ -83,6 +83,45 @@ def borrow(typingctx, arr):
         return view._getvalue()
 
     return arr(arr), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, arr, idx, val):
+    """Atomically ``arr[idx] += val`` on a 1-D int64 array; returns the value before the addition.
+
+    One ``lock xadd`` (LLVM ``atomicrmw add``, monotonic order: each call sees a distinct value,
+    which is all that claiming tasks needs; what the tasks write is published by the end of the
+    parallel region). ``idx`` must be in range: nothing checks it.
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64):
+        return None
+    if not (isinstance(idx, types.Integer) and isinstance(val, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, value=args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i], wraparound=False)
+        return builder.atomic_rmw("add", ptr, v, "monotonic")
+
+    return types.int64(arr, idx, val), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def claim(counter, n_tasks):
+    """The next unclaimed task of ``range(n_tasks)`` (``counter``: int64 ``[1]``, zero at the start of
+    the parallel region), or -1 once every task is claimed.
+
+    A parallel kernel's ``prange`` iterations each claim tasks until none is left, so a thread that
+    starts late (a pool thread waking on a busy or virtualised CPU) or runs slowly takes fewer
+    tasks, where a fixed split would make the whole call wait for its share. Which thread runs a
+    task changes nothing in its output. Numba's parfor pass does not see :func:`fetch_add` write
+    ``counter``: the function that holds the loop must not read ``counter`` after it (the read
+    may be moved ahead of the loop).
+    """
+    task = fetch_add(counter, 0, 1)
+    return task if task < n_tasks else np.int64(-1)
 
 
 @intrinsic

@@ -1,7 +1,8 @@
 """Numba CPU backend: row-parallel kernels, integer arithmetic only, bit-identical to SPEC.md.
 
-Rows are split into fixed chunks handled by ``numba.prange``; each row is computed by one
-thread from its own inputs, so the output does not depend on the number of threads. All key
+Rows are split into fixed chunks handled by ``numba.prange`` (the phase router's threads claim
+its tasks one at a time: :func:`~._numba_prims.claim`); each row is computed by one thread from
+its own inputs, so the output depends neither on the number of threads nor on which ran a row. All key
 arithmetic is uint64 (constants are ``np.uint64`` so Numba never promotes to float64).
 """
 
@@ -22,6 +23,7 @@ from ._numba_prims import G as _G
 from ._numba_prims import append_set_bits as _append_set_bits
 from ._numba_prims import at as _at
 from ._numba_prims import borrow as _borrow
+from ._numba_prims import claim as _claim
 from ._numba_prims import cttz as _cttz
 from ._numba_prims import index_of as _index_of
 from ._numba_prims import mix64 as _mix64
@@ -483,12 +485,16 @@ def _complete_row(row_base, col_map, out_row):
 
 @nb.njit(cache=True)
 def _phase_rows(
-    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
+    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out, counter
 ):
     """Phase router rows; ``k`` columns are selected per row. With an empty ``col_map`` they are written
     as they are (``out`` has ``k`` columns); otherwise they are mapped to targets and each row keeps its
     first ``out.shape[1]`` distinct ones (SPEC §13). With a non-empty ``derive = (key, h, mask)`` the
     rows' phases are not read from ``phase`` but made per task: ``feistel(row0 + i, n_src, key)``.
+
+    The rows are routed in tasks of ``ROWS_PER_TASK`` rows, each claimed from ``counter`` (int64
+    ``[1]``, zero before the first call; :func:`~._numba_prims.claim`) until none is left: alone,
+    this routes every task in order; :func:`_phase_rows_par` runs it on every thread at once.
 
     The caller holds the array arguments until this returns, so they are used through borrowed views
     (:func:`_borrow`): the calls and row views below count no references to them (atomic operations,
@@ -501,7 +507,8 @@ def _phase_rows(
     banded = col_map.shape[0] > 0
     derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in nb.prange(n_tasks):
+    task = _claim(counter, n_tasks)
+    while task >= 0:
         keys = np.empty(k + 1, dtype=np.uint64)  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
         cols = np.empty(k + 1, dtype=np.int64)
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
@@ -547,35 +554,38 @@ def _phase_rows(
                     _emit_sorted(keys, cols, size, out[i])
             if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
                 _complete_row(row_base, col_map, out[i])
+        task = _claim(counter, n_tasks)
 
 
 @nb.njit(parallel=True, cache=True)
 def _phase_rows_par(
-    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out
+    phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive, col_map, out, counter
 ):
-    """:func:`_phase_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads.
+    """:func:`_phase_rows` on every thread at once: each claims tasks from the shared ``counter`` until
+    none is left, so a thread that starts late or runs slowly (a busy or virtualised CPU) takes fewer
+    of them, where a fixed split of the tasks made the call wait for that thread's share.
 
-    The serial kernel is compiled once and called per task, so the parallel compile stays small.
+    The serial kernel is compiled once and called per prange iteration (an iteration that finds
+    every task claimed returns at once), so the parallel compile stays small.
     """
-    rows = off_s.shape[0]
-    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        a = task * ROWS_PER_TASK
-        b = min(rows, a + ROWS_PER_TASK)
+    n_tasks = (off_s.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for _ in nb.prange(n_tasks):
         _phase_rows(
-            phase[a:b],  # empty when the phases are derived
-            off_s[a:b],
-            deg[a:b],
+            phase,
+            off_s,
+            deg,
             ring_start,
             ring_len,
             ring_col,
             ring_key,
             n_src,
             k,
-            row0 + a,
+            row0,
             row_key,
             derive,
             col_map,
-            out[a:b],
+            out,
+            counter,
         )
 
 
@@ -711,6 +721,7 @@ class CpuBackend:
                 derive,
                 cmap,
                 out[a:b],
+                np.zeros(1, dtype=np.int64),  # the chunk's task counter
                 n_threads=t,
             )
         return out

@@ -1,9 +1,10 @@
 """Numba kernels of crate-exact mode (SPEC.md §14): the crate's per-row ChaCha8 reservoir.
 
-Rows run in parallel (``numba.prange`` over tasks of :data:`ROWS_PER_TASK` rows, buffers allocated
-once per task). Per row ``j``: the row's ring positions are tested in chunks, branch-free, and the
-candidates compacted in ring order; the first ``k`` fill the row, every later one takes one
-accepted ``gen_range(0..=count)`` draw from the row's ChaCha8 keystream (``seed + j``, wrapping).
+Rows run in parallel (tasks of :data:`ROWS_PER_TASK` rows that the ``numba.prange`` threads claim one
+at a time, buffers allocated once per task). Per row ``j``: the row's ring positions are tested in
+chunks, branch-free, and the candidates compacted in ring order; the first ``k`` fill the row, every
+later one takes one accepted ``gen_range(0..=count)`` draw from the row's ChaCha8 keystream
+(``seed + j``, wrapping).
 The keystream is produced :data:`LANES` blocks at a time by :func:`_chacha8_blocks`, whose loop over
 blocks has no dependency between iterations, so LLVM vectorises it (one block per SIMD lane); the
 accept/reject walk then reads words from that buffer in keystream order.
@@ -21,6 +22,7 @@ from . import _numba_runtime as _rt  # threading layer, cache dir, fork hooks: b
 from ._numba_prims import M32 as _M32
 from ._numba_prims import U1 as _U1
 from ._numba_prims import U32 as _U32
+from ._numba_prims import claim as _claim
 from ._numba_prims import ctlz as _ctlz64
 
 ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
@@ -284,10 +286,14 @@ def _scan(p0, step, x, n, ring_start, ring_len, flags, cbuf):
 
 
 @nb.njit(cache=True)
-def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
+def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out, counter):
+    """Crate-exact rows in tasks of ``ROWS_PER_TASK`` rows, each claimed from ``counter`` (int64 ``[1]``,
+    zero before the first call; :func:`~._numba_prims.claim`) until none is left: alone, every task in
+    order; :func:`_crate_rows_par` runs it on every thread at once."""
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in nb.prange(n_tasks):
+    task = _claim(counter, n_tasks)
+    while task >= 0:
         cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
         flags = np.empty(SCAN_CHUNK, dtype=np.uint8)
         buf = np.empty(16 * LANES, dtype=np.uint32)
@@ -314,16 +320,15 @@ def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, s
                 count, block, nd, d = _walk(
                     cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, min(left, n) // 4
                 )
+        task = _claim(counter, n_tasks)
 
 
 @nb.njit(parallel=True, cache=True)
-def _crate_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out):
-    """:func:`_crate_rows` with its ``ROWS_PER_TASK``-row tasks spread across threads."""
-    rows = phase.shape[0]
-    for task in nb.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        a = task * ROWS_PER_TASK
-        b = min(rows, a + ROWS_PER_TASK)
-        _crate_rows(phase[a:b], off_s[a:b], deg[a:b], ring_start, ring_len, ring_col, n, k, row0 + a, seed, out[a:b])
+def _crate_rows_par(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out, counter):
+    """:func:`_crate_rows` on every thread at once, each claiming tasks from the shared ``counter`` (a
+    thread that starts late or runs slowly takes fewer of them)."""
+    for _ in nb.prange((phase.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, seed, out, counter)
 
 
 def crate_rows(
@@ -362,6 +367,7 @@ def crate_rows(
             np.int64(row0 + a),
             np.uint64(seed),
             out[a:b],
+            np.zeros(1, dtype=np.int64),  # the chunk's task counter
             n_threads=t,
         )
     return out
