@@ -30,7 +30,7 @@ from ._numba_prims import mix64 as _mix64
 from ._numba_prims import popcount as _popcount
 from ._numba_prims import ring_hits64 as _ring_hits64
 
-ROWS_PER_TASK = 64  # rows handled by one prange iteration (buffers are reused within it)
+ROWS_PER_TASK = 64  # rows of one task: one thread claims and routes it (its buffers are reused within it)
 SCAN_CHUNK = 8192  # ring positions tested before their candidates are keyed: most rows in one chunk, so the
 # provisional bound of the first chunk sees the whole row (about 2k + 4 offers per row in all)
 MASK_BITS = 64  # ring positions tested per hit mask (one uint64)

@@ -25,7 +25,7 @@ from ._numba_prims import U32 as _U32
 from ._numba_prims import claim as _claim
 from ._numba_prims import ctlz as _ctlz64
 
-ROWS_PER_TASK = 32  # rows handled by one prange iteration (buffers are reused within it)
+ROWS_PER_TASK = 32  # rows of one task: one thread claims and routes it (its buffers are reused within it)
 SCAN_CHUNK = 2048  # ring positions tested before their candidates are walked
 LANES = 16  # ChaCha8 blocks generated per refill (SIMD lanes of the block loop)
 
