@@ -507,8 +507,10 @@ def _phase_rows(
     banded = col_map.shape[0] > 0
     derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    task = _claim(counter, n_tasks)
-    while task >= 0:
+    for _ in range(n_tasks):
+        task = _claim(counter, n_tasks)
+        if task < 0:
+            break
         keys = np.empty(k + 1, dtype=np.uint64)  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
         cols = np.empty(k + 1, dtype=np.int64)
         pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
@@ -554,7 +556,6 @@ def _phase_rows(
                     _emit_sorted(keys, cols, size, out[i])
             if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
                 _complete_row(row_base, col_map, out[i])
-        task = _claim(counter, n_tasks)
 
 
 @nb.njit(parallel=True, cache=True)
