@@ -763,9 +763,12 @@ def seeds_table(
         if not ref_runs:
             continue
         ref_bits = {r["seed"]: r["eval"]["train"] for r in ref_runs}
+        factors = [factor_label(f) for f in result["config"]["eval_factors"]]
         for name, rs in result["runs"].items():
-            paired = [r for r in rs if r["seed"] in ref_bits] if name != reference_name else []
-            for fac in [factor_label(f) for f in result["config"]["eval_factors"]] if paired else []:
+            paired = [r for r in rs if r["seed"] in ref_bits]
+            if name == reference_name or not paired:
+                continue
+            for fac in factors:
                 for split in ("random", "topic"):
                     delta = np.array(
                         [r["eval"][fac][split]["bits"] - ref_bits[r["seed"]][split]["bits"] for r in paired]
