@@ -80,6 +80,41 @@ def test_threads_for_sizes_calls(monkeypatch):
     assert rt.threads_for(100 * rt.PAR_MIN_WORK) == 1
 
 
+def test_others_running_subtracts_this_process_running_threads(monkeypatch):
+    """/proc/loadavg's runnable count less this process's threads in state R (at least the caller)."""
+    files = {
+        "/proc/loadavg": b"0.52 0.58 0.59 5/312 40123\n",
+        "/proc/self/task/10/stat": b"10 (python (x) y) R 1 10 10 0 -1",
+        "/proc/self/task/11/stat": b"11 (numba) S 1 10 10 0 -1",
+        "/proc/self/task/12/stat": b"12 (omp) R 1 10 10 0 -1",
+    }
+    tasks = ["10", "11", "12", "13"]  # 13 ended between the listing and its read: skipped
+
+    def read(path):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return files[path]
+
+    monkeypatch.setattr(rt, "_read_proc", read)
+    monkeypatch.setattr(rt.os, "listdir", lambda path: tasks if path == "/proc/self/task" else [])
+    assert rt._read_others_running() == 3  # 5 runnable, two of them this process's
+    files["/proc/self/task/12/stat"] = b"12 (omp) S 1 10 10 0 -1"
+    assert rt._read_others_running() == 4
+    tasks[:] = []  # no thread read as running: the caller itself still counts
+    assert rt._read_others_running() == 4
+    files["/proc/loadavg"] = b"garbled"
+    assert rt._read_others_running() == 0  # unreadable: no other process assumed
+
+
+def test_read_proc_reads_a_real_file():
+    import os
+
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc on this system")
+    assert rt._read_proc("/proc/loadavg").count(b"/") == 1
+    assert rt._read_others_running() >= 0
+
+
 def test_configured_threads_follow_numba_and_torch(monkeypatch):
     import sys
     import types

@@ -507,19 +507,21 @@ def _phase_rows(
     banded = col_map.shape[0] > 0
     derived = derive.shape[0] > 0
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    task = _claim(counter, n_tasks)
+    if task < 0:  # every task is claimed already (a late prange iteration of _phase_rows_par)
+        return
+    # scratch for every task this call claims
+    keys = np.empty(k + 1, dtype=np.uint64)  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
+    cols = np.empty(k + 1, dtype=np.int64)
+    pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
+    kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
+    mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
+    cbuf = np.empty(RANK_MAX, dtype=np.int64)
+    xs_all = np.empty(ROWS_PER_TASK if derived else 0, dtype=np.int64)  # a task's derived phases (SPEC §6)
     for _ in range(n_tasks):
-        task = _claim(counter, n_tasks)
-        if task < 0:
-            break
-        keys = np.empty(k + 1, dtype=np.uint64)  # keys and cols: the bottom-k (and a spare entry, see _rank_marked)
-        cols = np.empty(k + 1, dtype=np.int64)
-        pbuf = np.empty(SCAN_CHUNK + 8, dtype=ring_col.dtype)  # 8 to spare: _append_set_bits stores 8 lanes
-        kbuf = np.empty(SCAN_CHUNK, dtype=np.uint64)
-        mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
-        cbuf = np.empty(RANK_MAX, dtype=np.int64)
         a = task * ROWS_PER_TASK
         b = min(rows, a + ROWS_PER_TASK)
-        xs = np.empty(b - a if derived else 0, dtype=np.int64)  # the task's derived phases (SPEC §6)
+        xs = xs_all[: b - a if derived else 0]
         if derived:  # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
             _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
         for i in range(a, b):
@@ -556,6 +558,9 @@ def _phase_rows(
                     _emit_sorted(keys, cols, size, out[i])
             if banded and deg[i] > 0 and out[i, out.shape[1] - 1] < 0:  # a short row: SPEC §13 fill completion
                 _complete_row(row_base, col_map, out[i])
+        task = _claim(counter, n_tasks)
+        if task < 0:
+            break
 
 
 @nb.njit(parallel=True, cache=True)

@@ -292,14 +292,15 @@ def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, s
     order; :func:`_crate_rows_par` runs it on every thread at once."""
     rows = phase.shape[0]
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    task = _claim(counter, n_tasks)
+    if task < 0:  # every task is claimed already (a late prange iteration of _crate_rows_par)
+        return
+    # scratch for every task this call claims
+    cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
+    flags = np.empty(SCAN_CHUNK, dtype=np.uint8)
+    buf = np.empty(16 * LANES, dtype=np.uint32)
+    key = np.empty(8, dtype=np.uint32)
     for _ in range(n_tasks):
-        task = _claim(counter, n_tasks)
-        if task < 0:
-            break
-        cbuf = np.empty(SCAN_CHUNK, dtype=np.int64)
-        flags = np.empty(SCAN_CHUNK, dtype=np.uint8)
-        buf = np.empty(16 * LANES, dtype=np.uint32)
-        key = np.empty(8, dtype=np.uint32)
         for i in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             out_row = out[i]
             for q in range(k):
@@ -322,6 +323,9 @@ def _crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n, k, row0, s
                 count, block, nd, d = _walk(
                     cbuf, cnt, ring_col, count, k, out_row, key, buf, block, nd, d, min(left, n) // 4
                 )
+        task = _claim(counter, n_tasks)
+        if task < 0:
+            break
 
 
 @nb.njit(parallel=True, cache=True)
