@@ -40,6 +40,7 @@ SHORT_DEG = 64  # banded rows of at most this many ring positions are routed by 
 FEISTEL_TASK = 4096  # permutation values per prange task
 SYSTEMATIC_TASK = 256  # systematic rows per prange task
 POPCOUNT_TASK = 256  # bit-packed rows per prange task
+POPCOUNT_WORK = 2  # work units per word (row_chunks): a memory-bound pass gains from a second thread early
 RING32_LIMIT = 1 << 31  # n_src and n_tgt below this: int32 ring arrays
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
@@ -656,7 +657,9 @@ class CpuBackend:
         words = np.ascontiguousarray(words, dtype=np.uint64)
         counts = np.empty(words.shape[0], dtype=np.int64)
         n_words = words.shape[1]
-        for a, b, t in _rt.sized_chunks(words.shape[0], n_words, total=words.size, task_rows=POPCOUNT_TASK):
+        for a, b, t in _rt.sized_chunks(
+            words.shape[0], POPCOUNT_WORK * n_words, total=POPCOUNT_WORK * words.size, task_rows=POPCOUNT_TASK
+        ):
             _rt.run(_popcount_rows_par, _popcount_rows, words[a:b], counts[a:b], n_threads=t)
         tail = nbits % 64
         bad = 0
