@@ -19,11 +19,17 @@ variant's runs (the default router is restored afterwards).
   (``b_e += rate * sign(capacity_e - routed_e)``, then shifted so that ``max(b) = 0``);
 * ``valve`` — the bias only acts where a cap binds: ``b_e = min(0, b_e + rate * sign(capacity_e -
   routed_e))``;
+* ``rate1e-1`` — ``bias_rate`` 1e-1 (ten times the default's step);
+* ``proportional`` — a step proportional to the relative miss instead of its sign:
+  ``b_e += 0.1 * clip((target_e - routed_e) / target_e, -1, 1)``;
+* ``log_share_start`` — the default with the bias started at ``log(E * share_e)`` instead of 0 (the
+  selected loads then start near the capacity shares when the logits are alike);
 * ``bias_nocaps`` (diagnostic) — the default's bias with caps so high (capacity factor 13) that
   nothing is dropped: what the bias's steering of the selection costs by itself.
 
 ``nocaps`` (learned top-k without caps, the reference) and ``topk`` (capped top-k with drops) are
-``bench_training``'s routers. Torch and Numba run on one thread.
+``bench_training``'s routers. Torch and Numba run on one thread. ``--k`` changes the slots per
+token of every router (``--k 1 --variants nocaps``: the reference with one expert per token).
 
 Run from the repository root::
 
@@ -72,13 +78,18 @@ VARIANTS = [
     "all_propose",
     "cap_target",
     "valve",
+    "rate1e-1",
+    "proportional",
+    "log_share_start",
     "bias_nocaps",
 ]
 OPTIONS: dict[str, dict[str, Any]] = {
     "rounds8": {"reroute_rounds": 8},
     "rate3e-2": {"bias_rate": 3e-2},
     "rate3e-3": {"bias_rate": 3e-3},
+    "rate1e-1": {"bias_rate": 1e-1},
 }
+PROPORTIONAL_RATE = 0.1  # ``proportional``: the step at a miss of 100 % of the target
 NOCAPS_FACTOR = 13.0  # strong profile: the smallest expert's cap 2048 / 26 * 13 = 1024 = T, nothing drops
 
 
@@ -153,12 +164,30 @@ def _update_valve(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: 
     bias.copy_(_cap_step(bias, selected, rate).clamp(max=0.0))
 
 
+def _update_proportional(bias: torch.Tensor, selected: torch.Tensor, share: torch.Tensor, rate: float, *_: Any) -> None:
+    """``bias += PROPORTIONAL_RATE * clip((target - routed) / target, -1, 1)`` (``rate`` unused)."""
+    n_tok, k = selected.shape
+    flat = selected.reshape(-1)
+    routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0]).to(torch.float64)
+    target = (n_tok * k) * share
+    miss = ((target - routed) / target.clamp(min=1.0)).clamp(-1.0, 1.0)
+    bias.add_((PROPORTIONAL_RATE * miss).to(torch.float32))
+
+
 PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "count_final": {"learned_topk": _learned_topk_count_final},
     "all_propose": {"learned_topk": _learned_topk_all},
     "cap_target": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_cap_target},
     "valve": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_valve},
+    "proportional": {"update_bias": _update_proportional},
 }
+
+
+def _start_bias_at_log_share(router: torch.nn.Module, cfg: Any) -> None:
+    """``log_share_start``: ``expert_bias = log(E * share)`` before the first step."""
+    caps = cfg.caps()
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.from_numpy(np.log(cfg.num_experts * caps / caps.sum())).to(torch.float32))
 
 
 @contextmanager
@@ -173,19 +202,45 @@ def patched(variant: str) -> Iterator[dict[str, Any]]:
             setattr(learned, name, fn)
 
 
+@contextmanager
+def _log_share_start(on: bool) -> Iterator[None]:
+    """While ``on``: ``bench_training.make_router`` starts the bias at ``log(E * share)``."""
+    original = bt.make_router
+
+    def make(name: str, cfg: Any, seed: int) -> torch.nn.Module:
+        router = original(name, cfg, seed)
+        _start_bias_at_log_share(router, cfg)
+        return router
+
+    if on:
+        bt.make_router = make
+    try:
+        yield
+    finally:
+        bt.make_router = original
+
+
 def _rounds(rounds: int | None) -> dict[str, Any]:
     return {} if rounds is None else {"reroute_rounds": rounds}
 
 
 def run_training(
-    profile: str, variants: list[str], seeds: list[int], steps: int, rounds: int | None = None
+    profile: str,
+    variants: list[str],
+    seeds: list[int],
+    steps: int,
+    rounds: int | None = None,
+    k: int | None = None,
 ) -> dict[str, Any]:
     """``bench_training.train_one`` for every variant and seed; per-seed final/eval loss and served share.
 
-    ``rounds``: the reroute rounds of every variant that does not set its own (None: the default).
+    ``rounds``: the reroute rounds of every variant that does not set its own (None: the default);
+    ``k``: slots per token of every router (None: the profile's).
     """
     cfg = replace(bt.profile_config(profile), seeds=seeds, steps=steps)
-    out: dict[str, Any] = {"profile": profile, "seeds": seeds, "steps": steps, "rounds": rounds}
+    if k is not None:
+        cfg = replace(cfg, k=k)
+    out: dict[str, Any] = {"profile": profile, "seeds": seeds, "steps": steps, "rounds": rounds, "k": cfg.k}
     out["load_start"] = os.getloadavg()
     out["runs"] = {}
     for name in variants:
@@ -193,7 +248,8 @@ def run_training(
         if name in BASELINES:
             runs = [bt.train_one(cfg, name, s) for s in seeds]
         else:
-            with patched("default" if name == "bias_nocaps" else name) as opts:
+            base_name = "default" if name in ("bias_nocaps", "log_share_start") else name
+            with patched(base_name) as opts, _log_share_start(name == "log_share_start"):
                 base = {"method": "topk", "balance": "bias", "overflow": "reroute", **_rounds(rounds)}
                 bt.ROUTER_OPTIONS["variant"] = base | opts
                 run_cfg = replace(cfg, capacity_factor=NOCAPS_FACTOR) if name == "bias_nocaps" else cfg
@@ -215,18 +271,38 @@ def _cells(out: dict[str, Any], name: str) -> str:
     return text + f"  served {served:.3f} % (worst step {100 * min(r['served_min'] for r in runs):.2f} %)"
 
 
+BOOTSTRAP = 5000  # resamples of the seeds for the ratio's interval
+
+
+def ratio_interval(losses: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, float]:
+    """``(ratio of the means, 5th and 95th percentile of it over seeds resampled in pairs, median of
+    the per-seed ratios)`` of final losses ``losses[i]`` against the reference's ``ref[i]`` (the
+    same seed ``i``): the spread of "× no caps" across draws of the seeds."""
+    losses, ref = np.asarray(losses, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    pick = np.random.default_rng(0).integers(0, losses.size, size=(BOOTSTRAP, losses.size))
+    lo, hi = np.percentile(losses[pick].mean(axis=1) / ref[pick].mean(axis=1), [5, 95])
+    return float(losses.mean() / ref.mean()), float(lo), float(hi), float(np.median(losses / ref))
+
+
 def table(out: dict[str, Any]) -> str:
-    """Markdown: one row per variant, means over the seeds."""
-    ref = np.mean([r["final_loss"] for r in out["runs"]["nocaps"]]) if "nocaps" in out["runs"] else float("nan")
+    """Markdown: one row per variant, means over the seeds; "× no caps" is the ratio of the mean
+    final losses, with a 90 % bootstrap interval over the seeds (paired with the reference's seeds)
+    and the median of the per-seed ratios."""
+    ref = np.array([r["final_loss"] for r in out["runs"]["nocaps"]]) if "nocaps" in out["runs"] else None
     lines = [
-        "| variant | slots served, mean (worst step) | final loss | × no caps | eval loss |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | slots served, mean (worst step) | final loss | × no caps [90 % interval] | median per-seed ratio "
+        "| eval loss |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, runs in out["runs"].items():
-        final = float(np.mean([r["final_loss"] for r in runs]))
+        final = np.array([r["final_loss"] for r in runs])
+        ratio, median = "–", "–"
+        if ref is not None and ref.size == final.size:
+            mean, lo, hi, mid = ratio_interval(final, ref)
+            ratio, median = f"{mean:.2f} [{lo:.2f}, {hi:.2f}]", f"{mid:.2f}"
         lines.append(
             f"| {name} | {100 * np.mean([r['served_mean'] for r in runs]):.2f} % "
-            f"({100 * min(r['served_min'] for r in runs):.2f} %) | {final:.4f} | {final / ref:.2f} | "
+            f"({100 * min(r['served_min'] for r in runs):.2f} %) | {final.mean():.4f} | {ratio} | {median} | "
             f"{np.mean([r['eval_loss'] for r in runs]):.4f} |"
         )
     return "\n".join(lines)
@@ -272,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model seeds (char LM: 0 .. n-1)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, help="reroute rounds of every variant (default: MoERouter's)")
+    ap.add_argument("--k", type=int, help="regression task: slots per token of every router (default: 2)")
     ap.add_argument("--json", help="write the per-seed results here (regression task)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--reference", help="char LM: a char_lm JSON whose no-caps runs the seed table pairs with")
@@ -284,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.task == "char_lm":
         run_char_lm(args.variants, args.out, args.rounds, args.seeds, args.reference)
     else:
-        out = run_training(args.profile, args.variants, args.seeds, args.steps, args.rounds)
+        out = run_training(args.profile, args.variants, args.seeds, args.steps, args.rounds, args.k)
         print("\n" + table(out))
         if args.json:
             Path(args.json).write_text(json.dumps(out))

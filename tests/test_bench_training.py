@@ -290,3 +290,25 @@ def test_variant_patches_are_undone() -> None:
     with bv.patched("rate3e-2") as opts:
         assert opts == {"bias_rate": 3e-2}
     assert (learned.learned_topk, learned.topk_plan, learned.update_bias) == before
+
+
+def test_ratio_interval_pairs_seeds() -> None:
+    ref = np.array([1.0, 2.0, 4.0, 8.0])
+    mean, lo, hi, median = bv.ratio_interval(2.0 * ref, ref)
+    assert (mean, lo, hi, median) == pytest.approx((2.0, 2.0, 2.0, 2.0))  # every seed 2x: no spread
+    losses = np.array([1.0, 2.0, 4.0, 16.0])  # the per-seed ratios 1, 1, 1, 2
+    mean, lo, hi, median = bv.ratio_interval(losses, ref)
+    assert mean == pytest.approx(23.0 / 15.0) and median == pytest.approx(1.0)
+    assert 1.0 <= lo <= mean <= hi <= 2.0
+    assert bv.ratio_interval(losses[::-1], ref)[3] != pytest.approx(1.0)  # pairs by seed, not by rank
+
+
+def test_variant_table_gives_the_interval_column() -> None:
+    runs = {
+        name: [dict(final_loss=f * v, eval_loss=f, served_mean=1.0, served_min=0.99) for v in (1.0, 3.0)]
+        for name, f in (("nocaps", 1.0), ("default", 3.0))
+    }
+    text = bv.table({"runs": runs})
+    assert "| default | 100.00 % (99.00 %) | 6.0000 | 3.00 [3.00, 3.00] | 3.00 | 3.0000 |" in text
+    runs["short"] = runs["default"][:1]  # seeds that do not pair: no ratio
+    assert "| short | 100.00 % (99.00 %) | 3.0000 | – | – | 3.0000 |" in bv.table({"runs": runs})
