@@ -7,6 +7,7 @@ so a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -358,3 +359,38 @@ def test_compile_notice_once_per_process_and_silent_when_cached(tmp_path):
     warm = run_child(code, env=env, timeout=300)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "compiling" not in warm.stderr, warm.stderr
+
+
+def test_a_call_compiles_only_the_rows_kernel_it_runs(tmp_path):
+    """With an empty cache, MoE-shape rows (banded, every row short) compile no ring scan, and square
+    rows compile none of the banded code (the kernel kinds of ``backends/cpu.py``)."""
+    code = """
+        import json
+        import numpy as np
+        from numba.core import event
+
+        compiled = []
+
+        class Seen(event.Listener):
+            def on_start(self, ev):
+                compiled.append(ev.data["dispatcher"].py_func.__name__)
+
+            def on_end(self, ev):
+                pass
+
+        event.register("numba:compile", Seen())
+        import gpu_phase_router as gpr
+
+        gpr.route(np.ones(500), np.ones(8), k=2, backend="cpu")  # short banded rows
+        moe = sorted(set(compiled))
+        compiled.clear()
+        gpr.route(n=300, k=3, backend="cpu")  # square rows
+        print(json.dumps([moe, sorted(set(compiled))]))
+    """
+    res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    moe, square = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "phase_rows" in moe and "_complete_row" in moe  # the short banded kind ran
+    assert "_scan_row" not in moe and "_compact" not in moe
+    assert "phase_rows" in square and "_scan_row" in square  # the square kind ran
+    assert "_complete_row" not in square
