@@ -767,7 +767,7 @@ class CpuBackend:
         key = np.uint64(select_key)
         work = deg + (k + 16)
         total = int(deg.sum()) + rows * (k + 16)
-        if not banded:
+        if cmap.shape[0] == 0:  # square rows (the kernels' test before they came in kinds)
             kernels = (_phase_rows_par, _phase_rows)
         elif k <= SMALL_K and (rows == 0 or int(deg.max()) <= SHORT_DEG):
             kernels = (_short_rows_par, _short_rows)  # compiles no ring scan
