@@ -390,7 +390,20 @@ def test_a_call_compiles_only_the_rows_kernel_it_runs(tmp_path):
     res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     moe, square = json.loads(res.stdout.strip().splitlines()[-1])
-    assert "phase_rows" in moe and "_complete_row" in moe  # the short banded kind ran
-    assert "_scan_row" not in moe and "_compact" not in moe
-    assert "phase_rows" in square and "_scan_row" in square  # the square kind ran
-    assert "_complete_row" not in square
+    assert "_short_rows" in moe and "_complete_row" in moe  # the short banded kind ran
+    assert "_scan_row" not in moe and "_compact" not in moe and "_banded_rows" not in moe
+    assert "_phase_rows" in square and "_scan_row" in square  # the square kind ran
+    assert "_complete_row" not in square and "_short_rows" not in square
+
+
+def test_kernel_kinds_have_their_own_cache_files():
+    """The kinds of the rows kernel come from one source; each must have its own cache index, or two
+    processes compiling different kinds at once can leave an index entry naming the other kind's code."""
+    from gpu_phase_router.backends import cpu
+
+    kinds = [cpu._phase_rows, cpu._banded_rows, cpu._short_rows]
+    kinds += [cpu._phase_rows_par, cpu._banded_rows_par, cpu._short_rows_par]
+    assert len({k.py_func.__qualname__ for k in kinds}) == len(kinds)
+    index = [getattr(getattr(getattr(k, "_cache", None), "_cache_file", None), "_index_name", None) for k in kinds]
+    if None not in index:  # Numba's own names for the index files, where this Numba exposes them
+        assert len(set(index)) == len(kinds)

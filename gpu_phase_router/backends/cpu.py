@@ -486,8 +486,9 @@ def _complete_row(row_base, col_map, out_row):
             return
 
 
-def _rows_kernel(banded: bool, short_only: bool) -> Any:
-    """The serial phase-router rows kernel of one kind; the flags are constants of the compiled code:
+def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
+    """The serial phase-router rows kernel of one kind, named ``name``; the flags are constants of the
+    compiled code:
 
     * ``banded=False``: square rows (an empty ``col_map``): the ``k`` selected columns are written as
       they are (``out`` has ``k`` columns);
@@ -597,22 +598,32 @@ def _rows_kernel(banded: bool, short_only: bool) -> Any:
             if task < 0:
                 break
 
-    return nb.njit(cache=True)(phase_rows)
+    return nb.njit(cache=True)(_named(phase_rows, name))
 
 
-_phase_rows = _rows_kernel(banded=False, short_only=False)  # square rows
-_banded_rows = _rows_kernel(banded=True, short_only=False)  # banded rows, short and long
-_short_rows = _rows_kernel(banded=True, short_only=True)  # banded rows, every one short (MoE shapes)
+def _named(fn: Any, name: str) -> Any:
+    """``fn`` renamed ``name``: Numba names a function's cache files after its qualified name, and the
+    kinds made from one source would otherwise share one index file, which two processes compiling
+    different kinds at once can leave pointing at the other kind's code."""
+    fn.__name__ = fn.__qualname__ = name
+    return fn
 
 
-def _rows_par_kernel(banded: bool, short_only: bool) -> Any:
+_phase_rows = _rows_kernel("_phase_rows", banded=False, short_only=False)  # square rows
+_banded_rows = _rows_kernel("_banded_rows", banded=True, short_only=False)  # banded rows, short and long
+_short_rows = _rows_kernel("_short_rows", banded=True, short_only=True)  # banded rows, every one short
+
+
+def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
     """The serial kernel :func:`_rows_kernel` ``(banded, short_only)`` on every thread at once: each
     claims tasks from the shared ``counter`` until none is left, so a thread that starts late or runs
     slowly (a busy or virtualised CPU) takes fewer of them, where a fixed split of the tasks made the
     call wait for that thread's share.
 
     The serial kernel is compiled once and called per prange iteration (an iteration that finds
-    every task claimed returns at once), so the parallel compile stays small.
+    every task claimed returns at once), so the parallel compile stays small. The parameters are
+    written out: with a ``*args`` signature, passed on to the serial kernel inside the ``prange``
+    loop, Numba's parallel lowering compiled but crashed or hung at run time.
     """
 
     def phase_rows_par(
@@ -642,12 +653,12 @@ def _rows_par_kernel(banded: bool, short_only: bool) -> Any:
             else:
                 _phase_rows(*args, col_map, out, counter)
 
-    return nb.njit(parallel=True, cache=True)(phase_rows_par)
+    return nb.njit(parallel=True, cache=True)(_named(phase_rows_par, name))
 
 
-_phase_rows_par = _rows_par_kernel(banded=False, short_only=False)
-_banded_rows_par = _rows_par_kernel(banded=True, short_only=False)
-_short_rows_par = _rows_par_kernel(banded=True, short_only=True)
+_phase_rows_par = _rows_par_kernel("_phase_rows_par", banded=False, short_only=False)
+_banded_rows_par = _rows_par_kernel("_banded_rows_par", banded=True, short_only=False)
+_short_rows_par = _rows_par_kernel("_short_rows_par", banded=True, short_only=True)
 
 
 @nb.njit(cache=True)
