@@ -621,9 +621,7 @@ def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
     call wait for that thread's share.
 
     The serial kernel is compiled once and called per prange iteration (an iteration that finds
-    every task claimed returns at once), so the parallel compile stays small. The parameters are
-    written out: with a ``*args`` signature, passed on to the serial kernel inside the ``prange``
-    loop, Numba's parallel lowering compiled but crashed or hung at run time.
+    every task claimed returns at once), so the parallel compile stays small.
     """
 
     def phase_rows_par(
