@@ -1,7 +1,7 @@
 """Numba kernels of crate-exact mode (SPEC.md §14): the crate's per-row ChaCha8 reservoir.
 
 Rows run in parallel (tasks of :data:`ROWS_PER_TASK` rows that the ``numba.prange`` threads claim one
-at a time, buffers allocated once per task). Per row ``j``: the row's ring positions are tested in
+at a time, buffers allocated once per kernel call). Per row ``j``: the row's ring positions are tested in
 chunks, branch-free, and the candidates compacted in ring order; the first ``k`` fill the row, every
 later one takes one accepted ``gen_range(0..=count)`` draw from the row's ChaCha8 keystream
 (``seed + j``, wrapping).
