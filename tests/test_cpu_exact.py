@@ -177,13 +177,16 @@ def _np_mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-def test_full_candidate_rows_against_vectorised_keys():
+@pytest.mark.parametrize(("n_src", "n_tgt", "ks"), [(60000, 13, (1, 5, 13)), (20000, 200, (1, 3, 8))])
+def test_full_candidate_rows_against_vectorised_keys(n_src, n_tgt, ks):
     """Every column is a candidate (full rows, saturated counts), so row j holds the k smallest
-    (key, col) over all columns. Many rows of 13 candidates with k=1 also exercise the CPU
-    kernel's fallback when its provisional key bound admits fewer than k keys."""
+    (key, col) over all columns. Many rows also exercise the CPU kernel's raised bound: its
+    provisional key bound for a row's ``cnt`` candidates, ``KEY_MAX // cnt * (k + 4)``, admits
+    fewer than k keys there (with 200 candidates the bound is raised fourfold at least once
+    before it saturates; with 13 it saturates at once)."""
     from gpu_phase_router import _keys
 
-    n_src, n_tgt, seed = 60000, 13, 2024
+    seed = 2024
     g = np.uint64(_keys.GOLDEN)
     with np.errstate(over="ignore"):
         row_base = _np_mix64(np.uint64(_keys.stream(seed, 3)) + g * (np.arange(n_src, dtype=np.uint64) + np.uint64(1)))
@@ -192,8 +195,8 @@ def test_full_candidate_rows_against_vectorised_keys():
     assert (np.diff(np.sort(keys, axis=1), axis=1) > 0).all()
     d = np.full(n_src, n_tgt)
     c = np.full(n_tgt, n_src)
-    for k in (1, 5, 13):
+    for k in ks:
         np.testing.assert_array_equal(gpr.route_counts(d, c, k=k, seed=seed), order[:, :k])
-    # rows where no key lies below 6/13 of the key range: the bound admits fewer than k=1
-    tau = (2**64 - 1) // 13 * 6
-    assert ((keys <= np.uint64(tau)).sum(axis=1) == 0).sum() > 0
+        if n_tgt > 2 * (k + 4):  # the kernel's first chunk takes a provisional bound
+            tau = np.uint64((2**64 - 1) // n_tgt * (k + 4))
+            assert ((keys <= tau).sum(axis=1) < k).sum() > 0  # rows where it admits fewer than k keys
