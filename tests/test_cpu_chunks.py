@@ -133,6 +133,48 @@ def test_configured_threads_follow_numba_and_torch(monkeypatch):
         numba.set_num_threads(before)
 
 
+def test_pool_threads_reads_what_numba_get_num_threads_says(monkeypatch):
+    """The C getter read by ``_pool_threads`` agrees with ``numba.get_num_threads()`` in the calling
+    Python thread (a per-thread setting) and in a second one; without the getter the public one is used."""
+    import sys
+    import threading
+    import types
+
+    import numba
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # no torch cap on the counts compared here
+    numba.get_num_threads()  # the pool runs from here on
+    par = sys.modules["numba.np.ufunc.parallel"]
+    before = numba.get_num_threads()
+    seen = {}
+
+    def other():
+        seen["other"] = (rt._pool_threads(par), numba.get_num_threads(), rt._configured_threads())
+
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            assert rt._pool_threads(par) == numba.get_num_threads() == n
+            assert rt._configured_threads() == n
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+            assert seen["other"][0] == seen["other"][1] == seen["other"][2]
+    finally:
+        numba.set_num_threads(before)
+    public_only = types.SimpleNamespace(get_num_threads=lambda: 3)
+    assert rt._pool_threads(public_only) == 3
+
+
+def test_others_running_skips_the_thread_listing_when_only_the_caller_runs(monkeypatch):
+    def listdir(path):
+        raise AssertionError("listed this process's threads with one runnable thread in the system")
+
+    monkeypatch.setattr(rt, "_read_proc", lambda path: b"0.52 0.58 0.59 1/312 40123\n")
+    monkeypatch.setattr(rt.os, "listdir", listdir)
+    assert rt._read_others_running() == 0
+
+
 def test_systematic_chunked_equal_reference(tiny_chunks):
     caps = [1, 0, 3, 0.5, 10, 2, 2]
     want = _reference.route_systematic(caps, 500, 3, 8)
