@@ -4,13 +4,16 @@ Part 1, MoE shape on an otherwise idle machine: ``route(ones(16384), ones(64), k
 phase router, SPEC §13) beside the uniform hash and ``systematic`` at the same shape, default
 settings, in one process; the goal is banded ≤ 1.5 ms on 2 idle cores and ≤ 5× the hash.
 
-Part 2, the thread policy: ``route(ones(rows), ones(64), k=2)`` for rows 10^3 … 10^6 under three
+Part 2, the thread policy: ``route(ones(rows), ones(64), k=2)`` for rows 10^3 … 10^6 under four
 conditions, each with default settings:
 
 * ``idle``: nothing else running (as far as this script controls);
 * ``busy``: one CPU-bound process (a Python busy loop) per core beside the call;
 * ``torch``: the call made inside a torch training step (forward, the call, backward and an
-  optimiser step of a small MLP, torch's default intra-op threads), timing only the call.
+  optimiser step of a small MLP, torch's default intra-op threads), timing only the call;
+* ``blas``: the call right after a NumPy matrix product (300 × 300) in the same process, timing
+  only the call: NumPy's BLAS threads go on spinning for a while after their work (OpenBLAS:
+  about 0.1 s on the 2-core Zen 3), on the cores the call would use.
 
 Variants, each in its own persistent worker process: ``default`` (the per-call policy of
 ``backends/_numba_runtime.threads_for``), ``one`` (``NUMBA_NUM_THREADS=1``) and ``all``
@@ -90,8 +93,11 @@ def worker(variant: str) -> None:
                 return dt
 
         gpr.route(w, caps, k=K)  # compile / load outside the timing
+        mat = np.random.default_rng(0).random((300, 300))
         ts = []
         for _ in range(calls):
+            if cond == "blas":
+                mat @ mat  # NumPy's BLAS threads, then the call beside them
             if cond == "torch":
                 ts.append(step(lambda w=w: gpr.route(w, caps, k=K)))
             else:
@@ -137,7 +143,7 @@ def calls_for(rows: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
-    ap.add_argument("--conditions", nargs="+", default=["idle", "busy", "torch"])
+    ap.add_argument("--conditions", nargs="+", default=["idle", "busy", "torch", "blas"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--moe-calls", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
