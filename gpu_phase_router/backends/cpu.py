@@ -329,11 +329,10 @@ def _scan_row(
     (nothing above it can enter), or, for the first chunk of a row holding many more candidates
     than ``k``, a provisional bound ``tau`` with about ``k + 4`` expected keys below it, raised
     fourfold (the keys marked again, :func:`_mark_at_most`) until at least ``k`` fall below it.
-    Chunks with no key under the bound — most of a
-    long row once the bottom-k is full — skip the update entirely; otherwise the set bits of
-    the masks are walked and only those candidates reach the update: ranked at once
-    (:func:`_rank_marked`) when they are a row's first (``k`` to ``RANK_MAX`` of them, ``k <=
-    SMALL_K``), else offered one by one (:func:`_offer_marked`).
+    Chunks with no key under the bound — most of a long row once the bottom-k is full — skip the
+    update entirely; otherwise the set bits of the masks are walked and only those candidates
+    reach the update: ranked at once (:func:`_rank_marked`) when they are a row's first (``k`` to
+    ``RANK_MAX`` of them, ``k <= SMALL_K``), else offered one by one (:func:`_offer_marked`).
     """
     n_tgt = ring_col.shape[0]
     want = k + 4  # k + 4 against 2k + 4: 2-4 % less kernel time at N = 4096, k = 2 and 8 (Zen 3)
