@@ -25,7 +25,13 @@ variant's runs (the default router is restored afterwards).
 * ``log_share_start`` — the default with the bias started at ``log(E * share_e)`` instead of 0 (the
   selected loads then start near the capacity shares when the logits are alike);
 * ``bias_nocaps`` (diagnostic) — the default's bias with caps so high (capacity factor 13) that
-  nothing is dropped: what the bias's steering of the selection costs by itself.
+  nothing is dropped: what the bias's steering of the selection costs by itself;
+* ``full_softmax_weights`` — each kept slot weighted by ``softmax(logits)`` over all experts, not
+  renormalised over the token's kept slots (the default renormalises, SPEC §15);
+* ``biased_weights`` — gate weights from ``logits + expert_bias`` (the selection values, with the
+  bias after this step's update) instead of the unbiased logits;
+* ``unbiased_proposals`` — each rerouting proposal is the token's best eligible expert by unbiased
+  logit instead of by ``logits + expert_bias``.
 
 ``nocaps`` (learned top-k without caps, the reference) and ``topk`` (capped top-k with drops) are
 ``bench_training``'s routers. Torch and Numba run on one thread. ``--k`` changes the slots per
@@ -82,6 +88,9 @@ VARIANTS = [
     "proportional",
     "log_share_start",
     "bias_nocaps",
+    "full_softmax_weights",
+    "biased_weights",
+    "unbiased_proposals",
 ]
 OPTIONS: dict[str, dict[str, Any]] = {
     "rounds8": {"reroute_rounds": 8},
@@ -132,7 +141,7 @@ def _learned_topk_all(
     return selected, experts, placed
 
 
-_ORIGINAL = {name: getattr(learned, name) for name in ("learned_topk", "topk_plan", "update_bias")}
+_ORIGINAL = {name: getattr(learned, name) for name in ("learned_topk", "topk_plan", "update_bias", "_plan", "_round")}
 _CAPACITY: dict[str, torch.Tensor] = {}
 
 
@@ -174,12 +183,46 @@ def _update_proportional(bias: torch.Tensor, selected: torch.Tensor, share: torc
     bias.add_((PROPORTIONAL_RATE * miss).to(torch.float32))
 
 
+def _plan_full_softmax(
+    experts: torch.Tensor, capacity: torch.Tensor, buffer_size: int, logits: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """``_plan`` with each kept slot weighted by ``softmax(logits)`` over all experts (not renormalised)."""
+    plan = _ORIGINAL["_plan"](experts, capacity, buffer_size, logits, *args, **kwargs)
+    prob = torch.softmax(logits.float(), dim=1).gather(1, experts.clamp(min=0))
+    return replace(plan, weights=torch.where(experts >= 0, prob, 0.0).to(plan.weights.dtype))
+
+
+def _topk_plan_biased_weights(
+    logits: torch.Tensor, capacity: torch.Tensor, buffer_size: int, *, bias: torch.Tensor, **kwargs: Any
+) -> Any:
+    """The default plan with gate weights from ``logits + expert_bias`` (after this step's update)."""
+
+    def plan(experts: torch.Tensor, cap: torch.Tensor, size: int, lg: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        return _ORIGINAL["_plan"](experts, cap, size, lg + bias.detach(), *args, **kw)
+
+    learned._plan = plan
+    try:
+        return _ORIGINAL["topk_plan"](logits, capacity, buffer_size, bias=bias, **kwargs)
+    finally:
+        learned._plan = _ORIGINAL["_plan"]
+
+
+def _round_unbiased(score: torch.Tensor, avail: torch.Tensor, *state_and_caps: torch.Tensor) -> Any:
+    """``learned._round`` proposing each token's best eligible expert by unbiased logit (``score``)."""
+    unbiased = torch.where(avail > float("-inf"), score, float("-inf"))
+    (marks, *rest), accepted = _ORIGINAL["_round"](score, unbiased, *state_and_caps)
+    return (torch.where(marks > float("-inf"), avail, float("-inf")), *rest), accepted
+
+
 PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "count_final": {"learned_topk": _learned_topk_count_final},
     "all_propose": {"learned_topk": _learned_topk_all},
     "cap_target": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_cap_target},
     "valve": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_valve},
     "proportional": {"update_bias": _update_proportional},
+    "full_softmax_weights": {"_plan": _plan_full_softmax},
+    "biased_weights": {"topk_plan": _topk_plan_biased_weights},
+    "unbiased_proposals": {"_round": _round_unbiased},
 }
 
 

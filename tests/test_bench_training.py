@@ -283,13 +283,51 @@ def test_all_propose_matches_spec_at_k1_and_keeps_caps() -> None:
 
 
 def test_variant_patches_are_undone() -> None:
-    before = (learned.learned_topk, learned.topk_plan, learned.update_bias)
+    names = ("learned_topk", "topk_plan", "update_bias", "_plan", "_round")
+    before = tuple(getattr(learned, n) for n in names)
     with pytest.raises(RuntimeError), bv.patched("valve") as opts:
         assert opts == {} and learned.update_bias is not before[2]
         raise RuntimeError
     with bv.patched("rate3e-2") as opts:
         assert opts == {"bias_rate": 3e-2}
-    assert (learned.learned_topk, learned.topk_plan, learned.update_bias) == before
+    for variant in ("full_softmax_weights", "biased_weights", "unbiased_proposals"):
+        with bv.patched(variant):
+            assert tuple(getattr(learned, n) for n in names) != before
+    assert tuple(getattr(learned, n) for n in names) == before
+
+
+def test_unbiased_proposals_reroute_by_the_unbiased_logit() -> None:
+    """Expert 1 is selected (largest biased value) but has no room; of the others, expert 2 has the
+    larger biased value and expert 0 the larger logit."""
+    logits = torch.tensor([[3.0, 1.0, 2.0]])
+    bias = torch.tensor([0.0, 5.0, 2.0])
+    capacity = torch.tensor([1, 0, 1])
+    _, experts, placed = learned.learned_topk(logits, bias, 1, capacity, 1)
+    assert experts.tolist() == [[2]] and placed.tolist() == [[True]]
+    with bv.patched("unbiased_proposals"):
+        _, experts, placed = learned.learned_topk(logits, bias, 1, capacity, 1)
+    assert experts.tolist() == [[0]] and placed.tolist() == [[True]]
+
+
+def test_weight_variants_give_the_weights_they_name() -> None:
+    from gpu_phase_router.torch import MoERouter
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 1.0]])
+    router = MoERouter(4, 2, [1.0, 1.0, 1.0, 1.0], capacity_factor=2.0).eval()
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.tensor([0.0, 1.0, -0.5, 0.25]))
+    plan = router(logits)
+    chosen = logits.gather(1, plan.experts)
+    torch.testing.assert_close(plan.weights, torch.softmax(chosen, dim=1))  # the default: renormalised
+    with bv.patched("full_softmax_weights"):
+        full = router(logits)
+    assert torch.equal(full.experts, plan.experts)
+    torch.testing.assert_close(full.weights, torch.softmax(logits, dim=1).gather(1, plan.experts))
+    with bv.patched("biased_weights"):
+        biased = router(logits)
+    assert torch.equal(biased.experts, plan.experts)
+    biased_chosen = (logits + router.expert_bias).gather(1, plan.experts)
+    torch.testing.assert_close(biased.weights, torch.softmax(biased_chosen, dim=1))
 
 
 def test_ratio_interval_pairs_seeds() -> None:
