@@ -133,6 +133,25 @@ def test_configured_threads_follow_numba_and_torch(monkeypatch):
         numba.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sized_chunks_equal_row_chunks(monkeypatch, threads):
+    """The one-chunk shortcut of sized_chunks yields what row_chunks does, at, below and above the
+    budget, for per-row work arrays and a constant work."""
+    monkeypatch.setattr(rt, "CHUNK_WORK", 1000)
+    monkeypatch.setattr(rt, "threads_for", lambda total: threads)
+    rng = np.random.default_rng(5)
+    budget = threads * 1000
+    for rows in (0, 1, 7, 300):
+        work = rng.integers(1, 40, size=rows)
+        for scale in (0.5, 1.0, 1.01, 3.0):  # the work summed to these multiples of the budget
+            w = np.maximum(1, np.round(work * (scale * budget / max(1, int(work.sum()))))).astype(np.int64)
+            want = [(a, b, threads) for a, b in rt.row_chunks(rows, w, min_rows=4 * threads, n_threads=threads)]
+            assert list(rt.sized_chunks(rows, w, total=int(w.sum()), task_rows=4)) == want
+        for each in (1, budget // max(1, rows) if rows else 1, budget):
+            want = [(a, b, threads) for a, b in rt.row_chunks(rows, each, min_rows=4 * threads, n_threads=threads)]
+            assert list(rt.sized_chunks(rows, each, total=rows * each, task_rows=4)) == want
+
+
 def test_pool_threads_reads_what_numba_get_num_threads_says(monkeypatch):
     """The C getter read by ``_pool_threads`` agrees with ``numba.get_num_threads()`` in the calling
     Python thread (a per-thread setting) and in a second one; without the getter the public one is used."""

@@ -330,10 +330,14 @@ def row_chunks(rows: int, work: Any, *, min_rows: int = 1, n_threads: int | None
 
 
 def sized_chunks(rows: int, work: Any, *, total: int, task_rows: int) -> Iterator[tuple[int, int, int]]:
-    """The chunks of one kernel call of ``total`` work units with the threads it runs on:
-    :func:`row_chunks` for :func:`threads_for` ``(total)`` threads, at least ``task_rows`` rows per
-    thread, yielded as ``(a, b, n_threads)`` for :func:`run`."""
+    """The chunks of one kernel call of ``total`` work units (the sum of ``work`` over the rows) with
+    the threads it runs on: :func:`row_chunks` for :func:`threads_for` ``(total)`` threads, at least
+    ``task_rows`` rows per thread, yielded as ``(a, b, n_threads)`` for :func:`run`. A call that fits
+    in one chunk is yielded whole, without the prefix sums of a per-row ``work``."""
     n_threads = threads_for(total)
+    if 0 < rows and total <= n_threads * CHUNK_WORK:  # row_chunks would yield (0, rows)
+        yield 0, rows, n_threads
+        return
     for a, b in row_chunks(rows, work, min_rows=task_rows * n_threads, n_threads=n_threads):
         yield a, b, n_threads
 
