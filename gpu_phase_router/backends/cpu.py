@@ -636,32 +636,15 @@ def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
     every task claimed returns at once), so the parallel compile stays small.
     """
 
-    def phase_rows_par(
-        phase,
-        off_s,
-        deg,
-        ring_start,
-        ring_len,
-        ring_col,
-        ring_key,
-        n_src,
-        k,
-        row0,
-        row_key,
-        derive,
-        col_map,
-        out,
-        counter,
-    ):
-        n_tasks = (off_s.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-        args = (phase, off_s, deg, ring_start, ring_len, ring_col, ring_key, n_src, k, row0, row_key, derive)
+    def phase_rows_par(*args):  # the serial kernel's arguments, passed on as they are
+        n_tasks = (args[1].shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK  # args[1]: off_s, one entry per row
         for _ in nb.prange(n_tasks):
             if short_only:
-                _short_rows(*args, col_map, out, counter)
+                _short_rows(*args)
             elif banded:
-                _banded_rows(*args, col_map, out, counter)
+                _banded_rows(*args)
             else:
-                _phase_rows(*args, col_map, out, counter)
+                _phase_rows(*args)
 
     return nb.njit(parallel=True, cache=True)(_named(phase_rows_par, name))
 
