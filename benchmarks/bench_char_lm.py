@@ -769,6 +769,8 @@ def seeds_table(
             if name == reference_name or not paired:
                 continue
             for fac in factors:
+                if any(r["eval"].get(fac) is None for r in paired):
+                    continue  # a router not scored with this factor (expert choice has no uncapped eval)
                 for split in ("random", "topic"):
                     delta = np.array(
                         [r["eval"][fac][split]["bits"] - ref_bits[r["seed"]][split]["bits"] for r in paired]

@@ -248,6 +248,14 @@ def test_seeds_table_pairs_seeds_and_groups_them() -> None:
     assert lm.seeds_table(part).count("\n") == 1  # no reference: header only
     line = lm.seeds_table(part, reference=results).splitlines()[2]
     assert "| 3 | +0.0200 |" in line and "-0.010 / +0.060" in line
+    # a router not scored with a factor (expert choice has no uncapped eval: None) has no rows for it
+    choice = _lm_runs(router)
+    for r in choice:
+        r["eval"]["inf"] = None
+    results["half"]["runs"]["expert_choice"] = choice
+    rows = lm.seeds_table(results).splitlines()[2:]
+    assert len(rows) == 4 + 2
+    assert [r.split("|")[3].strip() for r in rows if "| expert_choice |" in r] == ["train", "train"]
 
 
 # --- the router variants --------------------------------------------------------------------------------
