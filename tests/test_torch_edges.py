@@ -141,6 +141,68 @@ def test_nonfinite_gate_weights_follow_the_softmax_limit():
     assert plan.weights.tolist() == [[0, 1], [1, 0], [0, 1], [0.5, 0.5], [0, 0]]
 
 
+def _reference_gate_weights(logits: list[float], experts: list[int], kept: list[bool]) -> list[float]:
+    """SPEC §15 weights of one row, plainly: the softmax over the kept chosen logits, in float64;
+    NaN counts as -inf, +inf slots share the row equally, a row with no kept finite slot is 0."""
+    vals = []
+    for e, keep in zip(experts, kept, strict=True):
+        v = logits[e] if keep else -math.inf
+        vals.append(-math.inf if math.isnan(v) else v)
+    if math.inf in vals:
+        return [1.0 / vals.count(math.inf) if v == math.inf else 0.0 for v in vals]
+    top = max(vals)
+    if top == -math.inf:
+        return [0.0] * len(vals)
+    expo = [math.exp(v - top) for v in vals]
+    return [x / sum(expo) for x in expo]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gate_weights_against_a_plain_reference_with_nonfinite_logits(dtype):
+    gen = torch.Generator().manual_seed(5)
+    n_tok, n_exp, k = 300, 6, 3
+    logits = torch.randn(n_tok, n_exp, generator=gen) * 4
+    r = torch.rand(n_tok, n_exp, generator=gen)
+    logits[r < 0.1] = float("nan")
+    logits[(r >= 0.1) & (r < 0.2)] = float("inf")
+    logits[(r >= 0.2) & (r < 0.3)] = float("-inf")
+    logits = logits.to(dtype)
+    experts = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(n_tok)])
+    experts[torch.rand(n_tok, k, generator=gen) < 0.1] = -1
+    kept = (torch.rand(n_tok, k, generator=gen) < 0.8) & (experts >= 0)
+    capacity = [n_tok * k] * n_exp
+    plan = RoutingPlan.from_experts(torch.where(kept, experts, -1), capacity, logits.clone().requires_grad_(True))
+    rows = logits.to(torch.float64).tolist()
+    want = [_reference_gate_weights(rows[t], experts[t].tolist(), kept[t].tolist()) for t in range(n_tok)]
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert plan.weights.dtype == dtype
+    got = plan.weights.detach().to(torch.float64)
+    np.testing.assert_allclose(got.numpy(), np.array(want), rtol=tol, atol=tol)
+    assert {1.0, 0.5} <= set(got.flatten().tolist())  # rows with one and with two +inf slots were drawn
+
+
+def test_gate_weights_gradient_is_finite_and_matches_the_softmax_on_finite_rows():
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    logits[::4, 0] = float("inf")
+    logits[1::4, 1] = float("nan")
+    logits[2::4, :] = float("-inf")
+    experts = torch.stack([torch.randperm(5, generator=gen)[:3] for _ in range(64)])
+    leaf = logits.clone().requires_grad_(True)
+    plan = RoutingPlan.from_experts(experts, [64 * 3] * 5, leaf)
+    upstream = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    (plan.weights * upstream).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    chosen_logits = logits.gather(1, experts)
+    finite = torch.isfinite(chosen_logits).all(dim=1)  # the plain softmax over the chosen logits
+    assert finite.sum() >= 16
+    ref = logits[finite].detach().clone().requires_grad_(True)
+    (torch.softmax(ref.gather(1, experts[finite]), dim=1) * upstream[finite]).sum().backward()
+    torch.testing.assert_close(leaf.grad[finite], ref.grad, rtol=1e-12, atol=1e-12)
+    constant = (chosen_logits == float("inf")).any(dim=1) | (chosen_logits == float("-inf")).all(dim=1)
+    assert constant.sum() >= 16 and (leaf.grad[constant] == 0).all()  # a +inf limit, or no finite slot
+
+
 # --- dtype / device arguments ------------------------------------------------------------------------------------
 
 

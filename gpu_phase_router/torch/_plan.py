@@ -22,6 +22,9 @@ LAYOUTS = ("padded", "packed")
 Layout = Literal["padded", "packed"]
 
 
+_INF = float("inf")
+
+
 def _check_layout(layout: Any) -> str:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -384,13 +387,13 @@ def _gate_weights(logits: torch.Tensor, experts: torch.Tensor, kept: torch.Tenso
     """
     work = logits if logits.dtype == torch.float64 else logits.float()
     chosen = work.gather(1, experts.clamp(min=0))
-    neg_inf = torch.full_like(chosen, float("-inf"))
-    masked = torch.where(kept & ~torch.isnan(chosen), chosen, neg_inf)
-    top = masked.detach().amax(dim=1, keepdim=True)
-    at_inf = torch.isposinf(top)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # 0 for a row of -inf or +inf
-    # finite arguments only: exp never sees +inf, so no inf - inf and no NaN gradient
-    arg = torch.where(at_inf, torch.where(torch.isposinf(masked), torch.zeros_like(masked), neg_inf), masked - top)
+    masked = torch.where(kept & (chosen == chosen), chosen, -_INF)  # NaN != NaN: NaN counts as -inf
+    # the row's largest kept logit; 0 for a row of -inf only (no kept finite slot); +inf stays +inf
+    top = masked.detach().amax(dim=1, keepdim=True).nan_to_num(nan=0.0, posinf=_INF, neginf=0.0)
+    # finite top: masked - top, at most 0. A +inf row: +inf - inf = NaN at its +inf slots, turned
+    # into 0 (weight 1 before renormalising), and -inf elsewhere. exp never sees +inf, and
+    # nan_to_num passes no gradient from the NaN entries, so no NaN gradient either.
+    arg = (masked - top).nan_to_num(nan=0.0, posinf=_INF, neginf=-_INF)
     expo = torch.exp(arg)
     total = expo.sum(dim=1, keepdim=True)
     weights = expo / torch.where(total > 0, total, 1.0)  # a row with no kept slot: 0 / 1, no NaN
