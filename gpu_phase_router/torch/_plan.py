@@ -347,14 +347,14 @@ def _plan(
     # int64, E < 2^31) and indexes as it is; expert ids stay int64 everywhere else.
     sorted_key, order = torch.sort(key.to(torch.int32), stable=True)
     start = torch.searchsorted(sorted_key, torch.arange(n_exp + 1, device=dev, dtype=torch.int32))
-    rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_key]
+    rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start.index_select(0, sorted_key)
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    kept = rank < torch.cat([capacity, capacity.new_zeros(1)])[key]  # group E has capacity 0
+    kept = rank < torch.cat([capacity, capacity.new_zeros(1)]).index_select(0, key)  # group E has capacity 0
     slot = torch.where(kept, rank, -1)
     tokens_per_expert = torch.minimum(start[1:] - start[:-1], capacity)
     position = torch.where(kept, key * buffer_size + rank, n_exp * buffer_size)
     offsets_tensor = torch.cat([capacity.new_zeros(1), torch.cumsum(capacity, 0)])
-    packed_position = torch.where(kept, offsets_tensor[key] + rank, offsets[-1])  # key E: never kept
+    packed_position = torch.where(kept, offsets_tensor.index_select(0, key) + rank, offsets[-1])  # key E: never kept
     kept2 = kept.view(n_tok, k)
     if logits is None:
         dtype = weight_dtype or torch.float32

@@ -69,7 +69,7 @@ def _rank_in_group(group: torch.Tensor, score: torch.Tensor, n_groups: int) -> t
     sorted_key, order = torch.sort(composite, stable=True)
     sorted_group = sorted_key >> _SHIFT
     start = torch.searchsorted(sorted_group, torch.arange(n_groups + 1, device=dev, dtype=torch.int64))
-    rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start[sorted_group]
+    rank_sorted = torch.arange(n, device=dev, dtype=torch.int64) - start.index_select(0, sorted_group)
     return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
 
 
@@ -129,7 +129,7 @@ def select_and_cap(
     selected = _take_topk(avail, k)  # [T, k]; avail is now -inf at the selected experts
     flat = selected.reshape(-1)
     rank = _rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
-    placed = (rank < capacity[flat]).view(n_tok, k)
+    placed = (rank < capacity.index_select(0, flat)).view(n_tok, k)
     load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
     return score, avail, selected, placed, load
 
@@ -217,7 +217,7 @@ def _round(
     valid = (reach.gather(1, proposal.unsqueeze(1)).squeeze(1) > float("-inf")) & pending.any(dim=1)
     group = torch.where(valid, proposal, n_exp)
     prop_rank = _rank_in_group(group, score.gather(1, proposal.unsqueeze(1)).squeeze(1), n_exp)
-    accept = valid & (prop_rank < room[group])
+    accept = valid & (prop_rank < room.index_select(0, group))
     rows = torch.arange(n_rows, device=avail.device)
     experts = experts.index_put((rows, col), torch.where(accept, proposal, experts[rows, col]))
     placed = placed.index_put((rows, col), placed[rows, col] | accept)
