@@ -232,6 +232,28 @@ def _logit_rows(data, n_tok, n_exp):
     )
 
 
+def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities(monkeypatch):
+    """The CPU's NumPy argmax gives torch.argmax's indices: the first maximum, NaN as the maximum."""
+    gen = torch.Generator().manual_seed(3)
+    nan, inf = float("nan"), float("inf")
+    for trial in range(300):
+        n, m = int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 70, (1,), generator=gen))
+        x = torch.randn(n, m, generator=gen)
+        r = torch.rand(n, m, generator=gen)
+        x[r < 0.05], x[(r >= 0.05) & (r < 0.15)], x[(r >= 0.15) & (r < 0.2)] = nan, -inf, inf
+        if trial % 3 == 0:
+            x = x.round()  # ties
+        if trial % 4 == 0:
+            x[(r >= 0.2) & (r < 0.5)] = -0.0 if trial % 8 else 0.0
+        if trial % 7 == 0:
+            x[::2] = -inf  # rows with no finite value
+        want = x.argmax(dim=1)
+        got = learned._argmax_rows(x)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    monkeypatch.setattr(learned, "NUMPY_ARGMAX_ON_CPU", False)
+    assert torch.equal(learned._argmax_rows(x), x.argmax(dim=1))
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     n_tok=st.integers(1, 24),
@@ -239,9 +261,10 @@ def _logit_rows(data, n_tok, n_exp):
     h=st.sampled_from([0.25, 0.5, 1.0, 1.25]),
     rounds=st.integers(0, 3),
     compact=st.booleans(),
+    numpy_argmax=st.booleans(),
     data=st.data(),
 )
-def test_learned_topk_equals_oracle(n_tok, caps, h, rounds, compact, data):
+def test_learned_topk_equals_oracle(n_tok, caps, h, rounds, compact, numpy_argmax, data):
     n_exp = len(caps)
     k = data.draw(st.integers(1, n_exp), label="k")
     logits = _logit_rows(data, n_tok, n_exp)
@@ -249,13 +272,14 @@ def test_learned_topk_equals_oracle(n_tok, caps, h, rounds, compact, data):
     capacity = oracle_caps(caps, n_tok, k, h)
     trace: list[torch.Tensor] = []
     lg = torch.tensor(logits, dtype=torch.float32)
-    saved, learned.COMPACT_ON_CPU = learned.COMPACT_ON_CPU, compact
+    saved = learned.COMPACT_ON_CPU, learned.NUMPY_ARGMAX_ON_CPU
+    learned.COMPACT_ON_CPU, learned.NUMPY_ARGMAX_ON_CPU = compact, numpy_argmax
     try:
         selected, experts, placed = learned.learned_topk(
             lg, torch.tensor(bias, dtype=torch.float32), k, torch.tensor(capacity), rounds, trace
         )
     finally:
-        learned.COMPACT_ON_CPU = saved
+        learned.COMPACT_ON_CPU, learned.NUMPY_ARGMAX_ON_CPU = saved
     o_sel, o_exp, o_placed, o_trace, o_slot, o_load = oracle_learned(logits, bias, k, capacity, rounds)
     assert selected.tolist() == o_sel
     assert experts.tolist() == o_exp

@@ -441,6 +441,7 @@ def test_forward_reads_nothing_back(monkeypatch, method):
     from gpu_phase_router.torch import learned
 
     monkeypatch.setattr(learned, "COMPACT_ON_CPU", False)
+    monkeypatch.setattr(learned, "NUMPY_ARGMAX_ON_CPU", False)  # CPU-only: .numpy() there is no read-back
     router = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, method=method)
     logits = torch.randn(64, 8, requires_grad=True)
     router(logits)
