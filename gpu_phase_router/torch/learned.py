@@ -260,20 +260,32 @@ def _same_state(score: torch.Tensor, *state_and_caps: torch.Tensor) -> _State:
     return avail.clone(), experts.clone(), placed.clone(), load.clone()
 
 
-def expert_choice(logits: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+def expert_choice(logits: torch.Tensor, capacity: torch.Tensor, max_capacity: int | None = None) -> torch.Tensor:
     """bool ``[T, E]``: expert ``e`` takes its ``capacity[e]`` highest-scoring tokens (SPEC §16).
 
     The score is the unbiased logit (float32 order key); ties go to the lower token index. Reads
-    the whole batch: not for autoregressive decoding.
+    the whole batch: not for autoregressive decoding. ``max_capacity`` is ``max(capacity)`` as a
+    host integer (read from ``capacity`` when not given: a synchronisation on a GPU).
+
+    Each column's keys (descending score, then ascending token) are distinct, so expert ``e`` takes
+    exactly the tokens whose key is at most the ``capacity[e]``-th smallest of its column: one
+    ``topk`` of ``min(T, max(capacity))`` keys per expert instead of sorting every column (at 16384
+    tokens x 64 experts on one thread 8-10 ms instead of 74 ms, 2-core Zen 3).
     """
-    n_tok = logits.shape[0]
+    n_tok, n_exp = logits.shape
+    if max_capacity is None:
+        max_capacity = int(capacity.max()) if n_exp else 0
+    take = min(n_tok, int(max_capacity))
+    if take <= 0:
+        return torch.zeros(n_tok, n_exp, dtype=torch.bool, device=logits.device)
     score = order_key(logits.detach())  # [T, E]
-    # descending score, ties to the lower token: sort the negated distinct key ascending
+    # descending score, ties to the lower token: the negated key with the token, ascending
     tok = torch.arange(n_tok, device=logits.device, dtype=torch.int64).unsqueeze(1)
     composite = (_I32_MAX - score) * n_tok + tok  # distinct within each column
-    order = torch.argsort(composite, dim=0)
-    rank = torch.empty_like(order).scatter_(0, order, tok.expand_as(order).contiguous())
-    return rank < capacity.unsqueeze(0)
+    smallest = torch.topk(composite.t(), take, dim=1, largest=False, sorted=True).values  # [E, take]
+    nth = (capacity.clamp(max=take) - 1).clamp(min=0).unsqueeze(1)  # the capacity[e]-th smallest
+    threshold = smallest.gather(1, nth).squeeze(1)
+    return (composite <= threshold.unsqueeze(0)) & (capacity > 0).unsqueeze(0)
 
 
 def update_bias(
@@ -427,7 +439,7 @@ def expert_choice_plan(
     logits: torch.Tensor, capacity: torch.Tensor, buffer_size: int, offsets: tuple[int, ...] | None = None
 ) -> RoutingPlan:
     """The SPEC §16 plan of ``method="expert_choice"``: ``[T, E]`` slots, column ``e`` for expert ``e``."""
-    chosen = expert_choice(logits, capacity)
+    chosen = expert_choice(logits, capacity, buffer_size)  # buffer_size = max(capacity), a host integer
     col = torch.arange(logits.shape[1], device=logits.device, dtype=torch.int64).unsqueeze(0)
     experts = torch.where(chosen, col, -1)
     return _plan(experts, capacity, buffer_size, logits, None, offsets=offsets)
