@@ -300,8 +300,10 @@ def test_whole_vector_routing_keeps_temporaries_small(method):
     caps = rng.random(n_tgt) + 0.1
     d = rng.integers(0, n_tgt + 1, n)
     c = rng.integers(0, n + 1, n_tgt)
-    gpr.route(w[:1000], caps, k=k, method="systematic" if method == "systematic" else "phase")  # compile first
-    gpr.route_counts(d[:1000], np.minimum(c, 1000), k=k, seed=1)
+    # compile first, at a size past 2^15 sources: the same ring width (int32) as the measured call
+    warm = 40_000
+    gpr.route(w[:warm], caps, k=k, method="systematic" if method == "systematic" else "phase")
+    gpr.route_counts(d[:warm], np.minimum(c, warm), k=k, seed=1)
     tracemalloc.start()
     try:
         if method == "counts":

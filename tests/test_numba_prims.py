@@ -113,3 +113,33 @@ def test_claim_hands_out_every_task_once(threads):
     finally:
         nb.set_num_threads(before)
     assert _claim_all(0, spin[:0])[2].tolist() == [0]  # no iteration, no claim
+
+
+@nb.njit
+def _ring_hits_all(ring_start, ring_len, xs, n_src):
+    out = np.empty((xs.shape[0], ring_start.shape[0] // 64), dtype=np.uint64)
+    for i in range(xs.shape[0]):
+        for b in range(out.shape[1]):
+            out[i, b] = prims.ring_hits64(ring_start, ring_len, b * 64, xs[i], n_src)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n_src"), [(np.int16, 2**15 - 1), (np.int16, 1000), (np.int32, 2**31 - 1), (np.int32, 70)]
+)
+def test_ring_hits64_is_in_ring_of_spec(dtype, n_src):
+    """Bit ``i`` of block ``b`` is SPEC §4's ``(x - start) mod n_src < len`` for position ``64 b + i``, in
+    16- and 32-bit lanes up to the largest ``n_src`` each takes: starts and phases at 0 and n_src - 1,
+    lengths 0, 1, n_src - 1 and n_src, intervals that wrap the ring."""
+    rng = np.random.default_rng(n_src)
+    n_pos = 4 * 64
+    start = rng.integers(0, n_src, n_pos)
+    length = rng.integers(0, n_src + 1, n_pos)
+    start[:8] = [0, n_src - 1, n_src - 1, 0, n_src // 2, n_src - 1, 1, 0]
+    length[:8] = [n_src, n_src, 1, 0, n_src - 1, 2, n_src - 1, 1]
+    xs = np.concatenate([[0, 1, n_src - 1, n_src - 2, n_src // 2], rng.integers(0, n_src, 40)]).astype(np.int64)
+    got = _ring_hits_all(start.astype(dtype), length.astype(dtype), xs, n_src)
+    for i, x in enumerate(xs.tolist()):
+        for b in range(n_pos // 64):
+            want = sum(1 << j for j in range(64) if (x - int(start[64 * b + j])) % n_src < int(length[64 * b + j]))
+            assert int(got[i, b]) == want, (x, b)

@@ -77,12 +77,30 @@ def test_largest_n_src_routes():
     assert got.shape == (2, 2) and got.dtype == np.int32
 
 
-@pytest.mark.parametrize("n_src", [2**31 - 1, 2**31])
+@pytest.mark.parametrize(
+    ("n_tgt", "n_src", "dtype"),
+    [(300, 2**15 - 1, np.int16), (300, 2**15, np.int32), (2**15 - 1, 500, np.int16), (2**15, 500, np.int32)]
+    + [(300, 2**31 - 1, np.int32), (300, 2**31, np.int64)],
+)
+def test_cpu_ring_dtype_follows_the_sizes(n_tgt, n_src, dtype):
+    """The CPU ring's integer width, on which the boundary tests below rely: int16 while n_src and
+    n_tgt are below 2^15, int32 below 2^31, else int64; the keys are uint64 at every width."""
+    from gpu_phase_router.backends import get_backend
+    from gpu_phase_router.methods.phase import ring_layout
+
+    be = get_backend("cpu")
+    c = np.full(n_tgt, min(n_src, 7), dtype=np.int64)
+    ring = be.prepare_ring(*ring_layout(be, c, n_src, 3, np.arange(n_tgt)), n_src=n_src)
+    assert [a.dtype for a in ring] == [dtype, dtype, dtype, np.uint64]
+
+
+@pytest.mark.parametrize("n_src", [2**15 - 1, 2**15, 2**31 - 1, 2**31])
 def test_ring_width_boundary_matches_spec(n_src):
-    """The CPU ring is int32 below n_src = 2^31 (vectorised position test) and int64 from there:
-    at both sides, phases and interval starts next to 0 and n_src - 1, phases at the last position
-    inside and the first outside an interval, lengths 0, 1, n_src - 1 and n_src, rows that wrap the
-    target ring and rows shorter than one 64-position block; k = n_tgt shows every candidate."""
+    """The CPU ring is int16 below n_src = 2^15 and int32 below 2^31 (vectorised position test, 16 and
+    32 bits a lane) and int64 from there: at each side of both boundaries, phases and interval starts
+    next to 0 and n_src - 1, phases at the last position inside and the first outside an interval,
+    lengths 0, 1, n_src - 1 and n_src, rows that wrap the target ring and rows shorter than one
+    64-position block; k = n_tgt shows every candidate."""
     n_tgt = 300
     rng = np.random.default_rng(11)
     c = rng.integers(0, n_src + 1, n_tgt)
@@ -101,6 +119,26 @@ def test_ring_width_boundary_matches_spec(n_src):
     kw = {"n_src": n_src, "row0": 5, "degree_prefix": 5 * n_tgt - 40, "k": n_tgt, "seed": 2024}  # every candidate shows
     got = route_counts_block(d, c, perm_s=perm_s, perm_t=np.array(perm_t), **kw)
     want = expected_block_rows(d.tolist(), c.tolist(), perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))
+
+
+@pytest.mark.parametrize("n_tgt", [2**15 - 1, 2**15])
+def test_ring_positions_next_to_the_int16_boundary_match_spec(n_tgt):
+    """Target rings of 2^15 - 1 positions (int16 ring, positions up to 32766) and 2^15 (int32): rows
+    that run through the ring's last positions and wrap to 0, the last 64-position block partly past
+    the end, and full rows; the phases are drawn so that intervals hold them at both ends."""
+    n_src = 997
+    rng = np.random.default_rng(29)
+    c = rng.integers(0, n_src + 1, n_tgt)
+    c[-70:] = n_src  # the last positions' columns hold every phase (perm_s below is the identity there)
+    perm_s = np.concatenate([rng.permutation(n_tgt - 70), np.arange(n_tgt - 70, n_tgt)])
+    d = np.array([30, 64, 65, 1, n_tgt, 200, 3000, 0])
+    perm_t = [int(v) for v in rng.integers(0, n_src, d.shape[0])]
+    # row 0 covers positions n - 70 .. n - 41, row 1 n - 40 .. n + 23 (wrapping to 0), the rest follow on
+    kw = {"n_src": n_src, "row0": 2, "degree_prefix": n_tgt - 70, "k": 6, "seed": 31}
+    got = route_counts_block(d, c, perm_s=perm_s, perm_t=np.array(perm_t), **kw)
+    want = expected_block_rows(d.tolist(), c.tolist(), perm_s=perm_s.tolist(), perm_t=perm_t, **kw)
+    assert all(v >= n_tgt - 70 for v in want[0]) and any(v >= n_tgt - 70 for v in want[1])  # the ring's end is routed
     np.testing.assert_array_equal(got, np.array(want, dtype=np.int32))
 
 

@@ -188,26 +188,26 @@ def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
     """Bit ``i`` set iff ring position ``p + i`` (``i < 64``) holds the phase ``x`` (SPEC §4).
 
     ``in_ring(x, ring_start[p + i], ring_len[p + i], n_src)`` for 64 consecutive positions as one
-    LLVM vector expression (eight 8-lane compares and a bit-mask extraction on AVX2, four on
-    AVX-512), for int32 C-contiguous ring arrays with ``n_src < 2^31``, ``0 <= x < n_src``,
-    ``0 <= ring_start < n_src``, ``0 <= ring_len <= n_src`` and ``p + 64 <= len(ring_start)`` —
-    the caller guarantees all of these; nothing is checked. With 32-bit lanes,
-    ``(x - start) mod n_src`` is ``min(x - start, x - start + n_src)`` in unsigned arithmetic (the
-    first wraps past ``2^32 - n_src`` exactly when ``x < start``), below ``n_src <= 2^31``, so the
-    length comparison is signed.
+    LLVM vector expression, for C-contiguous ring arrays of one dtype, int16 with ``n_src < 2^15``
+    (four 16-lane compares and a bit-mask extraction on AVX2) or int32 with ``n_src < 2^31`` (eight
+    8-lane compares), with ``0 <= x < n_src``, ``0 <= ring_start < n_src``, ``0 <= ring_len <= n_src``
+    and ``p + 64 <= len(ring_start)`` — the caller guarantees all of these; nothing is checked. In
+    ``w``-bit lanes, ``(x - start) mod n_src`` is ``min(x - start, x - start + n_src)`` in unsigned
+    arithmetic (the first wraps past ``2^w - n_src`` exactly when ``x < start``), below
+    ``n_src <= 2^(w-1)``, so the length comparison is signed.
     """
-    if not (_is_c_vector(ring_start, types.int32) and _is_c_vector(ring_len, types.int32)):
+    if not (_is_c_vector(ring_start, types.int16, types.int32) and _is_c_vector(ring_len, ring_start.dtype)):
         return None
     sig = types.uint64(ring_start, ring_len, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
         rs, rl, pos, xx, nn = args
-        i32 = ir.IntType(32)
-        vec = ir.VectorType(i32, 64)
-        start = builder.load(_vector_at(context, builder, signature.args[0], rs, pos, vec), align=4)
-        length = builder.load(_vector_at(context, builder, signature.args[1], rl, pos, vec), align=4)
-        diff = builder.sub(_splat(builder, builder.trunc(xx, i32), vec), start)
-        wrapped = builder.add(diff, _splat(builder, builder.trunc(nn, i32), vec))
+        lane = ir.IntType(signature.args[0].dtype.bitwidth)
+        vec = ir.VectorType(lane, 64)
+        start = builder.load(_vector_at(context, builder, signature.args[0], rs, pos, vec), align=lane.width // 8)
+        length = builder.load(_vector_at(context, builder, signature.args[1], rl, pos, vec), align=lane.width // 8)
+        diff = builder.sub(_splat(builder, builder.trunc(xx, lane), vec), start)
+        wrapped = builder.add(diff, _splat(builder, builder.trunc(nn, lane), vec))
         dist = builder.select(builder.icmp_unsigned("<", diff, wrapped), diff, wrapped)
         hit = builder.icmp_signed("<", dist, length)
         return builder.bitcast(hit, ir.IntType(64))
@@ -218,8 +218,8 @@ def ring_hits64(typingctx, ring_start, ring_len, p, x, n_src):
 @intrinsic
 def store_offsets8(typingctx, out, at, packed, base):
     """``out[at + i] = base + byte i of packed`` for ``i < 8``: one 8-lane store (no bounds check;
-    ``out`` is an int32 or int64 C-contiguous 1-D array with room for ``at + 8`` entries)."""
-    if not _is_c_vector(out, types.int32, types.int64):
+    ``out`` is an int16, int32 or int64 C-contiguous 1-D array with room for ``at + 8`` entries)."""
+    if not _is_c_vector(out, types.int16, types.int32, types.int64):
         return None
     sig = types.void(out, types.uint64, types.uint64, types.int64)
 
