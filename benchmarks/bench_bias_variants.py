@@ -31,7 +31,10 @@ variant's runs (the default router is restored afterwards).
 * ``biased_weights`` — gate weights from ``logits + expert_bias`` (the selection values, with the
   bias after this step's update) instead of the unbiased logits;
 * ``unbiased_proposals`` — each rerouting proposal is the token's best eligible expert by unbiased
-  logit instead of by ``logits + expert_bias``.
+  logit instead of by ``logits + expert_bias``;
+* ``first_unbiased`` — each token's first expert is its best by unbiased logit and only the other
+  ``k - 1`` are chosen by ``logits + expert_bias``, so the bias balances through the second slots
+  and leaves every token its own best expert.
 
 ``nocaps`` (learned top-k without caps, the reference) and ``topk`` (capped top-k with drops) are
 ``bench_training``'s routers. Torch and Numba run on one thread. ``--k`` changes the slots per
@@ -91,6 +94,7 @@ VARIANTS = [
     "full_softmax_weights",
     "biased_weights",
     "unbiased_proposals",
+    "first_unbiased",
 ]
 OPTIONS: dict[str, dict[str, Any]] = {
     "rounds8": {"reroute_rounds": 8},
@@ -141,7 +145,10 @@ def _learned_topk_all(
     return selected, experts, placed
 
 
-_ORIGINAL = {name: getattr(learned, name) for name in ("learned_topk", "topk_plan", "update_bias", "_plan", "_round")}
+_ORIGINAL = {
+    name: getattr(learned, name)
+    for name in ("learned_topk", "topk_plan", "update_bias", "_plan", "_round", "select_and_cap")
+}
 _CAPACITY: dict[str, torch.Tensor] = {}
 
 
@@ -214,6 +221,25 @@ def _round_unbiased(score: torch.Tensor, avail: torch.Tensor, *state_and_caps: t
     return (torch.where(marks > float("-inf"), avail, float("-inf")), *rest), accepted
 
 
+def _select_first_unbiased(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, capacity: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``learned.select_and_cap`` with each token's first expert its best by unbiased logit; the other
+    ``k - 1`` are the best of ``logits + expert_bias`` among the rest (caps by score as before)."""
+    n_tok, n_exp = logits.shape
+    score = logits.detach().to(torch.float32)
+    first = learned._argmax_rows(score.clamp(min=learned._F32_LOWEST)).unsqueeze(1)
+    avail = learned._selection_values(logits, bias)
+    avail.scatter_(1, first, float("-inf"))
+    rest = learned._take_topk(avail, k - 1) if k > 1 else first[:, :0]
+    selected = torch.cat([first, rest], dim=1)
+    flat = selected.reshape(-1)
+    rank = learned._rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
+    placed = (rank < capacity.index_select(0, flat)).view(n_tok, k)
+    load = torch.minimum(learned._counts(flat, torch.ones_like(flat), n_exp), capacity)
+    return score, avail, selected, placed, load
+
+
 PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "count_final": {"learned_topk": _learned_topk_count_final},
     "all_propose": {"learned_topk": _learned_topk_all},
@@ -223,6 +249,7 @@ PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "full_softmax_weights": {"_plan": _plan_full_softmax},
     "biased_weights": {"topk_plan": _topk_plan_biased_weights},
     "unbiased_proposals": {"_round": _round_unbiased},
+    "first_unbiased": {"select_and_cap": _select_first_unbiased},
 }
 
 

@@ -291,14 +291,14 @@ def test_all_propose_matches_spec_at_k1_and_keeps_caps() -> None:
 
 
 def test_variant_patches_are_undone() -> None:
-    names = ("learned_topk", "topk_plan", "update_bias", "_plan", "_round")
+    names = ("learned_topk", "topk_plan", "update_bias", "_plan", "_round", "select_and_cap")
     before = tuple(getattr(learned, n) for n in names)
     with pytest.raises(RuntimeError), bv.patched("valve") as opts:
         assert opts == {} and learned.update_bias is not before[2]
         raise RuntimeError
     with bv.patched("rate3e-2") as opts:
         assert opts == {"bias_rate": 3e-2}
-    for variant in ("full_softmax_weights", "biased_weights", "unbiased_proposals"):
+    for variant in ("full_softmax_weights", "biased_weights", "unbiased_proposals", "first_unbiased"):
         with bv.patched(variant):
             assert tuple(getattr(learned, n) for n in names) != before
     assert tuple(getattr(learned, n) for n in names) == before
@@ -315,6 +315,23 @@ def test_unbiased_proposals_reroute_by_the_unbiased_logit() -> None:
     with bv.patched("unbiased_proposals"):
         _, experts, placed = learned.learned_topk(logits, bias, 1, capacity, 1)
     assert experts.tolist() == [[0]] and placed.tolist() == [[True]]
+
+
+def test_first_unbiased_keeps_each_tokens_best_expert() -> None:
+    """The bias (large on expert 2) takes both slots of the default's selection; with
+    ``first_unbiased`` the first slot is the token's best logit (expert 0, or the lower index on a
+    tie) and only the second follows the bias; caps still rank by the unbiased logit."""
+    logits = torch.tensor([[3.0, 2.0, 0.0, 1.0], [1.0, 1.0, 0.5, 0.2]])
+    bias = torch.tensor([0.0, 0.0, 5.0, 4.0])
+    capacity = torch.tensor([2, 2, 1, 2])
+    selected, _, placed = learned.learned_topk(logits, bias, 2, capacity, 0)
+    assert selected.tolist() == [[2, 3], [2, 3]]
+    with bv.patched("first_unbiased"):
+        selected, experts, placed = learned.learned_topk(logits, bias, 2, capacity, 0)
+        one = learned.learned_topk(logits[:, :3], bias[:3], 1, capacity[:3], 0)[0]
+    assert selected.tolist() == [[0, 2], [0, 2]] and torch.equal(experts, selected)
+    assert placed.tolist() == [[True, False], [True, True]]  # expert 2 keeps one slot: the higher logit
+    assert one.tolist() == [[0], [0]]  # k = 1: the unbiased argmax alone
 
 
 def test_weight_variants_give_the_weights_they_name() -> None:
