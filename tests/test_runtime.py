@@ -299,7 +299,9 @@ def test_ctrl_c_stops_a_long_route_within_two_seconds():
         # Python maps SIGINT to KeyboardInterrupt only where the parent left it at its default; a
         # background job of a non-interactive shell inherits it ignored. Ctrl-C in a terminal is the default.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        gpr.route(n=2000, k=4, density=1.0, backend="cpu")   # compile / load outside the timed part
+        # compile / load outside the timed part the kernel the timed call runs: more than 2^15 sources
+        # (int32 ring) and enough work for the parallel kernel
+        gpr.route(n=40000, k=4, density=0.05, backend="cpu")
         print("ready", flush=True)
         t0 = time.perf_counter()
         try:
@@ -329,14 +331,76 @@ def test_ctrl_c_stops_a_long_route_within_two_seconds():
         except subprocess.TimeoutExpired:
             pytest.fail("the child ignored SIGINT for 30 s")
         waited = time.perf_counter() - t0
-        out = proc.stdout.read()
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "interrupted" in out
+    assert "interrupted" in out, f"stdout: {out!r}; stderr: {err[-3000:]}"
     assert proc.returncode == 3
     assert waited < 2.0, f"the child took {waited:.1f} s to stop after SIGINT"
+
+
+def test_ctrl_c_while_a_kernel_compiles_raises_keyboard_interrupt_after_the_compile(tmp_path):
+    """A SIGINT that lands while LLVM hands a compiled object to Python (a ctypes callback, where a
+    ``KeyboardInterrupt`` is printed and dropped) is held until the compile ends and then raised from
+    the call; the kernel is cached and the process routes again. The child raises SIGINT from inside
+    that callback (Numba's object-code hook) when the scan's ``_compact`` is compiled, with an empty
+    cache: without the hold the interrupt is lost and the kernel has no object code to cache."""
+    code = """
+        import signal, sys
+        import numba.core.codegen as cg
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        hook = cg.CPUCodeLibrary.__dict__["_object_compiled_hook"].__func__
+        fired = []
+
+        def ctrl_c_in_the_callback(cls, ll_module, buf):
+            if ll_module.name == "_compact" and not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)  # what a Ctrl-C at this moment does
+            return hook(cls, ll_module, buf)
+
+        cg.CPUCodeLibrary._object_compiled_hook = classmethod(ctrl_c_in_the_callback)
+        import gpu_phase_router as gpr
+
+        try:
+            gpr.route(n=2000, k=4, density=1.0, seed=3, backend="cpu")
+            print("finished", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", len(fired), flush=True)
+        print("again", int(gpr.route(n=2000, k=4, density=1.0, seed=3, backend="cpu").sum()), flush=True)
+    """
+    res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    from gpu_phase_router import route
+
+    want = int(route(n=2000, k=4, density=1.0, seed=3, backend="cpu").sum())
+    assert res.stdout.split() == ["interrupted", "1", "again", str(want)], res.stderr[-3000:]
+    assert "Exception ignored" not in res.stderr, res.stderr[-3000:]
+    assert list((tmp_path / "cache").rglob("*.nbc")), "nothing was cached"
+
+
+def test_ctrl_c_handlers_other_than_python_s_are_left_alone(tmp_path):
+    """SIGINT ignored (a background job's inheritance) stays ignored through a compile, and the
+    handler Python had before a compile is the one in place after it."""
+    code = """
+        import signal
+        import gpu_phase_router as gpr
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gpr.route(n=300, k=2, backend="cpu")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        seen = []
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        handler = signal.getsignal(signal.SIGINT)
+        gpr.route(n=300, k=2, backend="cpu", method="systematic")
+        assert signal.getsignal(signal.SIGINT) is handler
+        print("ok", seen)
+    """
+    res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["ok", "[]"]
 
 
 # ── 5. first use: one notice when compiling ──────────────────────────────────────────────────────

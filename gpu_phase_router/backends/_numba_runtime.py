@@ -25,6 +25,10 @@ applies to all of them:
 * **First use** — one ``logging`` notice per process when a kernel of the package is compiled.
 * **Ctrl-C** — :func:`row_chunks` cuts a kernel call into chunks of bounded work; Python raises
   ``KeyboardInterrupt`` between them. Rows are independent, so chunks never change a result.
+  While Numba compiles a kernel of the package in the main thread, SIGINT is held and delivered
+  when that compile ends (:func:`run`): LLVM hands each compiled object to Python through a ctypes
+  callback, and a ``KeyboardInterrupt`` raised there is printed and dropped, which lost the
+  Ctrl-C or left the kernel without its object code (``RuntimeError: no compiled object yet``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -274,7 +279,18 @@ def threads() -> int:
 def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any, n_threads: int | None = None) -> Any:
     """Call one kernel chunk: ``serial(*args)`` on one thread (``n_threads == 1``, or in a
     fork-unsafe child), else ``parallel(*args)`` on ``n_threads`` threads (default: all
-    configured), under the process-wide lock when the threading layer is not thread-safe."""
+    configured), under the process-wide lock when the threading layer is not thread-safe.
+
+    A SIGINT held while the call compiled a kernel (:func:`_hold_sigint`) is delivered when it
+    returns: the handler it found runs (by default, ``KeyboardInterrupt`` is raised here)."""
+    try:
+        return _run(parallel, serial, args, n_threads)
+    finally:
+        if _sigint.pending:
+            _deliver_sigint()
+
+
+def _run(parallel: Callable[..., Any], serial: Callable[..., Any], args: tuple[Any, ...], n_threads: int | None) -> Any:
     if _serial_only or n_threads == 1:
         return serial(*args)
     if n_threads is None:
@@ -491,7 +507,60 @@ def configure_cache() -> Path | None:
     return fallback
 
 
-# ── first-use notice ─────────────────────────────────────────────────────────────────────────────
+# ── first-use notice, and Ctrl-C while compiling ─────────────────────────────────────────────────
+
+
+class _SigintHold:
+    """SIGINT held in the main thread while Numba compiles a kernel of the package.
+
+    ``depth`` counts the compiles under way since the hold began (a kernel's compile compiles
+    the functions it calls, each its own compile event); ``handler`` is the SIGINT handler the
+    hold replaced; ``pending`` is set when a SIGINT arrived meanwhile (delivered by :func:`run`)."""
+
+    depth = 0
+    handler: Any = None
+    pending = False
+
+
+_sigint = _SigintHold()
+
+
+def _record_sigint(signum: int, frame: Any) -> None:
+    _sigint.pending = True
+
+
+def _hold_sigint(ours: bool) -> None:
+    """A compile starts (``ours``: of a package kernel): hold SIGINT from the first compile of a
+    package kernel in the main thread, where Python's handler is a Python function (Ctrl-C's
+    default ``KeyboardInterrupt`` or the user's); ``SIG_IGN`` and ``SIG_DFL`` are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _sigint.depth == 0:
+        handler = signal.getsignal(signal.SIGINT)
+        if not ours or not callable(handler):
+            return
+        _sigint.handler = handler
+        signal.signal(signal.SIGINT, _record_sigint)
+    _sigint.depth += 1
+
+
+def _release_sigint() -> None:
+    """A compile ends: at the end of the outermost one, the handler is put back (a SIGINT that came
+    meanwhile stays pending until :func:`run` returns, after Numba has cached the kernel)."""
+    if threading.current_thread() is not threading.main_thread() or _sigint.depth == 0:
+        return
+    _sigint.depth -= 1
+    if _sigint.depth == 0:
+        signal.signal(signal.SIGINT, _sigint.handler)
+        _sigint.handler = None
+
+
+def _deliver_sigint() -> None:
+    """Run the SIGINT handler now for the SIGINT held during a compile (main thread only)."""
+    if threading.current_thread() is not threading.main_thread() or _sigint.depth:
+        return
+    _sigint.pending = False
+    signal.raise_signal(signal.SIGINT)
 
 
 def _install_compile_notice() -> None:
@@ -500,18 +569,18 @@ def _install_compile_notice() -> None:
     class _Notice(event.Listener):
         def on_start(self, ev: Any) -> None:
             global _noticed
-            if _noticed:
-                return
             disp = (ev.data or {}).get("dispatcher")
             module = getattr(getattr(disp, "py_func", None), "__module__", "") or ""
-            if module.startswith("gpu_phase_router"):
+            ours = module.startswith("gpu_phase_router")
+            _hold_sigint(ours)
+            if ours and not _noticed:
                 _noticed = True
                 logger.warning(
                     "gpu_phase_router: compiling the CPU kernels (first use with an empty cache; a few seconds, once)"
                 )
 
         def on_end(self, ev: Any) -> None:
-            pass
+            _release_sigint()
 
     event.register("numba:compile", _Notice())
 
