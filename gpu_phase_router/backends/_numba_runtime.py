@@ -26,9 +26,10 @@ applies to all of them:
 * **Ctrl-C** — :func:`row_chunks` cuts a kernel call into chunks of bounded work; Python raises
   ``KeyboardInterrupt`` between them. Rows are independent, so chunks never change a result.
   While Numba compiles a kernel of the package in the main thread, SIGINT is held and delivered
-  when that compile ends (:func:`run`): LLVM hands each compiled object to Python through a ctypes
-  callback, and a ``KeyboardInterrupt`` raised there is printed and dropped, which lost the
-  Ctrl-C or left the kernel without its object code (``RuntimeError: no compiled object yet``).
+  when the function being compiled is done (:func:`_release_sigint`, :func:`run`): LLVM hands each
+  compiled object to Python through a ctypes callback, and a ``KeyboardInterrupt`` raised there is
+  printed and dropped, which lost the Ctrl-C or left the kernel without its object code
+  (``RuntimeError: no compiled object yet``).
 """
 
 from __future__ import annotations
@@ -281,8 +282,9 @@ def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any, n_
     fork-unsafe child), else ``parallel(*args)`` on ``n_threads`` threads (default: all
     configured), under the process-wide lock when the threading layer is not thread-safe.
 
-    A SIGINT held while the call compiled a kernel (:func:`_hold_sigint`) is delivered when it
-    returns: the handler it found runs (by default, ``KeyboardInterrupt`` is raised here)."""
+    A SIGINT held while the call compiled a kernel (:func:`_hold_sigint`) and not delivered at the
+    end of a function the kernel calls is delivered when it returns: the handler it found runs (by
+    default, ``KeyboardInterrupt`` is raised here)."""
     try:
         return _run(parallel, serial, args, n_threads)
     finally:
@@ -545,14 +547,25 @@ def _hold_sigint(ours: bool) -> None:
 
 
 def _release_sigint() -> None:
-    """A compile ends: at the end of the outermost one, the handler is put back (a SIGINT that came
-    meanwhile stays pending until :func:`run` returns, after Numba has cached the kernel)."""
+    """A compile ends. At the end of the outermost one the handler is put back, and a SIGINT that
+    came meanwhile stays pending until :func:`run` returns, after Numba has cached the kernel. At
+    the end of a nested one (a function the kernel calls, compiled and handed over whole) a pending
+    SIGINT is delivered at once, so a Ctrl-C waits for the function being compiled, not the kernel:
+    by default its ``KeyboardInterrupt`` ends the kernel's compile, as it would in Numba's typing."""
     if threading.current_thread() is not threading.main_thread() or _sigint.depth == 0:
         return
     _sigint.depth -= 1
     if _sigint.depth == 0:
         signal.signal(signal.SIGINT, _sigint.handler)
         _sigint.handler = None
+    elif _sigint.pending:
+        _sigint.pending = False
+        signal.signal(signal.SIGINT, _sigint.handler)
+        try:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here; KeyboardInterrupt propagates
+        finally:
+            if _sigint.depth:  # the kernel's compile goes on (a handler that does not raise)
+                signal.signal(signal.SIGINT, _record_sigint)
 
 
 def _deliver_sigint() -> None:
