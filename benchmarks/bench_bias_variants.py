@@ -226,17 +226,13 @@ def _select_first_unbiased(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``learned.select_and_cap`` with each token's first expert its best by unbiased logit; the other
     ``k - 1`` are the best of ``logits + expert_bias`` among the rest (caps by score as before)."""
-    n_tok, n_exp = logits.shape
     score = logits.detach().to(torch.float32)
     first = learned._argmax_rows(score.clamp(min=learned._F32_LOWEST)).unsqueeze(1)
     avail = learned._selection_values(logits, bias)
     avail.scatter_(1, first, float("-inf"))
     rest = learned._take_topk(avail, k - 1) if k > 1 else first[:, :0]
     selected = torch.cat([first, rest], dim=1)
-    flat = selected.reshape(-1)
-    rank = learned._rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
-    placed = (rank < capacity.index_select(0, flat)).view(n_tok, k)
-    load = torch.minimum(learned._counts(flat, torch.ones_like(flat), n_exp), capacity)
+    placed, load = learned.cap_by_score(score, selected, capacity)
     return score, avail, selected, placed, load
 
 

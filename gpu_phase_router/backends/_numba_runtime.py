@@ -517,7 +517,8 @@ class _SigintHold:
 
     ``depth`` counts the compiles under way since the hold began (a kernel's compile compiles
     the functions it calls, each its own compile event); ``handler`` is the SIGINT handler the
-    hold replaced; ``pending`` is set when a SIGINT arrived meanwhile (delivered by :func:`run`)."""
+    hold replaced; ``pending`` is set when a SIGINT arrived meanwhile (delivered by
+    :func:`_release_sigint` at the end of a nested compile, else by :func:`run`)."""
 
     depth = 0
     handler: Any = None

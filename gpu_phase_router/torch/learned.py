@@ -145,15 +145,26 @@ def select_and_cap(
         ``[T, k]`` the biased top-k; bool ``[T, k]`` the slots each expert keeps (its
         ``capacity[e]`` highest-scoring); int64 ``[E]`` the kept slots per expert.
     """
-    n_tok, n_exp = logits.shape
     score = logits.detach().to(torch.float32)  # [T, E] the gate score of (token, expert): the unbiased logit
     avail = _selection_values(logits, bias)
     selected = _take_topk(avail, k)  # [T, k]; avail is now -inf at the selected experts
+    placed, load = cap_by_score(score, selected, capacity)
+    return score, avail, selected, placed, load
+
+
+def cap_by_score(
+    score: torch.Tensor, selected: torch.Tensor, capacity: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §16 "caps by score": bool ``[T, k]`` the slots of ``selected`` (int64 ``[T, k]``) each
+    expert keeps, its ``capacity[e]`` highest by ``score`` (float32 ``[T, E]``), and int64 ``[E]``
+    the kept slots per expert."""
+    n_tok, k = selected.shape
+    n_exp = score.shape[1]
     flat = selected.reshape(-1)
     rank = _rank_in_group(flat, score.gather(1, selected).reshape(-1), n_exp)
     placed = (rank < capacity.index_select(0, flat)).view(n_tok, k)
     load = torch.minimum(_counts(flat, torch.ones_like(flat), n_exp), capacity)
-    return score, avail, selected, placed, load
+    return placed, load
 
 
 def learned_topk(
