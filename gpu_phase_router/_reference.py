@@ -82,8 +82,9 @@ def derived_permutations(n_src: int, n_tgt: int, seed: int) -> tuple[list[int], 
     return [feistel(c, n_tgt, ks) for c in range(n_tgt)], [feistel(j, n_src, kt) for j in range(n_src)]
 
 
-def candidate_sets(d, c, perm_s, perm_t) -> list[list[int]]:
-    """SPEC §3–§4: the candidate set ``C_j`` of every source, by the fused ring rule."""
+def candidate_sets(d, c, perm_s, perm_t, rows=None) -> list[list[int]]:
+    """SPEC §3–§4: the candidate set ``C_j`` of every source, by the fused ring rule (with ``rows``,
+    only those sources' sets are made; the others are left empty)."""
     n_src, n_tgt = len(d), len(c)
     inv_s = [0] * n_tgt
     for col, pos in enumerate(perm_s):
@@ -93,10 +94,11 @@ def candidate_sets(d, c, perm_s, perm_t) -> list[list[int]]:
         off_s[i] = (off_s[i - 1] + d[i - 1]) % n_tgt
     for t in range(1, n_tgt):
         off_t[t] = (off_t[t - 1] + c[t - 1]) % n_src
+    wanted = set(range(n_src) if rows is None else rows)
     sets = []
     for j in range(n_src):
         cj = []
-        for q in range(d[j]):
+        for q in range(d[j] if j in wanted else 0):
             col = inv_s[(off_s[j] + q) % n_tgt]
             if in_ring(perm_t[j], off_t[col], c[col], n_src):
                 cj.append(col)

@@ -200,3 +200,109 @@ def test_full_candidate_rows_against_vectorised_keys(n_src, n_tgt, ks):
         if n_tgt > 2 * (k + 4):  # the kernel's first chunk takes a provisional bound
             tau = np.uint64((2**64 - 1) // n_tgt * (k + 4))
             assert ((keys <= tau).sum(axis=1) < k).sum() > 0  # rows where it admits fewer than k keys
+
+
+@pytest.mark.parametrize("path", ["scan", "sweep"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_both_row_paths_equal_reference(path, shape, monkeypatch):
+    """The square rows kernel finds a row's candidates either by testing each position of its window
+    or, for long windows, from a sweep over the rows in phase order (``cpu._sweeps`` chooses). Each way
+    forced, on every degree/count pattern (empty and saturated intervals, windows wrapping the ring),
+    with given and derived permutations and with calls split into several kernel calls."""
+    from gpu_phase_router.backends import cpu
+
+    plans = []
+    plan = cpu._sweep_plan
+    monkeypatch.setattr(cpu, "_sweeps", lambda *args: path == "sweep")
+    monkeypatch.setattr(cpu, "_sweep_plan", lambda *args: plans.append(1) or plan(*args))
+    n_src, n_tgt = shape
+    for degrees, counts in itertools.product(DEGREES, COUNTS):
+        rng = np.random.default_rng(n_src * 7919 + n_tgt * 31 + DEGREES.index(degrees) * 5 + COUNTS.index(counts))
+        d = make_counts(rng, degrees, n_src, n_tgt)
+        c = make_counts(rng, counts, n_tgt, n_src)
+        for k, seed, given_perms in itertools.product(ks_for(n_tgt), SEEDS[:2], [False, True]):
+            ps = rng.permutation(n_tgt) if given_perms else None
+            pt = rng.permutation(n_src) if given_perms else None
+            want = _reference.route_counts(d.tolist(), c.tolist(), k, seed, perm_s=ps, perm_t=pt)
+            for rows_per_call in (None, 7):
+                got = gpr.route_counts(d, c, k=k, seed=seed, perm_s=ps, perm_t=pt, rows_per_call=rows_per_call)
+                np.testing.assert_array_equal(
+                    got, want, err_msg=f"{degrees}/{counts} k={k} seed={seed} perms={given_perms} {rows_per_call}"
+                )
+    assert bool(plans) == (path == "sweep")
+
+
+def test_sweep_on_an_int32_ring_equals_reference(monkeypatch):
+    """A sweep over a ring of more than 2^15 sources (int32 ring arrays), rows sampled."""
+    from gpu_phase_router.backends import cpu
+
+    monkeypatch.setattr(cpu, "_sweeps", lambda *args: True)
+    n_src, n_tgt, seed = (1 << 15) + 5, 50, 9
+    rng = np.random.default_rng(5)
+    d = rng.integers(0, n_tgt + 1, n_src)
+    c = rng.choice(np.array([0, 1, n_src // 3, n_src - 1, n_src]), n_tgt)
+    ps, pt = _reference.derived_permutations(n_src, n_tgt, seed)
+    got = gpr.route_counts(d, c, k=3, seed=seed)
+    rows = range(0, n_src, 331)
+    sets = _reference.candidate_sets(d.tolist(), c.tolist(), ps, pt, rows=rows)
+    for j in rows:
+        assert got[j].tolist() == _reference.select(sets[j], j, 3, seed)
+
+
+def test_dense_spec_mode_rows_are_swept():
+    """The SPEC-mode workload of ``benchmarks/bench_cpu.py`` (N = 4096, degree 0.3 N) takes the sweep,
+    ``route(n=1024)`` (degree 307) the scan, and both give the reference's rows (sampled)."""
+    from gpu_phase_router.backends import cpu
+
+    work = lambda n, deg: n * (deg + 2 + 16)  # noqa: E731  (the backend's units, k = 2)
+    assert cpu._sweeps(4096, work(4096, 1229), 4096, 4096)
+    assert not cpu._sweeps(1024, work(1024, 307), 1024, 1024)
+    assert not cpu._sweeps(4096, work(4096, 1229), 4096, cpu.SWEEP_MAX_TGT + 1)
+    n, seed = 4096, 42
+    d = np.full(n, 1229)
+    got = gpr.route_counts(d, d, k=2, seed=seed)
+    ps, pt = _reference.derived_permutations(n, n, seed)
+    rows = range(0, n, 257)
+    sets = _reference.candidate_sets(d.tolist(), d.tolist(), ps, pt, rows=rows)
+    for j in rows:
+        assert got[j].tolist() == _reference.select(sets[j], j, 2, seed)
+
+
+@pytest.mark.parametrize("n_src", [1, 2, 7, 64, 300])
+def test_ring_events_step_the_holding_sets_from_x_to_x_plus_one(n_src):
+    """SPEC §4 read along the ring: the positions holding ``x`` are those holding ``x - 1`` with the
+    positions listed for ``x`` by ``cpu._ring_events`` toggled, for every ``x``; intervals empty,
+    saturated (``len >= n_src``), wrapping past ``n_src`` and not."""
+    from gpu_phase_router.backends import cpu
+
+    rng = np.random.default_rng(n_src)
+    n_tgt = 40
+    start = rng.integers(0, n_src, n_tgt)
+    length = rng.choice(np.array([0, 1, max(0, n_src - 1), n_src, n_src + 3, n_src // 2]), n_tgt)
+    length[:5] = rng.integers(0, n_src + 1, 5)
+    ev_off = np.empty(n_src + 1, dtype=np.int64)
+    ev_pos = np.empty(2 * n_tgt, dtype=np.int64)
+    n_events = cpu._ring_events(start, length, np.int64(n_src), ev_off, ev_pos)
+    holding = lambda x: {p for p in range(n_tgt) if _reference.in_ring(x, int(start[p]), int(length[p]), n_src)}  # noqa: E731
+    assert ev_off[0] == 0 and n_events == ev_off[n_src] == 2 * int(((length > 0) & (length < n_src)).sum())
+    held = holding(0)
+    for x in range(n_src):
+        toggled = ev_pos[ev_off[x] : ev_off[x + 1]].tolist()
+        assert len(set(toggled)) == len(toggled)
+        if x > 0:
+            held ^= set(toggled)
+            assert held == holding(x), x
+        else:  # x = 0 is reached from x = n_src - 1 round the ring
+            assert holding(n_src - 1) ^ set(toggled) == holding(0)
+
+
+def test_sweep_plan_orders_rows_by_phase():
+    from gpu_phase_router.backends import cpu
+
+    rng = np.random.default_rng(3)
+    dense = rng.permutation(1000)[:900]  # the scatter
+    sparse = rng.permutation(10**6)[:50]  # the sort
+    for phase, n_src in ((dense, 1000), (sparse, 10**6), (np.array([], dtype=np.int64), 10)):
+        order = cpu._sweep_plan(phase, n_src)
+        assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(phase.shape[0]))
+        assert (np.diff(phase[order]) > 0).all()

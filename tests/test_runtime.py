@@ -300,8 +300,9 @@ def test_ctrl_c_stops_a_long_route_within_two_seconds():
         # background job of a non-interactive shell inherits it ignored. Ctrl-C in a terminal is the default.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # compile / load outside the timed part the kernel the timed call runs: more than 2^15 sources
-        # (int32 ring) and enough work for the parallel kernel
-        gpr.route(n=40000, k=4, density=0.05, backend="cpu")
+        # (int32 ring), enough work for the parallel kernel, and rows scanned one by one (degree 800:
+        # below cpu.SWEEP_MIN_DEG; the timed call's ring is too large for a sweep)
+        gpr.route(n=40000, k=4, density=0.02, backend="cpu")
         print("ready", flush=True)
         t0 = time.perf_counter()
         try:
@@ -345,8 +346,9 @@ def test_ctrl_c_while_a_kernel_compiles_raises_keyboard_interrupt_after_the_comp
     """A SIGINT that lands while LLVM hands a compiled object to Python (a ctypes callback, where a
     ``KeyboardInterrupt`` is printed and dropped) is held until the function being compiled is done
     and then raised, ending the kernel's compile; the process routes again. The child raises SIGINT
-    from inside that callback (Numba's object-code hook) when the scan's ``_compact`` is compiled,
-    with an empty cache: without the hold the interrupt is lost and the kernel has no object code
+    from inside that callback (Numba's object-code hook) when the scan's ``_compact`` is compiled
+    (square rows of degree 600, below ``cpu.SWEEP_MIN_DEG``: tested position by position), with an
+    empty cache: without the hold the interrupt is lost and the kernel has no object code
     to cache; held until the whole kernel is compiled, it would come seconds later."""
     code = """
         import signal, sys
@@ -368,18 +370,18 @@ def test_ctrl_c_while_a_kernel_compiles_raises_keyboard_interrupt_after_the_comp
         from gpu_phase_router.backends import cpu
 
         try:
-            gpr.route(n=2000, k=4, density=1.0, seed=3, backend="cpu")
+            gpr.route(n=2000, k=4, density=0.3, seed=3, backend="cpu")
             print("finished", flush=True)
         except KeyboardInterrupt:
             # raised when _compact's compile ended, before the rows kernel that calls it was compiled
             print("interrupted", len(fired), len(cpu._phase_rows.overloads), flush=True)
-        print("again", int(gpr.route(n=2000, k=4, density=1.0, seed=3, backend="cpu").sum()), flush=True)
+        print("again", int(gpr.route(n=2000, k=4, density=0.3, seed=3, backend="cpu").sum()), flush=True)
     """
     res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     from gpu_phase_router import route
 
-    want = int(route(n=2000, k=4, density=1.0, seed=3, backend="cpu").sum())
+    want = int(route(n=2000, k=4, density=0.3, seed=3, backend="cpu").sum())
     assert res.stdout.split() == ["interrupted", "1", "0", "again", str(want)], res.stderr[-3000:]
     assert "Exception ignored" not in res.stderr, res.stderr[-3000:]
     assert list((tmp_path / "cache").rglob("*.nbc")), "nothing was cached"
@@ -430,8 +432,9 @@ def test_compile_notice_once_per_process_and_silent_when_cached(tmp_path):
 
 
 def test_a_call_compiles_only_the_rows_kernel_it_runs(tmp_path):
-    """With an empty cache, MoE-shape rows (banded, every row short) compile no ring scan, and square
-    rows compile none of the banded code (the kernel kinds of ``backends/cpu.py``)."""
+    """With an empty cache, MoE-shape rows (banded, every row short) compile no ring scan, square
+    rows compile none of the banded code, and long square rows (swept) none of the window test
+    (the kernel kinds of ``backends/cpu.py``)."""
     code = """
         import json
         import numpy as np
@@ -453,15 +456,21 @@ def test_a_call_compiles_only_the_rows_kernel_it_runs(tmp_path):
         moe = sorted(set(compiled))
         compiled.clear()
         gpr.route(n=300, k=3, backend="cpu")  # square rows
-        print(json.dumps([moe, sorted(set(compiled))]))
+        square = sorted(set(compiled))
+        compiled.clear()
+        gpr.route_counts(np.full(64, 1100), np.full(1100, 64), k=2, seed=1, backend="cpu")  # long square rows
+        print(json.dumps([moe, square, sorted(set(compiled))]))
     """
     res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    moe, square = json.loads(res.stdout.strip().splitlines()[-1])
+    moe, square, swept = json.loads(res.stdout.strip().splitlines()[-1])
     assert "_short_rows" in moe and "_complete_row" in moe  # the short banded kind ran
     assert "_scan_row" not in moe and "_compact" not in moe and "_banded_rows" not in moe
     assert "_phase_rows" in square and "_scan_row" in square  # the square kind ran
     assert "_complete_row" not in square and "_short_rows" not in square
+    assert "_swept_rows" not in square and "_ring_events" not in square
+    assert "_swept_rows" in swept and "_swept_scan_row" in swept and "_ring_events" in swept  # the swept kind ran
+    assert "_compact" not in swept and "_scan_row" not in swept and "_phase_rows" not in swept
 
 
 def test_kernel_kinds_have_their_own_cache_files():
@@ -469,8 +478,8 @@ def test_kernel_kinds_have_their_own_cache_files():
     processes compiling different kinds at once can leave an index entry naming the other kind's code."""
     from gpu_phase_router.backends import cpu
 
-    kinds = [cpu._phase_rows, cpu._banded_rows, cpu._short_rows]
-    kinds += [cpu._phase_rows_par, cpu._banded_rows_par, cpu._short_rows_par]
+    kinds = [cpu._phase_rows, cpu._swept_rows, cpu._banded_rows, cpu._short_rows, cpu._scan_row, cpu._swept_scan_row]
+    kinds += [cpu._phase_rows_par, cpu._swept_rows_par, cpu._banded_rows_par, cpu._short_rows_par]
     assert len({k.py_func.__qualname__ for k in kinds}) == len(kinds)
     index = [getattr(getattr(getattr(k, "_cache", None), "_cache_file", None), "_index_name", None) for k in kinds]
     if None not in index:  # Numba's own names for the index files, where this Numba exposes them

@@ -3,7 +3,9 @@
 Rows are split into fixed chunks handled by ``numba.prange`` (the phase router's threads claim
 its tasks one at a time: :func:`~._numba_prims.claim`); each row is computed by one thread from
 its own inputs, so the output depends neither on the number of threads nor on which ran a row. All key
-arithmetic is uint64 (constants are ``np.uint64`` so Numba never promotes to float64).
+arithmetic is uint64 (constants are ``np.uint64`` so Numba never promotes to float64). Square rows
+with long windows are routed in phase order, their candidates found by a sweep along the source ring
+(:func:`_rows_kernel`, :func:`_sweeps`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ RING16_LIMIT = 1 << 15  # n_src and n_tgt below this: int16 ring arrays (16-lane
 RING32_LIMIT = 1 << 31  # n_src and n_tgt below this: int32 ring arrays
 _NO_MAP = np.empty(0, dtype=np.int64)  # col_map of the plain phase router (no bands)
 _NO_MAP.setflags(write=False)  # maps are passed read-only, so both paths share one compiled kernel
+_NO_ORDER = np.empty(0, dtype=np.int64)  # order, ev_off and ev_pos of rows routed without a sweep
+SWEEP_MAX_TGT = 1 << 16  # a sweep keeps a bit per ring position per thread: at most 8 KiB
+SWEEP_MIN_DEG = 1024  # mean work per row (about its degree) from which rows are swept: the SPEC-mode call at
+# N = 4096, density 0.3 (degree 1229) took 0.89-0.92x the time of the row-by-row scan, at 2048 (614) 1.0x (Zen 3)
 
 
 @nb.njit(inline="always", cache=True)
@@ -302,6 +308,77 @@ def _compact(x, n_src, ring_start, ring_len, p0, p1, pbuf, cnt):
     return np.int64(cnt)
 
 
+@nb.njit(cache=True)
+def _ring_events(ring_start, ring_len, n_src, ev_off, ev_pos):
+    """The ring positions whose interval starts or stops holding ``x`` between ``x - 1`` and ``x``, by
+    ``x`` (a counting sort): those of ``x`` are ``ev_pos[ev_off[x]:ev_off[x + 1]]`` (``ev_off``: ``n_src
+    + 1`` entries; ``ev_pos``: ``2 n_tgt``); returns how many there are.
+
+    An interval of length ``0 < len < n_src`` starts holding at ``x = start`` and stops at ``(start +
+    len) mod n_src``, two different ``x``; one of length 0 or ``>= n_src`` never changes (SPEC §4). So
+    the set of positions holding ``x`` is that of ``x - 1`` with the positions of ``x`` toggled.
+    """
+    n_tgt = ring_start.shape[0]
+    ev_off[:] = 0
+    for p in range(n_tgt):
+        length = np.int64(ring_len[p])
+        if 0 < length < n_src:
+            start = np.int64(ring_start[p])
+            stop = start + length
+            ev_off[start + 1] += 1
+            ev_off[(stop - n_src if stop >= n_src else stop) + 1] += 1
+    for x in range(n_src):
+        ev_off[x + 1] += ev_off[x]
+    fill = ev_off[:n_src].copy()
+    for p in range(n_tgt):
+        length = np.int64(ring_len[p])
+        if 0 < length < n_src:
+            start = np.int64(ring_start[p])
+            stop = start + length
+            ev_pos[fill[start]] = p
+            fill[start] += 1
+            stop = stop - n_src if stop >= n_src else stop
+            ev_pos[fill[stop]] = p
+            fill[stop] += 1
+    return ev_off[n_src]
+
+
+@nb.njit(inline="always", cache=True)
+def _holding_bits(x, n_src, ring_start, ring_len, bits):
+    """Bit ``p % 64`` of ``bits[p // 64]`` set iff ring position ``p`` holds ``x`` (SPEC §4), for every
+    position: the start of a sweep (:func:`_sweep_to`). Once per task of ``ROWS_PER_TASK`` rows, so
+    position by position (the vector test of :func:`_compact` would compile the kernel longer)."""
+    n_tgt = ring_start.shape[0]
+    for w in range(bits.shape[0]):
+        b = w * MASK_BITS
+        bits[w] = _hits_scalar(ring_start, ring_len, b, min(MASK_BITS, n_tgt - b), x, n_src)
+
+
+@nb.njit(inline="always", cache=True)
+def _sweep_to(bits, x_from, x_to, ev_off, ev_pos):
+    """Move ``bits`` (:func:`_holding_bits` of ``x_from``) to ``x_to >= x_from``: toggle the positions
+    of every ``x`` in ``(x_from, x_to]`` (:func:`_ring_events`)."""
+    for e in range(ev_off[x_from + 1], ev_off[x_to + 1]):
+        p = np.uint64(ev_pos[e])
+        bits[p >> np.uint64(6)] ^= _ONE << (p & np.uint64(63))
+
+
+@nb.njit(inline="always", cache=True)
+def _compact_bits(bits, p0, p1, pbuf, cnt):
+    """:func:`_compact` from the positions' bits (:func:`_holding_bits`): append the set positions in
+    ``[p0, p1)``, ascending, to ``pbuf[cnt:]``; return the new count."""
+    cnt = np.uint64(cnt)
+    for w in range(p0 // MASK_BITS, (p1 + MASK_BITS - 1) // MASK_BITS):
+        b = w * MASK_BITS
+        m = bits[w]
+        if b < p0:
+            m &= _KEY_MAX << np.uint64(p0 - b)
+        if p1 - b < MASK_BITS:
+            m &= (_ONE << np.uint64(p1 - b)) - _ONE
+        cnt = _append_set_bits(pbuf, cnt, m, b)
+    return np.int64(cnt)
+
+
 @nb.njit(inline="always", cache=True)
 def _mark_at_most(kbuf, cnt, bound, mbuf):
     """Bit ``j`` of ``mbuf[q // 64]`` set iff ``kbuf[q] <= bound``, for ``q < cnt``; returns how many are."""
@@ -316,15 +393,24 @@ def _mark_at_most(kbuf, cnt, bound, mbuf):
     return hits
 
 
-@nb.njit(cache=True)
-def _scan_row(
-    lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, row_base, pbuf, kbuf, mbuf, cbuf, keys, cols, k
-):
-    """The bottom-k of the candidates among ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo
+def _named(fn: Any, name: str) -> Any:
+    """``fn`` renamed ``name``: Numba names a function's cache files after its qualified name, and the
+    kinds made from one source would otherwise share one index file, which two processes compiling
+    different kinds at once can leave pointing at the other kind's code."""
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _scan_row_kernel(name: str, swept: bool) -> Any:
+    """A row's scan, named ``name``: ``swept`` (a constant of the compiled code) chooses how the
+    positions holding ``x`` are found, so each kind compiles one way.
+
+    The bottom-k of the candidates among ring positions ``lo, lo + 1, ...`` (``d`` of them, modulo
     ``n_tgt``) into ``keys``/``cols``; returns its size.
 
     Chunks of ``SCAN_CHUNK`` positions (the part of a row past the ring's end continues the same
-    chunk from position 0) are compacted into ``pbuf`` (hit positions, see :func:`_compact`);
+    chunk from position 0) are compacted into ``pbuf`` (hit positions: :func:`_compact`, or
+    :func:`_compact_bits` from the ``bits`` of a sweep, empty when not ``swept``);
     one loop gathers their ``ring_key``, and one vectorisable loop computes their keys and
     marks those at or below a bound: the current k-th smallest key once the bottom-k is full
     (nothing above it can enter), or, for the first chunk of a row holding many more candidates
@@ -335,46 +421,62 @@ def _scan_row(
     reach the update: ranked at once (:func:`_rank_marked`) when they are a row's first (``k`` to
     ``RANK_MAX`` of them, ``k <= SMALL_K``), else offered one by one (:func:`_offer_marked`).
     """
-    n_tgt = ring_col.shape[0]
-    want = k + 4  # k + 4 against 2k + 4: 2-4 % less kernel time at N = 4096, k = 2 and 8 (Zen 3)
-    size = np.int64(0)  # np.int64, not a literal 0: each callee is compiled for one signature
-    t0 = 0
-    while t0 < d:
-        a = lo + t0  # the chunk is ring positions [a, b) of the unrolled ring, b <= 2 n_tgt
-        b = lo + min(d, t0 + SCAN_CHUNK)
-        cnt = np.int64(0)
-        if a < n_tgt:
-            cnt = _compact(x, n_src, ring_start, ring_len, a, min(b, n_tgt), pbuf, cnt)
-        if b > n_tgt:
-            cnt = _compact(x, n_src, ring_start, ring_len, max(a, n_tgt) - n_tgt, b - n_tgt, pbuf, cnt)
-        if size >= k:
-            bound = keys[0] if k > SMALL_K else keys[k - 1]
-        elif size == 0 and cnt > 2 * want:
-            bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
-        else:
-            bound = _KEY_MAX
-        for q in range(cnt):  # a gather, kept apart so that the keying loop below vectorises; the index is
-            kbuf[q] = ring_key[np.uint64(pbuf[q])]  # unsigned: no negative-index wraparound (0.91x at N = 4096)
-        n_blk = (cnt + MASK_BITS - 1) // MASK_BITS
-        hits = _ZERO
-        for blk in range(n_blk):  # keys, and a mask per 64 of those at or below the bound
-            q0 = blk * MASK_BITS
-            m = _ZERO
-            for j in range(min(MASK_BITS, cnt - q0)):
-                kq = _mix64(row_base + kbuf[q0 + j])  # = at(row_base, col): ring_key[p] = G * (col + 1)
-                kbuf[q0 + j] = kq
-                m |= np.uint64(kq <= bound) << np.uint64(j)
-            mbuf[blk] = m
-            hits += _popcount(m)
-        while size < k and hits < np.uint64(k) and bound < _KEY_MAX:  # the provisional bound was too low
-            bound = bound << np.uint64(2) if bound < _KEY_MAX >> np.uint64(2) else _KEY_MAX
-            hits = _mark_at_most(kbuf, cnt, bound, mbuf)
-        if size == 0 and k <= SMALL_K and np.uint64(k) <= hits <= np.uint64(RANK_MAX):
-            size = _rank_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, cbuf, keys, cols, k)
-        elif hits:
-            size = _offer_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, keys, cols, size, k)
-        t0 += SCAN_CHUNK
-    return size
+
+    def scan_row(
+        lo, d, x, n_src, ring_start, ring_len, ring_col, ring_key, bits, row_base, pbuf, kbuf, mbuf, cbuf, keys, cols, k
+    ):
+        n_tgt = ring_col.shape[0]
+        want = k + 4  # k + 4 against 2k + 4: 2-4 % less kernel time at N = 4096, k = 2 and 8 (Zen 3)
+        size = np.int64(0)  # np.int64, not a literal 0: each callee is compiled for one signature
+        t0 = 0
+        while t0 < d:
+            a = lo + t0  # the chunk is ring positions [a, b) of the unrolled ring, b <= 2 n_tgt
+            b = lo + min(d, t0 + SCAN_CHUNK)
+            cnt = np.int64(0)
+            if a < n_tgt:
+                if swept:
+                    cnt = _compact_bits(bits, a, min(b, n_tgt), pbuf, cnt)
+                else:
+                    cnt = _compact(x, n_src, ring_start, ring_len, a, min(b, n_tgt), pbuf, cnt)
+            if b > n_tgt:
+                if swept:
+                    cnt = _compact_bits(bits, max(a, n_tgt) - n_tgt, b - n_tgt, pbuf, cnt)
+                else:
+                    cnt = _compact(x, n_src, ring_start, ring_len, max(a, n_tgt) - n_tgt, b - n_tgt, pbuf, cnt)
+            if size >= k:
+                bound = keys[0] if k > SMALL_K else keys[k - 1]
+            elif size == 0 and cnt > 2 * want:
+                bound = (_KEY_MAX // np.uint64(cnt)) * np.uint64(want)
+            else:
+                bound = _KEY_MAX
+            for q in range(cnt):  # a gather, kept apart so that the keying loop below vectorises; the index is
+                kbuf[q] = ring_key[np.uint64(pbuf[q])]  # unsigned: no negative-index wraparound (0.91x at N = 4096)
+            n_blk = (cnt + MASK_BITS - 1) // MASK_BITS
+            hits = _ZERO
+            for blk in range(n_blk):  # keys, and a mask per 64 of those at or below the bound
+                q0 = blk * MASK_BITS
+                m = _ZERO
+                for j in range(min(MASK_BITS, cnt - q0)):
+                    kq = _mix64(row_base + kbuf[q0 + j])  # = at(row_base, col): ring_key[p] = G * (col + 1)
+                    kbuf[q0 + j] = kq
+                    m |= np.uint64(kq <= bound) << np.uint64(j)
+                mbuf[blk] = m
+                hits += _popcount(m)
+            while size < k and hits < np.uint64(k) and bound < _KEY_MAX:  # the provisional bound was too low
+                bound = bound << np.uint64(2) if bound < _KEY_MAX >> np.uint64(2) else _KEY_MAX
+                hits = _mark_at_most(kbuf, cnt, bound, mbuf)
+            if size == 0 and k <= SMALL_K and np.uint64(k) <= hits <= np.uint64(RANK_MAX):
+                size = _rank_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, cbuf, keys, cols, k)
+            elif hits:
+                size = _offer_marked(mbuf[:n_blk], kbuf, pbuf, ring_col, keys, cols, size, k)
+            t0 += SCAN_CHUNK
+        return size
+
+    return nb.njit(cache=True)(_named(scan_row, name))
+
+
+_scan_row = _scan_row_kernel("_scan_row", swept=False)
+_swept_scan_row = _scan_row_kernel("_swept_scan_row", swept=True)
 
 
 @nb.njit(inline="always", cache=True)
@@ -499,7 +601,7 @@ def _complete_row(row_base, col_map, out_row):
             return
 
 
-def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
+def _rows_kernel(name: str, banded: bool, short_only: bool, swept: bool = False) -> Any:
     """The serial phase-router rows kernel of one kind, named ``name``; the flags are constants of the
     compiled code:
 
@@ -508,7 +610,8 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
     * ``banded=True``: SPEC §13 rows: the columns are mapped to targets by ``col_map`` and each row
       keeps its first ``out.shape[1]`` distinct ones, completed where it has fewer;
     * ``short_only=True`` (banded): every row is short (``deg <= SHORT_DEG``, ``k <= SMALL_K``, checked
-      by the caller) and routed by :func:`_route_short`; the kernel has no ring scan.
+      by the caller) and routed by :func:`_route_short`; the kernel has no ring scan;
+    * ``swept=True`` (square): the rows are routed in the order ``order`` by a sweep (below).
 
     Numba prunes the branches these constants rule out before typing, so a kind compiles only what it
     runs: a square call never compiles the banded code, and a call of short banded rows (MoE shapes)
@@ -522,6 +625,15 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
     each claimed from ``counter`` (int64 ``[1]``, zero before the first call;
     :func:`~._numba_prims.claim`) until none is left: alone, this routes every task in order;
     :func:`_rows_par_kernel` runs it on every thread at once.
+
+    The swept kind routes the rows in the order ``order`` (ascending phase, :func:`_sweep_plan`; the
+    phases given, ``derive`` empty), and a task finds the ring positions holding its first row's
+    phase by testing every position (:func:`_holding_bits`), then those of each next row by toggling
+    the positions whose interval starts or stops in between (:func:`_sweep_to`, from the events
+    ``ev_off``/``ev_pos`` of :func:`_ring_events`). A row's scan then reads its window of those bits
+    (:func:`_compact_bits`) instead of testing each position of it: the same candidate set, so the
+    same row (SPEC §5 depends on the set only). The other kinds take ``order``, ``ev_off`` and
+    ``ev_pos`` empty.
 
     The caller holds the array arguments until this returns, so they are used through borrowed views
     (:func:`_borrow`): the calls and row views below count no references to them (atomic operations,
@@ -544,12 +656,16 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
         row_key,
         derive,
         col_map,
+        order,
+        ev_off,
+        ev_pos,
         out,
         counter,
     ):
         phase, off_s, deg, out = _borrow(phase), _borrow(off_s), _borrow(deg), _borrow(out)
         ring_start, ring_len = _borrow(ring_start), _borrow(ring_len)
         ring_col, ring_key, derive, col_map = _borrow(ring_col), _borrow(ring_key), _borrow(derive), _borrow(col_map)
+        order, ev_off, ev_pos = _borrow(order), _borrow(ev_off), _borrow(ev_pos)
         rows = off_s.shape[0]
         derived = derive.shape[0] > 0
         n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -564,6 +680,7 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
         mbuf = np.empty(SCAN_CHUNK // MASK_BITS, dtype=np.uint64)
         cbuf = np.empty(RANK_MAX, dtype=np.int64)
         xs_all = np.empty(ROWS_PER_TASK if derived else 0, dtype=np.int64)  # a task's derived phases (SPEC §6)
+        bits = np.empty((ring_col.shape[0] + MASK_BITS - 1) // MASK_BITS if swept else 0, dtype=np.uint64)
         for _ in range(n_tasks):
             a = task * ROWS_PER_TASK
             b = min(rows, a + ROWS_PER_TASK)
@@ -571,34 +688,28 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
             # inverse=False as the runtime bool ``not derived``: a literal False compiles a second signature
             if derived:
                 _feistel_fill(row0 + a, n_src, derive[0], np.int64(derive[1]), np.int64(derive[2]), not derived, xs)
-            for i in range(a, b):
+            x_prev = np.int64(-1)
+            for t in range(a, b):
+                i = order[t] if swept else t
                 row_base = _at(row_key, row0 + i)
                 x = xs[i - a] if derived else phase[i]
+                if swept:  # the positions holding x: made at the task's first row, then swept along
+                    if x_prev < 0:
+                        _holding_bits(x, n_src, ring_start, ring_len, bits)
+                    else:
+                        _sweep_to(bits, x_prev, x, ev_off, ev_pos)
+                    x_prev = x
                 lo = off_s[i]
                 if banded and deg[i] <= SHORT_DEG and k <= SMALL_K:
                     _route_short(
                         lo, deg[i], x, n_src, ring_start, ring_len, ring_key, row_base, k, col_map, kbuf, out[i]
                     )
                 elif scan_rows:
-                    d = deg[i]
-                    size = _scan_row(
-                        lo,
-                        d,
-                        x,
-                        n_src,
-                        ring_start,
-                        ring_len,
-                        ring_col,
-                        ring_key,
-                        row_base,
-                        pbuf,
-                        kbuf,
-                        mbuf,
-                        cbuf,
-                        keys,
-                        cols,
-                        k,
-                    )
+                    scan = (lo, deg[i], x, n_src, ring_start, ring_len, ring_col, ring_key, bits, row_base)
+                    if swept:
+                        size = _swept_scan_row(*scan, pbuf, kbuf, mbuf, cbuf, keys, cols, k)
+                    else:
+                        size = _scan_row(*scan, pbuf, kbuf, mbuf, cbuf, keys, cols, k)
                     if banded:
                         _emit_distinct(keys, cols, size, k, col_map, out[i])
                     elif k <= SMALL_K:
@@ -614,21 +725,14 @@ def _rows_kernel(name: str, banded: bool, short_only: bool) -> Any:
     return nb.njit(cache=True)(_named(phase_rows, name))
 
 
-def _named(fn: Any, name: str) -> Any:
-    """``fn`` renamed ``name``: Numba names a function's cache files after its qualified name, and the
-    kinds made from one source would otherwise share one index file, which two processes compiling
-    different kinds at once can leave pointing at the other kind's code."""
-    fn.__name__ = fn.__qualname__ = name
-    return fn
-
-
 _phase_rows = _rows_kernel("_phase_rows", banded=False, short_only=False)  # square rows
+_swept_rows = _rows_kernel("_swept_rows", banded=False, short_only=False, swept=True)  # square rows, by a sweep
 _banded_rows = _rows_kernel("_banded_rows", banded=True, short_only=False)  # banded rows, short and long
 _short_rows = _rows_kernel("_short_rows", banded=True, short_only=True)  # banded rows, every one short
 
 
-def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
-    """The serial kernel :func:`_rows_kernel` ``(banded, short_only)`` on every thread at once: each
+def _rows_par_kernel(name: str, banded: bool, short_only: bool, swept: bool = False) -> Any:
+    """The serial kernel :func:`_rows_kernel` ``(banded, short_only, swept)`` on every thread at once: each
     claims tasks from the shared ``counter`` until none is left, so a thread that starts late or runs
     slowly (a busy or virtualised CPU) takes fewer of them, where a fixed split of the tasks made the
     call wait for that thread's share.
@@ -644,6 +748,8 @@ def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
                 _short_rows(*args)
             elif banded:
                 _banded_rows(*args)
+            elif swept:
+                _swept_rows(*args)
             else:
                 _phase_rows(*args)
 
@@ -651,6 +757,7 @@ def _rows_par_kernel(name: str, banded: bool, short_only: bool) -> Any:
 
 
 _phase_rows_par = _rows_par_kernel("_phase_rows_par", banded=False, short_only=False)
+_swept_rows_par = _rows_par_kernel("_swept_rows_par", banded=False, short_only=False, swept=True)
 _banded_rows_par = _rows_par_kernel("_banded_rows_par", banded=True, short_only=False)
 _short_rows_par = _rows_par_kernel("_short_rows_par", banded=True, short_only=True)
 
@@ -704,6 +811,31 @@ def _popcount_rows_par(words, out):
         a = task * POPCOUNT_TASK
         b = min(rows, a + POPCOUNT_TASK)
         _popcount_rows(words[a:b], out[a:b])
+
+
+def _sweeps(rows: int, work: int, n_src: int, n_tgt: int) -> bool:
+    """Whether square rows of ``work`` units (the sum of their degrees, and ``k + 16`` a row) are routed
+    by a sweep (:func:`_rows_kernel`): each task of ``ROWS_PER_TASK`` rows then tests every ring
+    position once instead of each row testing its own window, and the host lays out ``O(n_src + n_tgt)``
+    events. Worth it where the windows are long: against the ring (degrees above about ``n_tgt / 32``)
+    and in themselves (``SWEEP_MIN_DEG``), as in the dense routers of SPEC mode."""
+    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    return (
+        0 < n_tgt <= SWEEP_MAX_TGT and work >= rows * SWEEP_MIN_DEG and work >= 2 * n_tasks * n_tgt + n_src + 2 * n_tgt
+    )
+
+
+def _sweep_plan(phase: np.ndarray, n_src: int) -> np.ndarray:
+    """int64 row indices in ascending ``phase`` (the phases are distinct, as a permutation's values are):
+    a scatter over ``[0, n_src)`` where the rows cover a good part of it, else a sort."""
+    rows = phase.shape[0]
+    if 8 * rows >= n_src:
+        slot = np.full(n_src, -1, dtype=np.int64)
+        slot[phase] = np.arange(rows, dtype=np.int64)
+        order = slot[slot >= 0]
+        if order.shape[0] == rows:
+            return order
+    return np.argsort(phase, kind="stable").astype(np.int64, copy=False)
 
 
 class CpuBackend:
@@ -768,14 +900,26 @@ class CpuBackend:
                 raise ValueError("phase_rows: perm_key is required when phase is None (derived phases)")
             derive = np.array([perm_key, *feistel_params(n_src)], dtype=np.uint64)
             phase = np.empty(0, dtype=np.int64)
-        phase, off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (phase, off_s, deg))
+        off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (off_s, deg))
         rows = off_s.shape[0]
         out = np.empty((rows, k_out if banded else k), dtype=np.int32)
         scalars = (np.int64(n_src), np.int64(k))
         key = np.uint64(select_key)
         work = deg + (k + 16)
         total = int(deg.sum()) + rows * (k + 16)
-        if cmap.shape[0] == 0:  # square rows (the kernels' test before they came in kinds)
+        events = (_NO_ORDER, _NO_ORDER)
+        if not banded and _sweeps(rows, total, n_src, ring_col.shape[0]):
+            if derive.shape[0]:  # the rows are taken in phase order: the phases are needed up front
+                phase = self.feistel(row0, rows, n_src, int(derive[0]))
+                derive = np.empty(0, dtype=np.uint64)
+            ev_off = np.empty(n_src + 1, dtype=np.int64)
+            ev_pos = np.empty(2 * ring_col.shape[0], dtype=np.int64)
+            _ring_events(ring_start, ring_len, np.int64(n_src), ev_off, ev_pos)
+            events = (ev_off, ev_pos)
+        phase = np.ascontiguousarray(phase, dtype=np.int64)
+        if events[0] is not _NO_ORDER:
+            kernels = (_swept_rows_par, _swept_rows)
+        elif cmap.shape[0] == 0:  # square rows (the kernels' test before they came in kinds)
             kernels = (_phase_rows_par, _phase_rows)
         elif k <= SMALL_K and (rows == 0 or int(deg.max()) <= SHORT_DEG):
             kernels = (_short_rows_par, _short_rows)  # compiles no ring scan
@@ -796,6 +940,8 @@ class CpuBackend:
                 key,
                 derive,
                 cmap,
+                _NO_ORDER if events[0] is _NO_ORDER else _sweep_plan(phase[a:b], n_src),
+                *events,
                 out[a:b],
                 np.zeros(1, dtype=np.int64),  # the chunk's task counter
                 n_threads=t,
