@@ -258,6 +258,7 @@ def test_dense_spec_mode_rows_are_swept():
     assert cpu._sweeps(4096, work(4096, 1229), 4096, 4096)
     assert not cpu._sweeps(1024, work(1024, 307), 1024, 1024)
     assert not cpu._sweeps(4096, work(4096, 1229), 4096, cpu.SWEEP_MAX_TGT + 1)
+    assert not cpu._sweeps(4096, work(4096, 1229), 10**6, 4096)  # a block of a larger result: O(rows + n_tgt)
     n, seed = 4096, 42
     d = np.full(n, 1229)
     got = gpr.route_counts(d, d, k=2, seed=seed)

@@ -818,10 +818,15 @@ def _sweeps(rows: int, work: int, n_src: int, n_tgt: int) -> bool:
     by a sweep (:func:`_rows_kernel`): each task of ``ROWS_PER_TASK`` rows then tests every ring
     position once instead of each row testing its own window, and the host lays out ``O(n_src + n_tgt)``
     events. Worth it where the windows are long: against the ring (degrees above about ``n_tgt / 32``)
-    and in themselves (``SWEEP_MIN_DEG``), as in the dense routers of SPEC mode."""
+    and in themselves (``SWEEP_MIN_DEG``), as in the dense routers of SPEC mode. The events and the
+    phase order take ``O(n_src)`` memory, so a call of few rows of many sources (a block of a larger
+    result) is not swept: its memory stays ``O(rows + n_tgt)``."""
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     return (
-        0 < n_tgt <= SWEEP_MAX_TGT and work >= rows * SWEEP_MIN_DEG and work >= 2 * n_tasks * n_tgt + n_src + 2 * n_tgt
+        0 < n_tgt <= SWEEP_MAX_TGT
+        and n_src <= 8 * (rows + n_tgt)
+        and work >= rows * SWEEP_MIN_DEG
+        and work >= 2 * n_tasks * n_tgt + n_src + 2 * n_tgt
     )
 
 
