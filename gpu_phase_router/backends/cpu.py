@@ -919,7 +919,7 @@ class CpuBackend:
                 derive = np.empty(0, dtype=np.uint64)
             ev_off = np.empty(n_src + 1, dtype=np.int64)
             ev_pos = np.empty(2 * ring_col.shape[0], dtype=np.int64)
-            _ring_events(ring_start, ring_len, np.int64(n_src), ev_off, ev_pos)
+            _rt.run(_ring_events, _ring_events, ring_start, ring_len, np.int64(n_src), ev_off, ev_pos, n_threads=1)
             events = (ev_off, ev_pos)
         phase = np.ascontiguousarray(phase, dtype=np.int64)
         if events[0] is not _NO_ORDER:
