@@ -912,8 +912,9 @@ class CpuBackend:
         key = np.uint64(select_key)
         work = deg + (k + 16)
         total = int(deg.sum()) + rows * (k + 16)
+        swept = not banded and _sweeps(rows, total, n_src, ring_col.shape[0])
         events = (_NO_ORDER, _NO_ORDER)
-        if not banded and _sweeps(rows, total, n_src, ring_col.shape[0]):
+        if swept:
             if derive.shape[0]:  # the rows are taken in phase order: the phases are needed up front
                 phase = self.feistel(row0, rows, n_src, int(derive[0]))
                 derive = np.empty(0, dtype=np.uint64)
@@ -922,7 +923,7 @@ class CpuBackend:
             _rt.run(_ring_events, _ring_events, ring_start, ring_len, np.int64(n_src), ev_off, ev_pos, n_threads=1)
             events = (ev_off, ev_pos)
         phase = np.ascontiguousarray(phase, dtype=np.int64)
-        if events[0] is not _NO_ORDER:
+        if swept:
             kernels = (_swept_rows_par, _swept_rows)
         elif cmap.shape[0] == 0:  # square rows (the kernels' test before they came in kinds)
             kernels = (_phase_rows_par, _phase_rows)
@@ -945,7 +946,7 @@ class CpuBackend:
                 key,
                 derive,
                 cmap,
-                _NO_ORDER if events[0] is _NO_ORDER else _sweep_plan(phase[a:b], n_src),
+                _sweep_plan(phase[a:b], n_src) if swept else _NO_ORDER,
                 *events,
                 out[a:b],
                 np.zeros(1, dtype=np.int64),  # the chunk's task counter
