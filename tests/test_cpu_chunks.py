@@ -48,6 +48,25 @@ def test_phase_rows_chunked_equal_reference(tiny_chunks):
         np.testing.assert_array_equal(gpr.route_counts(d, c, k=k, seed=11, backend="cpu"), want)
 
 
+@pytest.mark.parametrize("given_perms", [False, True])
+def test_swept_rows_chunked_equal_reference(tiny_chunks, given_perms, monkeypatch):
+    """Square rows by a sweep (forced) in dozens of chunks: each chunk's rows in their own phase
+    order, phases derived on the host or given."""
+    from gpu_phase_router.backends import cpu
+
+    monkeypatch.setattr(cpu, "_sweeps", lambda *args: True)
+    rng = np.random.default_rng(6)
+    n_src, n_tgt = 300, 90
+    d = rng.integers(0, n_tgt + 1, n_src)
+    c = rng.integers(0, n_src + 1, n_tgt)
+    ps = rng.permutation(n_tgt) if given_perms else None
+    pt = rng.permutation(n_src) if given_perms else None
+    for k in (1, 3, 40):
+        want = _reference.route_counts(d.tolist(), c.tolist(), k, 11, perm_s=ps, perm_t=pt)
+        got = gpr.route_counts(d, c, k=k, seed=11, perm_s=ps, perm_t=pt, backend="cpu")
+        np.testing.assert_array_equal(got, want)
+
+
 def test_banded_chunked_equal_reference(tiny_chunks):
     """Short banded rows (the direct selection) and long ones (the chunked scan), with repeated targets."""
     rng = np.random.default_rng(9)
