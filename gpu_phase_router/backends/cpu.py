@@ -892,19 +892,16 @@ class CpuBackend:
     ):
         """Phase-router rows in chunks of bounded work (a row costs about ``deg + k`` units); with a
         ``col_map`` the ``k`` selected columns are mapped to targets, ``k_out`` distinct kept (SPEC §13).
-        Derived phases (``phase=None``) are made by the kernel's tasks, on every thread it runs on."""
+        Derived phases (``phase=None``) are made by the kernel's tasks, on every thread it runs on, or,
+        for rows routed by a sweep (taken in phase order), here before the kernel."""
         ring_start, ring_len, ring_col, ring_key = ring
         banded = col_map is not None
         cmap = _NO_MAP
         if banded:
             cmap = np.ascontiguousarray(col_map, dtype=np.int64).view()
             cmap.setflags(write=False)
-        derive = np.empty(0, dtype=np.uint64)
-        if phase is None:
-            if perm_key is None:
-                raise ValueError("phase_rows: perm_key is required when phase is None (derived phases)")
-            derive = np.array([perm_key, *feistel_params(n_src)], dtype=np.uint64)
-            phase = np.empty(0, dtype=np.int64)
+        if phase is None and perm_key is None:
+            raise ValueError("phase_rows: perm_key is required when phase is None (derived phases)")
         off_s, deg = (np.ascontiguousarray(a, dtype=np.int64) for a in (off_s, deg))
         rows = off_s.shape[0]
         out = np.empty((rows, k_out if banded else k), dtype=np.int32)
@@ -913,11 +910,14 @@ class CpuBackend:
         work = deg + (k + 16)
         total = int(deg.sum()) + rows * (k + 16)
         swept = not banded and _sweeps(rows, total, n_src, ring_col.shape[0])
+        derive = np.empty(0, dtype=np.uint64)
+        if phase is None and swept:
+            phase = self.feistel(row0, rows, n_src, perm_key)
+        elif phase is None:
+            derive = np.array([perm_key, *feistel_params(n_src)], dtype=np.uint64)
+            phase = np.empty(0, dtype=np.int64)
         events = (_NO_ORDER, _NO_ORDER)
         if swept:
-            if derive.shape[0]:  # the rows are taken in phase order: the phases are needed up front
-                phase = self.feistel(row0, rows, n_src, int(derive[0]))
-                derive = np.empty(0, dtype=np.uint64)
             ev_off = np.empty(n_src + 1, dtype=np.int64)
             ev_pos = np.empty(2 * ring_col.shape[0], dtype=np.int64)
             _rt.run(_ring_events, _ring_events, ring_start, ring_len, np.int64(n_src), ev_off, ev_pos, n_threads=1)
