@@ -12,8 +12,8 @@
 * per threading layer: one routing call (n=20000, k=4, density 0.3) alone, and 4 Python threads
   each routing it concurrently (``workqueue`` serialises them behind the backend's lock).
 
-Usage: ``python benchmarks/bench_runtime.py [--repeat 3]``; prints a table and writes
-``benchmarks/results/runtime.json``.
+Usage: ``python benchmarks/bench_runtime.py [--repeat 3] [--out FILE]``; prints a table and writes
+``benchmarks/results/runtime.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def child(code: str, env: dict[str, str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.json"))
     args = ap.parse_args()
     out: dict = {"cpus": os.cpu_count(), "cpu": cpu_info(), "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory() as cache:
@@ -131,10 +132,10 @@ def main() -> None:
     print(f"\n{'layer':<12} {'1 call ms':>10} {'4 threads ms':>13}")
     for r in out["layers"]:
         print(f"{r['layer']:<12} {r['one_call_s'] * 1e3:>10.1f} {r['four_threads_s'] * 1e3:>13.1f}")
-    dest = ROOT / "benchmarks" / "results" / "runtime.json"
+    dest = Path(args.out).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten: {dest.relative_to(ROOT)}")
+    print(f"\nwritten: {dest}")
 
 
 if __name__ == "__main__":
