@@ -59,17 +59,22 @@ def tree_combine(partials: Any, n: int) -> float:
     nodes = {(int(lv), int(ix)): float(val) for lv, ix, val in partials}
     if sum(1 << lv for lv, _ in nodes) != n:
         raise ValueError(f"partial sums cover {sum(1 << lv for lv, _ in nodes)} elements; expected {n}")
+    return _node_value(nodes, n, max(0, (n - 1).bit_length()), 0)
 
-    def value(level: int, index: int) -> float:
-        if (level, index) in nodes:
-            return nodes[(level, index)]
-        if index << level >= n:
-            return 0.0  # all padding
-        if level == 0:
-            raise ValueError(f"partial sums do not cover element {index}")
-        return value(level - 1, 2 * index) + value(level - 1, 2 * index + 1)
 
-    return value(max(0, (n - 1).bit_length()), 0)
+def _node_value(nodes: dict[tuple[int, int], float], n: int, level: int, index: int) -> float:
+    """Tree node ``(level, index)`` from the given ``nodes``, adding children where it is absent.
+
+    A module-level function, not a closure over ``nodes``: a recursive closure is a reference cycle
+    that every call would leave to the garbage collector.
+    """
+    if (level, index) in nodes:
+        return nodes[(level, index)]
+    if index << level >= n:
+        return 0.0  # all padding
+    if level == 0:
+        raise ValueError(f"partial sums do not cover element {index}")
+    return _node_value(nodes, n, level - 1, 2 * index) + _node_value(nodes, n, level - 1, 2 * index + 1)
 
 
 def tree_sum(xp: Any, values: Any) -> float:

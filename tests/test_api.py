@@ -5,9 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+from _garbage import garbage_of_ours
 
 import gpu_phase_router as gpr
 from gpu_phase_router import _keys, _reference
+from gpu_phase_router.methods import available_methods
 
 
 def test_defaults_are_the_seeds():
@@ -133,3 +135,16 @@ def test_block_rows_is_the_former_name_of_rows_per_call():
         gpr.route(np.ones(40), caps, k=2, seed=3, block_rows=0)
     with pytest.raises(TypeError, match="rows_per_call only"):
         gpr.route(np.ones(40), caps, k=2, seed=3, block_rows=7, rows_per_call=7)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_a_route_leaves_no_reference_cycles(method):
+    """Training loops that tune or disable the collector must not accumulate our garbage."""
+    caps = np.r_[np.full(8, 4.0), np.ones(56)]
+
+    def call():
+        gpr.route(np.ones(4096), caps, k=2, seed=3, method=method)
+        gpr.route(np.ones(300), np.ones(300), k=3, seed=3, method=method)  # square: not banded
+
+    call()  # compiles or loads the kernels first
+    assert garbage_of_ours(call) == []

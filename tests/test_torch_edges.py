@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed: gpu_phase_router.torch not exercised")
 
+from _garbage import garbage_of_ours  # noqa: E402
+
 from gpu_phase_router.capacity import make_hard_caps  # noqa: E402
 from gpu_phase_router.torch import MoERouter, RoutingPlan  # noqa: E402
 
@@ -76,6 +78,25 @@ def test_resume_in_fresh_process_equals_uninterrupted_run(tmp_path):
     assert got + resumed["experts"] == want
     for p_got, p_want in zip(resumed["params"], want_params, strict=True):
         assert torch.equal(p_got, p_want)
+
+
+@pytest.mark.parametrize(
+    "options", [{"method": m} for m in METHODS] + [{"balance": "aux"}, {"method": "expert_choice"}], ids=str
+)
+def test_a_training_step_leaves_no_reference_cycles(options):
+    """Forward, dispatch, combine and backward free their tensors by reference counting alone."""
+    router = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, seed=2, **options)
+
+    def step():
+        logits = torch.randn(64, 8, requires_grad=True)
+        plan = router(logits)
+        loss = plan.combine(plan.dispatch(torch.randn(64, 4)) * 2).sum()
+        if plan.aux_loss is not None:
+            loss = loss + plan.aux_loss
+        loss.backward()
+
+    step()
+    assert garbage_of_ours(step) == []
 
 
 # --- T = 0 ----------------------------------------------------------------------------------------------------
