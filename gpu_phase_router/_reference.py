@@ -174,6 +174,9 @@ def water_filled_shares(caps: list[float], n_src: int, k: int) -> list[float]:
     pi = [0.0] * len(caps)
     free = [c > 0 for c in caps]
     total = float(n_src * k)
+    top = max(float(c) for c in caps)
+    if math.isinf(total * top):  # SPEC §13: capacities near the float64 limit are scaled by 2^-m first
+        caps = [math.ldexp(float(c), -math.frexp(top)[1]) for c in caps]
     while any(free):
         s = tree_sum([c if f else 0.0 for c, f in zip(caps, free, strict=True)])
         over = [f and total * float(c) / s > n_src for c, f in zip(caps, free, strict=True)]

@@ -51,6 +51,29 @@ def test_spec_route_vectors_reference():
     assert _reference.route(CAPS_2, [1, 0, 2, 0.5] * 10, k=3, seed=7, density=0.6).tolist()[:4] == ROUTE_3
 
 
+@pytest.mark.parametrize("scale", [2.0**1016, 2.0**1019, 1.5 * 2.0**1018])
+def test_capacities_near_the_float64_limit_route_as_scaled_down(scale):
+    """SPEC §13: where n_src * k * max(cap) overflows, the shares are those of the capacities scaled
+    by 2^-m, so they route as the same capacities at any finite smaller power-of-two scale."""
+    caps = [4.0, 3.0, 1.0, 0.0, 1.0, 1.0]
+    big = [c * scale for c in caps]
+    assert not np.isinf(sum(big)) and np.isinf(1000 * 2 * max(big))  # the case: the sum is finite
+    small = [c * scale / 2.0**1020 for c in caps]  # exact: a power of two
+    assert _reference.water_filled_shares(big, 1000, 2) == _reference.water_filled_shares(small, 1000, 2)
+    assert phase.water_filled_shares(np.array(big), 1000, 2).tolist() == _reference.water_filled_shares(small, 1000, 2)
+    want = _reference.route(small, [1] * 300, k=2, seed=1)
+    assert _reference.route(big, [1] * 300, k=2, seed=1).tolist() == want.tolist()
+    got = gpr.route(np.ones(300), big, k=2, seed=1, backend="cpu")
+    assert got.tolist() == want.tolist()
+    assert np.bincount(got[got >= 0], minlength=6)[0] > 2 * np.bincount(got[got >= 0], minlength=6)[2]
+
+
+def test_spec_vector_capacities_near_the_float64_limit():
+    caps = np.array([4.0, 3.0, 1.0, 1.0, 1.0])
+    got = gpr.route(np.ones(1000), caps * 2.0**1016, k=2, seed=1, backend="cpu")
+    assert np.array_equal(got, gpr.route(np.ones(1000), caps, k=2, seed=1, backend="cpu"))
+
+
 def test_hand_derivation_density_one():
     """With density 1 and full column intervals every virtual column is a candidate: R_j is the k_draw
     smallest keys over all V columns, written here from SPEC §5 and §13 directly (no ring machinery)."""

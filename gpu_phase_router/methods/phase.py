@@ -209,10 +209,17 @@ def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLay
 
 def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
     """SPEC §13: float64 ``pi[e] = fair[e] / n_src`` with the fair shares ``n_src * k * cap / sum(cap)``
-    water-filled so that none exceeds ``n_src`` (one slot per source)."""
+    water-filled so that none exceeds ``n_src`` (one slot per source).
+
+    Where ``n_src * k * max(cap)`` overflows, the capacities are first multiplied by ``2^-m``
+    (``m``: the binary exponent of the largest), which is exact for them and leaves every share
+    as it is at any smaller scale; unscaled, every share would be ``inf``."""
     pi = np.zeros(caps.shape[0], dtype=np.float64)
     free = caps > 0
     total = float(n_src * k)
+    top = float(caps.max(initial=0.0))
+    if math.isinf(total * top):  # capacities near the float64 limit: scaled by 2^-m first, exactly
+        caps = np.ldexp(caps, -math.frexp(top)[1])
     while free.any():
         s = tree_sum(np, np.where(free, caps, 0.0))
         share = total * caps / s
