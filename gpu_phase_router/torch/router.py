@@ -29,6 +29,7 @@ from .._tree import tree_sum
 from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_seed, check_weights
 from ..methods import available_methods
 from . import learned
+from ._checkpoint import in_backward, replayed_state
 from ._ops import hard_caps_host, split_seed, uniform_routes
 from ._plan import RoutingPlan, _check_weight_dtype, _plan, host_offsets
 
@@ -214,9 +215,9 @@ class MoERouter(nn.Module):
             + f"capacity_factor={self.capacity_factor}, seed={self.seed}, step={self.step}"
         )
 
-    def _factor(self) -> float:
-        """The capacity factor of the current mode (eval mode: ``eval_capacity_factor`` if set)."""
-        if not self.training and self.eval_capacity_factor is not None:
+    def _factor(self, training: bool | None = None) -> float:
+        """The capacity factor of a mode (default: the current one; eval mode: ``eval_capacity_factor`` if set)."""
+        if not (self.training if training is None else training) and self.eval_capacity_factor is not None:
             return self.eval_capacity_factor
         return self.capacity_factor
 
@@ -232,9 +233,9 @@ class MoERouter(nn.Module):
         n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
         return np.asarray(self._hard_caps(n_tok)[0], dtype=np.int64)
 
-    def _hard_caps(self, n_tok: int) -> tuple[tuple[int, ...], int]:
-        """``(caps, C)`` as host integers for the current mode."""
-        factor = self._factor()
+    def _hard_caps(self, n_tok: int, training: bool | None = None) -> tuple[tuple[int, ...], int]:
+        """``(caps, C)`` as host integers for a mode (default: the current one)."""
+        factor = self._factor(training)
         if math.isinf(factor):
             full = n_tok if self.method == LEARNED_METHOD else n_tok * self.k
             values = tuple(0 if c == 0 else full for c in self._cap_values)
@@ -326,7 +327,20 @@ class MoERouter(nn.Module):
                 raise ValueError(f"method={self.method!r} needs logits; num_tokens alone cannot choose experts")
             n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
             dev = _check_device(device)
-        cap_values, buffer_size = self._hard_caps(n_tok)
+        replay = None if torch.compiler.is_compiling() else replayed_state(self)
+        if replay is None and self.training and not torch.compiler.is_compiling() and in_backward():
+            raise RuntimeError(
+                "MoERouter: a training call inside a backward pass (a checkpointed function recomputed?) "
+                "would route with the state its forward left and advance step and expert_bias twice; "
+                "checkpoint with torch.utils.checkpoint.checkpoint(..., use_reentrant=False, "
+                "context_fn=gpu_phase_router.torch.checkpoint_context)"
+            )
+        if replay is None:  # route with the live state, then update it in training mode
+            seed, step, bias, training = self.seed, self._step_counter, self.expert_bias, self.training
+        else:  # a recomputation: the state its forward used, and no update (SPEC §15)
+            seed, step, bias, training = replay.seed, replay.step, replay.bias, replay.training
+        update = self.training and replay is None
+        cap_values, buffer_size = self._hard_caps(n_tok, training)
         capacity = self._caps_on(cap_values, dev)
         offsets = host_offsets(cap_values)
         if self.method == LEARNED_METHOD:
@@ -334,18 +348,18 @@ class MoERouter(nn.Module):
             rounds = self.reroute_rounds if self.overflow == "reroute" else 0
             meta = dev.type == "meta"  # a plan of shapes only: a meta view of the bias, no update
             plan = learned.topk_plan(
-                logits, capacity, buffer_size, k=self.k, bias=self.expert_bias.to(dev) if meta else self.expert_bias,
+                logits, capacity, buffer_size, k=self.k, bias=bias.to(dev) if meta else bias,
                 share=self._share_on(dev), balance=self.balance, rounds=rounds, rate=self.bias_rate,
-                update=self.training and not meta, process_group=self.process_group, offsets=offsets,
+                update=update and not meta, process_group=self.process_group, offsets=offsets,
             )  # fmt: skip
         elif self.method == "expert_choice":
             assert logits is not None
             plan = learned.expert_choice_plan(logits, capacity, buffer_size, offsets)
         else:
             anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
-            experts = self._uniform(anchor, n_tok, self._step_counter, self.seed)
+            experts = self._uniform(anchor, n_tok, step, seed)
             plan = _plan(experts, capacity, buffer_size, logits, weight_dtype, offsets=offsets)
-        if self.training:
+        if update:
             self._step_counter.add_(1)
         return plan
 
