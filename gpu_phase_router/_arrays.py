@@ -139,6 +139,8 @@ def check_plain_input(name: str, x: Any) -> None:
                 "routes, a zero capacity never receives)"
             )
         return
+    if library_of(x) == TORCH and str(x.layout) != "torch.strided":
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {x.layout} (use .to_dense())")
     if isinstance(x, (list, tuple)):
         try:
             np.shape(x)
@@ -151,9 +153,11 @@ def check_plain_input(name: str, x: Any) -> None:
 
 def _torch_host_dtype(t: Any) -> Any:
     """``t`` itself, or ``t`` in float64 on its own device when NumPy / CuPy cannot hold its dtype
-    (bfloat16 and other reduced floats; converting them to float64 is exact)."""
+    (bfloat16 and other reduced floats; converting them to float64 is exact); a view with a lazy
+    negation or conjugation is materialised first (NumPy and DLPack cannot read those bits)."""
     import torch
 
+    t = t.resolve_conj().resolve_neg()  # views with a lazy negation (e.g. conj().imag) as plain data
     if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
         return t.to(torch.float64)
     return t

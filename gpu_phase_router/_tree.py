@@ -49,7 +49,8 @@ def tree_partials(xp: Any, values: Any, start: int = 0) -> list[tuple[int, int, 
         level = (pos & -pos).bit_length() - 1 if pos else 64
         while pos + (1 << level) > end:
             level -= 1
-        out.append((level, pos >> level, _node_sum(xp, v[pos - start : pos - start + (1 << level)])))
+        with np.errstate(over="ignore"):  # an overflow to inf is reported by the callers
+            out.append((level, pos >> level, _node_sum(xp, v[pos - start : pos - start + (1 << level)])))
         pos += 1 << level
     return out
 
@@ -88,5 +89,4 @@ def tree_sum(xp: Any, values: Any) -> float:
     :func:`tree_combine` give the same bits as this function (which is computed that way).
     """
     v = xp.asarray(values, dtype=xp.float64)
-    with np.errstate(over="ignore"):  # an overflow to inf is reported by the callers
-        return tree_combine(tree_partials(xp, v), v.shape[0])
+    return tree_combine(tree_partials(xp, v), v.shape[0])

@@ -144,6 +144,17 @@ def check_weights(xp: Any, name: str, x: Any) -> Any:
     return x
 
 
+def check_sum(xp: Any, name: str, x: Any) -> float:
+    """The tree sum (SPEC §7) of the float64 vector ``x``, which must be finite: a sum that overflows
+    is invalid input (SPEC §7, §9), where shares would silently come out as 0."""
+    from ._tree import tree_sum
+
+    total = tree_sum(xp, x)
+    if not math.isfinite(total):
+        raise ValueError(f"{name}: the sum of the values overflows float64; rescale them (relative values)")
+    return total
+
+
 def check_int_vector(
     xp: Any, name: str, x: Any, *, length: int | None = None, lo: int = 0, hi: int | None = None
 ) -> Any:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from ._arrays import Namespace, array_namespace, to_numpy
-from ._tree import tree_sum
 from ._validate import check_real
 
 
@@ -77,11 +76,11 @@ def hard_caps(rel_caps: Any, n_src: int, k: int, factor: float, *, factor_name: 
     both compute their caps here. Caps beyond int64 raise ``ValueError`` naming ``factor_name``
     (SPEC §9), never a wrapped value.
     """
-    from ._validate import check_weights
+    from ._validate import check_sum, check_weights
 
     xp, caps, ns = _namespace(rel_caps, "rel_caps")
     caps = check_weights(xp, "rel_caps", caps).astype(xp.float64)
-    total = tree_sum(xp, caps)
+    total = check_sum(xp, "rel_caps", caps)
     with np.errstate(over="ignore"):
         raw = xp.maximum(1.0, xp.ceil(caps / total * n_src * k * factor))
     top = float(raw.max())
@@ -125,7 +124,11 @@ def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
         raise TypeError(f"hard_caps must hold integers; got dtype {caps.dtype}")
     if caps.size and int(caps.min()) < 0:
         raise ValueError(f"hard_caps must be >= 0; got {int(caps.min())}")
+    if caps.dtype.kind == "u":  # a cap of 2^63 or more admits every slot, as 2^63 - 1 does
+        caps = xp.minimum(caps, xp.asarray(np.iinfo(np.int64).max, dtype=caps.dtype))
     n_tgt = int(caps.shape[0])
+    if r.dtype.kind == "u":
+        raise TypeError(f"routes must have a signed integer dtype (dropped slots become -1); got {r.dtype}")
     r = _check_routes(xp, r, n_tgt)
     flat = r.reshape(-1)
     n_slots = int(flat.shape[0])
@@ -166,6 +169,10 @@ def survival_rate(routes: Any, n_tgt: int | None = None) -> float:
     Padding ``-1`` slots (short rows of the phase router) count as not served, as in the crate's
     benchmark. ``n_tgt`` (the crate's ``n``) is optional; if given, targets ``>= n_tgt`` raise.
     """
+    from ._validate import check_int
+
+    if n_tgt is not None:
+        n_tgt = check_int("n_tgt", n_tgt, lo=1)
     xp, r, _ = _namespace(routes, "routes")
     r = _check_routes(xp, r, n_tgt)
     if r.size == 0:
@@ -192,9 +199,12 @@ def load_stats(loads: Any, capacities: Any = None) -> dict[str, float]:
         loads: ``[n_tgt]`` non-negative loads (e.g. from :func:`compute_loads`).
         capacities: optional ``[n_tgt]`` relative capacities ``>= 0``.
     """
-    ld = np.asarray(to_numpy(loads), dtype=np.float64)
-    if ld.ndim != 1 or ld.shape[0] < 1:
-        raise ValueError(f"loads must be a non-empty 1-D array; got shape {ld.shape}")
+    from ._validate import check_nonnegative_weights, check_sum, check_weights
+
+    ld = check_nonnegative_weights(np, "loads", to_numpy(loads))
+    if ld.shape[0] < 1:
+        raise ValueError("loads must not be empty")
+    check_sum(np, "loads", ld)
     mean = float(ld.mean())
     std = float(ld.std())
     stats: dict[str, float] = {
@@ -207,11 +217,10 @@ def load_stats(loads: Any, capacities: Any = None) -> dict[str, float]:
     }
     if capacities is None:
         return stats
-    cap = np.asarray(to_numpy(capacities), dtype=np.float64)
+    cap = check_weights(np, "capacities", to_numpy(capacities))
     if cap.shape != ld.shape:
         raise ValueError(f"capacities must have the shape of loads {ld.shape}; got {cap.shape}")
-    if not np.all(np.isfinite(cap)) or (cap < 0).any() or not (cap > 0).any():
-        raise ValueError("capacities must be finite, >= 0 and not all zero")
+    check_sum(np, "capacities", cap)
     pos = cap > 0
     fair = ld.sum() * cap[pos] / cap.sum()
     ratio = ld[pos] / fair if ld.sum() > 0 else np.zeros(int(pos.sum()))

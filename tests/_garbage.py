@@ -19,7 +19,9 @@ def _ours(obj: Any) -> bool:
     if type(obj).__module__.startswith("gpu_phase_router") or isinstance(obj, np.ndarray):
         return True
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
+    # plain tensors only: the FakeTensors a torch.compile trace leaves are collected at some later
+    # eager call, whoever makes it
+    return torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter)
 
 
 def garbage_of_ours(call: Callable[[], Any]) -> list[str]:

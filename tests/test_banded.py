@@ -68,6 +68,16 @@ def test_capacities_near_the_float64_limit_route_as_scaled_down(scale):
     assert np.bincount(got[got >= 0], minlength=6)[0] > 2 * np.bincount(got[got >= 0], minlength=6)[2]
 
 
+@pytest.mark.parametrize("n_src", [12, 2**53 + 1, 2**62 + 3, 2**63 - 1])
+def test_band_column_counts_near_int64_limit_match_the_reference(n_src):
+    """SPEC §13 ``cv = clip(rint(q / b * n_src), 1, n_src)`` with n_src near 2^63: exactly n_src at
+    the top (float(n_src) rounds up to 2^63 there, which cast to int64 wrapped to -2^63)."""
+    lay = phase.band_layout(np.array([1.0, 1.0, 2.0]), n_src, 1, 1.0)
+    want = _reference.band_layout([1.0, 1.0, 2.0], n_src, 1, 1.0)["counts"]
+    assert np.unique(lay.col_counts).tolist() == sorted(set(want))
+    assert min(want) >= 1
+
+
 def test_spec_vector_capacities_near_the_float64_limit():
     caps = np.array([4.0, 3.0, 1.0, 1.0, 1.0])
     got = gpr.route(np.ones(1000), caps * 2.0**1016, k=2, seed=1, backend="cpu")

@@ -157,6 +157,33 @@ def test_enforce_capacity_rejects_bad_input(routes, caps, exc, match):
         gpr.enforce_capacity(routes, caps)
 
 
+def test_enforce_capacity_unsigned_routes_name_the_argument():
+    """Dropped slots become -1, which an unsigned array cannot hold."""
+    with pytest.raises(TypeError, match="routes.*signed"):
+        gpr.enforce_capacity(np.array([[0, 1]], dtype=np.uint8), np.array([0, 1]))
+
+
+def test_enforce_capacity_caps_beyond_int64_admit_every_slot():
+    routes = np.array([[0, 1], [1, 0], [0, 1]], dtype=np.int32)
+    got = gpr.enforce_capacity(routes, np.array([2**63, 2**64 - 1], dtype=np.uint64))
+    assert got.tolist() == routes.tolist()
+    got = gpr.enforce_capacity(routes, np.array([2**63, 1], dtype=np.uint64))
+    assert got.tolist() == [[0, 1], [-1, 0], [0, -1]]
+
+
+def test_capacity_helpers_reject_overflowing_sums_and_bad_loads():
+    """SPEC §7/§9: a sum that overflows float64 is invalid input (the shares would silently be 0)."""
+    with pytest.raises(ValueError, match="rel_caps.*overflows"):
+        gpr.make_hard_caps([1e308, 1e308], 10, 2)
+    with pytest.raises(ValueError, match="capacities.*overflows"):
+        gpr.load_stats([1, 2], [1e308, 1e308])
+    for bad, exc in [([-1.0, 2.0], ValueError), ([np.nan, 2.0], ValueError), (["a", "b"], TypeError)]:
+        with pytest.raises(exc, match="loads"):
+            gpr.load_stats(bad)
+    with pytest.raises(TypeError, match="n_tgt"):
+        gpr.survival_rate(np.array([[0, 1]]), 4.0)
+
+
 # ── loads, survival, stats ────────────────────────────────────────────────────────────────────
 
 

@@ -57,6 +57,22 @@ def test_bfloat16_elsewhere():
     np.testing.assert_array_equal(got.numpy(), gpr.route(W, CAPS, k=2, seed=3)[:40])
 
 
+def test_torch_views_with_lazy_negation_are_plain_data():
+    """``conj().imag`` of a complex tensor is a real view with torch's negative bit set, which NumPy
+    and DLPack cannot read directly: it routes as the same values do."""
+    neg = torch.tensor(-W, dtype=torch.float32).mul(1j).conj().imag  # = W, negative bit set
+    assert neg.is_neg()
+    np.testing.assert_array_equal(gpr.route(neg, CAPS, k=2, seed=1).numpy(), gpr.route(W, CAPS, k=2, seed=1))
+
+
+@pytest.mark.parametrize("where", ["source_weights", "target_capacities"])
+def test_sparse_tensors_are_rejected_naming_the_argument(where):
+    kwargs = {"source_weights": torch.ones(8), "target_capacities": torch.ones(8)}
+    kwargs[where] = kwargs[where].to_sparse()
+    with pytest.raises(TypeError, match=f"{where}.*dense"):
+        gpr.route(**kwargs, k=2)
+
+
 def test_bfloat16_counts_name_the_argument():
     with pytest.raises(TypeError, match="source_degrees"):
         gpr.route_counts(torch.ones(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.int64), k=1, seed=0)

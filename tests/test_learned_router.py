@@ -254,12 +254,26 @@ def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities(monkeypatc
     assert torch.equal(learned._argmax_rows(x), x.argmax(dim=1))
 
 
+def test_compact_rounds_stop_once_no_token_can_propose():
+    """Skewed logits overflow the first experts, and a tenth of the slots cannot be placed at all
+    (capacity factor 0.9): the CPU rounds stop once no token with an unplaced slot has an eligible
+    expert, however many rounds are asked for, with the plan of as many rounds as they ran."""
+    logits = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) + torch.linspace(2, 0, 16)
+    capacity = torch.tensor(oracle_caps([1.0] * 16, 512, 2, 0.9))
+    trace: list[torch.Tensor] = []
+    _, experts, placed = learned.learned_topk(logits, None, 2, capacity, 5000, trace)
+    assert placed.sum().item() == capacity.sum().item() < 1024  # every expert full, the rest unplaced
+    assert 2 <= len(trace) <= 512 * 2 + 16  # at most one round per accepted slot or filled expert
+    again = learned.learned_topk(logits, None, 2, capacity, len(trace))
+    assert torch.equal(again[1], experts) and torch.equal(again[2], placed)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     n_tok=st.integers(1, 24),
     caps=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=1, max_size=6).filter(lambda c: sum(c) > 0),
     h=st.sampled_from([0.25, 0.5, 1.0, 1.25]),
-    rounds=st.integers(0, 3),
+    rounds=st.sampled_from([0, 1, 2, 3, 40]),  # 40: past the last round that can change anything
     compact=st.booleans(),
     numpy_argmax=st.booleans(),
     data=st.data(),
@@ -284,7 +298,7 @@ def test_learned_topk_equals_oracle(n_tok, caps, h, rounds, compact, numpy_argma
     assert selected.tolist() == o_sel
     assert experts.tolist() == o_exp
     assert placed.tolist() == o_placed
-    # every round's acceptances (the compact CPU path stops early once nothing is unplaced)
+    # every round's acceptances (the compact CPU path stops early once no token can propose)
     got = [r.tolist() for r in trace]
     assert got == o_trace[: len(got)] and all(r == [-1] * n_tok for r in o_trace[len(got) :])
     # through the router: the same routes, SPEC §15 slots on them, never over a cap

@@ -121,6 +121,31 @@ def test_empty_batch_gives_empty_plan(method):
         assert router(num_tokens=0).experts.shape == (0, 2)
 
 
+def test_empty_batch_losses_and_drop_rate_are_zero():
+    """SPEC §16: aux and z losses of T = 0 are 0, not a mean over nothing (NaN), and stay attached."""
+    router = MoERouter(4, 2, balance="aux")
+    logits = torch.zeros(0, 4, requires_grad=True)
+    plan = router(logits)
+    assert plan.aux_loss.item() == 0.0 and plan.z_loss.item() == 0.0
+    (plan.aux_loss + plan.z_loss).backward()
+    assert logits.grad.shape == (0, 4)
+    assert plan.drop_rate().item() == 0.0
+    assert MoERouter(4, 2, method="expert_choice")(torch.zeros(0, 4)).drop_rate().item() == 0.0
+
+
+def test_expert_choice_drop_rate_counts_the_requested_slots():
+    """An expert-choice plan has one slot column per expert; drop_rate counts each token's kept
+    experts up to the router's k: ``1 - sum_t min(kept_t, k) / (T * k)``."""
+    router = MoERouter(2, 1, method="expert_choice", capacity_factor=1.0)
+    assert router(torch.tensor([[5.0, 0.0], [0.0, 5.0]])).drop_rate().item() == 0.0  # one expert each
+    both = router(torch.tensor([[5.0, 5.0], [0.0, 0.0]]))  # both experts take token 0
+    assert both.tokens_per_expert.tolist() == [1, 1] and both.drop_rate().item() == 0.5
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    plan = MoERouter(8, 2, method="expert_choice")(logits)
+    want = 1 - plan.kept.sum(dim=1).clamp(max=2).sum().item() / (64 * 2)
+    assert plan.drop_rate().item() == pytest.approx(want, abs=1e-7)
+
+
 def test_from_experts_empty():
     plan = RoutingPlan.from_experts(torch.zeros(0, 3, dtype=torch.int64), [2, 1])
     assert plan.slot.shape == (0, 3) and plan.dispatch(torch.zeros(0, 4)).shape == (2, 2, 4)
@@ -237,6 +262,25 @@ def test_weight_dtype_must_be_a_floating_torch_dtype(bad):
     assert router.step == 0
 
 
+def test_capacities_whose_sum_overflows_raise():
+    """Their shares would be 0 and every cap 1 (SPEC §7/§9: an overflowing sum is invalid input)."""
+    with pytest.raises(ValueError, match="capacities.*overflows"):
+        MoERouter(2, 1, [1e308, 1e308])
+
+
+@pytest.mark.parametrize("convert", ["bfloat16", "half", "double", "to_bfloat16"])
+def test_expert_bias_stays_float32_when_the_module_is_converted(convert):
+    """SPEC §16: the bias is a float32 buffer; in bfloat16 a 1e-2 step rounds away once |b| >= 4."""
+    router = MoERouter(2, 1, overflow="drop")
+    router = router.to(torch.bfloat16) if convert == "to_bfloat16" else getattr(router, convert)()
+    assert router.expert_bias.dtype == torch.float32 and "expert_bias" in router.state_dict()
+    logits = torch.tensor([[10.0, 0.0]] * 8, dtype=torch.bfloat16)
+    for _ in range(500):
+        router(logits)
+    assert router.expert_bias.dtype == torch.float32
+    assert router.expert_bias.tolist() == pytest.approx([-5.0, 5.0], abs=1e-4)  # 500 steps of 1e-2
+
+
 def test_weight_dtype_is_honoured():
     plan = MoERouter(4, 2, method="phase")(num_tokens=16, weight_dtype=torch.float64)
     assert plan.weights.dtype == torch.float64
@@ -249,6 +293,31 @@ def test_device_argument_is_checked(bad, exc):
 
 
 # --- RoutingPlan.from_experts and combine (issue items 1-3, 5) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "logits,exc",
+    [
+        (torch.zeros(5, 3, dtype=torch.int64), TypeError),
+        (torch.zeros(5, 3, dtype=torch.bool), TypeError),
+        (np.zeros((5, 3)), TypeError),
+        ([[0.0] * 3] * 5, TypeError),
+        (torch.zeros(5, 4), ValueError),
+    ],
+    ids=["int64", "bool", "numpy", "list", "shape"],
+)
+def test_from_experts_checks_logits(logits, exc):
+    experts = torch.tensor([[0, 1], [1, 0], [1, 2], [0, -1], [2, 1]])
+    with pytest.raises(exc, match="logits"):
+        RoutingPlan.from_experts(experts, [3, 2, 2], logits)
+
+
+@pytest.mark.parametrize(
+    "capacity", [np.array([2**64 - 1, 2, 2], dtype=np.uint64), [2**62, 2, 2], torch.tensor([2**62, 2, 2])]
+)
+def test_from_experts_caps_whose_buffer_positions_pass_int64_raise(capacity):
+    with pytest.raises(ValueError, match="capacity"):
+        RoutingPlan.from_experts(torch.tensor([[0, 1], [1, 0]]), capacity)
 
 
 def test_buffer_size_below_largest_cap_raises():

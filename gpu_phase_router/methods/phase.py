@@ -207,6 +207,15 @@ def band_layout(caps: np.ndarray, n_src: int, k: int, density: float) -> BandLay
     return _band_layout_cached(caps.tobytes(), int(n_src), int(k), float(density))
 
 
+def _clip_to_count(x: np.ndarray, n: int) -> np.ndarray:
+    """int64 ``clip(x, 1, n)`` of whole floats ``x``, compared with the integer ``n`` exactly (as
+    Python compares a float with an int): near 2^63 ``float(n)`` rounds, and a float cast past
+    int64 wraps."""
+    fn = float(n)
+    at_top = x > fn if int(fn) < n else x >= fn  # x >= n exactly: no float lies between n and float(n)
+    return np.where(at_top, n, np.maximum(1, np.where(at_top, 1.0, x).astype(np.int64)))
+
+
 def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
     """SPEC §13: float64 ``pi[e] = fair[e] / n_src`` with the fair shares ``n_src * k * cap / sum(cap)``
     water-filled so that none exceeds ``n_src`` (one slot per source).
@@ -262,7 +271,7 @@ def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -
     q = weights / tree_sum(np, weights) * v0
     widths = np.where(weights == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)
     per_col = np.rint(q / np.maximum(widths, 1) * n_src)
-    counts = np.where(weights == 0, 0, np.clip(per_col, 1, n_src)).astype(np.int64)
+    counts = np.where(weights == 0, 0, _clip_to_count(per_col, n_src))
     col_map = np.repeat(np.arange(n_tgt, dtype=np.int64), widths)
     col_counts = counts[col_map]
     col_map32 = col_map.astype(np.int32)

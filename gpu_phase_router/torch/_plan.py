@@ -75,6 +75,8 @@ class RoutingPlan:
             the logits; ``None`` unless the router was built with ``balance="aux"``.
         z_loss: 0-d float32 ``mean(logsumexp(logits)^2)`` (SPEC §16); ``None`` unless
             ``balance="aux"``.
+        requested_k: experts each token asks for where it differs from the slot columns (an
+            expert-choice plan: the router's ``k``), else ``None``; :meth:`drop_rate` counts with it.
     """
 
     experts: torch.Tensor
@@ -89,6 +91,7 @@ class RoutingPlan:
     _packed_position: torch.Tensor = field(repr=False)  # int64 [T*k]: offsets[e] + slot if kept, else sum(cap)
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    requested_k: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -108,8 +111,18 @@ class RoutingPlan:
         return self.slot >= 0
 
     def drop_rate(self) -> torch.Tensor:
-        """Share of the ``T * k`` slots not served (no expert or dropped), a 0-d float tensor."""
-        return 1.0 - self.tokens_per_expert.sum().to(torch.float32) / float(self.slot.numel())
+        """Share of the ``T * k`` requested slots not served, a 0-d float32 tensor (0 when ``T = 0``).
+
+        ``k`` is :attr:`requested_k` where set (an expert-choice plan: the router's ``k``; its
+        ``E`` slot columns are one per expert, and a token served by more than ``k`` experts counts
+        as ``k``), else the plan's slot columns: ``1 - sum_t min(kept slots of t, k) / (T * k)``.
+        """
+        k = self.k if self.requested_k is None else self.requested_k
+        total = self.num_tokens * k
+        if total == 0:
+            return torch.zeros((), dtype=torch.float32, device=self.slot.device)
+        served = self.kept.sum(dim=1).clamp(max=k).sum() if k < self.k else self.tokens_per_expert.sum()
+        return 1.0 - served.to(torch.float32) / float(total)
 
     @property
     def packed_size(self) -> int:
@@ -233,7 +246,17 @@ class RoutingPlan:
             )
         if top is None and capacity.device.type != "meta":  # checked on the device, no synchronisation
             torch._assert_async(capacity.max() <= buffer_size, "buffer_size must be >= max(capacity)")
+        n_exp = int(capacity.shape[0])
+        if n_exp * buffer_size >= 1 << 63 or int(caps_host.sum(dtype=object)) >= 1 << 63:
+            raise ValueError(
+                f"capacity and buffer_size must keep E * buffer_size and sum(capacity) below 2^63 (buffer "
+                f"positions are int64); got E = {n_exp}, buffer_size = {buffer_size}"
+            )
         weight_dtype = _check_weight_dtype(weight_dtype)
+        if logits is not None and not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits must be a torch.Tensor [T, E] or None; got {type(logits).__name__}")
+        if logits is not None and not logits.dtype.is_floating_point:
+            raise TypeError(f"logits must have a floating dtype; got {logits.dtype}")
         if logits is not None and (logits.ndim != 2 or tuple(logits.shape) != (experts.shape[0], capacity.shape[0])):
             raise ValueError(
                 f"logits must have shape [T, E] = [{experts.shape[0]}, {capacity.shape[0]}]; got {tuple(logits.shape)}"
@@ -310,6 +333,8 @@ def _check_capacity(capacity: Any, device: torch.device) -> torch.Tensor:
 
 
 def _check_capacity_values(values: np.ndarray) -> None:
+    if values.dtype.kind == "u" and (values > np.iinfo(np.int64).max).any():
+        raise ValueError("capacity must hold values below 2^63 (int64)")
     if values.dtype.kind == "f":
         if not np.isfinite(values).all() or (values != np.floor(values)).any():
             bad = values[~np.isfinite(values) | (values != np.floor(values))].ravel()[0]

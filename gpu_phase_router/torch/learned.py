@@ -6,8 +6,8 @@ an explicit tie rule (the lower expert or token index): selection by first-index
 sorts by an integer key that orders float32 values (:func:`order_key`), so the same logits give the
 same plan on every device. The work is torch operations with shapes fixed by ``T``, ``E``, ``k``
 and the number of rounds, with nothing read back to the host; only on the CPU do the rerouting
-rounds look at the tokens that still have an unplaced slot (``COMPACT_ON_CPU``; same result; not
-under ``torch.compile``), and the argmax passes run through NumPy (:func:`_argmax_rows`; same
+rounds look at the tokens that can still propose and stop without one (``COMPACT_ON_CPU``; same
+result; not under ``torch.compile``), and the argmax passes run through NumPy (:func:`_argmax_rows`; same
 indices).
 """
 
@@ -199,17 +199,21 @@ def learned_topk(
 
     # rounds: avail is -inf where the token already uses the expert (a selected expert that
     # dropped the slot is full, so it is out of reach either way) or the expert has no room.
-    # Eager on the CPU the rounds look at the tokens with an unplaced slot only and stop when there
-    # are none (a host read, harmless there); compiled on the CPU a round runs only while a slot is
-    # unplaced (torch.cond); elsewhere every round looks at every token, with fixed shapes and no
-    # host read. All give the same plan: a round without unplaced slots changes nothing.
+    # Eager on the CPU the rounds look at the tokens that can propose (an unplaced slot, an
+    # eligible expert) only and stop when there are none (a host read, harmless there); compiled on
+    # the CPU a round runs only while a slot is unplaced (torch.cond); elsewhere every round looks
+    # at every token, with fixed shapes and no host read. All give the same plan: a round in which
+    # no token proposes changes nothing, then or later.
     cap_ext = torch.cat([capacity, capacity.new_zeros(1)])
     experts = selected.clone()
     state = (avail, experts, placed, load)
     compiling = torch.compiler.is_compiling()
     for _ in range(rounds):
         if dev.type == "cpu" and COMPACT_ON_CPU and not compiling:
-            rows = (~state[2]).any(dim=1).nonzero().squeeze(1)
+            # the tokens that propose: an unplaced slot and an eligible expert (room only shrinks,
+            # so a round in which no token proposes leaves every later round the same: stop)
+            room = cap_ext[:n_exp] > state[3]
+            rows = ((~state[2]).any(dim=1) & ((state[0] > float("-inf")) & room).any(dim=1)).nonzero().squeeze(1)
             if rows.shape[0] == 0:
                 break
             sub, accepted = _round(score[rows], state[0][rows], state[1][rows], state[2][rows], state[3], cap_ext)
@@ -339,11 +343,15 @@ def balance_losses(
 
     ``aux = sum_{e: share_e > 0} f_e * P_e / share_e`` with ``f_e`` the share of the ``T * k``
     selected slots naming ``e`` and ``P_e`` the mean softmax probability of ``e``;
-    ``z = mean_t logsumexp(logits[t])^2``. Differentiable in the logits (``aux`` through ``P``).
+    ``z = mean_t logsumexp(logits[t])^2``; both 0 when ``T = 0``. Differentiable in the logits
+    (``aux`` through ``P``).
     """
     n_tok, k = selected.shape
     n_exp = logits.shape[1]
     work = logits.to(torch.float32)
+    if n_tok == 0:  # no tokens: both 0 (a mean over none would be NaN), still attached to the logits
+        zero = work.sum() * 0.0
+        return zero, zero.clone()
     flat = selected.reshape(-1)
     frac = _counts(flat, torch.ones_like(flat), n_exp).to(torch.float32) / float(n_tok * k)
     prob = torch.softmax(work, dim=1).mean(dim=0)
@@ -447,13 +455,19 @@ def topk_plan(
 
 
 def expert_choice_plan(
-    logits: torch.Tensor, capacity: torch.Tensor, buffer_size: int, offsets: tuple[int, ...] | None = None
+    logits: torch.Tensor,
+    capacity: torch.Tensor,
+    buffer_size: int,
+    offsets: tuple[int, ...] | None = None,
+    requested_k: int | None = None,
 ) -> RoutingPlan:
-    """The SPEC §16 plan of ``method="expert_choice"``: ``[T, E]`` slots, column ``e`` for expert ``e``."""
+    """The SPEC §16 plan of ``method="expert_choice"``: ``[T, E]`` slots, column ``e`` for expert ``e``
+    (``requested_k``: the router's ``k``, which the plan's ``drop_rate`` counts against)."""
     chosen = expert_choice(logits, capacity, buffer_size)  # buffer_size = max(capacity), a host integer
     col = torch.arange(logits.shape[1], device=logits.device, dtype=torch.int64).unsqueeze(0)
     experts = torch.where(chosen, col, -1)
-    return _plan(experts, capacity, buffer_size, logits, None, offsets=offsets)
+    plan = _plan(experts, capacity, buffer_size, logits, None, offsets=offsets)
+    return plan if requested_k is None else dataclasses.replace(plan, requested_k=requested_k)
 
 
 __all__ = [

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._arrays import check_plain_input, to_numpy
 from .._tree import tree_sum
-from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_seed, check_weights
+from .._validate import SIZE_LIMIT, check_density, check_int, check_k, check_seed, check_sum, check_weights
 from ..methods import available_methods
 from . import learned
 from ._checkpoint import in_backward, replayed_state
@@ -164,6 +164,7 @@ class MoERouter(nn.Module):
             caps = check_weights(np, "capacities", to_numpy(capacities))
             if caps.shape[0] != self.num_experts:
                 raise ValueError(f"capacities must have length num_experts={self.num_experts}; got {caps.shape[0]}")
+            check_sum(np, "capacities", caps)
         self.capacities = np.ascontiguousarray(caps, dtype=np.float64)
         self._cap_values = tuple(float(c) for c in self.capacities)
         self.capacity_factor = _check_factor(capacity_factor)
@@ -185,6 +186,15 @@ class MoERouter(nn.Module):
         # routing op reads it without a device synchronisation; compiled graphs take it as input
         self._step_counter = torch.zeros((), dtype=torch.int64)
         self._caps_cache: OrderedDict[tuple[tuple[int, ...], str], torch.Tensor] = OrderedDict()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoERouter:
+        """``Module.to``/``.half()``/``.cuda()`` and the like move ``expert_bias`` but keep it float32
+        (SPEC §16: in bfloat16 a ``1e-2`` step rounds away once ``|b| >= 4``)."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device)
+        return self
 
     # step: settable, checkpointed (with the seed) through get_extra_state / set_extra_state
     @property
@@ -354,7 +364,7 @@ class MoERouter(nn.Module):
             )  # fmt: skip
         elif self.method == "expert_choice":
             assert logits is not None
-            plan = learned.expert_choice_plan(logits, capacity, buffer_size, offsets)
+            plan = learned.expert_choice_plan(logits, capacity, buffer_size, offsets, requested_k=self.k)
         else:
             anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
             experts = self._uniform(anchor, n_tok, step, seed)
