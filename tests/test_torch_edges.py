@@ -262,6 +262,37 @@ def test_weight_dtype_must_be_a_floating_torch_dtype(bad):
     assert router.step == 0
 
 
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        ({"eval_capacity_factor": 1e300}, ValueError, "eval_capacity_factor"),
+        ({"density": 0.3}, ValueError, "density"),
+        ({"method": "expert_choice", "density": 0.3}, ValueError, "density"),
+        ({"process_group": "world"}, TypeError, "process_group"),
+    ],
+)
+def test_router_options_are_checked_at_construction(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        MoERouter(4, 2, **kwargs)
+
+
+def test_weight_dtype_with_logits_raises():
+    """The weights take the logits' dtype; a weight_dtype beside logits would be ignored."""
+    with pytest.raises(TypeError, match="weight_dtype"):
+        MoERouter(4, 2)(torch.zeros(8, 4), weight_dtype=torch.float64)
+    with pytest.raises(TypeError, match="weight_dtype"):
+        RoutingPlan.from_experts(torch.zeros(8, 1, dtype=torch.int64), [8, 8, 8, 8], torch.zeros(8, 4),
+                                 weight_dtype=torch.float64)  # fmt: skip
+
+
+def test_extra_state_without_step_names_it():
+    router = MoERouter(4, 2, method="hash")
+    state = router.state_dict()
+    state["_extra_state"] = {"seed": 3}
+    with pytest.raises(ValueError, match="step"):
+        router.load_state_dict(state)
+
+
 def test_capacities_whose_sum_overflows_raise():
     """Their shares would be 0 and every cap 1 (SPEC §7/§9: an overflowing sum is invalid input)."""
     with pytest.raises(ValueError, match="capacities.*overflows"):

@@ -253,6 +253,8 @@ class RoutingPlan:
                 f"positions are int64); got E = {n_exp}, buffer_size = {buffer_size}"
             )
         weight_dtype = _check_weight_dtype(weight_dtype)
+        if logits is not None and weight_dtype is not None:
+            raise TypeError("weight_dtype applies without logits only (with logits the weights take their dtype)")
         if logits is not None and not isinstance(logits, torch.Tensor):
             raise TypeError(f"logits must be a torch.Tensor [T, E] or None; got {type(logits).__name__}")
         if logits is not None and not logits.dtype.is_floating_point:

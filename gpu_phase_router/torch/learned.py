@@ -418,6 +418,13 @@ def check_options(
                 raise ValueError(f"{name} applies to method='topk' only; method={method!r} must keep its default")
     elif process_group is not None and balance != "bias":
         raise ValueError("process_group applies to balance='bias' only (it sums the routed counts)")
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or None; got {type(process_group).__name__}"
+            )
     return balance, overflow, int(reroute_rounds), float(bias_rate), eval_capacity_factor
 
 

@@ -175,11 +175,21 @@ class MoERouter(nn.Module):
             method, balance, overflow, reroute_rounds, bias_rate, eval_capacity_factor, process_group
         )
         self.balance, self.overflow, self.reroute_rounds, self.bias_rate, self.eval_capacity_factor = options
+        if self.eval_capacity_factor is not None and math.isfinite(self.eval_capacity_factor):
+            try:  # caps beyond int64 raise now, naming the eval factor
+                hard_caps_host(self._cap_values, 1, self.k, self.eval_capacity_factor)
+            except ValueError:
+                raise ValueError(
+                    f"eval_capacity_factor={eval_capacity_factor} gives hard caps beyond int64 (2^63 - 1); "
+                    "use a smaller factor, or math.inf for no caps in eval mode"
+                ) from None
         self.process_group = process_group
         self.expert_bias: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self._share_cache: dict[str, torch.Tensor] = {}
         self.seed = check_seed(seed)
+        if density is not None and method in LEARNED_METHODS:
+            raise ValueError(f"density applies to the package's routing methods; method={method!r} takes none")
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
         # a host (CPU) tensor, not a buffer: it stays on the host when the module moves, so the
@@ -210,6 +220,8 @@ class MoERouter(nn.Module):
         return {"seed": self.seed, "step": self.step}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"MoERouter state must be a dict with 'step' (and 'seed'); got {state!r}")
         if "seed" in state:
             self.seed = check_seed(state["seed"])
         self.step = state["step"]
@@ -327,6 +339,8 @@ class MoERouter(nn.Module):
         if logits is not None:
             if num_tokens is not None or device is not None:
                 raise TypeError("give either logits or num_tokens (and device), not both")
+            if weight_dtype is not None:
+                raise TypeError("weight_dtype applies without logits only (with logits the weights take their dtype)")
             logits = self._check_logits(logits)
             # int(): the hard caps and C depend on T, so a compiled graph specialises on it
             n_tok, dev = int(logits.shape[0]), logits.device
