@@ -154,6 +154,8 @@ def test_is_lazy():
         (da.ones(10, chunks=5), [1.0, 2.0], {"k": 2, "method": "greedy"}, ValueError, "method"),
         (da.ones(10, chunks=5), [1.0, 2.0], {"k": 2, "rows_per_call": 0}, ValueError, "rows_per_call"),
         (da.ones(2**30, chunks=2**28), [1.0] * 8, {"k": 4, "method": "systematic"}, ValueError, "2\\^31"),
+        # SPEC §11: seven equal capacities round to U = 2^31 - 2 units < n_src * k = 2^31
+        (da.ones(2**30, chunks=2**28), [1.0] * 7, {"k": 2, "method": "systematic"}, ValueError, "<= U ="),
     ],
 )
 def test_structural_errors_raise_at_construction(weights, caps, kw, exc, match):

@@ -82,8 +82,11 @@ def systematic_rows(
 
 
 def check(rr: RowRange) -> None:
-    """The checks that need only sizes (SPEC §11), run by the entry points before any work."""
+    """The checks of SPEC §11 that need no device data, run by the entry points before any work:
+    the sizes, and with host capacities their units too (so a lazy Dask route raises when built)."""
     check_systematic_slots(rr.n_src, rr.k)
+    if isinstance(rr.caps, np.ndarray):
+        check_systematic_slots(rr.n_src, rr.k, int(capacity_cum(np, np.asarray(rr.caps, dtype=np.float64))[-1]))
 
 
 def rows(be: Any, rr: RowRange) -> Array:
