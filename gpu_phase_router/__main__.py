@@ -59,8 +59,9 @@ def demo(args: argparse.Namespace) -> int:
         f"gpu_phase_router demo: {n_tok} tokens -> {n_exp} experts, k={k}, seed={args.seed}, "
         f"headroom {args.headroom}x, on {where}"
     )
+    levels = ", ".join(f"{int((caps == c).sum())} at {c:g}x" for c in sorted(set(caps.tolist()), reverse=True))
     print(
-        "capacities: strong heterogeneity (10% of experts at 8x, 20% at 2x, the rest 1x); "
+        f"capacities: the strong profile (10% of experts at 8x, 20% at 2x, the rest 1x: {levels}); "
         f"hard caps total {int(hard.sum())} slots for {n_tok * k} requested\n"
     )
 
@@ -168,12 +169,17 @@ def _number(parse: Callable[[str], Any], what: str, lo: float, hi: float | None 
 
 
 _positive_int = _number(int, "a whole number >= 1", 1)
+_size = _number(int, "a whole number in [1, 2^27]", 1, (1 << 27) + 1)  # a demo: up to ~1 GB of arrays
 _seed = _number(int, "a whole number in [0, 2^64)", 0, 1 << 64)
 _headroom = _number(float, "a finite number >= 1", 1.0)
 
 
+PLOT_FILES = ("capacity_vs_load.png", "load_capacity_ratio.png")
+
+
 def _check_out_dir(ap: argparse.ArgumentParser, out: str) -> None:
-    """``--out`` must be a folder we can create and write (checked before any routing)."""
+    """``--out`` must be a folder we can create and write, and the plots' names free for files
+    (checked before any routing)."""
     try:
         import matplotlib  # noqa: F401  (without it no plots are written, so --out is unused)
     except ImportError:
@@ -184,10 +190,13 @@ def _check_out_dir(ap: argparse.ArgumentParser, out: str) -> None:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as exc:
         ap.error(f"argument --out: cannot write plots to {out!r}: {exc.strerror or exc}")
+    taken = [name for name in PLOT_FILES if (path / name).exists() and not (path / name).is_file()]
+    if taken:
+        ap.error(f"argument --out: {out!r} holds {', '.join(taken)}, which is not a file; choose another folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="gpu-phase-router", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="gpu-phase-router", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = ap.add_subparsers(dest="command")
     d = sub.add_parser(
         "demo",
@@ -198,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "capacity_vs_load.png and load_capacity_ratio.png (needs matplotlib: "
         f"{PLOT_HINT}).",
     )
-    d.add_argument("--experts", type=_positive_int, default=512, help="number of experts (targets); default 512")
-    d.add_argument("--tokens", type=_positive_int, default=4096, help="number of tokens (sources); default 4096")
+    d.add_argument("--experts", type=_size, default=512, help="number of experts (targets); default 512")
+    d.add_argument("--tokens", type=_size, default=4096, help="number of tokens (sources); default 4096")
     d.add_argument("-k", "--k", type=_positive_int, default=4, help="experts per token; default 4")
     d.add_argument("--seed", type=_seed, default=42, help="routing and capacity-profile seed; default 42")
     d.add_argument(
@@ -216,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: the GPU when CuPy and a CUDA device are usable, else the CPU; default auto",
     )
+    d.set_defaults(parser=d)  # errors about several options print the demo's usage
     return ap
 
 
@@ -224,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "demo":
+        sub = args.parser
         if args.k > args.experts:
-            ap.error(f"argument --k: must be between 1 and --experts={args.experts}; got {args.k}")
+            sub.error(f"argument --k: must be between 1 and --experts={args.experts}; got {args.k}")
         if not args.tokens * args.k * args.headroom < 2.0**62:
-            ap.error(
+            sub.error(
                 f"argument --headroom: {args.headroom:g} x {args.tokens} tokens x k={args.k} slots is too "
                 "large for integer hard caps"
             )
-        _check_out_dir(ap, args.out)
+        _check_out_dir(sub, args.out)
         return demo(args)
     ap.print_help()
     return 2

@@ -323,7 +323,7 @@ def ring_size(target_capacities: Any, *, n_src: int, k: int = 4, density: float 
     if target_capacities is None:
         raise TypeError("target_capacities is required: all n_tgt capacities")
     caps = check_weights(np, "target_capacities", to_numpy(target_capacities))
-    n_src = check_int("n_src", n_src, lo=1)
+    n_src = check_size("n_src", n_src)
     k = check_k(k, int(caps.shape[0]))
     rr = RowRange(caps, n_src, 0, 0, k, 0, density=check_density(density))
     return m.ring_size(rr)

@@ -235,17 +235,16 @@ def build_bits(ones_per_row: Any, n: int) -> np.ndarray:
     if bool((ones < 0).any()):
         raise ValueError(f"ones_per_row must be >= 0 in its first n entries; got minimum {ones.min()}")
     ones = np.minimum(ones, n).astype(np.int64)  # clip first: a float above 2^63 stays in range
-    nbw = (n + 63) // 64
-    bit = np.arange(nbw * 64, dtype=np.int64)
-    mask = (bit[None, :] < ones[:, None]).reshape(n, nbw, 64)
-    weights = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
-    return np.bitwise_or.reduce(np.where(mask, weights, np.uint64(0)), axis=2).reshape(-1)
+    from .api import left_aligned_bits
+
+    return left_aligned_bits(ones, n).reshape(-1)  # word by word: memory of the output only
 
 
 def hash_route(n: int, k: int, seed: int = 0) -> np.ndarray:
     """The crate's baseline: ``np.random.default_rng(seed).integers(0, n, size=(n, k), dtype=np.int32)``."""
     n = check_int("n", n, lo=1)
     k = check_int("k", k, lo=1)
+    seed = check_seed(seed)  # NumPy's generator takes any non-negative integer; the crate a u64
     return np.random.default_rng(seed).integers(0, n, size=(n, k), dtype=np.int32)
 
 
@@ -267,7 +266,17 @@ def make_hard_caps(rel_caps: Any, n: int, k: int, headroom: float = 1.2) -> np.n
     k = check_int("k", k, lo=1)
     rel = check_weights(np, "rel_caps", to_numpy(rel_caps))
     headroom = check_real("headroom", headroom, lo=0.0, lo_open=True)
-    return np.ceil((rel / rel.sum()) * n * k * headroom).clip(1).astype(int)
+    with np.errstate(over="ignore"):
+        total = rel.sum()
+    if not np.isfinite(total):  # the crate's caps would all be 1: invalid input here (SPEC §9)
+        raise ValueError("rel_caps: the sum of the values overflows float64; rescale them (relative values)")
+    with np.errstate(over="ignore"):
+        caps = np.ceil((rel / rel.sum()) * n * k * headroom).clip(1)
+    if not float(caps.max()) < 2.0**63:  # never a wrapped cap
+        raise ValueError(
+            f"headroom={headroom} with n={n} and k={k} gives hard caps beyond int64; use a smaller headroom"
+        )
+    return caps.astype(int)
 
 
 def route(

@@ -246,6 +246,12 @@ def test_route_block_validation(over, exc, match):
         _ok_phase(**over)
 
 
+def test_ring_size_checks_n_src_like_route_block():
+    with pytest.raises(ValueError, match="n_src"):
+        blocks.ring_size(np.ones(4), n_src=2**70, k=2)  # was OverflowError from a C long
+    assert blocks.ring_size(np.ones(4), n_src=2**63 - 1, k=2) >= 4
+
+
 def test_route_block_systematic_validation():
     with pytest.raises(ValueError, match="uniform"):
         gpr.route_block(np.array([1.0, 2.0]), np.ones(4), n_src=10, row0=0, k=2, method="systematic")

@@ -56,6 +56,37 @@ def test_build_bits_masked():
     np.testing.assert_array_equal(prr.build_bits(plain, 3), [1, 3, 1])
 
 
+def test_build_bits_memory_is_that_of_its_output():
+    """A dense [n, words, 64] mask took 2.4 GB at n = 16384 for a 33 MB result."""
+    import tracemalloc
+
+    n = 4096
+    tracemalloc.start()
+    try:
+        got = prr.build_bits(np.full(n, int(0.3 * n)), n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * got.nbytes  # the 64x mask would be 64 * 8 = 512 bytes per output byte
+    row = [2**64 - 1] * 19 + [2**12 - 1] + [0] * 44  # 1228 = 19 * 64 + 12 ones, left-aligned
+    assert (got.reshape(n, 64) == np.array(row, dtype=np.uint64)).all()
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: prr.make_hard_caps([1.0, 2.0], 10, 2, 1e300), "headroom"),
+        (lambda: prr.make_hard_caps([1e308, 1e308], 10, 2), "rel_caps"),
+        (lambda: prr.hash_route(8, 2, -1), "seed"),
+        (lambda: prr.hash_route(8, 2, 2**64), "seed"),
+    ],
+)
+def test_invalid_input_the_crate_would_take_raises(call, name):
+    """The crate wraps such caps to negative numbers or sets every cap to 1; SPEC §9 raises."""
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
 def test_hash_route_is_the_crates_generator():
     np.testing.assert_array_equal(
         prr.hash_route(50, 3, seed=9), np.random.default_rng(9).integers(0, 50, size=(50, 3), dtype=np.int32)

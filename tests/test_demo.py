@@ -117,6 +117,8 @@ def test_demo_cuda_without_gpu_says_how_to_install():
         (["--tokens", "-3"], "--tokens"),
         (["--repeat", "0"], "--repeat"),
         (["--out", "/proc/nope/x"], "--out"),
+        (["--tokens", "2000000000"], "--tokens"),
+        (["--experts", "2", "-k", "3"], "--k"),
     ],
 )
 def test_demo_bad_options_are_usage_errors(bad, option, capsys):
@@ -126,3 +128,19 @@ def test_demo_bad_options_are_usage_errors(bad, option, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage:") and option in err and "Traceback" not in err
+
+
+def test_demo_errors_about_several_options_show_the_demo_usage(capsys):
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--experts", "2", "-k", "3"])
+    assert "gpu-phase-router demo: error: argument --k" in capsys.readouterr().err
+
+
+def test_demo_out_folder_holding_a_folder_named_like_a_plot_is_refused_before_routing(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "capacity_vs_load.png").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main([*SMALL, "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and "capacity_vs_load.png" in err and "--out" in err
+    assert "survival" not in out  # nothing was routed
