@@ -164,14 +164,46 @@ def test_training_call_in_a_backward_without_the_context_raises(use_reentrant):
         y.square().sum().backward()
 
 
-def test_eval_mode_checkpointing_needs_no_context():
-    """Eval calls change no state, so a recomputation routes as the forward did."""
+@pytest.mark.parametrize("switch", ["eval", "train"])
+def test_mode_switched_before_the_backward(switch):
+    """The recomputation routes in the forward's mode: with the context a router switched to eval
+    (or to train) between forward and backward gives the plain gradients; without it the call in the
+    backward raises (it would route in the new mode)."""
     p = _weights()
-    router = MoERouter(E, 2, method="phase").eval()
-    x = p["xs"][0].clone().requires_grad_()
-    checkpoint(_layer, router, x, p, use_reentrant=False).square().sum().backward()
-    want = x.grad
-    x = p["xs"][0].clone().requires_grad_()
-    _layer(router, x, p).square().sum().backward()
-    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
-    assert router.step == 0
+    grads = []
+    for ckpt in (False, True):
+        router = MoERouter(E, 2, method="phase", eval_capacity_factor=4.0)
+        router.train(switch == "eval")
+        x = p["xs"][0].clone().requires_grad_()
+        loss = (_ckpt(_layer, router, x, p) if ckpt else _layer(router, x, p)).square().sum()
+        router.train(switch != "eval")
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    router = MoERouter(E, 2, method="phase").train(switch == "eval")
+    loss = checkpoint(_layer, router, p["xs"][0].clone().requires_grad_(), p, use_reentrant=False).sum()
+    router.train(switch != "eval")
+    with pytest.raises(RuntimeError, match="checkpoint_context"):
+        loss.backward()
+
+
+def test_compiled_checkpointed_router_never_gives_silently_wrong_gradients():
+    """Under torch.compile a checkpointed router either raises (the eager recomputation's error) or
+    gives the eager gradients: a compiled recomputation used to read the step after its increment."""
+    p = _weights()
+    x = p["xs"][0]
+    router = MoERouter(E, 2, method="phase", seed=3)
+    xx = x.clone().requires_grad_()
+    _layer(router, xx, p).square().sum().backward()
+    want = xx.grad
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda r, y: checkpoint(_layer, r, y, p, use_reentrant=False), backend="aot_eager")
+    router = MoERouter(E, 2, method="phase", seed=3)
+    xx = x.clone().requires_grad_()
+    try:
+        compiled(router, xx).square().sum().backward()
+    except RuntimeError as exc:
+        assert "checkpoint_context" in str(exc)
+    else:
+        torch.testing.assert_close(xx.grad, want, rtol=0, atol=0)
+    assert router.step == 1

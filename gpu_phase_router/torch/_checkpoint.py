@@ -97,9 +97,9 @@ def checkpoint_context() -> tuple[_Context, _Context]:
     a copy of ``expert_bias``: ``E`` floats on the router's device, no synchronisation); in the
     recomputation during the backward pass the same call routes with that state and changes none
     (SPEC §15), so the recomputed plan equals the forward's and the state advances once. Without
-    it, a training call of a router inside a backward pass raises ``RuntimeError``. Reentrant
-    checkpointing (``use_reentrant=True``) takes no ``context_fn``: checkpoint the experts there,
-    not the router.
+    it, a router call inside a backward pass raises ``RuntimeError``. Reentrant checkpointing
+    (``use_reentrant=True``) takes no ``context_fn``, and under ``torch.compile`` torch takes only
+    ``TorchDispatchMode`` contexts: checkpoint the experts there, not the router.
     """
     frame = _Frame()
     return _Context("record", frame), _Context("replay", frame)

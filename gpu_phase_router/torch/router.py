@@ -214,7 +214,7 @@ class MoERouter(nn.Module):
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step_counter.fill_(check_int("step", value, lo=0, hi=(1 << 63) - 1))
+        self._step_counter = torch.tensor(check_int("step", value, lo=0, hi=(1 << 63) - 1), dtype=torch.int64)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step}
@@ -352,12 +352,12 @@ class MoERouter(nn.Module):
             n_tok = check_int("num_tokens", num_tokens, lo=0, hi=SIZE_LIMIT)
             dev = _check_device(device)
         replay = None if torch.compiler.is_compiling() else replayed_state(self)
-        if replay is None and self.training and not torch.compiler.is_compiling() and in_backward():
+        if replay is None and not torch.compiler.is_compiling() and in_backward():
             raise RuntimeError(
-                "MoERouter: a training call inside a backward pass (a checkpointed function recomputed?) "
-                "would route with the state its forward left and advance step and expert_bias twice; "
-                "checkpoint with torch.utils.checkpoint.checkpoint(..., use_reentrant=False, "
-                "context_fn=gpu_phase_router.torch.checkpoint_context)"
+                "MoERouter: a call inside a backward pass (a checkpointed function recomputed?) would route "
+                "with the state and mode of now, not of its forward (in training mode it would also advance "
+                "step and expert_bias twice); checkpoint with torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False, context_fn=gpu_phase_router.torch.checkpoint_context)"
             )
         if replay is None:  # route with the live state, then update it in training mode
             seed, step, bias, training = self.seed, self._step_counter, self.expert_bias, self.training
@@ -383,8 +383,8 @@ class MoERouter(nn.Module):
             anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
             experts = self._uniform(anchor, n_tok, step, seed)
             plan = _plan(experts, capacity, buffer_size, logits, weight_dtype, offsets=offsets)
-        if update:
-            self._step_counter.add_(1)
+        if update:  # out of place: a compiled, checkpointed graph recomputes from the old tensor
+            self._step_counter = self._step_counter + 1
         return plan
 
 
