@@ -73,6 +73,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+import _args  # noqa: E402
 import bench_training as bt  # noqa: E402
 
 from gpu_phase_router.torch import learned  # noqa: E402
@@ -411,14 +412,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", choices=["training", "char_lm"], default="training")
     ap.add_argument("--profile", choices=bt.PROFILES, default="strong")
     ap.add_argument("--variants", nargs="+", choices=BASELINES + VARIANTS, default=BASELINES + VARIANTS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model seeds (char LM: 0 .. n-1)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--rounds", type=int, help="reroute rounds of every variant (default: MoERouter's)")
-    ap.add_argument("--k", type=int, help="regression task: slots per token of every router (default: 2)")
+    ap.add_argument(
+        "--seeds", nargs="+", type=_args.nonnegative_int, default=[0, 1, 2], help="model seeds (char LM: 0 .. n-1)"
+    )
+    ap.add_argument("--steps", type=_args.positive_int, default=300)
+    ap.add_argument(
+        "--rounds", type=_args.nonnegative_int, help="reroute rounds of every variant (default: MoERouter's)"
+    )
+    ap.add_argument(
+        "--k", type=_args.positive_int, help="regression task: slots per token of every router (default: 2)"
+    )
     ap.add_argument("--json", help="write the per-seed results here (regression task)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--reference", help="char LM: a char_lm JSON whose no-caps runs the seed table pairs with")
+    ap.add_argument(
+        "--reference",
+        type=_args.existing_file,
+        help="char LM: a char_lm JSON whose no-caps runs the seed table pairs with",
+    )
     args = ap.parse_args(argv)
+    if args.task == "char_lm" and args.seeds != list(range(len(args.seeds))):
+        ap.error(f"argument --seeds: the char-LM task runs seeds 0 .. n-1; got {args.seeds}")
+    if args.k is not None and args.k > (n_exp := bt.profile_config(args.profile).num_experts):
+        ap.error(f"argument --k: at most the {n_exp} experts of profile {args.profile!r}; got {args.k}")
     import numba
 
     torch.set_num_threads(1)

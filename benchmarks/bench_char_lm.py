@@ -87,6 +87,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run from a source checkout; bench_trai
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+import _args  # noqa: E402
 from bench_training import NoCapsTopK, machine, router_options, served_share  # noqa: E402
 
 from gpu_phase_router import capacity as _capacity  # noqa: E402
@@ -945,27 +946,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="half profile, 1 seed, 60 steps, a smaller model")
     ap.add_argument("--profiles", nargs="+", choices=PROFILES)
     ap.add_argument("--routers", nargs="+", choices=ROUTERS)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--seeds", type=int, help="number of model seeds")
-    ap.add_argument("--jobs", type=int, default=1, help="training processes at once")
-    ap.add_argument("--bias-rate", type=float, help="bias_rate of the default router (default: MoERouter's)")
+    ap.add_argument("--steps", type=_args.positive_int)
+    ap.add_argument("--seeds", type=_args.positive_int, help="number of model seeds")
+    ap.add_argument("--jobs", type=_args.positive_int, default=1, help="training processes at once")
+    ap.add_argument(
+        "--bias-rate", type=_args.nonnegative_float, help="bias_rate of the default router (default: MoERouter's)"
+    )
     ap.add_argument("--tag", default="", help="suffix of the output files (e.g. a variant's name)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and tables from the JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     ap.add_argument(
         "--reference",
+        type=_args.existing_file,
         help="a char_lm JSON of the same configuration whose nocaps runs pair with this run's seeds "
         "in the seed table (for a run without nocaps, e.g. a variant)",
     )
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    stem = "char_lm" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    json_path = out / f"{stem}.json"
+    if args.plot_only and not json_path.is_file():
+        ap.error(f"--plot-only: no {json_path} to redraw from (run without --plot-only first)")
     import matplotlib
 
     matplotlib.use("Agg")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "char_lm" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    json_path = out / f"{stem}.json"
     if args.plot_only:
         saved = json.loads(json_path.read_text())
         results, meta = saved["profiles"], saved["meta"]
@@ -973,11 +979,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         base = QUICK if args.quick else Config()
         profs = args.profiles or (["half"] if args.quick else PROFILES)
-        if args.steps:
+        if args.steps is not None:
             base = replace(base, steps=args.steps)
-        if args.seeds:
+        if args.seeds is not None:
             base = replace(base, seeds=list(range(args.seeds)))
-        if args.routers:
+        if args.routers is not None:
             base = replace(base, routers=args.routers)
         if args.bias_rate is not None:
             base = replace(base, bias_rate=args.bias_rate)

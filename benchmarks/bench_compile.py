@@ -38,6 +38,7 @@ for path in (str(ROOT), str(HERE)):  # run from a source checkout
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import _args  # noqa: E402
 from bench_training import Config, MoEModel, Task  # noqa: E402
 
 from gpu_phase_router.torch import MoERouter  # noqa: E402
@@ -140,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["phase", "topk"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (they compile)")
+    parser.add_argument("--steps", type=_args.positive_int, default=20, help="steps per timed block")
+    parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed blocks (the median is reported)")
+    parser.add_argument("--warmup", type=_args.positive_int, default=3, help="untimed steps first (they compile)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1, as bench_training.py trains; 0: torch's default)"
+        "--threads",
+        type=_args.nonnegative_int,
+        default=1,
+        help="torch threads (1, as bench_training.py trains; 0: torch's default)",
     )
     parser.add_argument("--out", default=str(HERE / "results" / "compile.json"))
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _args  # noqa: E402
 from bench_cpu import cpu_info  # noqa: E402
 
 
@@ -54,15 +55,21 @@ def seed_ms(binary: str, n: int, k: int, calls: int, threads: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed-binary", help="the crate's route_timing example; without it only ours is timed")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0])
-    ap.add_argument("--density-n", type=int, default=8192, help="N of the density sweep")
-    ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--seed-binary",
+        type=_args.executable_file,
+        help="the crate's route_timing example; without it only ours is timed",
+    )
+    ap.add_argument("--sizes", type=_args.positive_int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--densities", type=_args.fraction, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0])
+    ap.add_argument("--density-n", type=_args.positive_int, default=8192, help="N of the density sweep")
+    ap.add_argument("--k", type=_args.positive_int, default=2)
+    ap.add_argument("--threads", type=_args.positive_int, default=os.cpu_count())
     ap.add_argument("--out", default="benchmarks/results/cost_model.json")
     ap.add_argument("--plot", default="benchmarks/results/cost_model.png")
     args = ap.parse_args()
+    if args.k > min(*args.sizes, args.density_n):
+        ap.error(f"argument --k: at most the smallest N ({min(*args.sizes, args.density_n)}); got {args.k}")
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
 
     def calls(n: int) -> int:
@@ -89,6 +96,9 @@ def main() -> None:
     fit = {}
     for impl in sorted({p["impl"] for p in pts}):
         big = [p for p in pts if p["impl"] == impl and p["n"] >= 2048]  # fixed costs dominate small N
+        if not big:
+            print(f"# {impl}: no point with N >= 2048, no model fit")
+            continue
         fit[impl] = statistics.median(p["ms"] / p["work"] for p in big) * 1e6  # ns per (density * N^2)
     cpu = cpu_info()
     flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512f"))
@@ -104,7 +114,7 @@ def main() -> None:
             f"{p['ms'] / p['work'] * 1e6:.3f} |"
         )
     print("# model fit (N >= 2048): " + ", ".join(f"{i} {a:.3f} ns per density·N²" for i, a in fit.items()))
-    if "seed" in fit:
+    if "seed" in fit and "ours" in fit:
         print(f"# seed/ours at the fitted slope: {fit['seed'] / fit['ours']:.1f}×")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

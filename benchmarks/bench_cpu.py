@@ -37,6 +37,11 @@ import time
 
 import numpy as np
 
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # _args beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _args  # noqa: E402
+
 DENSITY = 0.3
 SEED = 42
 
@@ -187,13 +192,19 @@ def default_calls(n: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed-binary", help="the crate's route_timing example (release build)")
-    ap.add_argument("--dump-binary", help="the crate's dump_routes example (default: next to --seed-binary)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--ks", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every point")
-    ap.add_argument("--calls", type=int, default=None, help="calls per point and round (default by N)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="Numba and rayon threads")
+    ap.add_argument(
+        "--seed-binary", type=_args.executable_file, help="the crate's route_timing example (release build)"
+    )
+    ap.add_argument(
+        "--dump-binary",
+        type=_args.executable_file,
+        help="the crate's dump_routes example (default: next to --seed-binary)",
+    )
+    ap.add_argument("--sizes", type=_args.positive_int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--ks", type=_args.positive_int, nargs="+", default=[2, 8])
+    ap.add_argument("--rounds", type=_args.positive_int, default=3, help="interleaved repeats of every point")
+    ap.add_argument("--calls", type=_args.positive_int, default=None, help="calls per point and round (default by N)")
+    ap.add_argument("--threads", type=_args.positive_int, default=os.cpu_count(), help="Numba and rayon threads")
     ap.add_argument(
         "--znver3",
         "--avx2",
@@ -212,9 +223,10 @@ def main() -> None:
     if not args.seed_binary:
         ap.error("--seed-binary PATH is required (the crate's route_timing example)")
     dump = args.dump_binary or os.path.join(os.path.dirname(args.seed_binary), "dump_routes")
-    for path in (args.seed_binary, dump):
-        if not os.access(path, os.X_OK):
-            ap.error(f"not an executable: {path}")
+    if not (os.path.isfile(dump) and os.access(dump, os.X_OK)):  # --seed-binary and --dump-binary: checked by type
+        ap.error(f"argument --dump-binary: no executable dump_routes at {dump} (default: next to --seed-binary)")
+    if max(args.ks) > min(args.sizes):
+        ap.error(f"argument --ks: every k must be at most the smallest N ({min(args.sizes)}); got {max(args.ks)}")
 
     cpu = cpu_info()
     base_env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads))

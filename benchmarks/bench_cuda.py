@@ -42,6 +42,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
 
 SQUARE = [16384]
 SQUARE_ALL = [1024, 4096, 16384, 65536]
@@ -309,8 +313,8 @@ def markdown(info: dict, cold: dict, warm: dict, rows: list[dict], torch_row: di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON to this path")
-    parser.add_argument("--repeat", type=int, default=200, help="timed repetitions per measurement")
-    parser.add_argument("--density", type=float, default=0.3)
+    parser.add_argument("--repeat", type=_args.positive_int, default=200, help="timed repetitions per measurement")
+    parser.add_argument("--density", type=_args.fraction, default=0.3, help="in (0, 1]")
     parser.add_argument("--md", type=Path, help="write the results as a markdown table to this path")
     parser.add_argument("--quick", action="store_true", help="only the two goal shapes")
     parser.add_argument("--all", action="store_true", help="also N in {1024, 4096, 65536}, n_src in {4096, 65536}")

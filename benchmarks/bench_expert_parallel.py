@@ -33,6 +33,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
+
 N_EXP, K = 16, 2
 
 
@@ -121,19 +126,21 @@ def _run(args: argparse.Namespace, world: int) -> list[list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="T = 1024, 5 steps")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=_args.positive_int, help="tokens per rank (default 4096; --quick: 1024)")
+    ap.add_argument("--d", type=_args.positive_int, default=256)
+    ap.add_argument("--hidden", type=_args.positive_int, default=512)
+    ap.add_argument("--repeats", type=_args.positive_int, help="timed steps (default 10; --quick: 5)")
+    ap.add_argument("--quick", action="store_true", help="T = 1024, 5 steps (unless --tokens / --repeats say)")
+    ap.add_argument("--worker", type=_args.nonnegative_int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 1024 if args.quick else 4096
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 10
     if args.worker is not None:
         print(json.dumps(_layer_steps(args, args.worker)))
         return 0
-    if args.quick:
-        args.tokens, args.repeats = 1024, 5
     load = os.getloadavg()
     single = _run(args, 0)
     ep2 = _run(args, 2)

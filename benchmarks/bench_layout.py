@@ -30,6 +30,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
+
 PKG = "gpu_phase_router"
 
 _CHILD = r"""
@@ -76,7 +81,10 @@ def measure(tree: Path, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     if threads:
         env["NUMBA_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True, cwd=tree)
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, cwd=tree)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"bench_layout: the timed process in {tree} failed (exit {out.returncode}):\n{tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -155,8 +163,12 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trees", nargs="*", default=[], help="other checkouts to measure in the same run")
-    ap.add_argument("--threads", type=int, default=1, help="NUMBA_NUM_THREADS of the timed processes (0: default)")
+    ap.add_argument(
+        "--trees", nargs="*", type=_args.existing_dir, default=[], help="other checkouts to measure in the same run"
+    )
+    ap.add_argument(
+        "--threads", type=_args.nonnegative_int, default=1, help="NUMBA_NUM_THREADS of the timed processes (0: default)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")

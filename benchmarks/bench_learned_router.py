@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,11 @@ from pathlib import Path
 import torch
 
 from gpu_phase_router.torch import MoERouter, RoutingPlan
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _args  # noqa: E402
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -57,14 +63,18 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--tokens", type=_args.positive_int, default=16384)
+    parser.add_argument("--experts", type=_args.positive_int, default=64)
+    parser.add_argument("--k", type=_args.positive_int, default=2)
+    parser.add_argument("--repeats", type=_args.positive_int, default=30)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=_args.nonnegative_int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.k > args.experts:
+        parser.error(f"argument --k: at most --experts ({args.experts}); got {args.k}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

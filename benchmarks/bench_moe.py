@@ -38,6 +38,11 @@ import numpy as np
 import gpu_phase_router as gpr
 from gpu_phase_router.capacity import CAPACITY_PROFILES
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _args  # noqa: E402
+
 METHODS = ["phase", "systematic", "hash", "weighted_hash"]
 LABELS = {
     "phase": "phase router",
@@ -291,7 +296,7 @@ def plot(result: dict, out: Path, dpi: int = 100) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=20, help="number of seeds (0 .. seeds-1); default 20")
+    ap.add_argument("--seeds", type=_args.positive_int, default=20, help="number of seeds (0 .. seeds-1); default 20")
     ap.add_argument(
         "--out",
         type=Path,
@@ -301,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-only", action="store_true", help="redraw plots and table from the existing JSON")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "moe_survival.json"
+    if args.plot_only and not json_path.is_file():
+        ap.error(f"--plot-only: no {json_path} to redraw from (run without --plot-only first)")
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         result = json.loads(json_path.read_text())
     else:

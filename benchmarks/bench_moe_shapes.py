@@ -46,6 +46,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import gpu_phase_router as gpr  # noqa: E402
 from gpu_phase_router import capacity, methods  # noqa: E402
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _args  # noqa: E402
+
 METHODS = ["phase", "weighted_hash", "systematic"]
 TOKENS = [4096, 16384]
 EXPERTS = [8, 16, 64, 256]
@@ -188,7 +193,7 @@ def square_check(seeds: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=_args.positive_int, default=2, help="number of seeds (0 .. seeds-1)")
     ap.add_argument("--quick", action="store_true", help="T = 4096 only, fewer timing calls")
     ap.add_argument("--profiles", nargs="+", choices=PROFILES, default=PROFILES, help="capacity profiles to run")
     ap.add_argument("--no-extras", action="store_true", help="skip the timing and the square-table check")

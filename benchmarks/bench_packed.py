@@ -13,7 +13,7 @@ Capacity profiles (16 experts): ``uniform`` (all equal), ``half`` (8 at capacity
 the two matmuls of the forward pass (``2 * rows * d * hidden`` each); the backward does twice that.
 
     python benchmarks/bench_packed.py                 # T = 4096, d = 256, hidden = 512, k = 2
-    python benchmarks/bench_packed.py --quick         # T = 1024, one repeat
+    python benchmarks/bench_packed.py --quick         # T = 1024, two repeats
 
 Prints a table and writes ``benchmarks/results/bench_packed.json``.
 """
@@ -40,6 +40,11 @@ if str(ROOT) not in sys.path:  # run from a source checkout
 
 from gpu_phase_router.capacity import strong_hetero_capacities  # noqa: E402
 from gpu_phase_router.torch import MoERouter  # noqa: E402
+
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
 
 N_EXP = 16
 PROFILES = {
@@ -125,17 +130,21 @@ def measure(profile: str, n_tok: int, d: int, hidden: int, k: int, repeats: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    ap.add_argument("--quick", action="store_true", help="T = 1024, two repeats")
+    ap.add_argument("--tokens", type=_args.positive_int, help="tokens (default 4096; --quick: 1024)")
+    ap.add_argument("--d", type=_args.positive_int, default=256)
+    ap.add_argument("--hidden", type=_args.positive_int, default=512)
+    ap.add_argument("--k", type=_args.int_range(1, N_EXP), default=2, help=f"slots per token (1 .. {N_EXP})")
+    ap.add_argument("--repeats", type=_args.positive_int, help="timed steps (default 5; --quick: 2)")
+    ap.add_argument(
+        "--threads", type=_args.positive_int, default=1, help="torch threads (1: steadier on a shared machine)"
+    )
+    ap.add_argument("--quick", action="store_true", help="T = 1024, two repeats (unless --tokens / --repeats say)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.tokens, args.repeats = 1024, 2
+    if args.tokens is None:
+        args.tokens = 1024 if args.quick else 4096
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # Numba's OpenMP layer
     torch.set_num_threads(args.threads)  # shares the thread count with torch: set both
     grouped = grouped_mm_works()

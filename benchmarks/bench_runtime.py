@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _args  # noqa: E402
 from bench_cpu import cpu_info  # noqa: E402
 
 FIRST = """
@@ -93,7 +94,9 @@ def child(code: str, env: dict[str, str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--repeat", type=_args.positive_int, default=3, help="timed runs per threading layer (the fastest counts)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.json"))
     args = ap.parse_args()
     out: dict = {"cpus": os.cpu_count(), "cpu": cpu_info(), "load_avg": os.getloadavg()}

@@ -50,6 +50,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
+
 CONFIGS = ["counts", "route", "systematic", "dask-threads", "dask-1w", "dask-2w"]
 N_TGT, K, SEED, DENSITY = 1024, 4, 42, 0.3
 GEN_BLOCK = 1 << 22
@@ -325,14 +330,16 @@ HEADER = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
+    ap.add_argument(
+        "--sizes", nargs="+", type=_args.positive_count, default=[1e6, 1e7, 1e8], help="n_src values (e.g. 1e6)"
+    )
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS)
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs for n <= 1e7 (median); 1 above")
-    ap.add_argument("--block-rows", type=int, default=None)
+    ap.add_argument("--repeat", type=_args.positive_int, default=3, help="timed runs for n <= 1e7 (median); 1 above")
+    ap.add_argument("--block-rows", type=_args.positive_int, default=None)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale_results.json")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
-    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=_args.positive_int, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -348,6 +355,7 @@ def main() -> None:
     )
     print(HEADER, flush=True)
     records = []
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             n = int(size)
@@ -372,6 +380,7 @@ def main() -> None:
                 proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
                 if proc.returncode != 0 or not res.exists():
                     print(f"{n:>11,d} {cfg:<13} FAILED (exit {proc.returncode})", flush=True)
+                    failed += 1
                     continue
                 rec = json.loads(res.read_text())
                 records.append(rec)
@@ -384,6 +393,8 @@ def main() -> None:
     print("# phase routes identical across configurations:", ", ".join(f"{n:,d}: {ok}" for n, ok in agree.items()))
     args.json.write_text(json.dumps({"machine": info, "records": records, "identical": agree}, separators=(",", ":")))
     print(f"# wrote {args.json}")
+    if failed:
+        raise SystemExit(f"bench_scale: {failed} run(s) FAILED")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import numpy as np
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # _args beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _args  # noqa: E402
 
 GOAL = 1 / 3  # crate-exact time <= 1/3 of the crate's on the same workload
 
@@ -48,9 +54,23 @@ def crate_round(binary: str, n: int, k: int, calls: int) -> tuple[list[float], s
     return [float(fields[3]), float(fields[4]), float(fields[5])], checksum
 
 
+def need_gpu():
+    """Import CuPy and the cuda backend; without them print one line and exit 0 (as bench_cuda.py)."""
+    try:
+        import cupy
+
+        from gpu_phase_router import get_backend
+
+        get_backend("cuda")
+    except (ImportError, ValueError) as exc:
+        print(f"bench_seed_exact.py: no CUDA GPU usable here, nothing measured ({str(exc).splitlines()[0][:200]})")
+        sys.exit(0)
+    return cupy
+
+
 def cuda_main(args: argparse.Namespace) -> None:
     """Crate-exact kernel vs the SPEC phase kernel on the GPU, same inputs on the device (goal: <= 3x)."""
-    import cupy
+    cupy = need_gpu()
 
     import gpu_phase_router as gpr
     import gpu_phase_router.compat as prr
@@ -70,11 +90,11 @@ def cuda_main(args: argparse.Namespace) -> None:
 
     rows = []
     print(f"{'N':>6} {'k':>2} {'crate-exact ms':>14} {'SPEC ms':>8} {'ratio':>6}  same as CPU")
-    for n in [int(x) for x in args.n.split(",")]:
+    for n in args.n:
         bits = cupy.asarray(prr.build_bits(np.full(n, int(round(0.3 * n))), n))
         nbw = (n + 63) // 64
         perm_s, perm_t = (cupy.asarray(p) for p in prr.auto_permutations(n, 42))
-        for k in [int(x) for x in args.k.split(",")]:
+        for k in args.k:
             seed_call = functools.partial(prr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cuda")
             spec_call = functools.partial(gpr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cuda")
             same = bool(
@@ -106,14 +126,18 @@ def cuda_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed-binary", help="the crate's route_timing binary (required without --cuda)")
-    ap.add_argument("--n", default="4096,16384")
-    ap.add_argument("--k", default="2,8")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=7, help="timed calls per round, each side")
+    ap.add_argument(
+        "--seed-binary", type=_args.executable_file, help="the crate's route_timing binary (required without --cuda)"
+    )
+    ap.add_argument("--n", type=_args.positive_int_list, default="4096,16384", help="comma-separated N values")
+    ap.add_argument("--k", type=_args.positive_int_list, default="2,8", help="comma-separated k values")
+    ap.add_argument("--rounds", type=_args.positive_int, default=3)
+    ap.add_argument("--calls", type=_args.positive_int, default=7, help="timed calls per round, each side")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cuda", action="store_true", help="only time crate-exact vs SPEC mode on the GPU (CuPy)")
     args = ap.parse_args()
+    if max(args.k) > min(args.n):
+        ap.error(f"argument --k: every k must be at most the smallest N ({min(args.n)}); got {max(args.k)}")
     if args.cuda:
         cuda_main(args)
         return
@@ -136,12 +160,12 @@ def main() -> None:
         f"{'N':>6} {'k':>2} {'crate min':>10} {'ours min':>9} {'ratio':>6} {'crate med':>10} {'ours med':>9} "
         f"{'ratio':>6}  same  spec med"
     )
-    for n in [int(x) for x in args.n.split(",")]:
+    for n in args.n:
         ones = int(round(0.3 * n))
         bits = prr.build_bits(np.full(n, ones), n)
         nbw = (n + 63) // 64
         perm_s, perm_t = prr.auto_permutations(n, 42)
-        for k in [int(x) for x in args.k.split(",")]:
+        for k in args.k:
             call = functools.partial(prr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cpu")
             spec_call = functools.partial(gpr.phase_router, bits, bits, n, nbw, k, perm_s, perm_t, 42, backend="cpu")
             first = call()

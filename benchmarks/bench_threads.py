@@ -41,9 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _args  # noqa: E402
 from bench_cpu import cpu_info  # noqa: E402
 
 N_EXPERTS, K = 64, 2
+CONDITIONS = ["idle", "busy", "torch", "blas"]
 
 
 def worker(variant: str) -> None:
@@ -142,10 +144,10 @@ def calls_for(rows: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
-    ap.add_argument("--conditions", nargs="+", default=["idle", "busy", "torch", "blas"])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--moe-calls", type=int, default=200)
+    ap.add_argument("--rows", type=_args.positive_int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
+    ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=CONDITIONS)
+    ap.add_argument("--rounds", type=_args.positive_int, default=3, help="interleaved repeats of every point")
+    ap.add_argument("--moe-calls", type=_args.positive_int, default=200, help="calls per round at the MoE shape")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -59,8 +59,11 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a source checkout
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):  # run from a source checkout; _args beside this file
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import _args  # noqa: E402
 
 from gpu_phase_router import capacity as _capacity  # noqa: E402
 from gpu_phase_router.methods import route_uniform  # noqa: E402
@@ -711,8 +714,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="half profile, 1 seed, 150 steps, no timing")
     ap.add_argument("--profiles", nargs="+", choices=PROFILES)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--seeds", type=int, help="number of model seeds")
+    ap.add_argument("--steps", type=_args.positive_int)
+    ap.add_argument("--seeds", type=_args.positive_int, help="number of model seeds")
     ap.add_argument("--routers", nargs="+", choices=ROUTERS)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and tables from the JSON")
@@ -720,12 +723,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "TRAINING_RESULTS.md"))
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    json_path = out / ("training_quick.json" if args.quick else "training.json")
+    if (args.plot_only or args.timing_only) and not json_path.is_file():
+        flag = "--plot-only" if args.plot_only else "--timing-only"
+        ap.error(f"{flag}: no {json_path} to read (run without {flag} first)")
     import matplotlib
 
     matplotlib.use("Agg")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / ("training_quick.json" if args.quick else "training.json")
     if args.plot_only or args.timing_only:
         saved = json.loads(json_path.read_text())
         if args.timing_only:
@@ -733,11 +739,11 @@ def main(argv: list[str] | None = None) -> None:
             json_path.write_text(json.dumps(saved, separators=(",", ":")))
     else:
         base = QUICK if args.quick else Config()
-        if args.steps:
+        if args.steps is not None:
             base = replace(base, steps=args.steps)
-        if args.seeds:
+        if args.seeds is not None:
             base = replace(base, seeds=list(range(args.seeds)))
-        if args.routers:
+        if args.routers is not None:
             base = replace(base, routers=args.routers)
         profs = args.profiles or (["half"] if args.quick else PROFILES)
         saved = {"machine": machine(), "profiles": {}}

@@ -139,6 +139,20 @@ def exercise(cupy, failures: list[str]) -> None:
     )
 
 
+def need_gpu():
+    """Import CuPy and the cuda backend; without them print one line and exit 0 (as bench_cuda.py)."""
+    try:
+        import cupy
+
+        from gpu_phase_router import get_backend
+
+        get_backend("cuda")
+    except (ImportError, ValueError) as exc:
+        print(f"sanitize_kernels.py: no CUDA GPU usable here, nothing launched ({str(exc).splitlines()[0][:200]})")
+        sys.exit(0)
+    return cupy
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the discovered kernels and exit")
@@ -147,7 +161,7 @@ def main() -> int:
     if args.list:
         print("\n".join(kernels))
         return 0
-    import cupy
+    cupy = need_gpu()
 
     launched: Counter = Counter()
     install_recorder(cupy, launched)
