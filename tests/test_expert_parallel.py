@@ -18,6 +18,7 @@ from _ep_worker import CONFIGS, expert, inputs, router  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_ep_worker.py"
+CHECKS_WORKER = Path(__file__).resolve().parent / "_ep_checks_worker.py"
 pytestmark = pytest.mark.torch
 
 
@@ -206,3 +207,14 @@ def test_nccl_dispatch_and_combine_without_sync():
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.subprocess
+def test_expert_parallel_checks():
+    """Two gloo ranks: second-order gradients through the exchange equal the single-process layer's;
+    disagreeing placements, and batch sizes that differ after a first call, raise ValueError on
+    every rank (a hang until the timeout before); integer expert outputs raise TypeError."""
+    outs = _launch(2, [sys.executable, str(CHECKS_WORKER)], timeout=120)
+    for rank, out in enumerate(outs):
+        got = {line.split()[1] for line in out.splitlines() if line.startswith("ok ")}
+        assert got == {"second_order", "placement", "batch_sizes", "integer_y"}, (rank, out)

@@ -40,9 +40,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        # the exchange itself, so that a graph built in backward (create_graph=True) has it too
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -149,8 +148,12 @@ class ExpertParallel:
             contiguous, as even as possible: expert ``e`` on rank ``e * W // E``.
 
     Every rank calls ``dispatch`` and ``combine`` with plans of the same hard caps (routers with
-    the same ``E``, capacities, ``k``, capacity factor and ``T``). The first dispatch of each set of
-    caps checks this across ranks (one ``all_gather_object``: a synchronisation, once).
+    the same ``E``, capacities, ``k``, capacity factor and ``T``) and the same ``expert_ranks``.
+    ``dispatch`` checks both across ranks (one ``all_gather_object``): on the CPU at every call, on
+    a GPU at the first call of each set of caps only (the check is a synchronisation). So on GPUs
+    give every rank the same ``T`` in every step (e.g. ``drop_last=True``): a rank whose batch size
+    changes alone, say a short last batch, would make the exchanges disagree, which the
+    collectives' timeout ends.
     """
 
     def __init__(self, group: Any = None, expert_ranks: Sequence[int] | None = None) -> None:
@@ -190,20 +193,27 @@ class ExpertParallel:
         """This rank's experts (global ids, ascending)."""
         return tuple(e for e, r in enumerate(self.expert_ranks(num_experts)) if r == self.rank)
 
-    def _exchange_of(self, plan: RoutingPlan) -> _Exchange:
+    def _exchange_of(self, plan: RoutingPlan, every_call: bool) -> _Exchange:
         key = plan.offsets
+        placement = self.expert_ranks(plan.num_experts)
         hit = self._cache.get(key)
-        if hit is None:
+        if hit is None or every_call:
             everyone: list[Any] = [None] * self.world_size
-            dist.all_gather_object(everyone, key, group=self.group)
-            if any(tuple(o) != key for o in everyone):
+            dist.all_gather_object(everyone, (key, placement), group=self.group)
+            if any(tuple(o) != key for o, _ in everyone):
                 raise ValueError(
                     "plan: the ranks' plans have different hard caps (packed offsets per rank: "
-                    f"{[tuple(o) for o in everyone]}); every rank needs the same T, capacities, k "
+                    f"{[tuple(o) for o, _ in everyone]}); every rank needs the same T, capacities, k "
                     "and capacity factor"
                 )
+            if any(tuple(p) != placement for _, p in everyone):
+                raise ValueError(
+                    "expert_ranks: the ranks place the experts differently (per rank: "
+                    f"{[tuple(p) for _, p in everyone]}); give every rank the same expert_ranks"
+                )
+        if hit is None:
             caps = [b - a for a, b in zip(key[:-1], key[1:], strict=True)]
-            hit = _exchange(self.expert_ranks(plan.num_experts), caps, self.world_size, self.rank)
+            hit = _exchange(placement, caps, self.world_size, self.rank)
             self._cache[key] = hit
         return hit
 
@@ -223,7 +233,7 @@ class ExpertParallel:
         _check_rows("x", x, plan.num_tokens, "T")
         if x.device != plan.slot.device:
             raise ValueError(f"x must be on the plan's device {plan.slot.device}; got {x.device}")
-        ex = self._exchange_of(plan)
+        ex = self._exchange_of(plan, every_call=x.device.type == "cpu")  # no check per call on a GPU
         dev_key = str(x.device)
         tables = ex.device_tables.get(dev_key)
         if tables is None:
@@ -265,6 +275,8 @@ class ExpertParallel:
         if not isinstance(handle, ExpertParallelHandle):
             raise TypeError(f"handle must come from ExpertParallel.dispatch; got {type(handle).__name__}")
         _check_rows("y", y, handle.num_rows, "rows")
+        if not (y.dtype.is_floating_point or y.dtype.is_complex):
+            raise TypeError(f"y must have a floating dtype (expert outputs, weighted); got {y.dtype}")
         ex = handle._exchange
         if handle._empty is not None:  # no local experts: tie y to the buffer so that backward runs
             y = y + handle._empty.sum().to(y.dtype)  # the dispatch's exchange here too (sends x's gradient)
