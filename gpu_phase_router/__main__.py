@@ -59,9 +59,9 @@ def demo(args: argparse.Namespace) -> int:
         f"gpu_phase_router demo: {n_tok} tokens -> {n_exp} experts, k={k}, seed={args.seed}, "
         f"headroom {args.headroom}x, on {where}"
     )
-    levels = ", ".join(f"{int((caps == c).sum())} at {c:g}x" for c in sorted(set(caps.tolist()), reverse=True))
+    per_level = ", ".join(f"{int((caps == c).sum())} at {c:g}x" for c in sorted(set(caps.tolist()), reverse=True))
     print(
-        f"capacities: the strong profile (10% of experts at 8x, 20% at 2x, the rest 1x: {levels}); "
+        f"capacities: the strong profile (10% of experts at 8x, 20% at 2x, the rest 1x: {per_level}); "
         f"hard caps total {int(hard.sum())} slots for {n_tok * k} requested\n"
     )
 
