@@ -7,6 +7,8 @@ sizes disagree get a ValueError instead of a hang, and integer expert outputs a 
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -73,3 +75,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter finalisation: torch's gloo threads can abort it ("terminate called ...")

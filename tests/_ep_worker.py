@@ -9,6 +9,7 @@ single-process packed layer. ``inputs`` is shared with the test, so both see the
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -99,3 +100,5 @@ def run(out_dir: str) -> None:
 
 if __name__ == "__main__":
     run(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter finalisation: torch's gloo threads can abort it ("terminate called ...")

@@ -408,8 +408,10 @@ _GLOO_RANK = textwrap.dedent(
     logits = torch.randn(40 + 24 * rank, 4, generator=gen) + torch.tensor([1.5, 0.0, 0.0, -1.0]) * rank
     router = MoERouter(4, 2, [2, 1, 1, 0.5], bias_rate=0.125, process_group=dist.group.WORLD)
     router(logits)
-    print(json.dumps({"logits": logits.tolist(), "bias": router.expert_bias.tolist()}))
+    print(json.dumps({"logits": logits.tolist(), "bias": router.expert_bias.tolist()}), flush=True)
     dist.destroy_process_group()
+    import os
+    os._exit(0)  # skip interpreter finalisation: torch's gloo threads can abort it ("terminate called ...")
     """
 )
 
