@@ -269,6 +269,7 @@ def test_weight_dtype_must_be_a_floating_torch_dtype(bad):
         ({"density": 0.3}, ValueError, "density"),
         ({"method": "expert_choice", "density": 0.3}, ValueError, "density"),
         ({"process_group": "world"}, TypeError, "process_group"),
+        ({"process_group": -100}, ValueError, "not a member"),  # dist.GroupMember.NON_GROUP_MEMBER
     ],
 )
 def test_router_options_are_checked_at_construction(kwargs, exc, name):

@@ -421,6 +421,9 @@ def check_options(
     if process_group is not None:
         import torch.distributed as dist
 
+        non_member = dist.GroupMember.NON_GROUP_MEMBER if dist.is_available() else None
+        if isinstance(process_group, int) and process_group == non_member:
+            raise ValueError("process_group: this rank is not a member of the group (dist.new_group gave it none)")
         if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
             raise TypeError(
                 f"process_group must be a torch.distributed ProcessGroup or None; got {type(process_group).__name__}"
