@@ -1,4 +1,4 @@
-"""``argparse`` ``type=`` helpers shared by the benchmark scripts.
+"""``argparse`` ``type=`` helpers shared by the benchmark scripts, and their GPU check.
 
 A count, size, seed list, path or fraction out of range is a usage error: ``argparse`` prints the
 usage and ``argument --NAME: <why>`` on stderr and exits with status 2, before any work is done
@@ -15,8 +15,10 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
+    "need_gpu",
     "executable_file",
     "existing_dir",
     "existing_file",
@@ -145,3 +147,20 @@ def executable_file(text: str) -> str:
     if not os.access(text, os.X_OK):
         raise argparse.ArgumentTypeError(f"not executable: {text}")
     return text
+
+
+def need_gpu(script: str, outcome: str = "nothing measured") -> tuple[Any, Any]:
+    """``(cupy, the cuda backend)``; without CuPy or a usable GPU print one line naming ``script``
+    and exit 0 (a machine without a GPU is not an error for a GPU benchmark)."""
+    import sys
+
+    try:
+        import cupy
+
+        from gpu_phase_router import get_backend
+
+        backend = get_backend("cuda")
+    except (ImportError, ValueError) as exc:
+        print(f"{script}: no CUDA GPU usable here, {outcome} ({str(exc).splitlines()[0][:200]})")
+        sys.exit(0)
+    return cupy, backend

@@ -66,21 +66,6 @@ extern "C" __global__ void bench_write(int* out, long long n) {
 """
 
 
-def need_gpu():
-    """Import CuPy and the cuda backend; without them print one line and exit 0."""
-    try:
-        import cupy
-        import cupyx.profiler  # noqa: F401
-
-        from gpu_phase_router import get_backend
-
-        backend = get_backend("cuda")
-    except (ImportError, ValueError) as exc:
-        print(f"bench_cuda.py: no CUDA GPU usable here, nothing measured ({str(exc).splitlines()[0][:200]})")
-        sys.exit(0)
-    return cupy, backend
-
-
 def machine_info(cupy) -> dict:
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -105,7 +90,7 @@ def median_us(result) -> tuple[float, float]:
 
 def first_call_probe() -> None:
     """Subprocess body: time the first route() call (compile or cache load) and the second one."""
-    cupy, _ = need_gpu()
+    cupy, _ = _args.need_gpu("bench_cuda.py")
     from gpu_phase_router import route
 
     w = cupy.ones(4096, dtype=cupy.float64)
@@ -324,7 +309,9 @@ def main() -> None:
         first_call_probe()
         return
 
-    cupy, backend = need_gpu()
+    cupy, backend = _args.need_gpu("bench_cuda.py")
+    import cupyx.profiler  # noqa: F401
+
     info = machine_info(cupy)
     print(
         f"# {info['gpu']} (cc {info['compute_capability']}), CuPy {info['cupy']}, "

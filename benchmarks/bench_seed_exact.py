@@ -54,23 +54,9 @@ def crate_round(binary: str, n: int, k: int, calls: int) -> tuple[list[float], s
     return [float(fields[3]), float(fields[4]), float(fields[5])], checksum
 
 
-def need_gpu():
-    """Import CuPy and the cuda backend; without them print one line and exit 0 (as bench_cuda.py)."""
-    try:
-        import cupy
-
-        from gpu_phase_router import get_backend
-
-        get_backend("cuda")
-    except (ImportError, ValueError) as exc:
-        print(f"bench_seed_exact.py: no CUDA GPU usable here, nothing measured ({str(exc).splitlines()[0][:200]})")
-        sys.exit(0)
-    return cupy
-
-
 def cuda_main(args: argparse.Namespace) -> None:
     """Crate-exact kernel vs the SPEC phase kernel on the GPU, same inputs on the device (goal: <= 3x)."""
-    cupy = need_gpu()
+    cupy, _ = _args.need_gpu("bench_seed_exact.py")
 
     import gpu_phase_router as gpr
     import gpu_phase_router.compat as prr

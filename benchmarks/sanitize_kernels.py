@@ -26,6 +26,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _args  # noqa: E402
 
 _GLOBAL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
 _MACRO = re.compile(r"#define\s+(\w+)\((\w+)\)((?:[^\n]*\\\n)*[^\n]*)")
@@ -139,20 +143,6 @@ def exercise(cupy, failures: list[str]) -> None:
     )
 
 
-def need_gpu():
-    """Import CuPy and the cuda backend; without them print one line and exit 0 (as bench_cuda.py)."""
-    try:
-        import cupy
-
-        from gpu_phase_router import get_backend
-
-        get_backend("cuda")
-    except (ImportError, ValueError) as exc:
-        print(f"sanitize_kernels.py: no CUDA GPU usable here, nothing launched ({str(exc).splitlines()[0][:200]})")
-        sys.exit(0)
-    return cupy
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the discovered kernels and exit")
@@ -161,7 +151,7 @@ def main() -> int:
     if args.list:
         print("\n".join(kernels))
         return 0
-    cupy = need_gpu()
+    cupy, _ = _args.need_gpu("sanitize_kernels.py", "nothing launched")
 
     launched: Counter = Counter()
     install_recorder(cupy, launched)
