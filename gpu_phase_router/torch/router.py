@@ -214,7 +214,7 @@ class MoERouter(nn.Module):
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step_counter = torch.tensor(check_int("step", value, lo=0, hi=(1 << 63) - 1), dtype=torch.int64)
+        self._step_counter.fill_(check_int("step", value, lo=0, hi=(1 << 63) - 1))
 
     def get_extra_state(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step}
@@ -383,8 +383,11 @@ class MoERouter(nn.Module):
             anchor = logits.detach() if logits is not None else torch.empty(0, device=dev)
             experts = self._uniform(anchor, n_tok, step, seed)
             plan = _plan(experts, capacity, buffer_size, logits, weight_dtype, offsets=offsets)
-        if update:  # out of place: a compiled, checkpointed graph recomputes from the old tensor
-            self._step_counter = self._step_counter + 1
+        if update:
+            if torch.compiler.is_compiling():  # out of place: a compiled recomputation reads the old tensor
+                self._step_counter = self._step_counter + 1
+            else:  # in place, as before: copies that share the counter (nn.DataParallel replicas) count too
+                self._step_counter.add_(1)
         return plan
 
 
