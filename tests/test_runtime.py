@@ -387,6 +387,63 @@ def test_ctrl_c_while_a_kernel_compiles_raises_keyboard_interrupt_after_the_comp
     assert list((tmp_path / "cache").rglob("*.nbc")), "nothing was cached"
 
 
+@pytest.mark.subprocess
+def test_numba_disable_jit_names_itself():
+    """The kernels' LLVM intrinsics have no pure-Python form: NUMBA_DISABLE_JIT=1 gets an error
+    that says so, not Numba's NotImplementedError about an intrinsic."""
+    code = """
+        import numpy as np
+        import gpu_phase_router as gpr
+        try:
+            gpr.route(np.ones(256), np.ones(8), k=2)
+        except RuntimeError as exc:
+            print("raised", "NUMBA_DISABLE_JIT" in str(exc))
+    """
+    res = run_child(code, env={"NUMBA_DISABLE_JIT": "1"}, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["raised", "True"], res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.subprocess
+def test_fork_while_another_thread_compiles_gives_a_working_child(tmp_path):
+    """A thread compiles the phase kernels (empty cache) while the main thread forks: the fork waits
+    for the compilation (Numba's compiler lock), so the child, which compiles its own kernel, does
+    not wait forever on a lock held by a thread it does not have (a DataLoader worker started while
+    another thread routes the first time)."""
+    code = """
+        import multiprocessing as mp, threading, time
+        import gpu_phase_router as gpr
+
+        worker = threading.Thread(target=lambda: gpr.route(n=3000, k=4, seed=1, backend="cpu"))
+        worker.start()
+        while worker.is_alive():  # until the worker holds Numba's compiler lock (it is compiling)
+            try:
+                lock = __import__("numba.core.compiler_lock", fromlist=["x"]).global_compiler_lock._lock
+            except ImportError:
+                time.sleep(0.01)
+                continue
+            if not lock.acquire(blocking=False):
+                break
+            lock.release()
+            time.sleep(0.01)
+        def child(q):
+            q.put(gpr.route(n=500, k=2, seed=1, backend="cpu", method="systematic").shape)
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        try:
+            print("child", q.get(timeout=60), flush=True)
+        except Exception:  # queue.Empty: the child waits on a lock no thread of it will release
+            print("hung", flush=True)
+            p.kill()
+        p.join()
+        worker.join()
+    """
+    res = run_child(code, env={"NUMBA_CACHE_DIR": str(tmp_path / "cache")}, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split()[:1] == ["child"] and "(500," in res.stdout, res.stdout + res.stderr[-2000:]
+
+
 def test_ctrl_c_handlers_other_than_python_s_are_left_alone(tmp_path):
     """SIGINT ignored (a background job's inheritance) stays ignored through a compile, and the
     handler Python had before a compile is the one in place after it."""

@@ -294,6 +294,41 @@ def test_extra_state_without_step_names_it():
         router.load_state_dict(state)
 
 
+ALL_OPTIONS = [{"method": m} for m in METHODS] + [{"balance": "aux"}, {"method": "expert_choice"}]
+
+
+@pytest.mark.parametrize("options", ALL_OPTIONS, ids=str)
+def test_plans_do_not_depend_on_torch_s_default_dtype(options):
+    """Rerouting built a float64 mask under set_default_dtype(float64) and failed in index_put."""
+    logits = torch.randn(300, 8, generator=torch.Generator().manual_seed(4))
+    want = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, **options)(logits)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, **options)(logits)
+    finally:
+        torch.set_default_dtype(saved)
+    assert torch.equal(got.experts, want.experts) and torch.equal(got.slot, want.slot)
+    assert got.weights.dtype == want.weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["phase", "topk"])
+def test_a_compiled_training_call_under_inference_mode_leaves_a_usable_router(method):
+    """A compiled call replaces the step counter; under inference_mode the new one is an inference
+    tensor, which later eager calls, ``step =`` and ``load_state_dict`` updated in place and failed."""
+    router = MoERouter(8, 2, method=method)
+    compiled = torch.compile(router, backend="eager")
+    logits = torch.randn(64, 8)
+    with torch.inference_mode():
+        compiled(logits)
+    router(logits)
+    assert router.step == 2
+    router.load_state_dict(MoERouter(8, 2, method=method).state_dict())
+    router.step = 7
+    router(logits)
+    assert router.step == 8
+
+
 def test_capacities_whose_sum_overflows_raise():
     """Their shares would be 0 and every cap 1 (SPEC §7/§9: an overflowing sum is invalid input)."""
     with pytest.raises(ValueError, match="capacities.*overflows"):

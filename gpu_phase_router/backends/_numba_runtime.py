@@ -16,7 +16,9 @@ applies to all of them:
   :func:`row_chunks`), instead of Numba aborting the interpreter.
 * **fork** — ``os.register_at_fork``: a child forked after the parent launched a layer that is
   not fork-safe (GNU OpenMP) runs the kernels through their serial versions (same results), so
-  it neither dies nor hangs; the lock is re-created in every child.
+  it neither dies nor hangs; the lock is re-created in every child, and a fork waits until no
+  other thread is compiling (Numba's compiler lock, held by a thread the child lacks, would stop
+  the child's first compilation or cache load forever).
 * **Cache** — compiled kernels go to ``NUMBA_CACHE_DIR`` when set, else to a per-user folder
   keyed by package version and CPU (:func:`user_cache_dir`), shared by every process of the
   user; never into the package folder (files pip does not know keep a removed install alive as
@@ -141,18 +143,33 @@ def _fork_safe(layer: str) -> bool:
 # ── fork ─────────────────────────────────────────────────────────────────────────────────────────
 
 
+def _compiler_lock() -> Any:
+    """Numba's process-wide compiler lock, once Numba is imported (else ``None``)."""
+    module = sys.modules.get("numba.core.compiler_lock")
+    return None if module is None else getattr(module, "global_compiler_lock", None)
+
+
 def _before_fork() -> None:
     if not _thread_safe(_current_layer()):
         _lock.acquire()  # no kernel of another thread is mid-chunk while the process is copied
+    compiler = _compiler_lock()  # taken after _lock, in the order a kernel call compiling under _lock takes them
+    if compiler is not None:
+        compiler.acquire()  # no compilation of another thread is half done: the child would wait on its lock forever
 
 
 def _after_fork_parent() -> None:
+    compiler = _compiler_lock()
+    if compiler is not None:
+        compiler.release()
     if not _thread_safe(_current_layer()):
         _lock.release()
 
 
 def _after_fork_child() -> None:
     global _lock, _serial_only
+    compiler = _compiler_lock()
+    if compiler is not None:
+        compiler.release()  # held by this (the forking) thread since _before_fork
     _lock = threading.RLock()
     layer = _launched_layer()
     if layer is not None and not _fork_safe(layer):
@@ -287,6 +304,13 @@ def run(parallel: Callable[..., Any], serial: Callable[..., Any], *args: Any, n_
     default, ``KeyboardInterrupt`` is raised here)."""
     try:
         return _run(parallel, serial, args, n_threads)
+    except NotImplementedError as exc:  # an intrinsic of the kernels, run as plain Python
+        if "pure-python" in str(exc) and os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+            raise RuntimeError(
+                "the CPU kernels of gpu_phase_router need Numba's compiler, and NUMBA_DISABLE_JIT is set "
+                "(their LLVM intrinsics have no pure-Python form); unset it for this process"
+            ) from exc
+        raise
     finally:
         if _sigint.pending:
             _deliver_sigint()

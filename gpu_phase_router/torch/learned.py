@@ -249,7 +249,8 @@ def _round(
     pending = ~placed
     col = pending.to(torch.uint8).argmax(dim=1)  # the token's first unplaced slot
     room = cap_ext - torch.cat([load, load.new_zeros(1)])  # [E + 1], 0 for "no expert"
-    reach = avail + torch.where(room[:n_exp] > 0, 0.0, float("-inf"))  # a full expert stays full
+    full = torch.zeros(n_exp, dtype=avail.dtype, device=avail.device).masked_fill_(room[:n_exp] <= 0, float("-inf"))
+    reach = avail + full  # a full expert stays full (float32 whatever torch's default dtype)
     proposal = _argmax_rows(reach)  # the best eligible expert by biased logit, ties to the lower
     valid = (reach.gather(1, proposal.unsqueeze(1)).squeeze(1) > float("-inf")) & pending.any(dim=1)
     group = torch.where(valid, proposal, n_exp)

@@ -86,6 +86,9 @@ class MoERouter(nn.Module):
     training steps leaves the training run unchanged. ``seed``, ``step`` (the module's extra state)
     and ``expert_bias`` are saved in ``state_dict``, so loading a checkpoint resumes exactly.
 
+    One router serves one training loop: calls of the same router from several threads at once
+    route with steps and biases that depend on their timing (give each thread its own router).
+
     ``torch.compile`` traces the router: the content-blind methods' routes are the registered
     custom op ``gpu_phase_router::uniform_routes`` (the step a runtime input, so compiled training
     does not recompile per step), the hard caps are trace-time constants of ``T`` (a new batch
@@ -214,7 +217,15 @@ class MoERouter(nn.Module):
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step_counter.fill_(check_int("step", value, lo=0, hi=(1 << 63) - 1))
+        self._plain_counter().fill_(check_int("step", value, lo=0, hi=(1 << 63) - 1))
+
+    def _plain_counter(self) -> torch.Tensor:
+        """The step counter, made a normal tensor again where a compiled call under
+        ``torch.inference_mode`` replaced it by an inference tensor (which nothing may update in
+        place outside inference mode)."""
+        if self._step_counter.is_inference() and not torch.is_inference_mode_enabled():
+            self._step_counter = self._step_counter.clone()
+        return self._step_counter
 
     def get_extra_state(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step}
@@ -387,7 +398,7 @@ class MoERouter(nn.Module):
             if torch.compiler.is_compiling():  # out of place: a compiled recomputation reads the old tensor
                 self._step_counter = self._step_counter + 1
             else:  # in place, as before: copies that share the counter (nn.DataParallel replicas) count too
-                self._step_counter.add_(1)
+                self._plain_counter().add_(1)
         return plan
 
 
