@@ -64,44 +64,24 @@ def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return check
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a count, size, number of steps or repeats)."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1); got {text}")
-    return value
+def _checked(parse: Callable[[str], Any], ok: Callable[[Any], bool], want: str, doc: str) -> Callable[[str], Any]:
+    """A ``type=``: ``parse(text)``, which must satisfy ``ok`` (else "must be ``want``")."""
+
+    def check(text: str) -> Any:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {want}; got {text}")
+        return value
+
+    check.__doc__ = doc
+    return check
 
 
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (a seed; a thread count where 0 means the default)."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in ``(0, 1]`` (a density)."""
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text}")
-    return value
+positive_int = _checked(_int, lambda v: v >= 1, "a positive integer (>= 1)", "An integer >= 1 (a count, size, steps).")
+nonnegative_int = _checked(_int, lambda v: v >= 0, "an integer >= 0", "An integer >= 0 (a seed; 0 threads: default).")
+positive_float = _checked(_float, lambda v: v > 0, "a number > 0", "A finite number > 0.")
+nonnegative_float = _checked(_float, lambda v: v >= 0, "a number >= 0", "A finite number >= 0.")
+fraction = _checked(_float, lambda v: 0 < v <= 1, "a number in (0, 1]", "A number in ``(0, 1]`` (a density).")
 
 
 def positive_count(text: str) -> int:
