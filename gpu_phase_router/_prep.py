@@ -8,6 +8,7 @@ the summation tree in :mod:`gpu_phase_router._tree`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -17,6 +18,7 @@ import numpy as np
 
 from ._keys import STREAM_PERM_T, stream
 from ._tree import tree_sum
+from ._validate import check_sum
 
 
 def weights_to_counts(
@@ -46,14 +48,24 @@ def weights_to_counts(
 def capacity_cum(xp: Any, caps: Any) -> Any:
     """SPEC §11: uint64 ``cum`` (length ``n_tgt + 1``) of the capacity units ``u[t]``."""
     c = xp.asarray(caps, dtype=xp.float64)
-    total = tree_sum(xp, c)
-    if not math.isfinite(total):
-        raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
+    total = check_sum(xp, "target_capacities", c)
     units = xp.maximum(1, xp.rint(c / total * 2.0**31)).astype(xp.uint64)
     units = xp.where(c == 0, xp.uint64(0), units)
     cum = xp.zeros(c.shape[0] + 1, dtype=xp.uint64)
     cum[1:] = xp.cumsum(units, dtype=xp.uint64)
     return cum
+
+
+@functools.lru_cache(maxsize=64)
+def _host_capacity_cum(caps_bytes: bytes) -> np.ndarray:
+    return capacity_cum(np, np.frombuffer(caps_bytes, dtype=np.float64))
+
+
+def host_capacity_cum(caps: Any) -> np.ndarray:
+    """:func:`capacity_cum` of host capacities, computed once per capacities (the systematic
+    router's entry check and its rows, and the weighted hash, use it at every call); shared, so
+    callers must not write to it."""
+    return _host_capacity_cum(np.ascontiguousarray(caps, dtype=np.float64).tobytes())
 
 
 def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:

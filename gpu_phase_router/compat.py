@@ -267,11 +267,10 @@ def make_hard_caps(rel_caps: Any, n: int, k: int, headroom: float = 1.2) -> np.n
     rel = check_weights(np, "rel_caps", to_numpy(rel_caps))
     headroom = check_real("headroom", headroom, lo=0.0, lo_open=True)
     with np.errstate(over="ignore"):
-        total = rel.sum()
+        total = rel.sum()  # NumPy's sum, as the crate's
+        caps = np.ceil((rel / total) * n * k * headroom).clip(1)
     if not np.isfinite(total):  # the crate's caps would all be 1: invalid input here (SPEC §9)
         raise ValueError("rel_caps: the sum of the values overflows float64; rescale them (relative values)")
-    with np.errstate(over="ignore"):
-        caps = np.ceil((rel / rel.sum()) * n * k * headroom).clip(1)
     if not float(caps.max()) < 2.0**63:  # never a wrapped cap
         raise ValueError(
             f"headroom={headroom} with n={n} and k={k} gives hard caps beyond int64; use a smaller headroom"

@@ -38,7 +38,7 @@ import numpy as np
 
 from .._arrays import Array
 from .._keys import at_array, stream
-from .._prep import call_ranges, capacity_cum, on_backend
+from .._prep import call_ranges, host_capacity_cum, on_backend
 from ._row_range import RowRange
 
 STREAM_HASH = 5
@@ -127,7 +127,7 @@ def weighted_hash_rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="weighted_hash"``."""
     xp = be.xp
     caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
-    host = capacity_cum(np, caps)
+    host = host_capacity_cum(caps)
     total, n_pos = int(host[-1]), int(np.count_nonzero(host[1:] - host[:-1]))
     (cum,) = on_backend(be, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)

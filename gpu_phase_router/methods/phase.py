@@ -23,6 +23,7 @@ from .._prep import (
     weights_to_counts,
 )
 from .._tree import tree_sum
+from .._validate import check_sum
 from ._row_range import RowRange
 
 
@@ -265,8 +266,7 @@ def _band_layout_cached(caps_bytes: bytes, n_src: int, k: int, density: float) -
     n_tgt = caps.shape[0]
     want = BAND_FILL * (k * BAND_OVERSAMPLE) / density  # inf for a subnormal density: V0 = V_MAX
     v0 = max(n_tgt, BAND_MAX_COLUMNS if want >= BAND_MAX_COLUMNS else math.ceil(want))
-    if not math.isfinite(tree_sum(np, caps)):
-        raise ValueError("target_capacities: the sum of capacities overflows float64 (rescale the values)")
+    check_sum(np, "target_capacities", caps)
     weights = band_weights(caps, n_src, k)
     q = weights / tree_sum(np, weights) * v0
     widths = np.where(weights == 0, 0, np.maximum(1, np.ceil(q))).astype(np.int64)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .._arrays import Array
 from .._keys import STREAM_SYSTEMATIC, at, stream
-from .._prep import block_phases, call_ranges, capacity_cum, on_backend
+from .._prep import block_phases, call_ranges, host_capacity_cum, on_backend
 from ._row_range import RowRange
 
 
@@ -60,7 +60,7 @@ def systematic_rows(
     xp = backend.xp
     check_systematic_slots(n_src, k)
     caps = np.ascontiguousarray(caps, dtype=np.float64)
-    host = capacity_cum(np, caps)
+    host = host_capacity_cum(caps)
     check_systematic_slots(n_src, k, int(host[-1]))
     (cum,) = on_backend(backend, ("capacity_cum", caps.tobytes()), host)
     out = xp.empty((rows, k), dtype=xp.int32)
@@ -86,7 +86,7 @@ def check(rr: RowRange) -> None:
     the sizes, and with host capacities their units too (so a lazy Dask route raises when built)."""
     check_systematic_slots(rr.n_src, rr.k)
     if isinstance(rr.caps, np.ndarray):
-        check_systematic_slots(rr.n_src, rr.k, int(capacity_cum(np, np.asarray(rr.caps, dtype=np.float64))[-1]))
+        check_systematic_slots(rr.n_src, rr.k, int(host_capacity_cum(rr.caps)[-1]))
 
 
 def rows(be: Any, rr: RowRange) -> Array:
