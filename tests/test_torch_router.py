@@ -464,6 +464,103 @@ def test_forward_reads_nothing_back(monkeypatch, method):
     assert plan.experts.shape[0] == 64 and logits.grad is not None
 
 
+#: ATen operators that read device data back to the host on CUDA whatever their arguments (their output
+#: size or a Python value depends on the data)
+_SYNCING_OPS = {
+    "_local_scalar_dense",  # .item(), bool(), int(), float()
+    "is_nonzero",
+    "item",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "bincount",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+}
+
+
+def _syncing(func, args, kwargs) -> bool:
+    """Whether the ATen call ``func(*args, **kwargs)`` would synchronise with the host on CUDA."""
+    name = func._schema.name.split("::")[-1]
+    if name in _SYNCING_OPS:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # a boolean mask index is a nonzero
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bool:
+        return kwargs.get("output_size", args[-1] if len(args) > 2 else None) is None  # sums the repeats
+    if name == "one_hot":
+        return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1  # reads the largest class
+    return False
+
+
+def _aten_syncs(fn) -> list[str]:
+    """The ATen operators of ``fn()`` (forward and backward, through every Python layer) that
+    :func:`_syncing` flags."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class Detect(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _syncing(func, args, kwargs):
+                found.append(str(func))
+            return func(*args, **kwargs)
+
+    with Detect():
+        fn()
+    return found
+
+
+def test_aten_sync_detector_flags_syncing_operations():
+    """The detector below can fail: each of these reads device data back on CUDA."""
+    x = torch.randn(16)
+    assert _aten_syncs(lambda: x[x > 0])
+    assert _aten_syncs(lambda: bool(x.sum() > 0))
+    assert _aten_syncs(lambda: torch.bincount(torch.arange(4)))
+    assert _aten_syncs(lambda: torch.nn.functional.one_hot(torch.arange(4)))
+    assert _aten_syncs(lambda: torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3])))
+    assert not _aten_syncs(lambda: torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3]), output_size=6))
+    assert not _aten_syncs(lambda: x[torch.tensor([1, 2])].sum() + torch.where(x > 0, x, 0))
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("topk", {}),
+        ("topk", {"balance": "aux"}),
+        ("topk", {"balance": None, "overflow": "drop"}),
+        ("topk", {"overflow": "drop", "reroute_rounds": 2}),
+        ("expert_choice", {}),
+        *[(m, {}) for m in METHODS],
+    ],
+)
+def test_forward_has_no_syncing_aten_operation(monkeypatch, method, options):
+    """The fixed-shape path that CUDA runs, seen at the ATen level (below the Python methods of the
+    test above, so an ``x[mask]`` or a ``bincount`` in any layer counts): after the first call for a
+    batch size, forward, dispatch, combine, the aux loss and backward use no operator that
+    synchronises on CUDA. The content-blind methods' routing kernel is one custom operator."""
+    from gpu_phase_router.torch import learned
+
+    monkeypatch.setattr(learned, "COMPACT_ON_CPU", False)
+    monkeypatch.setattr(learned, "NUMPY_ARGMAX_ON_CPU", False)
+    router = MoERouter(8, 2, [1.0] * 4 + [0.5] * 4, method=method, **options)
+    logits = torch.randn(64, 8, requires_grad=True)
+    router(logits)
+
+    def step():
+        plan = router(logits)
+        out = plan.combine(plan.dispatch(torch.randn(64, 4)).mul(2))
+        loss = out.sum() + (plan.aux_loss + plan.z_loss if plan.aux_loss is not None else 0)
+        loss.backward()
+
+    assert _aten_syncs(step) == []
+    assert logits.grad is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", METHODS + ["topk", "expert_choice"])
 def test_cuda_plan_equals_cpu_plan_without_sync(method):
