@@ -351,6 +351,16 @@ def test_popcount_rows(kind, cpu, rows, nbits):
             api.popcount_rows(dirty, nbits, backend=kind)
 
 
+def test_popcount_rows_past_int32(kind):
+    """A row with 2^31 set bits (2^25 full words, 256 MiB) counts 2^31: the sum over the warp's
+    lanes must not wrap in 32 bits."""
+    be = make_backend(kind)
+    nbw = 1 << 25
+    words = be.xp.full((1, nbw), np.uint64((1 << 64) - 1), dtype=be.xp.uint64)
+    counts, bad = be.popcount_rows(words, 64 * nbw)
+    assert bad == 0 and host(counts).tolist() == [64 * nbw]
+
+
 def test_popcount_rows_empty(kind):
     be = make_backend(kind)
     counts, bad = be.popcount_rows(be.xp.zeros((0, 2), dtype=be.xp.uint64), 100)

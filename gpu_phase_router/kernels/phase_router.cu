@@ -98,7 +98,7 @@ gpr_popcount_rows(const u64* __restrict__ words, i64 rows, int nbw, u64 pad_mask
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // warp-uniform
     const u64* w = words + row * nbw;
-    int total = 0;
+    i64 total = 0;  // up to 64 * nbw: past 2^31 for rows of 2^25 words and more
     for (int q = lane; q < nbw; q += 32) total += __popcll(w[q]);
     for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(GPR_FULL_MASK, total, off);
     if (lane == 0) {
