@@ -126,6 +126,7 @@ gpr_crate_rows(const i64* __restrict__ phase, const i64* __restrict__ off_s, con
     unsigned* ks = gpr_crate_ks[threadIdx.y];
     int* orow = out + (i64)row * k;
     for (int q = lane; q < k; q += 32) orow[q] = -1;
+    __syncwarp();  // these stores before the fill's: a slot is cleared and filled by different lanes
 
     unsigned key[8];
     gpr_pcg32_key(seed + (u64)(row0 + row), key);
