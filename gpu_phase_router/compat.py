@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _crate
-from ._arrays import HOST, check_plain_input, to_backend_array, to_numpy
+from ._arrays import HOST, check_plain_input, on_caller_stream, to_backend_array, to_numpy
 from ._validate import check_bits, check_int, check_permutation, check_real, check_seed, check_weights
 from .backends import get_backend, resolve
 from .capacity import (
@@ -71,6 +71,7 @@ def _check_k(k: Any) -> int:
 # -- the crate's bindings ------------------------------------------------------------------------
 
 
+@on_caller_stream
 def phase_router(
     s_bits: Any,
     t_bits: Any,
@@ -111,6 +112,7 @@ def phase_router(
     return ns.wrap(_crate.route_counts(be, ones_s, ones_t, perm_s, perm_t, k, seed))
 
 
+@on_caller_stream
 def phase_router_auto(s_bits: Any, t_bits: Any, n: int, k: int, seed: int, *, backend: str = "auto") -> Any:
     """The crate's ``phase_router_auto``: :func:`phase_router` with the permutations it draws itself.
 
@@ -278,6 +280,7 @@ def make_hard_caps(rel_caps: Any, n: int, k: int, headroom: float = 1.2) -> np.n
     return caps.astype(int)
 
 
+@on_caller_stream
 def route(
     source_weights: Any = None,
     target_capacities: Any = None,

@@ -85,13 +85,10 @@ def test_backend_protocol_surface():
     assert "cuda" in gpu_phase_router.available_backends()
 
 
-def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
-    """With a CUDA torch tensor among the arguments, the call runs inside cupy.cuda.Device(index) and
-    cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream) (fakes record the calls)."""
-    from gpu_phase_router import api
-    from gpu_phase_router._arrays import on_caller_stream
-
-    events: list = []
+def fake_cuda_torch(monkeypatch, events: list) -> type:
+    """Fake ``cupy`` and ``torch`` modules whose ``cupy.cuda.Device(i)`` and ``cupy.cuda.ExternalStream(p)``
+    record entering and leaving in ``events``; torch's current stream on device ``i`` is ``1000 + i``.
+    Returns a fake CUDA tensor type on device 1."""
 
     class Ctx:
         def __init__(self, name, arg):
@@ -111,7 +108,17 @@ def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
-    tensor_type = type("Tensor", (), {"__module__": "torch.nn", "device": types.SimpleNamespace(type="cuda", index=1)})
+    return type("Tensor", (), {"__module__": "torch.nn", "device": types.SimpleNamespace(type="cuda", index=1)})
+
+
+def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
+    """With a CUDA torch tensor among the arguments, the call runs inside cupy.cuda.Device(index) and
+    cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream) (fakes record the calls)."""
+    from gpu_phase_router import api
+    from gpu_phase_router._arrays import on_caller_stream
+
+    events: list = []
+    tensor_type = fake_cuda_torch(monkeypatch, events)
 
     @on_caller_stream
     def call(x, y=None):
@@ -131,3 +138,32 @@ def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
     # the front doors (route and route_counts are thin calls of the first two)
     for fn in (blocks.route_block, blocks.route_counts_block, api.route_bits, api.phase_router, api.popcount_rows):
         assert hasattr(fn, "__wrapped__"), fn.__name__
+
+
+@pytest.mark.parametrize("name", ["phase_router", "phase_router_auto", "route"])
+def test_compat_torch_cuda_inputs_run_on_their_device_and_stream(monkeypatch, name):
+    """The crate-exact front doors taking arrays resolve their backend (and so launch every kernel)
+    inside the tensors' device and torch's current stream, as the package's own front doors do:
+    tensors on cuda:1 while cuda:0 is current would otherwise route on device 0."""
+    from gpu_phase_router import compat
+
+    events: list = []
+    tensor_type = fake_cuda_torch(monkeypatch, events)
+
+    class Resolved(Exception):
+        pass
+
+    def resolve(*args, **kwargs):
+        events.append("resolve")
+        raise Resolved
+
+    monkeypatch.setattr(compat, "resolve", resolve)
+    x = tensor_type()
+    calls = {
+        "phase_router": lambda: compat.phase_router(x, x, 4, 1, 2, x, x, 7),
+        "phase_router_auto": lambda: compat.phase_router_auto(x, x, 4, 2, 7),
+        "route": lambda: compat.route(x, x, 4, 2, 7),
+    }
+    with pytest.raises(Resolved):
+        calls[name]()
+    assert events[:3] == [("enter", "device", 1), ("enter", "stream", 1001), "resolve"]
