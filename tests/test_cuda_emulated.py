@@ -361,6 +361,20 @@ def test_popcount_rows_past_int32(kind):
     assert bad == 0 and host(counts).tolist() == [64 * nbw]
 
 
+def test_empty_ring_and_rows(kind):
+    """An empty ring packs to empty arrays and zero rows write nothing: no launch of an empty grid
+    (a CUDA error), as on the CPU backend."""
+    be = make_backend(kind)
+    xp = be.xp
+    none = xp.zeros(0, dtype=xp.int64)
+    ring_sl, ring_col32 = be.pack_ring(none, none, none)
+    assert host(ring_sl).shape == (0, 2) and host(ring_col32).shape == (0,)
+    ring = be.pack_ring(xp.zeros(3, dtype=xp.int64), xp.ones(3, dtype=xp.int64), xp.arange(3, dtype=xp.int64))
+    out = xp.zeros((0, 2), dtype=xp.int32)
+    be.launch_phase(none, none, none, *ring, out, n_src=3, k=2, row0=0, select_key=1)
+    assert host(out).shape == (0, 2)
+
+
 def test_popcount_rows_empty(kind):
     be = make_backend(kind)
     counts, bad = be.popcount_rows(be.xp.zeros((0, 2), dtype=be.xp.uint64), 100)

@@ -192,6 +192,8 @@ class CudaBackend:
         self._check_int32(n_tgt=n_tgt)
         ring_sl = xp.empty((n_tgt, 2), dtype=xp.int32)
         ring_col32 = xp.empty(n_tgt, dtype=xp.int32)
+        if n_tgt == 0:  # an empty grid is a CUDA launch error
+            return ring_sl, ring_col32
         self._launch(
             "gpr_pack_ring",
             (_ctas(n_tgt, THREADS), 1, 1),
@@ -221,6 +223,8 @@ class CudaBackend:
         With ``col_map32`` (int32 ``[n_tgt]``) and ``k_out > 0`` the kernel maps the ``k`` selected
         columns to targets and writes each row's first ``k_out`` distinct ones (SPEC §13)."""
         rows = int(phase.shape[0])
+        if rows == 0:  # an empty grid is a CUDA launch error
+            return
         n_tgt = int(ring_col32.shape[0])
         warps, per_cta = phase_shape(rows, n_tgt)
         if self.warps_per_row is not None:
