@@ -8,7 +8,8 @@ Without CuPy or a CUDA device it prints one line and exits 0.
 
 For every shape it reports, with CUDA-event timing (``cupyx.profiler.benchmark``, medians):
 
-* ``kernel``: the phase-router kernel alone (packed ring arrays and per-row inputs prepared);
+* ``kernel``: the phase-router kernel alone (packed ring arrays and per-row inputs prepared as
+  ``route`` prepares them: at MoE shapes, fewer targets than sources, the banded kernel of SPEC §13);
 * ``call``: the whole ``route(...)`` call on CuPy inputs (validation, preparation, kernels), GPU
   time between events and host wall time;
 * floors measured in the same run: an empty kernel launch and a kernel that only writes the
@@ -135,28 +136,60 @@ def check_against_cpu(cupy) -> None:
                 sys.exit(f"MISMATCH cuda vs cpu for route(method={method!r}) at {n_src}x{n_tgt} k={k}")
 
 
+def phase_kernel(xp, backend, n_src: int, n_tgt: int, k: int, density: float, seed: int):
+    """``(kernel, out, d)``: the phase-router kernel launch alone on the inputs ``route(ones(n_src),
+    ones(n_tgt), k=k, seed=seed, density=density)`` prepares, writing ``out`` (int32 ``[n_src, k]``),
+    and the rows' degrees ``d``. With fewer targets than sources that is the banded kernel (SPEC §13:
+    the virtual ring, ``k_draw`` columns mapped to the first ``k`` distinct targets), as in route()."""
+    from gpu_phase_router import _prep
+    from gpu_phase_router._keys import STREAM_SELECT, stream
+    from gpu_phase_router.methods import phase as phase_method
+
+    w = xp.ones(n_src, dtype=xp.float64)
+    caps = np.ones(n_tgt, dtype=np.float64)
+    col_map32, k_draw = None, k
+    if phase_method.bands_apply(n_src, n_tgt):
+        lay = phase_method.band_layout(caps, n_src, k, density)
+        c, col_map32, k_draw = xp.asarray(lay.col_counts), xp.asarray(lay.col_map32), lay.k_draw
+    else:
+        c = _prep.weights_to_counts(xp, xp.asarray(caps), density, n_src)
+    ring_n = int(c.shape[0])
+    d = _prep.weights_to_counts(xp, w, density, ring_n)
+    ring = phase_method.ring_layout(backend, c, n_src, seed)
+    off_s = _prep.exclusive_cumsum_mod(xp, d, ring_n)
+    phase = _prep.block_phases(backend, n_src, 0, n_src, seed)
+    ring_sl, ring_col = backend.pack_ring(*ring)
+    out = xp.empty((n_src, k), dtype=xp.int32)
+    select_key = stream(seed, STREAM_SELECT)
+
+    def kernel():
+        backend.launch_phase(
+            phase,
+            off_s,
+            d,
+            ring_sl,
+            ring_col,
+            out,
+            n_src=n_src,
+            k=k_draw,
+            row0=0,
+            select_key=select_key,
+            col_map32=col_map32,
+            k_out=0 if col_map32 is None else k,
+        )
+
+    return kernel, out, d
+
+
 def bench_shape(cupy, backend, floors, kind: str, n_src: int, n_tgt: int, k: int, density: float, repeat: int) -> dict:
     from cupyx.profiler import benchmark
 
-    from gpu_phase_router import _prep, route
-    from gpu_phase_router._keys import STREAM_SELECT, stream
-    from gpu_phase_router.methods import phase
+    from gpu_phase_router import route
 
     seed = 42
     w = cupy.ones(n_src, dtype=cupy.float64)
     caps = cupy.ones(n_tgt, dtype=cupy.float64)
-    # Kernel-only inputs, prepared exactly as route() prepares them.
-    d = _prep.weights_to_counts(cupy, w, density, n_tgt)
-    c = _prep.weights_to_counts(cupy, caps, density, n_src)
-    ring = phase.ring_layout(backend, c, n_src, seed)
-    off_s = _prep.exclusive_cumsum_mod(cupy, d, n_tgt)
-    phase = _prep.block_phases(backend, n_src, 0, n_src, seed)
-    ring_sl, ring_col = backend.pack_ring(*ring)
-    out = cupy.empty((n_src, k), dtype=cupy.int32)
-    select_key = stream(seed, STREAM_SELECT)
-
-    def kernel():
-        backend.launch_phase(phase, off_s, d, ring_sl, ring_col, out, n_src=n_src, k=k, row0=0, select_key=select_key)
+    kernel, out, d = phase_kernel(cupy, backend, n_src, n_tgt, k, density, seed)
 
     def call():
         return route(w, caps, k=k, seed=seed, density=density, backend="cuda")

@@ -696,3 +696,22 @@ def test_mapped_emission_hypothesis(data):
     want = mapped_reference(d, c, k, k_out, col_map, seed)
     be = make_backend(EMULATED, **config)
     assert np.array_equal(run_phase_mapped(be, d, c, k, k_out, col_map, seed, block_rows=max(1, n_src // 3)), want)
+
+
+@pytest.mark.parametrize("n_src,n_tgt,k", [(96, 96, 3), (96, 8, 2), (200, 16, 3), (50, 70, 4)])
+def test_bench_cuda_kernel_alone_matches_the_whole_call(n_src, n_tgt, k):
+    """benchmarks/bench_cuda.py times the phase kernel alone on the inputs route() prepares and stops
+    when the two outputs differ; at MoE shapes (fewer targets than sources) that is the banded kernel."""
+    _emulator_or_skip()
+    import sys
+    from pathlib import Path
+
+    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import bench_cuda
+
+    kernel, out, _ = bench_cuda.phase_kernel(np, emulated_backend.make_backend(), n_src, n_tgt, k, 0.3, 42)
+    kernel()
+    want = route(np.ones(n_src), np.ones(n_tgt), k=k, seed=42, density=0.3, backend="cpu")
+    assert np.array_equal(out, want)
