@@ -19,6 +19,12 @@ variant's runs (the default router is restored afterwards).
   (``b_e += rate * sign(capacity_e - routed_e)``, then shifted so that ``max(b) = 0``);
 * ``valve`` — the bias only acts where a cap binds: ``b_e = min(0, b_e + rate * sign(capacity_e -
   routed_e))``;
+* ``valve90``, ``valve75`` — the valve with a margin: ``b_e = min(0, b_e + rate * sign(m * capacity_e -
+  routed_e))``, ``m`` = 0.9 / 0.75 (dual ascent on the caps, kept below them so that fewer slots
+  overflow);
+* ``share_pow0.9``, ``share_pow1.1`` — the default's update towards shares ``share_e^g / sum(share^g)``
+  instead of ``share_e``: a little flatter (``g`` = 0.9) or a little steeper (1.1; at the strong
+  profile the largest expert's target stays under its cap for ``g`` up to about 1.15);
 * ``rate1e-1`` — ``bias_rate`` 1e-1 (ten times the default's step);
 * ``proportional`` — a step proportional to the relative miss instead of its sign:
   ``b_e += 0.1 * clip((target_e - routed_e) / target_e, -1, 1)``;
@@ -88,6 +94,10 @@ VARIANTS = [
     "all_propose",
     "cap_target",
     "valve",
+    "valve90",
+    "valve75",
+    "share_pow0.9",
+    "share_pow1.1",
     "rate1e-1",
     "proportional",
     "log_share_start",
@@ -181,6 +191,28 @@ def _update_valve(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: 
     bias.copy_(_cap_step(bias, selected, rate).clamp(max=0.0))
 
 
+def _valve_below(margin: float) -> Callable[..., None]:
+    """``valve`` aimed at ``margin`` times each hard cap."""
+
+    def update(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: float, *_: Any) -> None:
+        flat = selected.reshape(-1)
+        routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0]).to(torch.float64)
+        diff = margin * _CAPACITY["capacity"].to(torch.float64) - routed
+        bias.copy_((bias + torch.sign(diff).to(torch.float32) * rate).clamp(max=0.0))
+
+    return update
+
+
+def _share_power(power: float) -> Callable[..., None]:
+    """The default update (``learned.update_bias`` as shipped) towards shares ``share^power``, renormalised."""
+
+    def update(bias: torch.Tensor, selected: torch.Tensor, share: torch.Tensor, rate: float, *rest: Any) -> None:
+        tilted = share**power
+        _ORIGINAL["update_bias"](bias, selected, tilted / tilted.sum(), rate, *rest)
+
+    return update
+
+
 def _update_proportional(bias: torch.Tensor, selected: torch.Tensor, share: torch.Tensor, rate: float, *_: Any) -> None:
     """``bias += PROPORTIONAL_RATE * clip((target - routed) / target, -1, 1)`` (``rate`` unused)."""
     n_tok, k = selected.shape
@@ -242,6 +274,10 @@ PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "all_propose": {"learned_topk": _learned_topk_all},
     "cap_target": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_cap_target},
     "valve": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _update_valve},
+    "valve90": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _valve_below(0.9)},
+    "valve75": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _valve_below(0.75)},
+    "share_pow0.9": {"update_bias": _share_power(0.9)},
+    "share_pow1.1": {"update_bias": _share_power(1.1)},
     "proportional": {"update_bias": _update_proportional},
     "full_softmax_weights": {"_plan": _plan_full_softmax},
     "biased_weights": {"topk_plan": _topk_plan_biased_weights},
@@ -445,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         out = run_training(args.profile, args.variants, args.seeds, args.steps, args.rounds, args.k)
         print("\n" + table(out))
         if args.json:
-            Path(args.json).write_text(json.dumps(out))
+            from bench_cpu import cpu_info
+
+            Path(args.json).write_text(json.dumps({**out, "machine": cpu_info()}))
     print(f"load average at the end: {os.getloadavg()}")
 
 

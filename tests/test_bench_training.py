@@ -304,6 +304,28 @@ def test_variant_patches_are_undone() -> None:
     assert tuple(getattr(learned, n) for n in names) == before
 
 
+def test_target_variants_step_towards_their_targets() -> None:
+    """100 slots counted 51 / 25 / 24 at shares 1/2, 1/4, 1/4: the default's targets 50 / 25 / 25
+    give steps -, 0, +; shares ``s^1.1`` renormalised (0.517, 0.241, 0.241: targets 51.7 / 24.1 /
+    24.1) give +, -, +; ``s^0.9`` (0.483, 0.259, 0.259) -, +, +. The valves aim at 0.9 / 0.75 of
+    caps 60 / 30 / 20 (54 / 27 / 18 and 45 / 22.5 / 15) and never rise above 0."""
+    selected = torch.tensor([0] * 51 + [1] * 25 + [2] * 24).reshape(50, 2)
+    share = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    steps = {}
+    for variant in ("default", "share_pow1.1", "share_pow0.9"):
+        with bv.patched(variant):
+            bias = torch.zeros(3)
+            learned.update_bias(bias, selected, share, 0.5)
+            steps[variant] = bias.tolist()
+    assert steps == {"default": [-0.5, 0.0, 0.5], "share_pow1.1": [0.5, -0.5, 0.5], "share_pow0.9": [-0.5, 0.5, 0.5]}
+    bv._CAPACITY["capacity"] = torch.tensor([60, 30, 20])
+    for variant, expected in (("valve90", [0.0, -0.25, -0.25]), ("valve75", [-0.25, -0.75, -0.25])):
+        with bv.patched(variant):
+            bias = torch.tensor([0.0, -0.5, 0.0])
+            learned.update_bias(bias, selected, share, 0.25)
+            assert bias.tolist() == expected, variant
+
+
 def test_unbiased_proposals_reroute_by_the_unbiased_logit() -> None:
     """Expert 1 is selected (largest biased value) but has no room; of the others, expert 2 has the
     larger biased value and expert 0 the larger logit."""
