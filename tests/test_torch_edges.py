@@ -453,3 +453,38 @@ def test_router_caps_are_the_capacity_rule(n_tok, h):
     total = sum(caps)  # a plain oracle of SPEC §15 (small sums: the order does not matter here)
     want = [0 if c == 0 else max(1, math.ceil(c / total * n_tok * 2 * h)) for c in caps]
     assert router.hard_caps(n_tok).tolist() == want
+
+
+# --- big-model initialisation: construction on the meta device ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["topk", "phase", "expert_choice"])
+def test_router_built_on_the_meta_device_materialises_as_a_fresh_router(method):
+    """``with torch.device("meta")`` then ``to_empty`` (FSDP / big-model init): the step counter
+    stays a host integer and the bias starts at zero (SPEC §16: zeros at construction), not at
+    whatever the uninitialised memory held."""
+    with torch.device("meta"):
+        router = MoERouter(4, 2, method=method, seed=3)
+    assert router.step == 0 and "step=0" in repr(router)
+    router.to_empty(device="cpu")
+    fresh = MoERouter(4, 2, method=method, seed=3)
+    assert router.expert_bias.device.type == "cpu" and router.expert_bias.tolist() == [0.0] * 4
+    assert router.state_dict()["_extra_state"] == {"seed": 3, "step": 0}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(24, 4, generator=gen) + torch.tensor([2.0, 0.0, 0.0, 0.0])
+        a, b = router(logits), fresh(logits)
+        assert torch.equal(a.experts, b.experts) and torch.equal(a.slot, b.slot)
+    assert router.step == 3 and torch.equal(router.expert_bias, fresh.expert_bias)
+
+
+def test_reset_parameters_restores_the_state_at_construction():
+    """The hook FSDP and ``to_empty`` recipes call on every module that has it."""
+    router = MoERouter(4, 2, seed=7)
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 16)
+    for _ in range(4):
+        router(logits)
+    assert router.step == 4 and router.expert_bias.abs().sum() > 0
+    router.reset_parameters()
+    assert router.step == 0 and router.seed == 7 and router.expert_bias.tolist() == [0.0] * 4
+    assert router.expert_bias.dtype == torch.float32

@@ -196,8 +196,9 @@ class MoERouter(nn.Module):
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
         # a host (CPU) tensor, not a buffer: it stays on the host when the module moves, so the
-        # routing op reads it without a device synchronisation; compiled graphs take it as input
-        self._step_counter = torch.zeros((), dtype=torch.int64)
+        # routing op reads it without a device synchronisation; compiled graphs take it as input.
+        # On the CPU whatever the default device (a router built under `with torch.device("meta")`)
+        self._step_counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._caps_cache: OrderedDict[tuple[tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
     def _apply(self, fn: Any, recurse: bool = True) -> MoERouter:
@@ -207,7 +208,17 @@ class MoERouter(nn.Module):
         super()._apply(fn, recurse)
         if self.expert_bias.dtype != torch.float32:
             self.expert_bias = bias.to(device=self.expert_bias.device)
+        if bias.is_meta and not self.expert_bias.is_meta:  # to_empty: no values came along; start at 0
+            with torch.no_grad():
+                self.expert_bias.zero_()
         return self
+
+    def reset_parameters(self) -> None:
+        """The state at construction: ``expert_bias`` zero, ``step`` 0 (the seed stays); the hook
+        that FSDP and ``to_empty`` initialisation recipes call on each module that has one."""
+        with torch.no_grad():
+            self.expert_bias.zero_()
+        self.step = 0
 
     # step: settable, checkpointed (with the seed) through get_extra_state / set_extra_state
     @property
