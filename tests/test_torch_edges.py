@@ -424,6 +424,19 @@ def test_combine_rejects_integer_outputs(dtype):
         plan.combine(torch.ones(2, 1, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_dispatch_and_combine_on_another_device_name_the_argument(layout):
+    """A plan's dispatch and combine take tensors on the plan's device (the meta device stands in
+    for a CUDA tensor against a CPU plan): a ValueError naming x / y, not torch's index error or
+    a result on the wrong device."""
+    plan = MoERouter(4, 2)(torch.randn(6, 4))
+    rows = (4, plan.buffer_size, 3) if layout == "padded" else (plan.packed_size, 3)
+    with pytest.raises(ValueError, match=r"x must be on the plan's device \(cpu\).*meta"):
+        plan.dispatch(torch.ones(6, 3, device="meta"), layout)
+    with pytest.raises(ValueError, match=r"y must be on the plan's device \(cpu\).*meta"):
+        plan.combine(torch.ones(*rows, device="meta"), layout)
+
+
 # --- MoERouter capacities and caps (issue items 4, 6) -------------------------------------------------------
 
 
