@@ -93,8 +93,10 @@ class MoERouter(nn.Module):
     custom op ``gpu_phase_router::uniform_routes`` (the step a runtime input, so compiled training
     does not recompile per step), the hard caps are trace-time constants of ``T`` (a new batch
     size compiles once more; with ``fullgraph=True`` and varying ``T`` compile with
-    ``dynamic=False``), and the learned methods are plain torch. ``fullgraph=True`` works for every
-    method.
+    ``dynamic=False``, as ``dynamic=True`` needs ``fullgraph=False``; past torch's
+    ``recompile_limit`` of batch sizes a call site runs eager, or with ``fullgraph=True`` raises,
+    so pad variable-length batches to a few sizes), and the learned methods are plain torch.
+    ``fullgraph=True`` works for every method.
 
     Args:
         num_experts: ``E >= 1``.
