@@ -348,6 +348,24 @@ def test_expert_bias_stays_float32_when_the_module_is_converted(convert):
     assert router.expert_bias.tolist() == pytest.approx([-5.0, 5.0], abs=1e-4)  # 500 steps of 1e-2
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_expert_bias_stays_float32_when_loaded_from_a_reduced_precision_state(assign):
+    """SPEC §16: ``b`` is float32. A checkpoint whose floats were cast to bfloat16 loaded with
+    ``assign=True`` (meta-device init) would otherwise make the buffer bfloat16, where a ``1e-2``
+    step from 4 rounds away."""
+    state = MoERouter(2, 1).state_dict()
+    state["expert_bias"] = torch.tensor([-4.0, 4.0], dtype=torch.bfloat16)
+    if assign:
+        with torch.device("meta"):
+            router = MoERouter(2, 1, overflow="drop")
+    else:
+        router = MoERouter(2, 1, overflow="drop")
+    router.load_state_dict(state, assign=assign)
+    assert router.expert_bias.dtype == torch.float32 and router.expert_bias.tolist() == [-4.0, 4.0]
+    router(torch.tensor([[10.0, 0.0]] * 8))  # expert 0 over its share, expert 1 under
+    assert router.expert_bias.tolist() == [np.float32(-4.0) - np.float32(0.01), np.float32(4.0) + np.float32(0.01)]
+
+
 def test_weight_dtype_is_honoured():
     plan = MoERouter(4, 2, method="phase")(num_tokens=16, weight_dtype=torch.float64)
     assert plan.weights.dtype == torch.float64

@@ -215,6 +215,13 @@ class MoERouter(nn.Module):
                 self.expert_bias.zero_()
         return self
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """``load_state_dict(..., assign=True)`` takes the saved tensor itself: keep ``expert_bias``
+        float32 (SPEC §16) when a checkpoint holds it in another dtype."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.to(torch.float32)
+
     def reset_parameters(self) -> None:
         """The state at construction: ``expert_bias`` zero, ``step`` 0 (the seed stays); the hook
         that FSDP and ``to_empty`` initialisation recipes call on each module that has one."""
