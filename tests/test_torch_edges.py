@@ -348,6 +348,24 @@ def test_expert_bias_stays_float32_when_the_module_is_converted(convert):
     assert router.expert_bias.tolist() == pytest.approx([-5.0, 5.0], abs=1e-4)  # 500 steps of 1e-2
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_expert_bias_stays_float32_when_loaded_from_a_reduced_precision_state(assign):
+    """SPEC §16: ``b`` is float32. A checkpoint whose floats were cast to bfloat16 loaded with
+    ``assign=True`` (meta-device init) would otherwise make the buffer bfloat16, where a ``1e-2``
+    step from 4 rounds away."""
+    state = MoERouter(2, 1).state_dict()
+    state["expert_bias"] = torch.tensor([-4.0, 4.0], dtype=torch.bfloat16)
+    if assign:
+        with torch.device("meta"):
+            router = MoERouter(2, 1, overflow="drop")
+    else:
+        router = MoERouter(2, 1, overflow="drop")
+    router.load_state_dict(state, assign=assign)
+    assert router.expert_bias.dtype == torch.float32 and router.expert_bias.tolist() == [-4.0, 4.0]
+    router(torch.tensor([[10.0, 0.0]] * 8))  # expert 0 over its share, expert 1 under
+    assert router.expert_bias.tolist() == [np.float32(-4.0) - np.float32(0.01), np.float32(4.0) + np.float32(0.01)]
+
+
 def test_weight_dtype_is_honoured():
     plan = MoERouter(4, 2, method="phase")(num_tokens=16, weight_dtype=torch.float64)
     assert plan.weights.dtype == torch.float64
@@ -424,6 +442,19 @@ def test_combine_rejects_integer_outputs(dtype):
         plan.combine(torch.ones(2, 1, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_dispatch_and_combine_on_another_device_name_the_argument(layout):
+    """A plan's dispatch and combine take tensors on the plan's device (the meta device stands in
+    for a CUDA tensor against a CPU plan): a ValueError naming x / y, not torch's index error or
+    a result on the wrong device."""
+    plan = MoERouter(4, 2)(torch.randn(6, 4))
+    rows = (4, plan.buffer_size, 3) if layout == "padded" else (plan.packed_size, 3)
+    with pytest.raises(ValueError, match=r"x must be on the plan's device \(cpu\).*meta"):
+        plan.dispatch(torch.ones(6, 3, device="meta"), layout)
+    with pytest.raises(ValueError, match=r"y must be on the plan's device \(cpu\).*meta"):
+        plan.combine(torch.ones(*rows, device="meta"), layout)
+
+
 # --- MoERouter capacities and caps (issue items 4, 6) -------------------------------------------------------
 
 
@@ -453,3 +484,64 @@ def test_router_caps_are_the_capacity_rule(n_tok, h):
     total = sum(caps)  # a plain oracle of SPEC §15 (small sums: the order does not matter here)
     want = [0 if c == 0 else max(1, math.ceil(c / total * n_tok * 2 * h)) for c in caps]
     assert router.hard_caps(n_tok).tolist() == want
+
+
+# --- big-model initialisation: construction on the meta device ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["topk", "phase", "expert_choice"])
+def test_router_built_on_the_meta_device_materialises_as_a_fresh_router(method):
+    """``with torch.device("meta")`` then ``to_empty`` (FSDP / big-model init): the step counter
+    stays a host integer and the bias starts at zero (SPEC §16: zeros at construction), not at
+    whatever the uninitialised memory held."""
+    with torch.device("meta"):
+        router = MoERouter(4, 2, method=method, seed=3)
+    assert router.step == 0 and "step=0" in repr(router)
+    router.to_empty(device="cpu")
+    fresh = MoERouter(4, 2, method=method, seed=3)
+    assert router.expert_bias.device.type == "cpu" and router.expert_bias.tolist() == [0.0] * 4
+    assert router.state_dict()["_extra_state"] == {"seed": 3, "step": 0}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(24, 4, generator=gen) + torch.tensor([2.0, 0.0, 0.0, 0.0])
+        a, b = router(logits), fresh(logits)
+        assert torch.equal(a.experts, b.experts) and torch.equal(a.slot, b.slot)
+    assert router.step == 3 and torch.equal(router.expert_bias, fresh.expert_bias)
+
+
+def test_reset_parameters_restores_the_state_at_construction():
+    """The hook FSDP and ``to_empty`` recipes call on every module that has it."""
+    router = MoERouter(4, 2, seed=7)
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 16)
+    for _ in range(4):
+        router(logits)
+    assert router.step == 4 and router.expert_bias.abs().sum() > 0
+    router.reset_parameters()
+    assert router.step == 0 and router.seed == 7 and router.expert_bias.tolist() == [0.0] * 4
+    assert router.expert_bias.dtype == torch.float32
+
+
+# --- torch.func transforms -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"balance": "aux"}, {"method": "expert_choice"}, {"method": "phase"}])
+def test_eval_router_under_torch_func_grad_matches_autograd(options):
+    """``torch.func.grad`` over ``functional_call`` (per-sample gradients, meta-learning) with the
+    router in eval mode (no state update): the same gradients as ``torch.autograd``."""
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.nn.Linear(8, 4)
+    router = MoERouter(4, 2, capacity_factor=0.75, **options).eval()  # caps bind: rerouting runs
+    x = torch.randn(16, 8, generator=gen)
+    params = {name: p.detach().clone() for name, p in gate.named_parameters()}
+
+    def loss(params):
+        plan = router(torch.func.functional_call(gate, params, (x,)))
+        out = plan.combine(plan.dispatch(x) * 2.0).pow(2).sum()
+        return out if plan.aux_loss is None else out + plan.aux_loss + plan.z_loss
+
+    grads = torch.func.grad(loss)(params)
+    leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
+    reference = torch.autograd.grad(loss(leaves), list(leaves.values()))
+    for name, ref in zip(leaves, reference, strict=True):
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(grads[name], ref)

@@ -150,6 +150,7 @@ class RoutingPlan:
         """
         position, rows_out = self._layout(layout)
         _check_rows("x", x, self.num_tokens, "T")
+        _check_same_device("x", x, position.device)
         buf = _scatter_rows(x, position, self.k, rows_out)
         return buf if layout == "packed" else buf.view(self.num_experts, self.buffer_size, x.shape[1])
 
@@ -157,7 +158,7 @@ class RoutingPlan:
         """Token outputs from expert buffers: the weighted sum over each token's kept slots.
 
         Args:
-            y: expert outputs in ``layout`` (e.g. ``expert(plan.dispatch(x, layout))``):
+            y: expert outputs in ``layout`` on the plan's device (e.g. ``expert(plan.dispatch(x, layout))``):
                 ``[E, C, d]`` for ``"padded"`` (default), ``[sum(capacity), d]`` for ``"packed"``.
             layout: ``"padded"`` or ``"packed"``.
 
@@ -178,6 +179,7 @@ class RoutingPlan:
                 f"y must be {want} for layout={layout!r}; got "
                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
             )
+        _check_same_device("y", y, position.device)
         if not (y.dtype.is_floating_point or y.dtype.is_complex):
             raise TypeError(f"y must have a floating dtype (the weights are fractions); got {y.dtype}")
         return _gather_rows(y.reshape(rows_in, y.shape[-1]), position, self.weights)
@@ -273,6 +275,12 @@ def _check_rows(name: str, value: Any, rows: int, label: str) -> None:
     if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != rows:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a [{label}, d] tensor with {label} = {rows}; got {got}")
+
+
+def _check_same_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    """``value`` must live on the plan's ``device`` (``ValueError`` naming ``name`` otherwise)."""
+    if value.device != device:
+        raise ValueError(f"{name} must be on the plan's device ({device}); got a tensor on {value.device}")
 
 
 def _scatter_rows(x: torch.Tensor, position: torch.Tensor, k: int, rows_out: int) -> torch.Tensor:

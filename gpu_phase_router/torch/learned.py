@@ -96,7 +96,8 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
     Eager on the CPU through ``np.argmax`` (same indices, NaN and ties included), whose vectorised
     loop takes about a third of torch's time at ``[16384, 64]`` (0.7 against 2.0 ms, one thread,
-    2-core Zen 3); the selection makes ``k`` such passes per forward.
+    2-core Zen 3); the selection makes ``k`` such passes per forward. A tensor without storage
+    (wrapped by a ``torch.func`` transform) goes through torch.
     """
     if (
         NUMPY_ARGMAX_ON_CPU
@@ -104,7 +105,12 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
         and x.dtype == torch.float32
         and not torch.compiler.is_compiling()
     ):
-        return torch.from_numpy(np.argmax(x.detach().numpy(), axis=1).astype(np.int64, copy=False))
+        try:
+            values = x.detach().numpy()
+        except RuntimeError:  # no storage to share (torch.func.grad, vmap, ...)
+            pass
+        else:
+            return torch.from_numpy(np.argmax(values, axis=1).astype(np.int64, copy=False))
     return x.argmax(dim=1)
 
 

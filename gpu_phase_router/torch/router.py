@@ -93,8 +93,10 @@ class MoERouter(nn.Module):
     custom op ``gpu_phase_router::uniform_routes`` (the step a runtime input, so compiled training
     does not recompile per step), the hard caps are trace-time constants of ``T`` (a new batch
     size compiles once more; with ``fullgraph=True`` and varying ``T`` compile with
-    ``dynamic=False``), and the learned methods are plain torch. ``fullgraph=True`` works for every
-    method.
+    ``dynamic=False``, as ``dynamic=True`` needs ``fullgraph=False``; past torch's
+    ``recompile_limit`` of batch sizes a call site runs eager, or with ``fullgraph=True`` raises,
+    so pad variable-length batches to a few sizes), and the learned methods are plain torch.
+    ``fullgraph=True`` works for every method.
 
     Args:
         num_experts: ``E >= 1``.
@@ -196,8 +198,9 @@ class MoERouter(nn.Module):
         self.density = None if density is None else check_density(density)
         self.validate = bool(validate)
         # a host (CPU) tensor, not a buffer: it stays on the host when the module moves, so the
-        # routing op reads it without a device synchronisation; compiled graphs take it as input
-        self._step_counter = torch.zeros((), dtype=torch.int64)
+        # routing op reads it without a device synchronisation; compiled graphs take it as input.
+        # On the CPU whatever the default device (a router built under `with torch.device("meta")`)
+        self._step_counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._caps_cache: OrderedDict[tuple[tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
     def _apply(self, fn: Any, recurse: bool = True) -> MoERouter:
@@ -207,7 +210,24 @@ class MoERouter(nn.Module):
         super()._apply(fn, recurse)
         if self.expert_bias.dtype != torch.float32:
             self.expert_bias = bias.to(device=self.expert_bias.device)
+        if bias.is_meta and not self.expert_bias.is_meta:  # to_empty: no values came along; start at 0
+            with torch.no_grad():
+                self.expert_bias.zero_()
         return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """``load_state_dict(..., assign=True)`` takes the saved tensor itself: keep ``expert_bias``
+        float32 (SPEC §16) when a checkpoint holds it in another dtype."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.to(torch.float32)
+
+    def reset_parameters(self) -> None:
+        """The state at construction: ``expert_bias`` zero, ``step`` 0 (the seed stays); the hook
+        that FSDP and ``to_empty`` initialisation recipes call on each module that has one."""
+        with torch.no_grad():
+            self.expert_bias.zero_()
+        self.step = 0
 
     # step: settable, checkpointed (with the seed) through get_extra_state / set_extra_state
     @property
