@@ -125,12 +125,13 @@ def route(
         the inputs (NumPy for Python sequences).
 
     With fewer targets than sources (tokens × experts), ``method="phase"`` is the banded phase
-    router of SPEC §13: it fills at least 99.95 % of the slots at the 90 MoE shapes of
-    ``benchmarks/bench_moe_shapes.py``, with load in proportion to capacity. A row still ends in
-    ``-1`` when fewer than ``k`` targets have positive capacity, and can when one target holds most
-    of the capacity with ``k`` close to ``n_tgt``, or a source's weight is far below the mean (its
-    degree, hence its candidate count, scales with its weight). ``method="systematic"`` fills all
-    ``k`` slots of every source whenever no target holds more than ``1/k`` of all capacity.
+    router of SPEC §13, with load in proportion to capacity: every source of positive weight gets
+    ``min(k, P)`` distinct targets, ``P`` the number of targets of positive capacity (fill
+    completion, SPEC §13 amendment 1), so a row ends in ``-1`` only when ``P < k`` or its weight
+    is 0. With ``n_tgt >= n_src`` a row can also end in ``-1`` when a source's weight is far below
+    the mean (its degree, hence its candidate count, scales with its weight).
+    ``method="systematic"`` fills all ``k`` slots of every source whenever no target holds more
+    than ``1/k`` of all capacity.
     """
     n_w = None if source_weights is None else vector_length("source_weights", source_weights)
     if n is not None:
