@@ -42,7 +42,9 @@ PY="${PYTHON:-python3}"
 cd "$ROOT" || exit 2
 
 STEPS=(env install tests memcheck racecheck synccheck bench compile nccl)
-# limits add up to 475 s: the whole check stays under 8 minutes even when a step hangs
+# limits add up to 475 s: the whole check stays under 8 minutes even when a step hangs and ends on
+# TERM; one that ignores TERM is killed KILL_AFTER s later (at worst 565 s, under 10 minutes)
+KILL_AFTER=10
 declare -A LIMIT=([env]=15 [install]=15 [tests]=210 [memcheck]=50 [racecheck]=50 [synccheck]=35 [bench]=40 [compile]=35 [nccl]=25)
 declare -A LOG=([env]=env.txt [install]=install.log [tests]=pytest.log [memcheck]=sanitize_memcheck.log
                 [racecheck]=sanitize_racecheck.log [synccheck]=sanitize_synccheck.log [bench]="bench.log, bench_cuda.md, learned_router.md"
@@ -103,7 +105,7 @@ i=1
 for s in "${STEPS[@]}"; do
   echo "[$i/${#STEPS[@]}] $s (limit ${LIMIT[$s]} s)"
   t0=$(date +%s)
-  timeout --kill-after=10 "${LIMIT[$s]}" bash -c "${CMD[$s]}"
+  timeout --kill-after=$KILL_AFTER "${LIMIT[$s]}" bash -c "${CMD[$s]}"
   rc=$?
   dt=$(( $(date +%s) - t0 ))
   case $rc in

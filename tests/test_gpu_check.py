@@ -53,6 +53,8 @@ def test_gpu_check_dry_run_lists_every_step_and_runs_none(tmp_path):
     assert any("--backend nccl" in line and "expert_parallel.py" in line for line in steps)
     limits = [int(line.split("limit ")[1].split()[0]) for line in steps]
     assert sum(limits) <= 480  # the whole check fits in 8 minutes
+    kill_after = int(SCRIPT.read_text().split("\nKILL_AFTER=")[1].split()[0])
+    assert sum(limits) + kill_after * len(limits) <= 590  # and in one 10-minute device command if every step hangs
     assert not out.exists()
 
 
