@@ -39,6 +39,7 @@ for path in (str(ROOT), str(HERE)):  # run from a source checkout
         sys.path.insert(0, path)
 
 import _args  # noqa: E402
+from bench_cpu import cpu_info  # noqa: E402
 from bench_training import Config, MoEModel, Task  # noqa: E402
 
 from gpu_phase_router.torch import MoERouter  # noqa: E402
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"# torch {torch.__version__}, {cpu_info()}, "
         f"torch threads {torch.get_num_threads()}, device {args.device}, backend {args.backend}, load {load}"
     )
     head = f"| method | eager ms/step | compiled ms/step | compiled / eager | compile + {args.warmup} steps s |"
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {
             "platform": platform.platform(),
+            "cpu": cpu_info(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "loadavg_at_start": load,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ if str(ROOT / "benchmarks") not in sys.path:  # _args beside this file
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _args  # noqa: E402
+from bench_cpu import cpu_info  # noqa: E402
 
 N_EXP = 16
 PROFILES = {
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MoE FFN layer, forward + backward: T = {args.tokens}, E = {N_EXP}, k = {args.k}, d = {args.d}, "
         f"hidden = {args.hidden}, capacity factor 1.25; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, load average {load[0]:.1f} -> {load_after[0]:.1f}"
+        f"{cpu_info()}, load average {load[0]:.1f} -> {load_after[0]:.1f}"
     )
     print(f"torch._grouped_mm on CPU: {'yes' if grouped else 'no'}; step time: wall ms (CPU ms), median")
     print()
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
+            "machine": cpu_info(),
             "load_average": [round(load[0], 2), round(load_after[0], 2)],
             "grouped_mm_cpu": grouped,
         },
