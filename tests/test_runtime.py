@@ -13,10 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -541,3 +543,87 @@ def test_kernel_kinds_have_their_own_cache_files():
     index = [getattr(getattr(getattr(k, "_cache", None), "_cache_file", None), "_index_name", None) for k in kinds]
     if None not in index:  # Numba's own names for the index files, where this Numba exposes them
         assert len(set(index)) == len(kinds)
+
+
+# ── 6. cache folders that cannot be written ──────────────────────────────────────────────────────
+
+
+def test_unwritable_numba_cache_dir_never_caches_into_the_package(tmp_path):
+    """``NUMBA_CACHE_DIR`` that cannot be written (here: below a file) must not send the kernels
+    to Numba's next locator, the ``__pycache__`` folder of the (writable) package."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = """
+        import numpy as np, gpu_phase_router as gpr
+        print(gpr.__file__)
+        print(int(gpr.route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))
+    """
+    env = {
+        "NUMBA_CACHE_DIR": str(blocker / "cache"),
+        "HOME": str(tmp_path / "home"),
+        "XDG_CACHE_HOME": str(tmp_path / "home" / ".cache"),
+        "TMPDIR": str(tmp_path),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    res = run_child(code, env=env, cwd=site)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert str(site) in res.stdout.splitlines()[0], "imported the wrong copy of the package"
+    from gpu_phase_router import route
+
+    assert res.stdout.split()[1] == str(int(route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))
+    assert not list((site / "gpu_phase_router").rglob("*.nb[ic]")), "cache files written into the package folder"
+    assert res.stderr.count("NUMBA_CACHE_DIR") >= 1, res.stderr  # a warning names the variable
+
+
+def test_nothing_writable_routes_uncached_with_one_warning(tmp_path):
+    """A read-only package, ``$HOME``, ``NUMBA_CACHE_DIR`` and temporary directory (a container with a
+    read-only root): the kernels compile and run, uncached, after one warning; no crash."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    unshare, why = _unshare_command(probe)
+    if unshare is None:
+        pytest.skip(why)
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
+    home, tmp, cache = tmp_path / "home", tmp_path / "tmp", tmp_path / "cache"
+    for d in (home, tmp, cache):
+        d.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(
+        {
+            "PYTHONPATH": str(site),
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "TMPDIR": str(tmp),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "CODE": (
+                "import numpy as np, gpu_phase_router as gpr\n"
+                "print(gpr.__file__)\n"
+                "print(int(gpr.route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))\n"
+            ),
+        }
+    )
+    ro = " && ".join(
+        f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"
+        for d in (site, home, tmp, cache, Path(tempfile.gettempdir()), Path("/var/tmp"))
+        if d.is_dir()
+    )
+    for numba_cache in (None, str(cache)):
+        if numba_cache is not None:
+            env["NUMBA_CACHE_DIR"] = numba_cache
+        res = subprocess.run(
+            [*unshare, "sh", "-c", f'{ro} && cd {home} && exec {sys.executable} -W always -c "$CODE"'],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "site/gpu_phase_router" in res.stdout.splitlines()[0], "imported the wrong copy of the package"
+        from gpu_phase_router import route
+
+        assert res.stdout.split()[1] == str(int(route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))
+        assert res.stderr.count("RuntimeWarning") == 1, res.stderr[-3000:]

@@ -22,8 +22,9 @@ applies to all of them:
 * **Cache** — compiled kernels go to ``NUMBA_CACHE_DIR`` when set, else to a per-user folder
   keyed by package version and CPU (:func:`user_cache_dir`), shared by every process of the
   user; never into the package folder (files pip does not know keep a removed install alive as
-  a namespace package). With a read-only ``$HOME``, a per-user temporary folder seeded from it,
-  with one warning.
+  a namespace package). With a read-only ``$HOME`` (or a ``NUMBA_CACHE_DIR`` that cannot be
+  written), a per-user temporary folder seeded from it, with one warning; with nothing writable,
+  no caching of what is compiled, with one warning.
 * **First use** — one ``logging`` notice per process when a kernel of the package is compiled.
 * **Ctrl-C** — :func:`row_chunks` cuts a kernel call into chunks of bounded work; Python raises
   ``KeyboardInterrupt`` between them. Rows are independent, so chunks never change a result.
@@ -388,6 +389,7 @@ def sized_chunks(rows: int, work: Any, *, total: int, task_rows: int) -> Iterato
 # ── cache directory ──────────────────────────────────────────────────────────────────────────────
 
 _cache_base: Path | None = None  # where this package's kernels are cached (None: NUMBA_CACHE_DIR or Numba's own)
+_cache_read_only = False  # nothing is writable: kernels load from _cache_base and are never saved
 
 
 def _writable(path: Path) -> bool:
@@ -431,7 +433,9 @@ def user_cache_dir() -> Path:
 def cache_dir() -> Path | None:
     """The folder this package's kernels are cached in: ``NUMBA_CACHE_DIR`` when set, else the
     per-user folder of :func:`user_cache_dir` (or its temporary fallback); ``None`` if nothing is writable."""
-    if _numba_config().CACHE_DIR:
+    if _cache_read_only:
+        return None
+    if _cache_base is None and _numba_config().CACHE_DIR:
         return Path(_numba_config().CACHE_DIR)
     return _cache_base
 
@@ -450,8 +454,9 @@ def _install_cache_locator() -> None:
     Numba's default writes next to the source (``__pycache__``) when it is writable: inside an
     installed package those files are unknown to pip, which then leaves the folder behind on
     ``pip uninstall`` / ``pip install -e`` as a namespace package that shadows the real one. The
-    locator added here applies only to files of this package and only when ``NUMBA_CACHE_DIR`` is
-    unset (then Numba's own locator takes it, first in line).
+    locator added here applies only to files of this package, after Numba's locator of a writable
+    ``NUMBA_CACHE_DIR``. Where nothing is writable it still gives the package's kernels a (read-only)
+    folder: Numba raises at decoration when no locator takes a ``cache=True`` function.
     """
     from numba.core import caching
 
@@ -469,10 +474,16 @@ def _install_cache_locator() -> None:
         def get_cache_path(self) -> str:
             return self._cache_path
 
+        def ensure_cache_path(self) -> None:
+            if not _cache_read_only:
+                super().ensure_cache_path()
+
         @classmethod
         def from_function(cls, py_func: Any, py_file: str) -> Any:
-            if _numba_config().CACHE_DIR or _cache_base is None or not _in_package(py_file):
+            if _cache_base is None or not _in_package(py_file):
                 return None
+            if _cache_read_only:
+                return cls(py_func, py_file) if os.path.exists(py_file) else None
             return super().from_function(py_func, py_file)
 
     classes = impl._locator_classes
@@ -483,30 +494,40 @@ def _install_cache_locator() -> None:
 def configure_cache() -> Path | None:
     """Choose where compiled kernels are cached; return the temporary fallback folder if it is used.
 
-    ``NUMBA_CACHE_DIR`` wins when set. Otherwise the per-user folder of :func:`user_cache_dir`;
-    when it is not writable (read-only ``$HOME``), a per-user folder under the temporary
-    directory, seeded with the kernels already in the read-only folder (they still load: index
-    entries carry a hash of the source), with one warning. Nothing is ever written into the
-    package folder.
+    ``NUMBA_CACHE_DIR`` wins when set and writable. Otherwise the per-user folder of
+    :func:`user_cache_dir`. When the folder chosen is not writable (read-only ``$HOME``, or a
+    ``NUMBA_CACHE_DIR`` that cannot be written), a per-user folder under the temporary directory,
+    seeded with the kernels already in the read-only folder (they still load: index entries carry
+    a hash of the source), with one warning. When that is not writable either, kernels load from
+    the read-only folder where it has them and are compiled uncached otherwise, with one warning.
+    Nothing is ever written into the package folder.
     """
-    global _cache_base
+    global _cache_base, _cache_read_only
 
     _install_cache_locator()
-    if _numba_config().CACHE_DIR:
-        return None
-    user = user_cache_dir()
-    if _writable(user):
-        _cache_base = user
-        return None
+    configured = _numba_config().CACHE_DIR
+    if configured:
+        user = Path(configured)
+        if _writable(user):
+            return None
+        what = f"NUMBA_CACHE_DIR {user} is not writable"
+    else:
+        user = user_cache_dir()
+        if _writable(user):
+            _cache_base = user
+            return None
+        what = f"the user cache directory {user} is read-only"
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     try:
         fallback = Path(tempfile.gettempdir()) / f"gpu_phase_router-numba-cache-{uid}" / user.name
     except (FileNotFoundError, OSError):
         fallback = None
     if fallback is None or not _writable(fallback):
+        _cache_base = user
+        _cache_read_only = True
         warnings.warn(
-            "gpu_phase_router: the user cache directory and the temporary directory are read-only; "
-            "set NUMBA_CACHE_DIR to a writable directory to cache the compiled CPU kernels",
+            f"gpu_phase_router: {what}, and so is the temporary directory; the CPU kernels compiled "
+            "by this process are not cached (set NUMBA_CACHE_DIR to a writable directory)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -525,8 +546,7 @@ def configure_cache() -> Path | None:
                         pass
     _cache_base = fallback
     warnings.warn(
-        f"gpu_phase_router: the user cache directory {user} is read-only; caching compiled CPU "
-        f"kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
+        f"gpu_phase_router: {what}; caching compiled CPU kernels in {fallback} (set NUMBA_CACHE_DIR to choose another)",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -611,6 +631,10 @@ def _install_compile_notice() -> None:
             module = getattr(getattr(disp, "py_func", None), "__module__", "") or ""
             ours = module.startswith("gpu_phase_router")
             _hold_sigint(ours)
+            if ours and _cache_read_only:  # nowhere to save what this compiles (a failed save raises)
+                cache = getattr(disp, "_cache", None)
+                if cache is not None:
+                    cache.disable()
             if ours and not _noticed:
                 _noticed = True
                 logger.warning(
