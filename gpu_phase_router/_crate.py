@@ -36,6 +36,6 @@ def route_counts(backend: Any, ones_s: Any, ones_t: Any, perm_s: Any, perm_t: An
 
 def auto_permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """int64 NumPy ``(col_perm_s, col_perm_t)`` of the crate's ``phase_router_auto`` (drawn on the host CPU)."""
-    from .backends.cpu_crate import auto_permutations as draw
+    from .backends import import_backend_module
 
-    return draw(n, seed)
+    return import_backend_module("gpu_phase_router.backends.cpu_crate").auto_permutations(n, seed)

@@ -446,6 +446,107 @@ def test_fork_while_another_thread_compiles_gives_a_working_child(tmp_path):
     assert res.stdout.split()[:1] == ["child"] and "(500," in res.stdout, res.stdout + res.stderr[-2000:]
 
 
+@pytest.mark.subprocess
+@pytest.mark.parametrize("module", ["gpu_phase_router.backends.cpu", "gpu_phase_router.backends.cpu_crate"])
+def test_fork_while_another_thread_loads_the_backend_gives_a_working_child(module):
+    """A thread's first call imports the CPU backend (Numba and the kernel modules: about 0.5 s,
+    held longer here by a slow finder) while the main thread forks: the fork waits for the import,
+    so the child does not wait forever on the import lock of a module that a thread it does not
+    have was importing (a DataLoader worker started during the first route), and routes as the
+    parent does. Also for the crate-exact kernels' module, imported at their first call."""
+    code = f"""
+        import importlib.abc, multiprocessing as mp, sys, threading, time
+        import numpy as np
+        import gpu_phase_router as gpr
+        from gpu_phase_router import compat
+
+        inside = threading.Event()
+
+        class Slow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == {module!r}:  # runs under the module's import lock
+                    inside.set()
+                    time.sleep(1.0)
+                return None
+
+        sys.meta_path.insert(0, Slow())
+        if {module!r}.endswith("cpu_crate"):
+            gpr.route(n=64, k=2, seed=1, backend="cpu")  # the CPU backend is loaded, the crate's kernels not
+        bits = compat.build_bits([20] * 64, 64)
+        call = lambda: (gpr.route(n=500, k=2, seed=1, backend="cpu"), compat.phase_router_auto(bits, bits, 64, 2, 3))
+        worker = threading.Thread(target=call)
+        worker.start()
+        assert inside.wait(60)
+        def child(q):
+            routes, crate = call()
+            q.put((routes.tobytes(), crate.tobytes()))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        try:
+            got = q.get(timeout=60)
+        except Exception:  # queue.Empty: the child waits on a lock no thread of it will release
+            got = None
+            p.kill()
+        p.join()
+        worker.join()
+        routes, crate = call()
+        print("hung" if got is None else ("same" if got == (routes.tobytes(), crate.tobytes()) else "differ"))
+    """
+    res = run_child(code, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["same"], res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.subprocess
+def test_fork_that_waited_in_vain_for_a_backend_load_raises_in_the_child():
+    """When the other thread's import outlasts the fork's wait (``FORK_WAIT_S``), the parent goes on
+    and the child's first call raises a ``RuntimeError`` that says what to do, instead of waiting
+    forever on the import lock; the parent routes normally."""
+    code = """
+        import importlib.abc, multiprocessing as mp, sys, threading, time
+        import gpu_phase_router as gpr
+        from gpu_phase_router import backends
+
+        backends.FORK_WAIT_S = 0.2
+        inside = threading.Event()
+
+        class Slow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "gpu_phase_router.backends.cpu":
+                    inside.set()
+                    time.sleep(2.0)
+                return None
+
+        sys.meta_path.insert(0, Slow())
+        worker = threading.Thread(target=lambda: gpr.route(n=500, k=2, seed=1, backend="cpu"))
+        worker.start()
+        assert inside.wait(60)
+        def child(q):
+            try:
+                gpr.route(n=500, k=2, seed=1, backend="cpu")
+                q.put("routed")
+            except RuntimeError as exc:
+                q.put("raised " + str("spawn" in str(exc) and "forked" in str(exc)))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        try:
+            print(q.get(timeout=60))
+        except Exception:
+            print("hung")
+            p.kill()
+        p.join()
+        worker.join()
+        print(gpr.route(n=500, k=2, seed=1, backend="cpu").shape)
+    """
+    res = run_child(code, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[:2] == ["raised True", "(500, 2)"], res.stdout + res.stderr[-2000:]
+
+
 def test_ctrl_c_handlers_other_than_python_s_are_left_alone(tmp_path):
     """SIGINT ignored (a background job's inheritance) stays ignored through a compile, and the
     handler Python had before a compile is the one in place after it."""

@@ -22,6 +22,11 @@ Kernel inputs (all arrays of the backend's ``xp``, C-contiguous):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Literal, Protocol
 
 from .._arrays import Array, Namespace, array_namespace
@@ -121,6 +126,91 @@ CUDA_INSTALL_HINT = (
 )
 
 
+# ── loading, and forks during a load ─────────────────────────────────────────────────────────────
+#
+# A thread's first call imports a backend (Numba or CuPy and the kernel modules: about 0.5 s). A
+# process forked meanwhile (a DataLoader worker started during the first route) would inherit the
+# import locks of those modules held by a thread it does not have, and its own first call would wait
+# on them forever. So backend modules are imported under one lock, and a fork waits for it: one set
+# of fork hooks, registered before the first load (and after `logging`'s, whose lock a loading thread
+# takes: hooks registered later run first), runs the backends' own hooks (add_fork_hooks) after the
+# wait, in order.
+
+FORK_WAIT_S = 30.0  # how long a fork waits for another thread's backend load before going on
+_load_lock = threading.RLock()  # held by a thread importing a backend module
+_loading: str | None = None  # the module being imported under _load_lock
+_held_for_fork = False  # _load_lock acquired by the forking thread in _before_fork
+_fork_hooks: list[tuple[Callable[[], None], Callable[[], None], Callable[[], None]]] = []
+_hooks_installed = False
+_interrupted_load: str | None = None  # in a child forked mid-load (the wait timed out): the module
+
+
+def add_fork_hooks(
+    before: Callable[[], None], after_in_parent: Callable[[], None], after_in_child: Callable[[], None]
+) -> None:
+    """Run ``before`` ahead of every fork once no other thread loads a backend, ``after_*`` after it
+    (in reverse order of registration for ``after_in_parent``, as ``os.register_at_fork`` does)."""
+    _install_fork_hooks()
+    _fork_hooks.append((before, after_in_parent, after_in_child))
+
+
+def _install_fork_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed or not hasattr(os, "register_at_fork"):
+        return
+    _hooks_installed = True
+    import logging  # noqa: F401  (its fork hook must be registered before ours, see above)
+
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    _held_for_fork = _load_lock.acquire(timeout=FORK_WAIT_S)
+    for before, _, _ in _fork_hooks:
+        before()
+
+
+def _after_fork_parent() -> None:
+    global _held_for_fork
+    for _, after, _ in reversed(_fork_hooks):
+        after()
+    if _held_for_fork:
+        _held_for_fork = False
+        _load_lock.release()
+
+
+def _after_fork_child() -> None:
+    global _load_lock, _held_for_fork, _interrupted_load
+    for _, _, after in _fork_hooks:
+        after()
+    if not _held_for_fork:  # another thread was still importing _loading when the process was copied
+        _interrupted_load = _loading
+    _held_for_fork = False
+    _load_lock = threading.RLock()
+
+
+def import_backend_module(module: str) -> ModuleType:
+    """``importlib.import_module(module)`` under the backends' load lock (see above)."""
+    global _loading
+    if _interrupted_load is not None and (module == _interrupted_load or module not in sys.modules):
+        raise RuntimeError(
+            f"this process was forked while a thread of its parent was importing {_interrupted_load}, "
+            f"and the fork waited {FORK_WAIT_S:.0f} s for it in vain; load the backend in the parent "
+            "before forking (one routing call does), or start processes with the 'spawn' or "
+            "'forkserver' method"
+        )
+    if _loading is None and module in sys.modules:  # imported and initialised: nothing to wait for
+        return sys.modules[module]
+    _install_fork_hooks()
+    with _load_lock:
+        outer, _loading = _loading, module
+        try:
+            return importlib.import_module(module)
+        finally:
+            _loading = outer
+
+
 def register_backend(name: str, module: str) -> None:
     """Register a backend module (it must define ``load() -> Backend``) under ``name``."""
     _REGISTRY[name] = module
@@ -147,7 +237,7 @@ def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
         raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
     if name not in _INSTANCES:
         try:
-            module = importlib.import_module(_REGISTRY[name])
+            module = import_backend_module(_REGISTRY[name])
         except ImportError as exc:
             hint = f"; {CUDA_INSTALL_HINT}" if name == "cuda" else ""
             raise ValueError(f"backend {name!r} is not available ({exc}){hint}") from exc

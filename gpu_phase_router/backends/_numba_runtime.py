@@ -14,7 +14,8 @@ applies to all of them:
 * **Threads** — under a layer that is not thread-safe (``workqueue``), kernel calls from
   different Python threads are serialised by one process-wide lock (held per chunk, see
   :func:`row_chunks`), instead of Numba aborting the interpreter.
-* **fork** — ``os.register_at_fork``: a child forked after the parent launched a layer that is
+* **fork** — fork hooks (``backends.add_fork_hooks``: run after a fork has waited for other
+  threads' backend imports): a child forked after the parent launched a layer that is
   not fork-safe (GNU OpenMP) runs the kernels through their serial versions (same results), so
   it neither dies nor hangs; the lock is re-created in every child, and a fork waits until no
   other thread is compiling (Numba's compiler lock, held by a thread the child lacks, would stop
@@ -658,8 +659,9 @@ def configure() -> None:
     _configured = True
     choose_threading_layer()
     configure_cache()
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
+    from . import add_fork_hooks  # after the wait for other threads' backend loads, in one order
+
+    add_fork_hooks(_before_fork, _after_fork_parent, _after_fork_child)
     _install_compile_notice()
 
 

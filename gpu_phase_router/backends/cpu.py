@@ -977,8 +977,9 @@ class CpuBackend:
 
     def crate_rows(self, phase, off_s, deg, ring_start, ring_len, ring_col, *, n, k, row0, seed):
         """Crate-exact rows (SPEC §14), in ``backends/cpu_crate.py``."""
-        from .cpu_crate import crate_rows
+        from . import import_backend_module  # a fork meanwhile waits for the import
 
+        crate_rows = import_backend_module("gpu_phase_router.backends.cpu_crate").crate_rows
         return crate_rows(phase, off_s, deg, ring_start, ring_len, ring_col, n=n, k=k, row0=row0, seed=seed)
 
 
