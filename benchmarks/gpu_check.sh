@@ -7,9 +7,10 @@
 #   1 env        GPU, driver, Python and package versions                 -> OUTDIR/env.txt
 #   2 install    pip install --no-deps --no-build-isolation . (no network needed; on failure the
 #                remaining steps run from the source tree, which they do anyway)  -> install.log
-#   3 tests      the full test suite with the real cuda backend (tests needing a missing package,
-#                e.g. dask, skip with their reason; a skip for want of a GPU fails this step)
-#                                                                         -> pytest.log, pytest.xml
+#   3 tests      the tests that need a real GPU (pytest -m gpu: every cuda/cupy case of the suite;
+#                the CPU and emulator tests run in CI), one line per test as it ends, so a timeout
+#                still leaves the results so far (tests needing a missing package, e.g. dask, skip
+#                with their reason; a skip for want of a GPU fails this step)   -> pytest.log, pytest.xml
 #   4 memcheck, 5 racecheck, 6 synccheck
 #                compute-sanitizer on benchmarks/sanitize_kernels.py, which launches every kernel
 #                of gpu_phase_router/kernels/*.cu through the package     -> sanitize_<tool>.log
@@ -55,7 +56,7 @@ SAN_ARGS="--error-exitcode 1 --launch-timeout 120"
 declare -A CMD=(
   [env]="{ nvidia-smi; echo; $PY -c 'import sys, platform; print(sys.version); print(platform.platform())'; $PY -m pip list 2>/dev/null | grep -iE '^(cupy|torch|numba|numpy|pytest|hypothesis|matplotlib|dask|nbmake) '; nvcc --version | tail -2; compute-sanitizer --version | head -2; } > \"\$OUT/env.txt\" 2>&1"
   [install]="$PY -m pip install --no-deps --no-build-isolation --no-index . > \"\$OUT/install.log\" 2>&1"
-  [tests]="$PY -m pytest -q -ra -p no:cacheprovider --junitxml=\"\$OUT/pytest.xml\" tests > \"\$OUT/pytest.log\" 2>&1; rc=\$?; if grep -E \"$GPU_SKIP\" \"\$OUT/pytest.log\"; then echo 'FAILED: tests skipped for want of a GPU or nvcc' >> \"\$OUT/pytest.log\"; rc=1; fi; exit \$rc"
+  [tests]="$PY -m pytest -v -ra -m gpu --durations=15 -p no:cacheprovider --junitxml=\"\$OUT/pytest.xml\" tests > \"\$OUT/pytest.log\" 2>&1; rc=\$?; if grep -E \"$GPU_SKIP\" \"\$OUT/pytest.log\"; then echo 'FAILED: tests skipped for want of a GPU or nvcc' >> \"\$OUT/pytest.log\"; rc=1; fi; exit \$rc"
   [memcheck]="compute-sanitizer --tool memcheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_memcheck.log\" 2>&1"
   [racecheck]="compute-sanitizer --tool racecheck --racecheck-report all $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_racecheck.log\" 2>&1"
   [synccheck]="compute-sanitizer --tool synccheck $SAN_ARGS $PY benchmarks/sanitize_kernels.py > \"\$OUT/sanitize_synccheck.log\" 2>&1"

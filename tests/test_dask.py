@@ -190,6 +190,7 @@ def test_route_counts_errors():
         r.compute(scheduler="threads")
 
 
+@pytest.mark.gpu
 def test_cupy_chunks_match_numpy():
     cupy = pytest.importorskip("cupy", reason="CuPy not installed: CUDA chunks untested")
     try:

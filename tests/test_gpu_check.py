@@ -50,6 +50,8 @@ def test_gpu_check_dry_run_lists_every_step_and_runs_none(tmp_path):
     for tool in ("memcheck", "racecheck", "synccheck"):
         assert any(f"compute-sanitizer --tool {tool}" in line and "sanitize_kernels.py" in line for line in steps)
     assert any("pytest" in line for line in steps) and any("bench_cuda.py" in line for line in steps)
+    tests = next(line for line in steps if " tests (limit" in line)
+    assert " -m gpu " in tests and " -v " in tests  # the GPU cases only, a line per test as it ends
     assert any("--backend nccl" in line and "expert_parallel.py" in line for line in steps)
     limits = [int(line.split("limit ")[1].split()[0]) for line in steps]
     assert sum(limits) <= 480  # the whole check fits in 8 minutes

@@ -72,7 +72,7 @@ def test_spec_vector_on_a_boundary():
     assert _reference.route_systematic([1, 2], 3, 1, 4).tolist() == [[1], [0], [0]]
 
 
-@pytest.fixture(params=["reference", "cpu", "cuda-emulated", "cuda"])
+@pytest.fixture(params=["reference", "cpu", "cuda-emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
 def kind(request):
     if request.param == "cuda-emulated":
         from simt import build, emulated_backend
