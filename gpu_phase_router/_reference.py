@@ -179,6 +179,8 @@ def water_filled_shares(caps: list[float], n_src: int, k: int) -> list[float]:
         caps = [math.ldexp(float(c), -math.frexp(top)[1]) for c in caps]
     while any(free):
         s = tree_sum([c if f else 0.0 for c, f in zip(caps, free, strict=True)])
+        if s == 0:  # SPEC §13: every free capacity scaled to 0, the shares would be 0 / 0 (invalid input, §9)
+            raise ValueError("target_capacities: positive capacities that become 0 once scaled by 2^-m")
         over = [f and total * float(c) / s > n_src for c, f in zip(caps, free, strict=True)]
         if not any(over):
             for e, c in enumerate(caps):

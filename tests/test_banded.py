@@ -68,6 +68,30 @@ def test_capacities_near_the_float64_limit_route_as_scaled_down(scale):
     assert np.bincount(got[got >= 0], minlength=6)[0] > 2 * np.bincount(got[got >= 0], minlength=6)[2]
 
 
+@pytest.mark.parametrize(
+    ("caps", "n_src", "row0"),
+    [([2.0**1023, 1e-20], 16, 0), ([1e-300, 2.0**1023, 0.0], 100, 0), ([1e300, 1e-300], 2**40, 2**40 - 4)],
+)
+def test_capacities_that_scale_to_zero_raise_naming_them(caps, n_src, row0):
+    """SPEC §13, §9: with the 2^-m scaling, positive capacities below 2^-1074 * 2^m become 0; once
+    every target that could take the remaining shares is such a one, the water-filling divides 0 by
+    0 (a NaN share, whose band width cast to int64 is garbage). That is invalid input: ValueError
+    naming target_capacities, from the backend, the block and ring-size entry points and the reference."""
+    assert np.isinf(n_src * 2 * max(caps))  # the scaled case
+    assert all(c == 0 or c * 2.0 ** -np.frexp(max(caps))[1] == 0 for c in caps if c != max(caps))
+    with pytest.raises(ValueError, match="target_capacities"):
+        gpr.blocks.route_block(None, caps, n_src=n_src, row0=row0, k=2, seed=1, backend="cpu")
+    with pytest.raises(ValueError, match="target_capacities"):
+        gpr.blocks.ring_size(caps, n_src=n_src, k=2)
+    with pytest.raises(ValueError, match="target_capacities"):
+        _reference.water_filled_shares(caps, n_src, 2)
+    # k = 1 uses the capacities themselves (no water-filling): the same input routes
+    assert gpr.blocks.route_block(None, caps, n_src=n_src, row0=row0, k=1, seed=1, backend="cpu").shape == (
+        n_src - row0,
+        1,
+    )
+
+
 @pytest.mark.parametrize("n_src", [12, 2**53 + 1, 2**62 + 3, 2**63 - 1])
 def test_band_column_counts_near_int64_limit_match_the_reference(n_src):
     """SPEC §13 ``cv = clip(rint(q / b * n_src), 1, n_src)`` with n_src near 2^63: exactly n_src at

@@ -217,13 +217,21 @@ def _clip_to_count(x: np.ndarray, n: int) -> np.ndarray:
     return np.where(at_top, n, np.maximum(1, np.where(at_top, 1.0, x).astype(np.int64)))
 
 
+SCALED_TO_ZERO = (
+    "target_capacities: positive capacities this far below the largest become 0 once scaled by 2^-m (SPEC §13: "
+    "n_src * k * max(cap) overflows float64), so their water-filled shares are undefined; raise them, or set them to 0"
+)
+
+
 def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
     """SPEC §13: float64 ``pi[e] = fair[e] / n_src`` with the fair shares ``n_src * k * cap / sum(cap)``
     water-filled so that none exceeds ``n_src`` (one slot per source).
 
     Where ``n_src * k * max(cap)`` overflows, the capacities are first multiplied by ``2^-m``
     (``m``: the binary exponent of the largest), which is exact for them and leaves every share
-    as it is at any smaller scale; unscaled, every share would be ``inf``."""
+    as it is at any smaller scale; unscaled, every share would be ``inf``. Raises ``ValueError``
+    naming ``target_capacities`` when the capacities left to share the remaining slots all scale
+    to 0 (far below the largest: their shares would be 0 / 0)."""
     pi = np.zeros(caps.shape[0], dtype=np.float64)
     free = caps > 0
     total = float(n_src * k)
@@ -232,6 +240,8 @@ def water_filled_shares(caps: np.ndarray, n_src: int, k: int) -> np.ndarray:
         caps = np.ldexp(caps, -math.frexp(top)[1])
     while free.any():
         s = tree_sum(np, np.where(free, caps, 0.0))
+        if s == 0:  # every free capacity scaled to 0: the shares would be 0 / 0 (SPEC §9, §13)
+            raise ValueError(SCALED_TO_ZERO)
         share = total * caps / s
         over = free & (share > n_src)
         if not over.any():
