@@ -139,3 +139,20 @@ def test_systematic_needs_slot_points_within_the_capacity_units():
     with pytest.raises(ValueError, match=r"n_src \* k <= 2\^31"):
         gpr.route_block(np.ones(4), caps, n_src=2**29 + 1, row0=0, k=4, method="systematic")
     assert gpr.route_block(np.ones(4), caps, n_src=2**29 - 1, row0=0, k=4, method="systematic").shape == (4, 4)
+
+
+def test_overflowing_sums_are_invalid_where_the_method_uses_the_sizes():
+    """SPEC §9: a weight or capacity vector whose tree_sum overflows is invalid for the methods that
+    use its sizes; the capacity-blind hash reads only which capacities are positive, and the hashes
+    and systematic only which weights are, so they route it (as they route the same signs scaled)."""
+    huge = [1.7e308, 1.7e308]
+    for method in ("phase", "weighted_hash", "systematic"):
+        with pytest.raises(ValueError, match="target_capacities.*overflows"):
+            gpr.route(np.ones(4), huge, k=1, method=method)
+    with pytest.raises(ValueError, match="source_weights.*overflows"):
+        gpr.route(np.full(4, 1.7e308), [1.0, 2.0], k=1, method="phase")
+    want = gpr.route(np.ones(4), [1.0, 1.0], k=1, method="hash")
+    np.testing.assert_array_equal(gpr.route(np.ones(4), huge, k=1, method="hash"), want)
+    for method in ("hash", "weighted_hash", "systematic"):
+        want = gpr.route(np.ones(4), [1.0, 2.0], k=1, method=method)
+        np.testing.assert_array_equal(gpr.route(np.full(4, 1.7e308), [1.0, 2.0], k=1, method=method), want)
