@@ -717,16 +717,20 @@ def test_bench_cuda_kernel_alone_matches_the_whole_call(n_src, n_tgt, k):
     assert np.array_equal(out, want)
 
 
-@pytest.mark.parametrize("method", ["phase", "systematic"])
-def test_sizes_past_the_int32_rings_name_the_argument(kind, method):
-    """README "Sizes": the CUDA kernels take n_src and n_tgt below 2^31 - 2^16; a block of the last
-    rows just below the bound routes, at the bound it raises a ValueError naming n_src."""
+def test_sizes_past_the_int32_rings_name_the_argument(kind):
+    """README "Sizes": the CUDA phase-router kernels take n_src and n_tgt below 2^31 - 2^16; a block
+    of the last rows just below the bound routes, at the bound it raises a ValueError naming n_src.
+    The other methods index no ring and route past it."""
     from gpu_phase_router import route_block
     from gpu_phase_router.backends.cuda import INT32_LIMIT
 
     assert INT32_LIMIT == 2**31 - 2**16
     caps = np.ones(4)
-    ok = route_block(None, caps, n_src=INT32_LIMIT - 1, row0=INT32_LIMIT - 5, k=1, method=method, backend=kind)
+    ok = route_block(None, caps, n_src=INT32_LIMIT - 1, row0=INT32_LIMIT - 5, k=1, backend=kind)
     assert ok.shape == (4, 1)
     with pytest.raises(ValueError, match=f"n_src < {INT32_LIMIT}"):
-        route_block(None, caps, n_src=INT32_LIMIT, row0=INT32_LIMIT - 4, k=1, method=method, backend=kind)
+        route_block(None, caps, n_src=INT32_LIMIT, row0=INT32_LIMIT - 4, k=1, backend=kind)
+    for method in ("systematic", "hash", "weighted_hash"):
+        got = route_block(None, caps, n_src=INT32_LIMIT + 10, row0=INT32_LIMIT + 6, k=1, method=method, backend=kind)
+        want = route_block(None, caps, n_src=INT32_LIMIT + 10, row0=INT32_LIMIT + 6, k=1, method=method, backend="cpu")
+        np.testing.assert_array_equal(host(got), want)
