@@ -185,7 +185,7 @@ def _after_fork_child() -> None:
     for _, _, after in _fork_hooks:
         after()
     if not _held_for_fork:  # another thread was still importing _loading when the process was copied
-        _interrupted_load = _loading
+        _interrupted_load = _loading or "a backend module"
     _held_for_fork = False
     _load_lock = threading.RLock()
 
