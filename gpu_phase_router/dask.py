@@ -14,13 +14,16 @@ global quantities computed once in the graph:
   check that the weights are uniform; the hash baselines need nothing global;
 * :func:`route_counts`: each chunk's degree sum and their exclusive prefix.
 
-The graph has three passes over the source chunks (reductions, degree sums, routing); the
-small reductions are single tasks. Chunks may be NumPy or CuPy arrays (``backend="auto"`` then
+The graph has three passes over the source chunks (reductions, degree sums, routing), a few
+tasks per chunk; the small reductions are single tasks. Each source chunk is computed once and
+kept until its last pass reads it; the target vector is one task of the graph, not a copy in
+every chunk's task. Chunks may be NumPy or CuPy arrays (``backend="auto"`` then
 routes each chunk where it lives); the small target vector is copied to each chunk's device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -29,6 +32,9 @@ import numpy as np
 try:
     import dask
     import dask.array as da
+    from dask.base import tokenize
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "gpu_phase_router.dask needs Dask: pip install 'gpu_phase_router[dask]' (dask[array] and distributed)"
@@ -105,6 +111,22 @@ def _routes_array(block_fn: Any, sources: Any, chunks: tuple[int, ...], k: int, 
     )
 
 
+def _reduce_chunks(name: str, sources: Any, per_chunk: Any, refs: tuple, combine: Any) -> Any:
+    """Delayed ``combine([per_chunk(chunk_i, start_i, *refs) for every chunk i])`` (``start_i``:
+    the global index of the chunk's first row; ``refs``: ``dask.delayed`` values).
+
+    One task per chunk that reads the chunk's own key, so a chunk is computed once whatever else
+    reads it, and one combining task: the graph grows linearly with the chunks. The ``refs`` go
+    in by key: each is one task of the graph, not a copy inside every chunk's task."""
+    token = tokenize(sources, per_chunk, [r.key for r in refs], combine)
+    part, out = f"{name}-chunk-{token}", f"{name}-{token}"
+    starts = _exclusive_prefix(list(sources.chunks[0]))
+    keys = tuple(r.key for r in refs)
+    layer: dict[Any, Any] = {(part, i): (per_chunk, (sources.name, i), a, *keys) for i, a in enumerate(starts)}
+    layer[out] = (combine, [(part, i) for i in range(len(starts))])
+    return Delayed(out, HighLevelGraph.from_collections(out, layer, dependencies=[sources, *refs]))
+
+
 def _rows(a: int, b: int) -> str:
     return f" (in source rows [{a}, {b}))"
 
@@ -125,7 +147,7 @@ def _weight_stats(w: Any, a: int, want_partials: bool) -> tuple[list, bool, floa
     return parts, bool((v > 0).any()), float(v.min()), float(v.max())
 
 
-def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
+def _weight_mean(stats: list, *, n_src: int, method: Method) -> float | None:
     if not any(s[1] for s in stats):
         raise ValueError("source_weights must have at least one positive entry; got all zeros")
     if method.uniform_sources:
@@ -141,7 +163,7 @@ def _weight_mean(stats: list, n_src: int, method: Method) -> float | None:
 
 
 def _weight_degree_sum(
-    w: Any, mean: float, caps: np.ndarray, n_src: int, k: int, density: float, method: Method
+    w: Any, a: int, mean: float, caps: np.ndarray, *, n_src: int, k: int, density: float, method: Method
 ) -> int:
     xp = array_namespace(source_weights=w).xp
     assert method.degrees is not None
@@ -149,7 +171,7 @@ def _weight_degree_sum(
     return int(method.degrees(xp, w.astype(xp.float64, copy=False), rr).sum())
 
 
-def _count_degree_sum(d: Any, a: int, n_tgt: int) -> int:
+def _count_degree_sum(d: Any, a: int, *, n_tgt: int) -> int:
     xp = array_namespace(source_degrees=d).xp
     try:
         d = check_int_vector(xp, "source_degrees", d, lo=0, hi=n_tgt)
@@ -179,15 +201,14 @@ def _route_chunk(
 # --- public API ----------------------------------------------------------------------------------
 
 
-def _weight_reductions(w: Any, n_src: int, chunks: tuple[int, ...], method: Method) -> tuple[list, Any]:
-    """The weights' chunks as delayed objects, and one task that validates all chunks, checks
-    uniformity where the method needs it, and returns the global mean (``None`` for methods
-    that do not use it)."""
-    starts = _exclusive_prefix(list(chunks))
-    parts = w.to_delayed().ravel().tolist()
-    want = method.uses_weight_mean
-    stats = [dask.delayed(_weight_stats, pure=True)(p, a, want) for p, a in zip(parts, starts, strict=True)]
-    return parts, dask.delayed(_weight_mean, pure=True)(stats, n_src, method)
+def _weight_reductions(w: Any, n_src: int, method: Method) -> Any:
+    """One delayed value that validates all chunks of the weights (a task per chunk), checks
+    uniformity where the method needs it, and is the global mean (``None`` for methods that do
+    not use it)."""
+    stats = functools.partial(_weight_stats, want_partials=method.uses_weight_mean)
+    return _reduce_chunks(
+        "gpu-phase-weight-mean", w, stats, (), functools.partial(_weight_mean, n_src=n_src, method=method)
+    )
 
 
 def weight_mean(source_weights: Any) -> Any:
@@ -200,7 +221,7 @@ def weight_mean(source_weights: Any) -> Any:
     n_src, chunks = _check_rows_array("source_weights", source_weights)
     if source_weights.dtype.kind not in "biuf":
         raise TypeError(f"source_weights must hold real numbers; got dtype {source_weights.dtype}")
-    return _weight_reductions(source_weights, n_src, chunks, get_method("phase"))[1]
+    return _weight_reductions(source_weights, n_src, get_method("phase"))
 
 
 def route(
@@ -245,18 +266,19 @@ def route(
     if m.check is not None:
         m.check(RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call))
 
-    parts, mean = _weight_reductions(source_weights, n_src, chunks, m)
+    mean = _weight_reductions(source_weights, n_src, m)
+    caps_key = dask.delayed(caps, pure=True)  # one task of the graph, not a copy in every chunk's
     prefixes = None
     if m.uses_degree_prefix:
-        sums = [dask.delayed(_weight_degree_sum, pure=True)(p, mean, caps, n_src, k, density, m) for p in parts]
-        prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
+        sums = functools.partial(_weight_degree_sum, n_src=n_src, k=k, density=density, method=m)
+        prefixes = _reduce_chunks("gpu-phase-degree-prefix", source_weights, sums, (mean, caps_key), _exclusive_prefix)
     return _routes_array(
         blocks.route_block,
         source_weights,
         chunks,
         k,
         "gpu-phase-route",
-        target=caps,
+        target=caps_key,
         weight_mean=mean,
         prefixes=prefixes,
         n_src=n_src,
@@ -305,21 +327,19 @@ def route_counts(
     if perm_s is not None:
         perm_s = check_permutation(np, "perm_s", _check_target("perm_s", perm_s), n_tgt)
     per_call = check_rows_per_call(rows_per_call, block_rows)
-    starts = _exclusive_prefix(list(chunks))
-    parts = source_degrees.to_delayed().ravel().tolist()
-    sums = [dask.delayed(_count_degree_sum, pure=True)(p, a, n_tgt) for p, a in zip(parts, starts, strict=True)]
-    prefixes = dask.delayed(_exclusive_prefix, pure=True)(sums)
+    sums = functools.partial(_count_degree_sum, n_tgt=n_tgt)
+    prefixes = _reduce_chunks("gpu-phase-count-prefix", source_degrees, sums, (), _exclusive_prefix)
     return _routes_array(
         blocks.route_counts_block,
         source_degrees,
         chunks,
         k,
         "gpu-phase-route-counts",
-        target=c,
+        target=dask.delayed(c, pure=True),  # one task of the graph, not a copy in every chunk's
         prefixes=prefixes,
         n_src=n_src,
         seed=seed,
-        perm_s=perm_s,
+        perm_s=None if perm_s is None else dask.delayed(perm_s, pure=True),
         backend=backend,
         rows_per_call=per_call,
     )

@@ -203,3 +203,62 @@ def test_cupy_chunks_match_numpy():
     got = r.compute(scheduler="threads")
     assert isinstance(got, cupy.ndarray)
     np.testing.assert_array_equal(got.get(), full)
+
+
+# --- graph shape ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["phase", "systematic", "counts"])
+def test_graph_grows_linearly_with_the_chunks(method):
+    """A few tasks per chunk: building the graph of 10^4 chunks must not take minutes."""
+    n_chunks = 300
+    if method == "counts":
+        r = gdask.route_counts(da.ones(n_chunks * 4, chunks=4, dtype=np.int64), np.full(8, 3), k=2, seed=1)
+    else:
+        r = gdask.route(da.ones(n_chunks * 4, chunks=4), np.ones(8), k=2, method=method)
+    assert len(r.dask) <= 5 * n_chunks + 20
+    assert sum(len(layer) for layer in r.dask.layers.values()) <= 5 * n_chunks + 20
+
+
+@pytest.mark.parametrize("method", ["phase", "counts"])
+def test_target_vector_is_in_the_graph_once(method):
+    """The capacities (and perm_s) go to the workers once, not inside every chunk's task."""
+    import pickle
+
+    n_tgt, n_chunks = 50_000, 20
+    rng = np.random.default_rng(5)
+    if method == "counts":
+        small = rng.integers(0, 2, n_tgt)
+        r = gdask.route_counts(
+            da.ones(n_chunks * 50, chunks=50, dtype=np.int64), small, k=2, seed=1, perm_s=rng.permutation(n_tgt)
+        )
+        vectors = small.nbytes + n_tgt * 8
+    else:
+        caps = rng.random(n_tgt) + 0.5
+        r = gdask.route(da.ones(n_chunks * 50, chunks=50), caps, k=2)
+        vectors = caps.nbytes
+    tasks = dict(r.__dask_graph__())
+    # each task pickled on its own, as a scheduler sends it to a worker
+    assert sum(len(pickle.dumps(t)) for t in tasks.values()) < 2 * vectors + 3000 * len(tasks)
+
+
+@pytest.mark.parametrize("method", ["phase", "systematic", "counts"])
+def test_each_source_chunk_is_computed_once(method):
+    """Weights made by an expensive computation (a file read) are made once, not once per pass."""
+    calls = []
+
+    def make(block, block_info=None):
+        calls.append(block_info[None]["chunk-location"])
+        return np.ones(block.shape, dtype=block.dtype)
+
+    if method == "counts":
+        d = da.zeros(500, chunks=100, dtype=np.int64).map_blocks(make, dtype=np.int64)
+        r = gdask.route_counts(d, [100, 200, 300], k=2, seed=0)
+        full = gpr.route_counts(np.ones(500, dtype=np.int64), [100, 200, 300], k=2, seed=0)
+    else:
+        r = gdask.route(
+            da.zeros(500, chunks=100).map_blocks(make, dtype=np.float64), [1.0, 2.0, 3.0], k=2, method=method
+        )
+        full = gpr.route(np.ones(500), [1.0, 2.0, 3.0], k=2, method=method)
+    np.testing.assert_array_equal(r.compute(scheduler="sync"), full)
+    assert sorted(calls) == [(i,) for i in range(5)]
