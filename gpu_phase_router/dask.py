@@ -54,7 +54,7 @@ from ._validate import (
     check_seed,
     check_weights,
 )
-from .backends import BackendName
+from .backends import BackendName, check_backend_name
 from .methods import Method, RowRange, get_method
 
 
@@ -245,7 +245,8 @@ def route(
         target_capacities: ``[n_tgt]`` NumPy/CuPy array or sequence (validated now).
         k, seed, density: as in :func:`gpu_phase_router.route`.
         method: any method of :func:`gpu_phase_router.available_methods`.
-        backend: per chunk; ``"auto"`` follows the chunk's array library.
+        backend: per chunk; ``"auto"`` follows the chunk's array library. The name is checked now,
+            whether ``"cuda"`` can run when the chunks are computed.
         rows_per_call: rows per kernel call inside a chunk (``block_rows``: its former name).
 
     Returns:
@@ -263,6 +264,7 @@ def route(
     seed = check_seed(seed)
     density = check_density(density)
     per_call = check_rows_per_call(rows_per_call, block_rows)
+    backend = check_backend_name(backend)  # whether "cuda" runs is up to the workers
     if m.check is not None:
         m.check(RowRange(caps, n_src, 0, n_src, k, seed, density=density, rows_per_call=per_call))
 
@@ -327,6 +329,7 @@ def route_counts(
     if perm_s is not None:
         perm_s = check_permutation(np, "perm_s", _check_target("perm_s", perm_s), n_tgt)
     per_call = check_rows_per_call(rows_per_call, block_rows)
+    backend = check_backend_name(backend)  # whether "cuda" runs is up to the workers
     sums = functools.partial(_count_degree_sum, n_tgt=n_tgt)
     prefixes = _reduce_chunks("gpu-phase-count-prefix", source_degrees, sums, (), _exclusive_prefix)
     return _routes_array(

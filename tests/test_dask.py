@@ -262,3 +262,12 @@ def test_each_source_chunk_is_computed_once(method):
         full = gpr.route(np.ones(500), [1.0, 2.0, 3.0], k=2, method=method)
     np.testing.assert_array_equal(r.compute(scheduler="sync"), full)
     assert sorted(calls) == [(i,) for i in range(5)]
+
+
+def test_backend_name_checked_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gdask.route(da.ones(10, chunks=5), [1.0, 2.0], k=2, backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gdask.route_counts(da.ones(10, chunks=5, dtype=np.int64), [1, 2], k=1, seed=0, backend="cupy")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        gdask.route(da.ones(10, chunks=5), [1.0, 2.0], k=2, backend=None)

@@ -222,6 +222,16 @@ def available_backends() -> list[str]:
     return ["auto", *_REGISTRY]
 
 
+def check_backend_name(name: Any) -> str:
+    """``name`` if it is a name ``backend=`` accepts (``TypeError`` / ``ValueError`` otherwise);
+    nothing is loaded, so whether ``"cuda"`` can run is not checked."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {available_backends()}; got {type(name).__name__}")
+    if name not in available_backends():
+        raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
+    return name
+
+
 def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
     """Resolve a ``backend=`` argument to a loaded backend.
 
@@ -229,12 +239,9 @@ def get_backend(name: str, *, data_on_device: bool = False) -> Backend:
     Raises ``ValueError`` for unknown names, and ``ValueError`` with the install command when
     ``"cuda"`` cannot be used (no CuPy, or no usable device).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, one of {available_backends()}; got {type(name).__name__}")
+    name = check_backend_name(name)
     if name == "auto":
         name = "cuda" if data_on_device else "cpu"
-    if name not in _REGISTRY:
-        raise ValueError(f"backend must be one of {available_backends()}; got {name!r}")
     if name not in _INSTANCES:
         try:
             module = import_backend_module(_REGISTRY[name])
