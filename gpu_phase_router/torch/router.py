@@ -124,7 +124,12 @@ class MoERouter(nn.Module):
         eval_capacity_factor: the factor in eval mode: ``None`` (default) = ``capacity_factor``;
             a float ``> 0``; ``math.inf`` = no hard caps in eval mode (every routed slot kept).
         process_group: ``torch.distributed`` group over which ``balance="bias"`` sums the routed
-            counts before each update, so every data-parallel rank keeps the same bias.
+            counts before each update, so every data-parallel rank keeps the same bias. Give it
+            after ``init_process_group`` (``dist.group.WORLD`` is ``None`` before, which means no
+            sum). Each training call is a collective: every rank of the group makes the same
+            training calls in the same order (``T`` may differ, ``0`` included: a rank out of data
+            calls with a ``[0, E]`` batch; DDP's ``join()`` does not cover this collective, as it
+            does not cover ``SyncBatchNorm``'s); evaluation mode calls none.
         seed: base seed in ``[0, 2^64)``.
         density: the phase router's density in ``(0, 1]``; ``None`` = the method's default.
         validate: check in every forward that the logits are finite (costs one synchronisation
