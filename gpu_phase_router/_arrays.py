@@ -29,8 +29,8 @@ def library_of(x: Any) -> str | None:
     root = type(x).__module__.split(".", 1)[0]
     if root == CUPY and "cupy" in sys.modules:
         return CUPY
-    if root == TORCH and "torch" in sys.modules:
-        return TORCH
+    if root == TORCH and "torch" in sys.modules and isinstance(x, sys.modules["torch"].Tensor):
+        return TORCH  # (torch.Size and the pairs topk returns are tuples: sequences, as NumPy reads them)
     return None
 
 
