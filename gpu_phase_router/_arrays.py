@@ -29,8 +29,8 @@ def library_of(x: Any) -> str | None:
     root = type(x).__module__.split(".", 1)[0]
     if root == CUPY and "cupy" in sys.modules:
         return CUPY
-    if root == TORCH and "torch" in sys.modules:
-        return TORCH
+    if root == TORCH and "torch" in sys.modules and isinstance(x, sys.modules["torch"].Tensor):
+        return TORCH  # (torch.Size and the pairs topk returns are tuples: sequences, as NumPy reads them)
     return None
 
 
@@ -40,15 +40,16 @@ def is_device_array(x: Any) -> bool:
     return lib == CUPY or (lib == TORCH and x.device.type == "cuda")
 
 
-def device_id(x: Any) -> tuple[str, int]:
-    """``("cpu", -1)`` for host data, ``("cuda", ordinal)`` for device data."""
+def device_id(x: Any, name: str) -> tuple[str, int]:
+    """``("cpu", -1)`` for host data, ``("cuda", ordinal)`` for device data; ``TypeError`` naming
+    ``name`` for a torch tensor on any other device."""
     lib = library_of(x)
     if lib == CUPY:
         return ("cuda", int(x.device.id))
     if lib == TORCH and x.device.type == "cuda":
         return ("cuda", int(x.device.index or 0))
     if lib == TORCH and x.device.type != "cpu":
-        raise TypeError(f"torch tensors on device {x.device} are not supported; use a CPU or CUDA tensor")
+        raise TypeError(f"{name} is a torch tensor on device {x.device}; use a CPU or CUDA tensor (e.g. {name}.cpu())")
     return ("cpu", -1)
 
 
@@ -103,7 +104,7 @@ def array_namespace(*arrays: Any, **named: Any) -> Namespace:
             continue
         check_plain_input(name, x)
         lib = library_of(x) or NUMPY
-        dev = device_id(x) if lib != NUMPY else ("cpu", -1)
+        dev = device_id(x, name) if lib != NUMPY else ("cpu", -1)
         seen.setdefault((lib, dev), name)
     # Host NumPy data (and Python sequences) joins any one other library: it is converted there.
     if len(seen) > 1:

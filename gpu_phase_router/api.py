@@ -139,7 +139,10 @@ def route(
         n_c = None if target_capacities is None else vector_length("target_capacities", target_capacities)
         for name, length in (("source_weights", n_w), ("target_capacities", n_c)):
             if length is not None and length != n:
-                raise ValueError(f"n={n} contradicts len({name})={length}; leave n out for rectangular routing")
+                raise ValueError(
+                    f"n={n} contradicts len({name})={length}; leave n out for rectangular routing (n is the "
+                    f"third positional argument: for {n} targets per source pass k={n})"
+                )
     if target_capacities is None:
         target_capacities = np.ones(n if n is not None else (n_w if n_w is not None else DEFAULT_N))
     n_src = n_w if n_w is not None else vector_length("target_capacities", target_capacities)

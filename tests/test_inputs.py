@@ -73,6 +73,29 @@ def test_sparse_tensors_are_rejected_naming_the_argument(where):
         gpr.route(**kwargs, k=2)
 
 
+@pytest.mark.parametrize("where", ["source_weights", "target_capacities"])
+def test_tensors_on_other_devices_are_rejected_naming_the_argument(where):
+    """A tensor on a device other than the CPU or CUDA (``meta`` here; ``mps`` on a Mac) raises
+    ``TypeError`` naming the argument, as every other invalid input does."""
+    kwargs = {"source_weights": np.ones(8), "target_capacities": np.ones(8)}
+    kwargs[where] = torch.ones(8, device="meta")
+    with pytest.raises(TypeError, match=f"{where}.*device meta"):
+        gpr.route(**kwargs, k=2)
+
+
+def test_torch_objects_that_are_not_tensors_are_sequences():
+    """torch's tuple types (``torch.Size``, the ``(values, indices)`` pair of ``topk`` / ``max``)
+    are Python sequences, not tensors: read as such, or rejected naming the argument."""
+    np.testing.assert_array_equal(
+        gpr.route(torch.Size([1, 2, 3]), CAPS, k=2, seed=1), gpr.route([1.0, 2.0, 3.0], CAPS, k=2, seed=1)
+    )
+    pair = torch.tensor(CAPS).topk(4)
+    with pytest.raises(ValueError, match="target_capacities must be 1-D"):
+        gpr.route(np.ones(8), pair, k=2)
+    with pytest.raises(ValueError, match="routes must be 2-D"):
+        gpr.compute_loads(torch.Size([2]), 8)
+
+
 def test_bfloat16_counts_name_the_argument():
     with pytest.raises(TypeError, match="source_degrees"):
         gpr.route_counts(torch.ones(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.int64), k=1, seed=0)

@@ -91,6 +91,13 @@ def test_route_rejects(kwargs, exc, match):
     raises(exc, match, gpr.route, **args)
 
 
+def test_k_passed_positionally_is_named_in_the_error():
+    """``route(w, caps, 2)`` passes 2 as ``n`` (the crate's argument order: weights, capacities, n,
+    k, seed); the error says so and how to pass ``k``."""
+    with pytest.raises(ValueError, match=r"n=2 contradicts len\(source_weights\)=16.*third.*k=2"):
+        gpr.route(np.ones(16), np.ones(8), 2)
+
+
 def test_bits_rejections():
     ok = dict(n_src=N, n_tgt=N, k=2, seed=1)
     raises(TypeError, "s_bits must have dtype uint64", gpr.route_bits, BITS.astype(np.int64), BITS, **ok)
