@@ -545,3 +545,23 @@ def test_eval_router_under_torch_func_grad_matches_autograd(options):
     for name, ref in zip(leaves, reference, strict=True):
         assert ref.abs().sum() > 0
         torch.testing.assert_close(grads[name], ref)
+
+
+def test_content_blind_routes_on_a_device_without_kernels_come_from_the_cpu(monkeypatch):
+    """On a device that is neither the CPU nor CUDA (Apple ``mps``, ``xpu``; faked here, as this
+    machine has none) the content-blind routes, which depend on T and the seed alone, are the CPU
+    backend's, copied to that device — not a request for CuPy."""
+    from types import SimpleNamespace
+
+    import gpu_phase_router as gpr
+    from gpu_phase_router.methods import cached_uniform_spec, run_uniform
+    from gpu_phase_router.torch import _ops
+
+    anchor = SimpleNamespace(device=SimpleNamespace(type="mps"))
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: moved.append(args) or self)
+    spec = cached_uniform_spec("phase", 64, (1.0,) * 4 + (0.5,) * 4, 2, None)
+    got = _ops._routes_on_stream(anchor, "phase", spec, 5)
+    assert moved == [(anchor.device,)]
+    np.testing.assert_array_equal(got.numpy(), gpr.route(np.ones(64), [1.0] * 4 + [0.5] * 4, k=2, seed=5))
+    np.testing.assert_array_equal(got.numpy(), run_uniform("phase", "cpu", spec, 5))

@@ -36,11 +36,14 @@ def split_seed(seed: int) -> tuple[int, int]:
 def _routes_on_stream(anchor: torch.Tensor, method: str, spec: Any, seed: int) -> torch.Tensor:
     """int32 ``[T, k]`` routes of a validated spec on ``anchor``'s device: NumPy/Numba for CPU
     tensors (shared with ``torch.from_numpy``), the CUDA backend for CUDA tensors, queued on
-    torch's current stream (``on_caller_stream``) and shared through DLPack."""
+    torch's current stream (``on_caller_stream``) and shared through DLPack. On a device without
+    kernels of ours (Apple ``mps``, ``xpu``) the routes, which depend on ``T`` and the seed alone,
+    are computed on the CPU and copied there."""
     from ..methods import run_uniform
 
-    if anchor.device.type == "cpu":
-        return torch.from_numpy(run_uniform(method, "cpu", spec, seed))
+    if anchor.device.type != "cuda":
+        routes = torch.from_numpy(run_uniform(method, "cpu", spec, seed))
+        return routes if anchor.device.type == "cpu" else routes.to(anchor.device)
     out = run_uniform(method, "cuda", spec, seed)
     if isinstance(out, np.ndarray):  # a backend that computed on the host
         return torch.from_numpy(out).to(anchor.device)
