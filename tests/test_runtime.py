@@ -219,8 +219,11 @@ def _unshare_command(probe_dir: Path) -> tuple[list[str] | None, str]:
     return None, f"read-only bind mounts are not permitted here: {'; '.join(errors)}"
 
 
-@pytest.mark.parametrize("prebuilt", [False, True], ids=["cold", "prebuilt-cache"])
-def test_read_only_install_and_home(tmp_path, prebuilt):
+def _private_install(tmp_path: Path) -> tuple[list[str], Path, Path, Path, dict[str, str]]:
+    """``(unshare command, site, home, tmp, env)``: a copy of the package in ``site`` (no
+    ``__pycache__``), empty ``home`` and ``tmp`` folders, and an environment (no ``NUMBA_*``) that
+    imports that copy with them as ``$HOME`` and ``$TMPDIR``; skips where read-only bind mounts
+    cannot be made."""
     probe = tmp_path / "probe"
     probe.mkdir()
     unshare, why = _unshare_command(probe)
@@ -228,9 +231,8 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
         pytest.skip(why)
     site = tmp_path / "site"
     shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
-    home = tmp_path / "home"
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()
-    tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
     env.update(
@@ -242,6 +244,12 @@ def test_read_only_install_and_home(tmp_path, prebuilt):
             "PYTHONDONTWRITEBYTECODE": "1",
         }
     )
+    return unshare, site, home, tmp, env
+
+
+@pytest.mark.parametrize("prebuilt", [False, True], ids=["cold", "prebuilt-cache"])
+def test_read_only_install_and_home(tmp_path, prebuilt):
+    unshare, site, home, tmp, env = _private_install(tmp_path)
     code = (
         "import warnings, gpu_phase_router as gpr\n"
         "print(gpr.__file__)\n"
@@ -681,30 +689,13 @@ def test_unwritable_numba_cache_dir_never_caches_into_the_package(tmp_path):
 def test_nothing_writable_routes_uncached_with_one_warning(tmp_path):
     """A read-only package, ``$HOME``, ``NUMBA_CACHE_DIR`` and temporary directory (a container with a
     read-only root): the kernels compile and run, uncached, after one warning; no crash."""
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    unshare, why = _unshare_command(probe)
-    if unshare is None:
-        pytest.skip(why)
-    site = tmp_path / "site"
-    shutil.copytree(ROOT / "gpu_phase_router", site / "gpu_phase_router", ignore=shutil.ignore_patterns("__pycache__"))
-    home, tmp, cache = tmp_path / "home", tmp_path / "tmp", tmp_path / "cache"
-    for d in (home, tmp, cache):
-        d.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
-    env.update(
-        {
-            "PYTHONPATH": str(site),
-            "HOME": str(home),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "TMPDIR": str(tmp),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "CODE": (
-                "import numpy as np, gpu_phase_router as gpr\n"
-                "print(gpr.__file__)\n"
-                "print(int(gpr.route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))\n"
-            ),
-        }
+    unshare, site, home, tmp, env = _private_install(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env["CODE"] = (
+        "import numpy as np, gpu_phase_router as gpr\n"
+        "print(gpr.__file__)\n"
+        "print(int(gpr.route(np.ones(3000), np.linspace(1, 2, 64), k=4, seed=3).sum()))\n"
     )
     ro = " && ".join(
         f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"
