@@ -106,9 +106,11 @@ def fake_cuda_torch(monkeypatch, events: list) -> type:
     fake_torch.cuda = types.SimpleNamespace(
         current_stream=lambda i: types.SimpleNamespace(cuda_stream=1000 + i), current_device=lambda: 0
     )
+    tensor = type("Tensor", (), {"__module__": "torch.nn", "device": types.SimpleNamespace(type="cuda", index=1)})
+    fake_torch.Tensor = tensor
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
-    return type("Tensor", (), {"__module__": "torch.nn", "device": types.SimpleNamespace(type="cuda", index=1)})
+    return tensor
 
 
 def test_torch_cuda_inputs_run_on_torch_stream(monkeypatch):
