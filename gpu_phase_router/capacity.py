@@ -27,7 +27,7 @@ def _namespace(x: Any, name: str) -> tuple[Any, Any, Namespace]:
     return ns.xp, ns.asarray(x), ns
 
 
-def _check_routes(xp: Any, routes: Any, n_tgt: int | None, name: str = "routes") -> Any:
+def _check_routes(xp: Any, routes: Any, n_tgt: int | None, name: str = "routes", n_tgt_is: str = "n_tgt") -> Any:
     if routes.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n_src, k]; got shape {tuple(routes.shape)}")
     if routes.dtype.kind not in "iu":
@@ -37,7 +37,7 @@ def _check_routes(xp: Any, routes: Any, n_tgt: int | None, name: str = "routes")
         if lo < -1:
             raise ValueError(f"{name} must hold targets >= 0 or -1 for an empty slot; got {lo}")
         if n_tgt is not None and hi >= n_tgt:
-            raise ValueError(f"{name} must hold targets < n_tgt={n_tgt}; got {hi}")
+            raise ValueError(f"{name} must hold targets < {n_tgt_is}={n_tgt}; got {hi}")
     return routes
 
 
@@ -129,7 +129,7 @@ def enforce_capacity(routes: Any, hard_caps: Any) -> Any:
     n_tgt = int(caps.shape[0])
     if r.dtype.kind == "u":
         raise TypeError(f"routes must have a signed integer dtype (dropped slots become -1); got {r.dtype}")
-    r = _check_routes(xp, r, n_tgt)
+    r = _check_routes(xp, r, n_tgt, n_tgt_is="len(hard_caps)")  # hard_caps has an entry per target
     flat = r.reshape(-1)
     n_slots = int(flat.shape[0])
     out = flat.copy()

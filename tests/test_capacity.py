@@ -144,7 +144,7 @@ def test_enforce_capacity_keeps_int64():
 @pytest.mark.parametrize(
     "routes, caps, exc, match",
     [
-        (np.array([[0, 3]]), [1, 1, 1], ValueError, "n_tgt=3"),
+        (np.array([[0, 3]]), [1, 1, 1], ValueError, r"targets < len\(hard_caps\)=3"),
         (np.array([[0, -2]]), [1, 1, 1], ValueError, "-1"),
         (np.array([0, 1]), [1, 1], ValueError, "2-D"),
         (np.array([[0.0, 1.0]]), [1, 1], TypeError, "integers"),
