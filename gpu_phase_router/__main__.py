@@ -101,12 +101,14 @@ def demo(args: argparse.Namespace) -> int:
     print(head)
     print("-" * len(head))
     for m, cv, mm, rsd, corr, filled, surv, ms in rows:
-        print(f"{m:<14} {cv:>8.3f} {mm:>9.2f} {rsd:>9.3f} {corr:>6.3f} {filled:>7.1%} {surv:>9.1%} {ms:>7.2f}")
+        corr_text = f"{corr:>6.3f}" if math.isfinite(corr) else f"{'n/a':>6}"  # NaN: equal capacities or loads
+        print(f"{m:<14} {cv:>8.3f} {mm:>9.2f} {rsd:>9.3f} {corr_text} {filled:>7.1%} {surv:>9.1%} {ms:>7.2f}")
     print(
         "\nload CV, max/mean: spread of expert loads (capacity differs, so some spread is wanted);\n"
         "ratio sd: spread of load / fair share (fair = in proportion to capacity; 0 is perfect);\n"
-        "corr: load-capacity correlation; filled: slots holding an expert before enforcement\n"
-        "(-1 padding counts as not served); survival: slots admitted under the hard caps;\n"
+        "corr: load-capacity correlation (n/a where every capacity or every load is equal);\n"
+        "filled: slots holding an expert before enforcement (-1 padding counts as not served);\n"
+        "survival: slots admitted under the hard caps;\n"
         f"ms: median routing time of {args.repeat} calls after a warm-up call (JIT compile excluded)."
     )
 

@@ -144,3 +144,13 @@ def test_demo_out_folder_holding_a_folder_named_like_a_plot_is_refused_before_ro
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and "capacity_vs_load.png" in err and "--out" in err
     assert "survival" not in out  # nothing was routed
+
+
+def test_demo_with_equal_capacities_shows_no_nan(tmp_path):
+    """Four experts of the strong profile are all at 1x: the load-capacity correlation is undefined
+    and shows as n/a, not nan."""
+    proc = run_cli(["demo", "--experts", "4", "--tokens", "200", "--repeat", "1", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["phase"]]
+    assert rows and rows[0][4] == "n/a", proc.stdout
+    assert "nan" not in proc.stdout
