@@ -254,9 +254,7 @@ class RoutingPlan:
                 f"capacity and buffer_size must keep E * buffer_size and sum(capacity) below 2^63 (buffer "
                 f"positions are int64); got E = {n_exp}, buffer_size = {buffer_size}"
             )
-        weight_dtype = _check_weight_dtype(weight_dtype)
-        if logits is not None and weight_dtype is not None:
-            raise TypeError("weight_dtype applies without logits only (with logits the weights take their dtype)")
+        weight_dtype = _check_weight_dtype(weight_dtype, with_logits=logits is not None)
         if logits is not None and not isinstance(logits, torch.Tensor):
             raise TypeError(f"logits must be a torch.Tensor [T, E] or None; got {type(logits).__name__}")
         if logits is not None and not logits.dtype.is_floating_point:
@@ -299,10 +297,13 @@ def _gather_rows(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), gathered).squeeze(1)
 
 
-def _check_weight_dtype(weight_dtype: Any) -> torch.dtype | None:
-    """``None`` or a floating ``torch.dtype`` (the dtype of weights built without logits)."""
+def _check_weight_dtype(weight_dtype: Any, with_logits: bool) -> torch.dtype | None:
+    """``None`` or a floating ``torch.dtype`` (the dtype of weights built without logits; with
+    logits the weights take the logits' dtype, so a ``weight_dtype`` beside them raises)."""
     if weight_dtype is None:
         return None
+    if with_logits:
+        raise TypeError("weight_dtype applies without logits only (with logits the weights take their dtype)")
     if not isinstance(weight_dtype, torch.dtype):
         raise TypeError(
             f"weight_dtype must be a floating torch.dtype such as torch.float32; got "

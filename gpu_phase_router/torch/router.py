@@ -371,12 +371,10 @@ class MoERouter(nn.Module):
             (``[0, k]`` tensors) whose dispatch and combine work; a ``meta`` device gives a plan of
             shapes only.
         """
-        weight_dtype = _check_weight_dtype(weight_dtype)
+        weight_dtype = _check_weight_dtype(weight_dtype, with_logits=logits is not None)
         if logits is not None:
             if num_tokens is not None or device is not None:
                 raise TypeError("give either logits or num_tokens (and device), not both")
-            if weight_dtype is not None:
-                raise TypeError("weight_dtype applies without logits only (with logits the weights take their dtype)")
             logits = self._check_logits(logits)
             # int(): the hard caps and C depend on T, so a compiled graph specialises on it
             n_tok, dev = int(logits.shape[0]), logits.device
