@@ -41,11 +41,8 @@ def _routes_on_stream(anchor: torch.Tensor, method: str, spec: Any, seed: int) -
     are computed on the CPU and copied there."""
     from ..methods import run_uniform
 
-    if anchor.device.type != "cuda":
-        routes = torch.from_numpy(run_uniform(method, "cpu", spec, seed))
-        return routes if anchor.device.type == "cpu" else routes.to(anchor.device)
-    out = run_uniform(method, "cuda", spec, seed)
-    if isinstance(out, np.ndarray):  # a backend that computed on the host
+    out = run_uniform(method, "cuda" if anchor.device.type == "cuda" else "cpu", spec, seed)
+    if isinstance(out, np.ndarray):  # computed on the host: shared as is on the CPU, else copied
         return torch.from_numpy(out).to(anchor.device)
     return torch.from_dlpack(out)
 
