@@ -174,11 +174,11 @@ def _topk_plan_keeping_capacity(logits: torch.Tensor, capacity: torch.Tensor, *a
     return _ORIGINAL["topk_plan"](logits, capacity, *args, **kwargs)
 
 
-def _cap_step(bias: torch.Tensor, selected: torch.Tensor, rate: float) -> torch.Tensor:
-    """``bias + rate * sign(capacity - routed)`` with the hard caps of the current call."""
+def _cap_step(bias: torch.Tensor, selected: torch.Tensor, rate: float, margin: float = 1.0) -> torch.Tensor:
+    """``bias + rate * sign(margin * capacity - routed)`` with the hard caps of the current call."""
     flat = selected.reshape(-1)
-    routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0])
-    diff = (_CAPACITY["capacity"] - routed).to(torch.float64)
+    routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0]).to(torch.float64)
+    diff = margin * _CAPACITY["capacity"].to(torch.float64) - routed
     return bias + torch.sign(diff).to(torch.float32) * rate
 
 
@@ -195,10 +195,7 @@ def _valve_below(margin: float) -> Callable[..., None]:
     """``valve`` aimed at ``margin`` times each hard cap."""
 
     def update(bias: torch.Tensor, selected: torch.Tensor, share: Any, rate: float, *_: Any) -> None:
-        flat = selected.reshape(-1)
-        routed = learned._counts(flat, torch.ones_like(flat), bias.shape[0]).to(torch.float64)
-        diff = margin * _CAPACITY["capacity"].to(torch.float64) - routed
-        bias.copy_((bias + torch.sign(diff).to(torch.float32) * rate).clamp(max=0.0))
+        bias.copy_(_cap_step(bias, selected, rate, margin).clamp(max=0.0))
 
     return update
 
