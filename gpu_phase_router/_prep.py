@@ -61,11 +61,13 @@ def _host_capacity_cum(caps_bytes: bytes) -> np.ndarray:
     return capacity_cum(np, np.frombuffer(caps_bytes, dtype=np.float64))
 
 
-def host_capacity_cum(caps: Any) -> np.ndarray:
-    """:func:`capacity_cum` of host capacities, computed once per capacities (the systematic
-    router's entry check and its rows, and the weighted hash, use it at every call); shared, so
-    callers must not write to it."""
-    return _host_capacity_cum(np.ascontiguousarray(caps, dtype=np.float64).tobytes())
+def host_capacity_cum(caps: Any) -> tuple[bytes, np.ndarray]:
+    """``(key, cum)``: :func:`capacity_cum` of host capacities, computed once per capacities (the
+    systematic router's entry check and its rows, and the weighted hash, use it at every call;
+    shared, so callers must not write to it), and the capacities' float64 bytes it is cached by,
+    the key of its device copies (:func:`on_backend`)."""
+    key = np.ascontiguousarray(caps, dtype=np.float64).tobytes()
+    return key, _host_capacity_cum(key)
 
 
 def exclusive_cumsum_mod(xp: Any, v: Any, m: int, start: int = 0) -> Any:

@@ -126,10 +126,9 @@ def hash_rows(be: Any, rr: RowRange) -> Array:
 def weighted_hash_rows(be: Any, rr: RowRange) -> Array:
     """The ``rows`` function of ``method="weighted_hash"``."""
     xp = be.xp
-    caps = np.ascontiguousarray(rr.caps, dtype=np.float64)
-    host = host_capacity_cum(caps)
+    key, host = host_capacity_cum(rr.caps)
     total, n_pos = int(host[-1]), int(np.count_nonzero(host[1:] - host[:-1]))
-    (cum,) = on_backend(be, ("capacity_cum", caps.tobytes()), host)
+    (cum,) = on_backend(be, ("capacity_cum", key), host)
     out = xp.empty((rr.rows, rr.k), dtype=xp.int32)
     for a, b in call_ranges(rr.rows, rr.rows_per_call):
         out[a:b] = weighted_hash_block(

@@ -59,10 +59,9 @@ def systematic_rows(
     once per capacities and device, so nothing is read back from the device."""
     xp = backend.xp
     check_systematic_slots(n_src, k)
-    caps = np.ascontiguousarray(caps, dtype=np.float64)
-    host = host_capacity_cum(caps)
+    key, host = host_capacity_cum(caps)
     check_systematic_slots(n_src, k, int(host[-1]))
-    (cum,) = on_backend(backend, ("capacity_cum", caps.tobytes()), host)
+    (cum,) = on_backend(backend, ("capacity_cum", key), host)
     out = xp.empty((rows, k), dtype=xp.int32)
     for a, b in call_ranges(rows, rows_per_call):
         out[a:b] = systematic_block(
@@ -86,7 +85,7 @@ def check(rr: RowRange) -> None:
     the sizes, and with host capacities their units too (so a lazy Dask route raises when built)."""
     check_systematic_slots(rr.n_src, rr.k)
     if isinstance(rr.caps, np.ndarray):
-        check_systematic_slots(rr.n_src, rr.k, int(host_capacity_cum(rr.caps)[-1]))
+        check_systematic_slots(rr.n_src, rr.k, int(host_capacity_cum(rr.caps)[1][-1]))
 
 
 def rows(be: Any, rr: RowRange) -> Array:
