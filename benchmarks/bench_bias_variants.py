@@ -82,7 +82,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
 import _args  # noqa: E402
 import bench_training as bt  # noqa: E402
 
-from gpu_phase_router.torch import learned  # noqa: E402
+from gpu_phase_router.torch import RoutingPlan, learned  # noqa: E402
 
 BASELINES = ["nocaps", "topk"]
 VARIANTS = [
@@ -106,6 +106,9 @@ VARIANTS = [
     "biased_weights",
     "unbiased_proposals",
     "first_unbiased",
+    "cluster_oracle5",
+    "cluster_oracle6",
+    "cluster_oracle_fragmented",
 ]
 OPTIONS: dict[str, dict[str, Any]] = {
     "rounds8": {"reroute_rounds": 8},
@@ -290,6 +293,129 @@ def _start_bias_at_log_share(router: torch.nn.Module, cfg: Any) -> None:
         router.expert_bias.copy_(torch.from_numpy(np.log(cfg.num_experts * caps / caps.sum())).to(torch.float32))
 
 
+# --- cluster oracles: the assignment a router would make if it knew each token's cluster ----------------------
+#
+# Diagnostics for the strong profile of the regression task, not routers a user could run: each token's
+# experts come from its cluster (the nearest centre of the task, which is its own cluster in practice) and
+# a fixed split of the cluster, so every expert sees the same part of the same clusters from the first
+# step. The gate still learns the weights of the two experts (SPEC §15, as for every router here). Slots
+# over an expert's hard cap (token order) move to the expert with the most room that the token does not
+# use yet, so no cap is ever exceeded. The cluster's slots are "units" of 1 / (clusters * k) of all slots:
+# at the strong profile the 8x expert's share is 4.9 units (cap 6.2), a 2x expert's 1.2 (cap 1.5) and a
+# 1x expert's 0.62 (cap 0.77).
+ORACLES: dict[str, tuple[str, float]] = {
+    "cluster_oracle5": ("whole", 5.0),  # the 8x expert takes the first slot of 5 whole clusters (its share)
+    "cluster_oracle6": ("whole", 6.0),  # ... of 6 whole clusters (near its cap)
+    "cluster_oracle_fragmented": ("fragmented", 5.0),  # ... 5/8 of the first slot of every cluster
+}
+_EPS = 1e-9
+
+
+def _cut(
+    segments: list[tuple[int, int, float, float]], takers: list[tuple[int, float]]
+) -> dict[tuple[int, int], list[tuple[int, float, float]]]:
+    """Lay ``segments`` ``(cluster, slot, lo, hi)`` end to end and give consecutive stretches of the lengths
+    in ``takers`` ``(expert, length)`` to each expert: ``{(cluster, slot): [(expert, lo, hi), ...]}``."""
+    table: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
+    queue = list(segments)
+    for expert, length in takers:
+        while length > _EPS and queue:
+            cluster, slot, lo, hi = queue.pop(0)
+            take = min(length, hi - lo)
+            table.setdefault((cluster, slot), []).append((expert, lo, lo + take))
+            if lo + take < hi - _EPS:
+                queue.insert(0, (cluster, slot, lo + take, hi))
+            length -= take
+    if queue:
+        raise ValueError(f"cluster oracle: {len(queue)} cluster slots left without an expert")
+    return table
+
+
+def oracle_table(caps: np.ndarray, clusters: int, layout: str, big_units: float) -> dict[tuple[int, int], Any]:
+    """The cluster oracle's split, ``{(cluster, slot): [(expert, lo, hi), ...]}`` (``k = 2``): the largest
+    expert takes ``big_units`` first slots (``layout="whole"``: whole clusters; ``"fragmented"``: the same
+    share of every cluster's first slot), each 2x expert one unit, the 1x experts the rest in equal parts."""
+    big = int(np.argmax(caps))
+    mid = [int(e) for e in np.flatnonzero(caps == 2.0)]
+    small = [int(e) for e in np.flatnonzero(caps == 1.0)]
+    if caps[big] != 8.0 or len(mid) + len(small) + 1 != caps.size:
+        raise ValueError("the cluster oracles are laid out for the strong profile (one 8x, 2x and 1x experts)")
+    if layout == "whole":
+        firsts = [(c, 0, 0.0, 1.0) for c in range(clusters)]
+    else:
+        part = big_units / clusters
+        firsts = [(c, 0, 0.0, part) for c in range(clusters)] + [(c, 0, part, 1.0) for c in range(clusters)]
+    segments = firsts + [(c, 1, 0.0, 1.0) for c in range(clusters)]
+    rest = 2 * clusters - big_units - len(mid)
+    takers = [(big, big_units)] + [(e, 1.0) for e in mid] + [(e, rest / len(small)) for e in small]
+    return _cut(segments, takers)
+
+
+class ClusterOracle(torch.nn.Module):
+    """Routes by the task's clusters (see ``ORACLES``); ``inputs`` is set by the model before each call."""
+
+    def __init__(self, cfg: Any, seed: int, layout: str, big_units: float) -> None:
+        super().__init__()
+        if cfg.k != 2:
+            raise ValueError(f"the cluster oracles route k = 2 slots; got k = {cfg.k}")
+        self.cfg = cfg
+        self.centres = bt.Task(cfg, seed).centres  # train_one's task: the same generator seed
+        self.table = oracle_table(cfg.caps(), cfg.clusters, layout, big_units)
+        g = torch.Generator().manual_seed(40_000 + seed)  # not the global generator: the model's init is unchanged
+        dirs = torch.randn(cfg.clusters, cfg.k, cfg.d_in, generator=g)
+        self.dirs = dirs / dirs.norm(dim=2, keepdim=True)
+        self.inputs: torch.Tensor | None = None
+
+    def forward(self, logits: torch.Tensor) -> Any:
+        x = self.inputs
+        if x is None or x.shape[0] != logits.shape[0]:
+            raise RuntimeError("ClusterOracle: the model sets .inputs before each call")
+        n_tok, k, n_exp = x.shape[0], self.cfg.k, self.cfg.num_experts
+        cid = torch.cdist(x, self.centres).argmin(dim=1)
+        # (x - centre) is N(0, I) around the centre: its projection on a unit direction is N(0, 1), and the
+        # normal CDF of it is uniform in [0, 1): the position of the token in its cluster's split
+        u = torch.special.ndtr(((x - self.centres[cid]).unsqueeze(1) * self.dirs[cid]).sum(dim=2))
+        experts = torch.full((n_tok, k), -1, dtype=torch.int64)
+        for (cluster, slot), pieces in self.table.items():
+            rows = cid == cluster
+            experts[rows, slot] = pieces[-1][0]  # the last piece ends at 1 (ndtr may round to 1.0)
+            for expert, lo, hi in pieces[:-1]:
+                experts[rows & (u[:, slot] >= lo) & (u[:, slot] < hi), slot] = expert
+        caps = bt.reference_caps(self.cfg, n_tok)
+        flat = experts.reshape(-1)
+        rank = torch.nn.functional.one_hot(flat, n_exp).cumsum(dim=0).gather(1, flat.unsqueeze(1)).squeeze(1) - 1
+        load = np.minimum(np.bincount(flat.numpy(), minlength=n_exp), caps)
+        for i in torch.nonzero(rank >= torch.from_numpy(caps)[flat]).flatten().tolist():
+            room = caps - load
+            room[experts[i // k].numpy()] = 0
+            best = int(np.argmax(room))
+            flat[i] = best if room[best] > 0 else -1
+            load[best] += room[best] > 0
+        return RoutingPlan.from_experts(experts, caps, logits)
+
+
+@contextmanager
+def _cluster_oracle(variant: str) -> Iterator[None]:
+    """While on: ``bench_training`` routes ``"variant"`` by the cluster oracle ``variant`` (the model hands
+    its input to the router before each call)."""
+    original_make, original_model = bt.make_router, bt.MoEModel
+    layout, big_units = ORACLES[variant]
+
+    class Model(original_model):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> Any:
+            self.router.inputs = x
+            return super().forward(x)
+
+    def make(name: str, cfg: Any, seed: int) -> torch.nn.Module:
+        return ClusterOracle(cfg, seed, layout, big_units) if name == "variant" else original_make(name, cfg, seed)
+
+    bt.make_router, bt.MoEModel = make, Model
+    try:
+        yield
+    finally:
+        bt.make_router, bt.MoEModel = original_make, original_model
+
+
 @contextmanager
 def patched(variant: str) -> Iterator[dict[str, Any]]:
     """The ``MoERouter`` options of ``variant``, with its replacement functions in place meanwhile."""
@@ -347,6 +473,9 @@ def run_training(
         t0 = time.perf_counter()
         if name in BASELINES:
             runs = [bt.train_one(cfg, name, s) for s in seeds]
+        elif name in ORACLES:
+            with _cluster_oracle(name):
+                runs = [bt.train_one(cfg, "variant", s) for s in seeds]
         else:
             base_name = "default" if name in ("bias_nocaps", "log_share_start") else name
             with patched(base_name) as opts, _log_share_start(name == "log_share_start"):
@@ -354,7 +483,7 @@ def run_training(
                 bt.ROUTER_OPTIONS["variant"] = base | opts
                 run_cfg = replace(cfg, capacity_factor=NOCAPS_FACTOR) if name == "bias_nocaps" else cfg
                 runs = [bt.train_one(run_cfg, "variant", s) for s in seeds]
-        keys = ("final_loss", "eval_loss", "served_mean", "served_min", "load_max")
+        keys = ("final_loss", "eval_loss", "served_mean", "served_min", "load_max", "expert_bias")
         out["runs"][name] = [{key: r[key] for key in keys} for r in runs]
         print(f"{profile} {name:<12} {time.perf_counter() - t0:5.0f} s  " + _cells(out, name), flush=True)
     out["load_end"] = os.getloadavg()
@@ -429,7 +558,7 @@ def run_char_lm(
         extra += ["--reference", reference]
 
     for name in variants:
-        if name in BASELINES or name == "bias_nocaps":
+        if name in BASELINES or name == "bias_nocaps" or name in ORACLES:
             raise ValueError(f"variant {name!r} is not run on the char LM")
         with patched(name) as opts:
             saved = bc.ROUTER_OPTIONS["default"]

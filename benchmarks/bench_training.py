@@ -302,6 +302,11 @@ def served_share(plan: RoutingPlan, k: int) -> float:
     return float(per_token.sum()) / (plan.num_tokens * k)
 
 
+def _bias_router(router: nn.Module) -> bool:
+    """Whether ``router`` keeps a capacity bias it updates (learned top-k with ``balance="bias"``)."""
+    return isinstance(router, MoERouter) and router.method == "topk" and router.balance == "bias"
+
+
 def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
     """Train one model; per-step loss and served share, loads against the caps, final losses.
 
@@ -362,6 +367,8 @@ def train_one(cfg: Config, router_name: str, seed: int) -> dict[str, Any]:
         "load_max": float(np.max(load_max)),
         "mean_no_expert": float(np.mean(no_expert)),
         "ms_per_step": 1e3 * seconds / cfg.steps,
+        # the capacity bias after the last step (balance="bias" only): how far it had to move
+        "expert_bias": router.expert_bias.tolist() if _bias_router(router) else None,
     }
 
 

@@ -169,11 +169,15 @@ def test_router_table() -> None:
 
 
 def test_training_run_reports_served_and_loads() -> None:
-    cfg = bt.Config(steps=3, tokens=64, seeds=[0], routers=["nocaps", "systematic"], eval_tokens=64)
+    cfg = bt.Config(steps=3, tokens=64, seeds=[0], routers=["nocaps", "systematic", "bias_reroute"], eval_tokens=64)
     res = bt.run(cfg, log=None)
     rows = {r["router"]: r for r in bt.summary(res)}
     assert rows["nocaps"]["served_pct"] == 100.0 and rows["nocaps"]["ratio"] == 1.0
     assert rows["systematic"]["served_pct"] == 100.0 and rows["systematic"]["load_max"] <= 1.0
+    # the capacity bias after the last step: three sign steps of 1e-2 from zero, for the bias router only
+    assert res["runs"]["nocaps"][0]["expert_bias"] is None and res["runs"]["systematic"][0]["expert_bias"] is None
+    bias = np.array(res["runs"]["bias_reroute"][0]["expert_bias"])
+    assert bias.shape == (8,) and np.all(np.abs(bias) <= 0.03 + 1e-6) and np.any(bias != 0.0)
 
 
 def _fake(losses: dict[str, float], served: float = 1.0, load_max: float = 1.0) -> dict:
@@ -397,3 +401,79 @@ def test_variant_table_gives_the_interval_column() -> None:
     assert "| default | 100.00 % (99.00 %) | 6.0000 | 3.00 [3.00, 3.00] | 3.00 | 3.0000 |" in text
     runs["short"] = runs["default"][:1]  # seeds that do not pair: no ratio
     assert "| short | 100.00 % (99.00 %) | 3.0000 | – | – | 3.0000 |" in bv.table({"runs": runs})
+
+
+# --- the cluster oracles (diagnostics of the strong profile) --------------------------------------------
+
+
+def _units(table: dict, expert: int) -> float:
+    return sum(hi - lo for pieces in table.values() for e, lo, hi in pieces if e == expert)
+
+
+@pytest.mark.parametrize("variant", sorted(bv.ORACLES))
+def test_cluster_oracle_tables_cover_every_slot_within_the_caps(variant: str) -> None:
+    """Strong profile, 8 clusters, k = 2: 16 units of 1/16 of the slots. Each cluster's slot is cut
+    into pieces [0, a), [a, b), ..., [z, 1) with no gap; a cluster's two slots name different
+    experts; the 8x expert gets its units, each 2x expert one, each 1x expert (16 - units - 3) / 12;
+    and no expert is planned above its hard cap, 1.25 * 16 * cap / sum(cap) units."""
+    caps = bt.profile_config("strong").caps()
+    layout, big_units = bv.ORACLES[variant]
+    table = bv.oracle_table(caps, 8, layout, big_units)
+    assert sorted(table) == [(c, s) for c in range(8) for s in range(2)]
+    for (cluster, slot), pieces in table.items():
+        edges = [lo for _, lo, _ in pieces] + [pieces[-1][2]]
+        assert edges[0] == 0.0 and edges[-1] == pytest.approx(1.0), (cluster, slot)
+        assert all(hi == lo2 for (_, _, hi), (_, lo2, _) in zip(pieces, pieces[1:], strict=False)), (cluster, slot)
+    for cluster in range(8):
+        assert not {e for e, _, _ in table[cluster, 0]} & {e for e, _, _ in table[cluster, 1]}, cluster
+    units = {e: _units(table, e) for e in range(16)}
+    assert units[int(np.argmax(caps))] == pytest.approx(big_units)
+    for e in np.flatnonzero(caps == 2.0):
+        assert units[int(e)] == pytest.approx(1.0)
+    for e in np.flatnonzero(caps == 1.0):
+        assert units[int(e)] == pytest.approx((16 - big_units - 3) / 12)
+    for e in range(16):
+        assert units[e] <= 1.25 * 16 * caps[e] / caps.sum() + 1e-9, e
+    if layout == "whole":  # the 8x expert takes whole first slots
+        assert sum(len(p) == 1 and p[0][0] == int(np.argmax(caps)) for p in table.values()) == big_units
+
+
+def test_cluster_oracle_routes_by_cluster_and_keeps_the_caps() -> None:
+    """A batch of one cluster overfills its experts: the plan never exceeds a cap, the tokens that fit
+    go where the table says, and the rest move to experts the token does not use yet."""
+    cfg = bt.profile_config("strong")
+    oracle = bv.ClusterOracle(cfg, seed=0, layout="whole", big_units=5.0)
+    big = int(np.argmax(cfg.caps()))
+    g = torch.Generator().manual_seed(1)
+    x = oracle.centres[0] + torch.randn(1000, cfg.d_in, generator=g)  # cluster 0: first slot -> the 8x expert
+    oracle.inputs = x
+    plan = oracle(torch.zeros(1000, cfg.num_experts))
+    caps = bt.reference_caps(cfg, 1000)
+    assert (plan.tokens_per_expert.numpy() <= caps).all()
+    first = plan.experts[:, 0]
+    assert (first[: caps[big]] == big).all() and (first[caps[big] :] != big).all()
+    assert (plan.experts[:, 0] != plan.experts[:, 1]).all()
+    mixed = torch.cat([oracle.centres[c] + torch.randn(40, cfg.d_in, generator=g) for c in range(8)])
+    oracle.inputs = mixed
+    plan = oracle(torch.zeros(320, cfg.num_experts))
+    for c in range(8):  # no cap binds at 40 tokens per cluster: every token goes where the table says
+        expected = {e for e, _, _ in oracle.table[c, 0]} | {e for e, _, _ in oracle.table[c, 1]}
+        assert set(plan.experts[40 * c : 40 * (c + 1)].flatten().tolist()) <= expected, c
+    assert bool(plan.kept.all())
+    ones = [int(e) for e in np.flatnonzero(cfg.caps() == 1.0)]  # first slots to one 1x expert (cap 30 of
+    oracle.table = {(c, 0): [(ones[0], 0.0, 1.0)] for c in range(8)}  # 320 slots), the second slots of
+    oracle.table |= {(c, 1): [(big if c < 4 else ones[1], 0.0, 1.0)] for c in range(8)}  # clusters 0-3 to the 8x
+    oracle.inputs = mixed  # expert (160 of 246): it has the most room, but the first overflowing tokens use it
+    plan = oracle(torch.zeros(320, cfg.num_experts))
+    assert (plan.experts[:160, 1] == big).all() and (plan.experts[:, 0] != plan.experts[:, 1]).all()
+    assert (plan.tokens_per_expert.numpy() <= bt.reference_caps(cfg, 320)).all() and bool(plan.kept.all())
+    oracle.inputs = None
+    with pytest.raises(RuntimeError, match="inputs"):
+        oracle(torch.zeros(320, cfg.num_experts))
+
+
+def test_cluster_oracles_refuse_other_profiles_and_the_char_lm() -> None:
+    with pytest.raises(ValueError, match="strong profile"):
+        bv.ClusterOracle(bt.profile_config("half"), seed=0, layout="whole", big_units=5.0)
+    with pytest.raises(ValueError, match="not run on the char LM"):
+        bv.run_char_lm(["cluster_oracle5"], out="unused")
