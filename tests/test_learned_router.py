@@ -416,6 +416,84 @@ _GLOO_RANK = textwrap.dedent(
 )
 
 
+def test_router_copies_and_pickles_with_its_state():
+    """``copy.deepcopy`` and a pickle round trip give a router with the same bias, step and options
+    whose next training call makes the same plan and the same bias update; the copy's bias is its own."""
+    import copy
+    import pickle
+
+    router = MoERouter(4, 2, [2, 1, 1, 0.5], bias_rate=0.25)
+    gen = torch.Generator().manual_seed(5)
+    router(torch.randn(24, 4, generator=gen))
+    logits = torch.randn(24, 4, generator=gen)
+    for twin in (copy.deepcopy(router), pickle.loads(pickle.dumps(router))):
+        assert twin.process_group is None and torch.equal(twin.expert_bias, router.expert_bias)
+        assert twin.expert_bias.data_ptr() != router.expert_bias.data_ptr()
+        before = router.expert_bias.clone()
+        mine, theirs = router(logits), twin(logits)
+        assert torch.equal(mine.experts, theirs.experts) and torch.equal(mine.slot, theirs.slot)
+        assert torch.equal(twin.expert_bias, router.expert_bias) and not torch.equal(before, router.expert_bias)
+        router.expert_bias.copy_(before)  # the next twin starts from the same state
+
+
+_GLOO_ONE_RANK = textwrap.dedent(
+    """
+    import copy, pickle, sys
+    import torch
+    import torch.distributed as dist
+    from gpu_phase_router.torch import MoERouter
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    group = dist.group.WORLD
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), MoERouter(4, 2, [2, 1, 1, 0.5], process_group=group))
+    ema = copy.deepcopy(model)  # an EMA or teacher copy shares the group
+    assert ema[1].process_group is group and model[1].process_group is group
+    ema[1](torch.randn(8, 4))  # a training call of the copy sums over the group
+    assert not torch.equal(ema[1].expert_bias, model[1].expert_bias)  # and updates its own bias
+    try:
+        pickle.dumps(model)
+    except TypeError as exc:
+        assert "state_dict" in str(exc) and "process_group" in str(exc), exc
+    else:
+        raise AssertionError("pickling a router with a group did not raise")
+    model[1].process_group = None  # the way out the error names
+    back = pickle.loads(pickle.dumps(model))
+    assert back[1].process_group is None
+    back[1].process_group = group  # the setter checks like the constructor
+    for bad, exc in ((object(), TypeError), (group, ValueError)):
+        router = MoERouter(4, 2) if exc is TypeError else MoERouter(4, 2, balance=None)
+        try:
+            router.process_group = bad
+        except exc as err:
+            assert "process_group" in str(err), err
+        else:
+            raise AssertionError(f"process_group = {bad!r} was accepted")
+    print("ok", flush=True)
+    dist.destroy_process_group()
+    import os
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.subprocess
+def test_router_with_a_process_group_deep_copies_and_refuses_pickling(tmp_path):
+    """A deep copy shares the group (a group copies no more than it pickles: torch's own error
+    before); pickling raises a TypeError naming ``state_dict`` and ``process_group``; the
+    ``process_group`` setter checks its value like the constructor."""
+    pytest.importorskip("torch.distributed")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    proc = subprocess.run(
+        [sys.executable, "-c", _GLOO_ONE_RANK, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
+
+
 @pytest.mark.subprocess
 def test_process_group_sums_routed_counts_over_two_gloo_ranks(tmp_path):
     pytest.importorskip("torch.distributed")

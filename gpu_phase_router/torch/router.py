@@ -38,6 +38,35 @@ LEARNED_METHODS = learned.LEARNED_METHODS
 _CAP_CACHE_SIZE = 8
 
 
+class _GroupRef:
+    """Holds a ``MoERouter``'s ``torch.distributed`` group, which can be neither copied nor pickled.
+
+    A deep copy of the router (an EMA or teacher model made with ``copy.deepcopy``) shares the group,
+    as the copy runs on the same ranks; pickling the router (``torch.save(model)``, sending it to a
+    worker process) raises a ``TypeError`` that names the ways out, where the group's own error does not.
+    """
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __copy__(self) -> _GroupRef:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _GroupRef:
+        return self
+
+    def __reduce__(self) -> Any:
+        if self.group is None:
+            return (_GroupRef, (None,))
+        raise TypeError(
+            "a MoERouter with a process_group cannot be pickled (torch.save(model), multiprocessing): "
+            "a torch.distributed group does not pickle. Save model.state_dict() instead, or set "
+            "router.process_group = None before pickling and give the group again afterwards"
+        )
+
+
 def router_methods() -> list[str]:
     """Names accepted by ``MoERouter(method=...)``: the package's methods, ``"topk"`` and
     ``"expert_choice"``."""
@@ -193,7 +222,7 @@ class MoERouter(nn.Module):
                     f"eval_capacity_factor={eval_capacity_factor} gives hard caps beyond int64 (2^63 - 1); "
                     "use a smaller factor, or math.inf for no caps in eval mode"
                 ) from None
-        self.process_group = process_group
+        self._group_ref = _GroupRef(process_group)
         self.expert_bias: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self._share_cache: dict[str, torch.Tensor] = {}
@@ -261,6 +290,25 @@ class MoERouter(nn.Module):
         if "seed" in state:
             self.seed = check_seed(state["seed"])
         self.step = state["step"]
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group over which ``balance="bias"`` sums the routed counts, or
+        ``None``. Settable (checked as in the constructor); deep copies share it; see ``__init__``."""
+        return self._group_ref.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        learned.check_options(
+            self.method,
+            self.balance,
+            self.overflow,
+            self.reroute_rounds,
+            self.bias_rate,
+            self.eval_capacity_factor,
+            group,
+        )
+        self._group_ref = _GroupRef(group)
 
     def extra_repr(self) -> str:
         return (
