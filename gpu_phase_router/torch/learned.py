@@ -218,11 +218,15 @@ def learned_topk(
         if dev.type == "cpu" and COMPACT_ON_CPU and not compiling:
             # the tokens that propose: an unplaced slot and an eligible expert (room only shrinks,
             # so a round in which no token proposes leaves every later round the same: stop)
-            room = cap_ext[:n_exp] > state[3]
-            rows = ((~state[2]).any(dim=1) & ((state[0] > float("-inf")) & room).any(dim=1)).nonzero().squeeze(1)
+            # (the tokens with an unplaced slot first, from the [T, k] mask: the eligibility test
+            # reads [T, E] values, and only those tokens' rows are read)
+            pending = (~state[2]).any(dim=1).nonzero().squeeze(1)
+            avail_rows = state[0][pending]
+            eligible = ((avail_rows > float("-inf")) & (cap_ext[:n_exp] > state[3])).any(dim=1)
+            rows, avail_rows = pending[eligible], avail_rows[eligible]
             if rows.shape[0] == 0:
                 break
-            sub, accepted = _round(score[rows], state[0][rows], state[1][rows], state[2][rows], state[3], cap_ext)
+            sub, accepted = _round(score[rows], avail_rows, state[1][rows], state[2][rows], state[3], cap_ext)
             for whole, part in zip(state[:3], sub[:3], strict=True):
                 whole[rows] = part
             state = (*state[:3], sub[3])
