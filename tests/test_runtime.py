@@ -454,6 +454,40 @@ def test_fork_while_another_thread_compiles_gives_a_working_child(tmp_path):
     assert res.stdout.split()[:1] == ["child"] and "(500," in res.stdout, res.stdout + res.stderr[-2000:]
 
 
+# A module import held open for a while: the module's code runs ``seconds`` late. Its import holds
+# that module's lock (and, for a backend module, the backends' load lock) meanwhile, but not Python's
+# global import lock, which a finder's ``find_spec`` would hold: the main thread can import (say
+# ``multiprocessing.queues``) and fork while the module loads, at once rather than after the wait.
+SLOW_IMPORT = """
+import importlib.abc, importlib.machinery, sys, threading, time
+
+def slow_import(name, seconds):
+    inside = threading.Event()
+
+    class Slow(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            real = spec.loader
+
+            class Loader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return real.create_module(spec)
+
+                def exec_module(self, module):
+                    inside.set()
+                    time.sleep(seconds)
+                    real.exec_module(module)
+
+            spec.loader = Loader()
+            return spec
+
+    sys.meta_path.insert(0, Slow())
+    return inside
+"""
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize("module", ["gpu_phase_router.backends.cpu", "gpu_phase_router.backends.cpu_crate"])
 def test_fork_while_another_thread_loads_the_backend_gives_a_working_child(module):
@@ -462,22 +496,13 @@ def test_fork_while_another_thread_loads_the_backend_gives_a_working_child(modul
     so the child does not wait forever on the import lock of a module that a thread it does not
     have was importing (a DataLoader worker started during the first route), and routes as the
     parent does. Also for the crate-exact kernels' module, imported at their first call."""
-    code = f"""
-        import importlib.abc, multiprocessing as mp, sys, threading, time
+    code = SLOW_IMPORT + textwrap.dedent(f"""
+        import multiprocessing as mp, threading
         import numpy as np
         import gpu_phase_router as gpr
         from gpu_phase_router import compat
 
-        inside = threading.Event()
-
-        class Slow(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == {module!r}:  # runs under the module's import lock
-                    inside.set()
-                    time.sleep(1.0)
-                return None
-
-        sys.meta_path.insert(0, Slow())
+        inside = slow_import({module!r}, 1.0)
         if {module!r}.endswith("cpu_crate"):
             gpr.route(n=64, k=2, seed=1, backend="cpu")  # the CPU backend is loaded, the crate's kernels not
         bits = compat.build_bits([20] * 64, 64)
@@ -501,7 +526,7 @@ def test_fork_while_another_thread_loads_the_backend_gives_a_working_child(modul
         worker.join()
         routes, crate = call()
         print("hung" if got is None else ("same" if got == (routes.tobytes(), crate.tobytes()) else "differ"))
-    """
+    """)
     res = run_child(code, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["same"], res.stdout + res.stderr[-2000:]
@@ -512,22 +537,13 @@ def test_fork_that_waited_in_vain_for_a_backend_load_raises_in_the_child():
     """When the other thread's import outlasts the fork's wait (``FORK_WAIT_S``), the parent goes on
     and the child's first call raises a ``RuntimeError`` that says what to do, instead of waiting
     forever on the import lock; the parent routes normally."""
-    code = """
-        import importlib.abc, multiprocessing as mp, sys, threading, time
+    code = SLOW_IMPORT + textwrap.dedent("""
+        import multiprocessing as mp, threading
         import gpu_phase_router as gpr
         from gpu_phase_router import backends
 
         backends.FORK_WAIT_S = 0.2
-        inside = threading.Event()
-
-        class Slow(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "gpu_phase_router.backends.cpu":
-                    inside.set()
-                    time.sleep(2.0)
-                return None
-
-        sys.meta_path.insert(0, Slow())
+        inside = slow_import("gpu_phase_router.backends.cpu", 3.0)
         worker = threading.Thread(target=lambda: gpr.route(n=500, k=2, seed=1, backend="cpu"))
         worker.start()
         assert inside.wait(60)
@@ -549,7 +565,7 @@ def test_fork_that_waited_in_vain_for_a_backend_load_raises_in_the_child():
         p.join()
         worker.join()
         print(gpr.route(n=500, k=2, seed=1, backend="cpu").shape)
-    """
+    """)
     res = run_child(code, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split("\n")[:2] == ["raised True", "(500, 2)"], res.stdout + res.stderr[-2000:]
