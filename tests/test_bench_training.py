@@ -477,3 +477,20 @@ def test_cluster_oracles_refuse_other_profiles_and_the_char_lm() -> None:
         bv.ClusterOracle(bt.profile_config("half"), seed=0, layout="whole", big_units=5.0)
     with pytest.raises(ValueError, match="not run on the char LM"):
         bv.run_char_lm(["cluster_oracle5"], out="unused")
+
+
+def test_variant_list_leaves_out_what_the_task_does_not_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default variant list runs the cluster oracles at the strong profile with k = 2 only, and
+    the char LM none of the baselines, ``bias_nocaps`` or the oracles; asking for them is an error
+    that names ``--variants``, before any training."""
+    assert bv.not_run("training", "strong", None) == {} and bv.not_run("training", "strong", 2) == {}
+    assert set(bv.not_run("training", "half", None)) == set(bv.ORACLES) == set(bv.not_run("training", "strong", 1))
+    assert set(bv.not_run("char_lm", "strong", None)) == {*bv.BASELINES, "bias_nocaps", *bv.ORACLES}
+    for argv in (
+        ["--profile", "half", "--variants", "nocaps", "cluster_oracle6"],
+        ["--k", "1", "--variants", "cluster_oracle_fragmented"],
+        ["--task", "char_lm", "--variants", "topk"],
+    ):
+        with pytest.raises(SystemExit):
+            bv.main(argv)
+        assert "argument --variants" in capsys.readouterr().err
