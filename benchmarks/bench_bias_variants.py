@@ -365,6 +365,7 @@ class ClusterOracle(torch.nn.Module):
         dirs = torch.randn(cfg.clusters, cfg.k, cfg.d_in, generator=g)
         self.dirs = dirs / dirs.norm(dim=2, keepdim=True)
         self.inputs: torch.Tensor | None = None
+        self._caps: dict[int, np.ndarray] = {}  # hard caps by batch size (a MoERouter builds them)
 
     def forward(self, logits: torch.Tensor) -> Any:
         x = self.inputs
@@ -381,7 +382,9 @@ class ClusterOracle(torch.nn.Module):
             experts[rows, slot] = pieces[-1][0]  # the last piece ends at 1 (ndtr may round to 1.0)
             for expert, lo, hi in pieces[:-1]:
                 experts[rows & (u[:, slot] >= lo) & (u[:, slot] < hi), slot] = expert
-        caps = bt.reference_caps(self.cfg, n_tok)
+        if n_tok not in self._caps:
+            self._caps[n_tok] = bt.reference_caps(self.cfg, n_tok)
+        caps = self._caps[n_tok]
         flat = experts.reshape(-1)
         rank = torch.nn.functional.one_hot(flat, n_exp).cumsum(dim=0).gather(1, flat.unsqueeze(1)).squeeze(1) - 1
         load = np.minimum(np.bincount(flat.numpy(), minlength=n_exp), caps)
