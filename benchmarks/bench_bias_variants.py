@@ -25,6 +25,10 @@ variant's runs (the default router is restored afterwards).
 * ``share_pow0.9``, ``share_pow1.1`` — the default's update towards shares ``share_e^g / sum(share^g)``
   instead of ``share_e``: a little flatter (``g`` = 0.9) or a little steeper (1.1; at the strong
   profile the largest expert's target stays under its cap for ``g`` up to about 1.15);
+* ``fill0.6``, ``fill0.65`` — the default's update towards targets that leave the smaller experts
+  room: every expert outside the largest capacity class is aimed at ``rho`` = 0.6 / 0.65 times its hard
+  cap and the largest class takes the rest of the ``T * k`` slots (at the strong profile that aims the 8x
+  expert at 1.24 / 1.13 times its cap, so its cap binds and it keeps its best-scoring slots);
 * ``rate1e-1`` — ``bias_rate`` 1e-1 (ten times the default's step);
 * ``proportional`` — a step proportional to the relative miss instead of its sign:
   ``b_e += 0.1 * clip((target_e - routed_e) / target_e, -1, 1)``;
@@ -98,6 +102,8 @@ VARIANTS = [
     "valve75",
     "share_pow0.9",
     "share_pow1.1",
+    "fill0.6",
+    "fill0.65",
     "rate1e-1",
     "proportional",
     "log_share_start",
@@ -213,6 +219,24 @@ def _share_power(power: float) -> Callable[..., None]:
     return update
 
 
+def _fill(rho: float) -> Callable[..., None]:
+    """The default update towards targets that leave the smaller experts room: every expert outside the
+    largest capacity class is aimed at ``rho`` times its hard cap, and the largest class takes the rest of
+    the ``T * k`` slots in proportion to its shares (at the strong profile, ``rho`` below about 0.71 aims
+    the 8x expert above its own cap, so its cap binds and it keeps its best-scoring slots)."""
+
+    def update(bias: torch.Tensor, selected: torch.Tensor, share: torch.Tensor, rate: float, *rest: Any) -> None:
+        n_slots = selected.numel()
+        cap = _CAPACITY["capacity"].to(torch.float64)
+        largest = share == share.max()
+        target = torch.where(largest, 0.0, rho * cap)
+        left = max(n_slots - float(target.sum()), 0.0)
+        target = torch.where(largest, left * share / share[largest].sum(), target)
+        _ORIGINAL["update_bias"](bias, selected, target / max(n_slots, 1), rate, *rest)
+
+    return update
+
+
 def _update_proportional(bias: torch.Tensor, selected: torch.Tensor, share: torch.Tensor, rate: float, *_: Any) -> None:
     """``bias += PROPORTIONAL_RATE * clip((target - routed) / target, -1, 1)`` (``rate`` unused)."""
     n_tok, k = selected.shape
@@ -279,6 +303,8 @@ PATCHES: dict[str, dict[str, Callable[..., Any]]] = {
     "share_pow0.9": {"update_bias": _share_power(0.9)},
     "share_pow1.1": {"update_bias": _share_power(1.1)},
     "proportional": {"update_bias": _update_proportional},
+    "fill0.6": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _fill(0.6)},
+    "fill0.65": {"topk_plan": _topk_plan_keeping_capacity, "update_bias": _fill(0.65)},
     "full_softmax_weights": {"_plan": _plan_full_softmax},
     "biased_weights": {"topk_plan": _topk_plan_biased_weights},
     "unbiased_proposals": {"_round": _round_unbiased},

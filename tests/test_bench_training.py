@@ -330,6 +330,25 @@ def test_target_variants_step_towards_their_targets() -> None:
             assert bias.tolist() == expected, variant
 
 
+def test_fill_variants_aim_the_others_at_a_share_of_their_caps() -> None:
+    """100 slots, shares 1/2, 1/4, 1/4, caps 60 / 30 / 30: ``fill0.6`` aims experts 1 and 2 at 0.6 * 30 =
+    18 and expert 0 at the other 64; ``fill0.65`` at 19.5 and 61. Counted 62 / 19 / 19, the steps are
+    +, -, - and -, +, +. Two largest experts (shares 0.4, 0.4, 0.2, caps 48 / 48 / 24) split what expert 2
+    (0.6 * 24 = 14.4) leaves, 42.8 each: counted 43 / 42 / 15, -, +, -."""
+    cases = [
+        ([62, 19, 19], [0.5, 0.25, 0.25], [60, 30, 30], {"fill0.6": [1, -1, -1], "fill0.65": [-1, 1, 1]}),
+        ([43, 42, 15], [0.4, 0.4, 0.2], [48, 48, 24], {"fill0.6": [-1, 1, -1]}),
+    ]
+    for counts, share, caps, expected in cases:
+        selected = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)]).reshape(50, 2)
+        bv._CAPACITY["capacity"] = torch.tensor(caps)
+        for variant, signs in expected.items():
+            with bv.patched(variant):
+                bias = torch.zeros(3)
+                learned.update_bias(bias, selected, torch.tensor(share, dtype=torch.float64), 0.5)
+            assert bias.tolist() == [0.5 * v for v in signs], variant
+
+
 def test_unbiased_proposals_reroute_by_the_unbiased_logit() -> None:
     """Expert 1 is selected (largest biased value) but has no room; of the others, expert 2 has the
     larger biased value and expert 0 the larger logit."""
