@@ -65,12 +65,7 @@ def own_biases(logits: list[list[list[float]]]) -> list[list[float]]:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    pytest.importorskip("torch.distributed")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo not available")
+def ranks(tmp_path_factory, gloo):
     store = tmp_path_factory.mktemp("dp") / "store"
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [

@@ -476,15 +476,10 @@ _GLOO_ONE_RANK = textwrap.dedent(
 
 
 @pytest.mark.subprocess
-def test_router_with_a_process_group_deep_copies_and_refuses_pickling(tmp_path):
+def test_router_with_a_process_group_deep_copies_and_refuses_pickling(tmp_path, gloo):
     """A deep copy shares the group (a group copies no more than it pickles: torch's own error
     before); pickling raises a TypeError naming ``state_dict`` and ``process_group``; the
     ``process_group`` setter checks its value like the constructor."""
-    pytest.importorskip("torch.distributed")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo not available")
     proc = subprocess.run(
         [sys.executable, "-c", _GLOO_ONE_RANK, str(tmp_path / "store")],
         capture_output=True,
@@ -495,12 +490,7 @@ def test_router_with_a_process_group_deep_copies_and_refuses_pickling(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_process_group_sums_routed_counts_over_two_gloo_ranks(tmp_path):
-    pytest.importorskip("torch.distributed")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo not available")
+def test_process_group_sums_routed_counts_over_two_gloo_ranks(tmp_path, gloo):
     store = tmp_path / "store"
     procs = [
         subprocess.Popen(
