@@ -113,7 +113,9 @@ class MoERouter(nn.Module):
     In training mode (``module.train()``, the default) a call then increments ``step``; in
     evaluation mode (``module.eval()``) it does not, and the bias is frozen, so evaluating between
     training steps leaves the training run unchanged. ``seed``, ``step`` (the module's extra state)
-    and ``expert_bias`` are saved in ``state_dict``, so loading a checkpoint resumes exactly.
+    and ``expert_bias`` are saved in ``state_dict``, so loading a checkpoint resumes exactly. The
+    configuration (capacities, ``k``, method and options) is not saved: build the router as it was
+    for an exact resume (a bias loaded under other capacities then moves towards their shares).
 
     One router serves one training loop: calls of the same router from several threads at once
     route with steps and biases that depend on their timing (give each thread its own router).
